@@ -1,0 +1,191 @@
+"""Llama-family decoder in ``tvm.relax.frontend.nn`` (after MLC-LLM's ``llama_model.py``).
+
+RMSNorm -> attention through TVM's paged KV cache (RoPE is applied inside the cache,
+Llama's rotate-half layout) -> residual -> RMSNorm -> SwiGLU MLP -> residual, repeated,
+then a final RMSNorm and the LM head (tied to the embedding or not). q/k/v and gate/up are
+fused into single projections so each layer runs few, large matmuls; ``fuse_hf_weights``
+maps Hugging Face tensor names onto them.
+
+Exported functions (one spec, ``export_spec``):
+- ``prefill(input_ids (1, n), logit_positions (m,), cache)``: run n tokens of the sequences
+  the runtime opened in the cache with ``begin_forward``; return logits at ``logit_positions``
+  (the last token for generation, every position for teacher-forced scoring).
+- ``decode(input_ids (b, 1), cache)``: one token for each of b sequences.
+- ``create_paged_kv_cache(...)``: the cache object, sized at run time.
+Weights are parameters (``param_mode: packed``), so one library serves every checkpoint
+of a shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm import relax as rx
+from tvm.target import Target
+
+from .config import LlamaConfig
+
+ACCUM_DTYPE = "float32"
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.num_q_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        qkv_rows = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_rows, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_q_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
+        out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))  # (b, s, hidden)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)  # each (b, s, intermediate)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_id: int):
+        self.layer_id = layer_id
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: Tensor, cache: PagedKVCache) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, self.layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+
+    def forward(self, input_ids: Tensor, cache: PagedKVCache) -> Tensor:
+        x = self.embed_tokens(input_ids)  # (b, s, hidden)
+        for layer in self.layers:
+            x = layer(x, cache)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig, target: Target):
+        self.cfg = cfg
+        self.target = target
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        if self.cfg.tie_word_embeddings:
+            weight = op.permute_dims(self.model.embed_tokens.weight)  # (hidden, vocab)
+            return op.matmul(hidden, weight, out_dtype=ACCUM_DTYPE)
+        return self.lm_head(hidden)
+
+    def prefill(self, input_ids: Tensor, logit_positions: Tensor, cache: PagedKVCache):
+        hidden = self.model(input_ids, cache)  # (1, n, hidden)
+        hidden = op.take(hidden, logit_positions, axis=1)  # (1, m, hidden)
+        return self._logits(hidden), cache  # (1, m, vocab)
+
+    def decode(self, input_ids: Tensor, cache: PagedKVCache):
+        hidden = self.model(input_ids, cache)  # (b, 1, hidden)
+        return self._logits(hidden), cache  # (b, 1, vocab)
+
+    def create_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        cfg = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]),
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling_dict or {},
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=cfg.head_dim,
+            enable_disaggregation=False,
+            dtype="float32",
+            target=self.target,
+        )
+
+    def export_spec(self) -> dict:
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        return {
+            "prefill": {
+                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+                "cache": cache,
+                "$": packed,
+            },
+            "decode": {
+                "input_ids": nn.spec.Tensor(["batch_size", 1], "int32"),
+                "cache": cache,
+                "$": packed,
+            },
+            "create_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+
+
+def fuse_hf_weights(cfg: LlamaConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map Hugging Face tensor names onto this module's parameters (fusing q/k/v, gate/up)."""
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in weights.items():
+        if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+            continue
+        out[name] = tensor
+    for i in range(cfg.num_hidden_layers):
+        attn = f"model.layers.{i}.self_attn"
+        out[f"{attn}.qkv_proj.weight"] = np.concatenate(
+            [weights[f"{attn}.{p}_proj.weight"] for p in "qkv"], axis=0
+        )
+        if cfg.attention_bias:
+            out[f"{attn}.qkv_proj.bias"] = np.concatenate([weights[f"{attn}.{p}_proj.bias"] for p in "qkv"])
+        mlp = f"model.layers.{i}.mlp"
+        out[f"{mlp}.gate_up_proj.weight"] = np.concatenate(
+            [weights[f"{mlp}.gate_proj.weight"], weights[f"{mlp}.up_proj.weight"]], axis=0
+        )
+    return out

@@ -1,0 +1,177 @@
+"""The model runtime: a compiled library, its weights on a device, and a paged KV cache.
+
+This is the only module that drives TVM at run time. It speaks token ids and numpy logits;
+sequence bookkeeping (which ids are live, who owns them) belongs to the engine. Calls are
+not thread-safe: the engine owns one runtime and calls it from one worker thread.
+
+KV-cache protocol (TVM's ``vm.builtin.kv_state_*``): ``add_sequence`` once, then for each
+forward pass ``begin_forward(seq_ids, lengths)`` -> compiled ``prefill``/``decode`` ->
+``end_forward``; ``remove_sequence`` frees the pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from node.compiler import CompiledLibrary
+from node.errors import ModelLoadError, RequestError
+from node.models.llama.config import LlamaConfig
+from node.targets import DeviceTarget
+
+PAGE_SIZE = 16  # tokens per KV page: small pages waste little on short chats
+DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill pass; longer prompts are fed in chunks
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    max_batch_size: int = 16  # sequences decoded together
+    max_total_tokens: int = 16384  # KV slots shared by all live sequences
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+
+class ModelRuntime:
+    def __init__(
+        self,
+        cfg: LlamaConfig,
+        library: CompiledLibrary,
+        params: dict[str, np.ndarray],
+        device: DeviceTarget,
+        limits: CacheLimits = CacheLimits(),
+    ):
+        self.cfg = cfg
+        self.device = device
+        self.limits = limits
+        self._vm = relax.VirtualMachine(library.load(), device.device)
+        self._params = self._upload(library, params, device)
+        self._cache = self._vm["create_paged_kv_cache"](
+            ShapeTuple([limits.max_batch_size]),
+            ShapeTuple([limits.max_total_tokens]),
+            ShapeTuple([limits.prefill_chunk]),
+            ShapeTuple([PAGE_SIZE]),
+            ShapeTuple([0]),
+        )
+        self._prefill_fn = self._vm["prefill"]
+        self._decode_fn = self._vm["decode"]
+        self._add = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
+        self._remove = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
+        self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        self._popn = tvm.get_global_func("vm.builtin.kv_state_popn")
+        self._live: dict[int, int] = {}  # seq id -> tokens in cache
+        self._next_scratch_id = -1  # negative ids for internal scoring sequences
+
+    @staticmethod
+    def _upload(library: CompiledLibrary, params: dict[str, np.ndarray], device: DeviceTarget) -> list:
+        tensors = []
+        for name, shape in zip(library.param_names, library.param_shapes):
+            if name not in params:
+                raise ModelLoadError(f"weights lack parameter {name!r} required by the compiled model")
+            array = np.ascontiguousarray(params[name], dtype=np.float32)
+            if tuple(array.shape) != tuple(shape):
+                raise ModelLoadError(f"parameter {name!r} has shape {array.shape}, the model expects {shape}")
+            tensors.append(tvm.runtime.tensor(array, device.device))
+        return tensors
+
+    # -- capacity -----------------------------------------------------------------
+    @property
+    def tokens_in_cache(self) -> int:
+        return sum(self._live.values())
+
+    @property
+    def free_tokens(self) -> int:
+        # Pages are per sequence: count the slack of each partly filled page as used.
+        used_pages = sum(-(-n // PAGE_SIZE) for n in self._live.values())
+        return self.limits.max_total_tokens - used_pages * PAGE_SIZE
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._live)
+
+    # -- sequences ----------------------------------------------------------------
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self._live:
+            raise RequestError(f"sequence {seq_id} already exists")
+        if len(self._live) >= self.limits.max_batch_size:
+            raise RequestError("KV cache holds the maximum number of sequences")
+        self._add(self._cache, seq_id)
+        self._live[seq_id] = 0
+
+    def remove_sequence(self, seq_id: int) -> None:
+        if self._live.pop(seq_id, None) is not None:
+            self._remove(self._cache, seq_id)
+
+    def sequence_length(self, seq_id: int) -> int:
+        return self._live[seq_id]
+
+    # -- forward passes -----------------------------------------------------------
+    def prefill(self, seq_id: int, token_ids: Sequence[int], logits_for: Literal["last", "all"] = "last") -> np.ndarray:
+        """Append ``token_ids`` to a sequence; logits (float32) for its last or every new token."""
+        if len(token_ids) == 0:
+            raise RequestError("prefill needs at least one token")
+        self._check_ids(token_ids)
+        chunk = self.limits.prefill_chunk
+        outputs = []
+        for start in range(0, len(token_ids), chunk):
+            piece = np.asarray(token_ids[start : start + chunk], dtype=np.int32)
+            is_last_piece = start + chunk >= len(token_ids)
+            if logits_for == "all":
+                positions = np.arange(len(piece), dtype=np.int32)
+            else:  # only the final chunk's last row is kept; earlier chunks compute one row cheaply
+                positions = np.array([len(piece) - 1], dtype=np.int32)
+            logits = self._forward_prefill(seq_id, piece, positions)
+            if logits_for == "all" or is_last_piece:
+                outputs.append(logits)
+        return np.concatenate(outputs, axis=0)
+
+    def _forward_prefill(self, seq_id: int, piece: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        dev = self.device.device
+        self._begin(self._cache, ShapeTuple([seq_id]), ShapeTuple([len(piece)]))
+        try:
+            logits, _ = self._prefill_fn(
+                tvm.runtime.tensor(piece[None, :], dev), tvm.runtime.tensor(positions, dev), self._cache, self._params
+            )
+        finally:
+            self._end(self._cache)
+        self._live[seq_id] += len(piece)
+        return logits.numpy()[0]  # (m, vocab)
+
+    def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+        """One new token for each sequence, all in one batched pass: logits (b, vocab)."""
+        if len(seq_ids) != len(token_ids) or not seq_ids:
+            raise RequestError("decode needs one token per sequence")
+        self._check_ids(token_ids)
+        dev = self.device.device
+        self._begin(self._cache, ShapeTuple(list(seq_ids)), ShapeTuple([1] * len(seq_ids)))
+        try:
+            logits, _ = self._decode_fn(
+                tvm.runtime.tensor(np.asarray(token_ids, dtype=np.int32)[:, None], dev), self._cache, self._params
+            )
+        finally:
+            self._end(self._cache)
+        for s in seq_ids:
+            self._live[s] += 1
+        return logits.numpy()[:, 0]
+
+    def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits at every position of ``token_ids`` (one prefill, no decode).
+
+        Position t's row predicts token t+1: what a verifier compares with a claimed answer.
+        """
+        seq_id = self._next_scratch_id
+        self._next_scratch_id -= 1
+        self.add_sequence(seq_id)
+        try:
+            return self.prefill(seq_id, token_ids, logits_for="all")
+        finally:
+            self.remove_sequence(seq_id)
+
+    def _check_ids(self, token_ids: Iterable[int]) -> None:
+        ids = np.asarray(token_ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise RequestError(f"token id out of range [0, {self.cfg.vocab_size})")
