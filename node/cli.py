@@ -1,0 +1,134 @@
+"""The ``proofmesh`` command line: parse arguments, call the library, print. Nothing else.
+
+    proofmesh pull [MODEL]                  fetch a registry model into the store
+    proofmesh compile [MODEL] [--device D]  build (or find) the library for this machine
+    proofmesh generate PROMPT [--chat] ...  stream a continuation to stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import sys
+
+from compiled_models.registry import DEFAULT_MODEL, REGISTRY
+from node.errors import ProofMeshNodeError
+from node.targets import DEVICE_CHOICES
+
+log = logging.getLogger("proofmesh")
+
+
+def _progress(message: str) -> None:
+    print(f"[proofmesh] {message}", file=sys.stderr, flush=True)
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from node import model_store
+
+    if args.model not in REGISTRY:
+        raise ProofMeshNodeError(f"unknown registry model {args.model!r}; known: {', '.join(REGISTRY)}")
+    path = model_store.pull(REGISTRY[args.model], progress=_progress)
+    print(path)
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from node import model_store
+    from node.compiler import compile_model
+    from node.loaded_model import manifest_of
+    from node.models.llama.checkpoint import load_checkpoint
+    from node.targets import DeviceTarget, cpu_target, cuda_target_for_arch, detect
+
+    path = model_store.resolve(args.model, progress=_progress)
+    ckpt = load_checkpoint(path)
+    if args.target == "cuda":  # cross-compile: no GPU needed to build
+        target = DeviceTarget("cuda", cuda_target_for_arch(args.cuda_arch))
+    elif args.target == "generic-cpu":
+        target = DeviceTarget("cpu", cpu_target("x86-64"))
+    else:
+        target = detect(args.device)
+    _progress(f"model_id {manifest_of(ckpt).model_id}")
+    _progress(f"compiling for {target.description} (cached after the first time) ...")
+    library = compile_model(ckpt.config, target.target, model_store.store_root(), force=args.force)
+    print(library.path)
+    return 0
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from node.engine import Engine, GenerationRequest
+    from node.loaded_model import load_model
+    from verify.sampling import SamplingParams
+
+    model = load_model(args.model, device=args.device, progress=_progress)
+    tok = model.tokenizer
+    if args.chat:
+        prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tok.encode_prompt(args.prompt)
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed)
+    engine = Engine(model.runtime, tok, model.model_id, max_context=model.max_context)
+    try:
+        async for event in engine.generate(GenerationRequest(tuple(prompt_ids), params)):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            if event.result is not None:
+                r = event.result
+                sys.stdout.write("\n")
+                _progress(
+                    f"{len(r.output_ids)} tokens, finish={r.finish_reason}, seed={seed}, "
+                    f"{len(r.output_ids) / max(r.duration, 1e-9):.1f} tokens/s, first token {r.time_to_first_token * 1000:.0f} ms"
+                )
+    finally:
+        await engine.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proofmesh", description="ProofMesh node: verifiable LLM inference")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="download a registry model into the model store")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.set_defaults(func=_cmd_pull)
+
+    p = sub.add_parser("compile", help="compile a model for this machine ahead of time")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="registry name, GGUF file or HF folder")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--target", choices=["host", "generic-cpu", "cuda"], default="host",
+                   help="host: this machine's device; generic-cpu: portable x86-64; cuda: cross-compile")
+    p.add_argument("--cuda-arch", default="sm_90")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("generate", help="generate a continuation and print it as it is produced")
+    p.add_argument("prompt")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.set_defaults(func=lambda a: asyncio.run(_generate(a)))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="[proofmesh] %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ProofMeshNodeError as exc:
+        print(f"proofmesh: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The generation engine: continuous batching over one model runtime.
+
+``async for event in engine.generate(request)`` streams tokens. Behind it one scheduler task
+repeats a *step* on a single worker thread (TVM and numpy release the GIL, the event loop
+stays free): admit waiting sequences (prefill each, sample its first token), then decode one
+token for every running sequence in one batched pass. New requests join the running batch at
+the next step and finished ones leave it, so a long answer never holds up a short one.
+
+Admission: a request must fit the context (prompt + max_tokens); it waits in a bounded queue
+until a batch slot and KV pages for its whole budget are free (so the cache never fills
+mid-answer); a full queue raises ``EngineBusyError``. A caller that stops iterating cancels
+its sequence, which frees its slot before the next step.
+
+Every sampled position also records the top-k (k = 8) token ids and logits: the fingerprints a
+receipt commits to and a verifier re-checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal
+
+import numpy as np
+
+from node.errors import ContextLengthError, EngineBusyError, RequestError
+from node.runtime import ModelRuntime
+from node.tokenizer import IncrementalDecoder, TextTokenizer
+from verify.canonical import request_hash as compute_request_hash
+from verify.sampling import SamplingParams, StopChecker, sample_token, top_k_fingerprint
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_K = 8
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of one answer: a sampled token, the text it completed, or the end."""
+
+    token_id: int | None  # None on a final event that carries no token (e.g. a stop string)
+    text: str  # text that became safe to show with this token (may be empty)
+    logprob: float | None  # log-softmax of the raw logits at this position
+    finish_reason: FinishReason | None = None
+    result: "GenerationResult | None" = None  # set on the last event
+
+
+@dataclass
+class GenerationResult:
+    """Everything about a finished answer: what receipts and evidence are made of."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    request_hash: str
+    params: SamplingParams
+    fingerprints: list[tuple[list[int], list[float]]]  # per output position: top-k ids, logits
+    logprobs: list[float]
+    time_to_first_token: float
+    duration: float
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    request: GenerationRequest
+    request_hash: str
+    events: asyncio.Queue
+    decoder: IncrementalDecoder
+    stop: StopChecker
+    created: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    fingerprints: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text_parts: list[str] = field(default_factory=list)
+    first_token_at: float | None = None
+    finish_reason: FinishReason | None = None
+    cancelled: bool = False
+    in_cache: bool = False
+
+    @property
+    def kv_budget(self) -> int:
+        return len(self.request.prompt_ids) + self.request.params.max_tokens
+
+
+class Engine:
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        tokenizer: TextTokenizer,
+        model_id: str,
+        *,
+        max_context: int,
+        max_queue: int = 64,
+    ):
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.max_context = max_context
+        self.max_queue = max_queue
+        self._waiting: list[_Sequence] = []
+        self._running: list[_Sequence] = []
+        self._ids = itertools.count()
+        self._wakeup: asyncio.Event | None = None
+        self._scheduler: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proofmesh-engine")
+        self._eos = set(tokenizer.eos_token_ids)
+
+    # -- public API -----------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise a ``RequestError`` if the engine could never serve ``request``."""
+        if not request.prompt_ids:
+            raise RequestError("the prompt is empty")
+        budget = len(request.prompt_ids) + request.params.max_tokens
+        if budget > self.max_context:
+            raise ContextLengthError(
+                f"prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
+                f"exceeds the context length {self.max_context}"
+            )
+        if budget > self.runtime.limits.max_total_tokens:
+            raise ContextLengthError(f"request needs {budget} KV slots, the cache has {self.runtime.limits.max_total_tokens}")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream an answer; the last event carries the finish reason and the full result.
+
+        Leaving the loop early cancels the sequence and frees its slot."""
+        seq = self._submit(request)
+        try:
+            while True:
+                event: TokenEvent | BaseException = await seq.events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            if seq.finish_reason is None:
+                seq.cancelled = True
+                self._wake()
+
+    async def complete(self, request: GenerationRequest) -> GenerationResult:
+        """Run to the end and return the full result."""
+        async for event in self.generate(request):
+            if event.result is not None:
+                return event.result
+        raise RuntimeError("generation ended without a result")  # unreachable: last event has one
+
+    def result_of(self, seq: _Sequence) -> GenerationResult:
+        assert seq.finish_reason is not None, "result_of needs a finished sequence"
+        return GenerationResult(
+            prompt_ids=list(seq.request.prompt_ids),
+            output_ids=list(seq.output_ids),
+            text="".join(seq.text_parts),
+            finish_reason=seq.finish_reason,
+            request_hash=seq.request_hash,
+            params=seq.request.params,
+            fingerprints=list(seq.fingerprints),
+            logprobs=list(seq.logprobs),
+            time_to_first_token=(seq.first_token_at or seq.created) - seq.created,
+            duration=time.perf_counter() - seq.created,
+        )
+
+    async def close(self) -> None:
+        """Cancel every sequence and stop the scheduler."""
+        for seq in self._waiting + self._running:
+            seq.cancelled = True
+        self._wake()
+        if self._scheduler is not None:
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # -- scheduling -----------------------------------------------------------------
+    def _submit(self, request: GenerationRequest) -> _Sequence:
+        self.validate(request)
+        if len(self._waiting) >= self.max_queue:
+            raise EngineBusyError(f"{len(self._waiting)} requests are already waiting; retry later")
+        params = request.params
+        seq = _Sequence(
+            seq_id=next(self._ids),
+            request=request,
+            request_hash=compute_request_hash(self.model_id, list(request.prompt_ids), params.to_canonical_dict()),
+            events=asyncio.Queue(),
+            decoder=IncrementalDecoder(self.tokenizer),
+            stop=StopChecker(params.stop, params.stop_token_ids),
+        )
+        self._waiting.append(seq)
+        self._ensure_scheduler()
+        self._wake()
+        return seq
+
+    def _ensure_scheduler(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._scheduler is None or self._scheduler.done():
+            self._scheduler = asyncio.get_running_loop().create_task(self._schedule_loop())
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _schedule_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_cancelled()
+            if not self._waiting and not self._running:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            admitted = self._admit()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._step, admitted)
+            except Exception as exc:  # a failed step fails the sequences in it, not the engine
+                log.exception("engine step failed")
+                for seq in admitted + self._running:
+                    self._finish_with_error(seq, exc)
+                continue
+            for seq, event in outputs:
+                seq.events.put_nowait(event)
+            self._release_finished()
+
+    def _admit(self) -> list[_Sequence]:
+        """Move waiting sequences into the batch while slots and KV pages last (FIFO)."""
+        admitted = []
+        reserved = sum(s.kv_budget for s in self._running)
+        while self._waiting:
+            seq = self._waiting[0]
+            if len(self._running) >= self.runtime.limits.max_batch_size:
+                break
+            if reserved + seq.kv_budget > self.runtime.limits.max_total_tokens:
+                break
+            self._waiting.pop(0)
+            reserved += seq.kv_budget
+            self._running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+        for seq in [s for s in self._running if s.cancelled]:
+            self._running.remove(seq)
+            if seq.in_cache:
+                self.runtime.remove_sequence(seq.seq_id)
+                seq.in_cache = False
+
+    def _release_finished(self) -> None:
+        for seq in [s for s in self._running if s.finish_reason is not None]:
+            self._running.remove(seq)
+            if seq.in_cache:
+                self.runtime.remove_sequence(seq.seq_id)
+                seq.in_cache = False
+
+    def _finish_with_error(self, seq: _Sequence, exc: Exception) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq.in_cache:
+            self.runtime.remove_sequence(seq.seq_id)
+            seq.in_cache = False
+        seq.finish_reason = "stop"
+        seq.events.put_nowait(exc)
+
+    # -- one step (worker thread) ---------------------------------------------------
+    def _step(self, admitted: list[_Sequence]) -> list[tuple[_Sequence, TokenEvent]]:
+        outputs: list[tuple[_Sequence, TokenEvent]] = []
+        decoding = [s for s in self._running if s not in admitted and s.finish_reason is None and not s.cancelled]
+        for seq in admitted:
+            self.runtime.add_sequence(seq.seq_id)
+            seq.in_cache = True
+            logits = self.runtime.prefill(seq.seq_id, list(seq.request.prompt_ids))[-1]
+            outputs.extend(self._accept(seq, logits))
+        if decoding:
+            last = [s.output_ids[-1] for s in decoding]
+            logits = self.runtime.decode([s.seq_id for s in decoding], last)
+            for seq, row in zip(decoding, logits):
+                outputs.extend(self._accept(seq, row))
+        return outputs
+
+    def _accept(self, seq: _Sequence, logits: np.ndarray) -> list[tuple[_Sequence, TokenEvent]]:
+        """Sample one token for ``seq`` from its logits and turn it into events."""
+        params = seq.request.params
+        step = len(seq.output_ids)
+        token = sample_token(logits, params, bytes.fromhex(seq.request_hash), step, seq.output_ids)
+        seq.fingerprints.append(top_k_fingerprint(logits, FINGERPRINT_K))
+        shifted = logits.astype(np.float64) - float(np.max(logits))
+        logprob = float(shifted[token] - np.log(np.sum(np.exp(shifted))))
+        seq.output_ids.append(token)
+        seq.logprobs.append(logprob)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+
+        finish: FinishReason | None = None
+        text = ""
+        if token in self._eos or seq.stop.check_token(token):
+            finish = "stop"
+        else:
+            text, hit_stop = seq.stop.feed_text(seq.decoder.add(token))
+            if hit_stop:
+                finish = "stop"
+            elif len(seq.output_ids) >= params.max_tokens:
+                finish = "length"
+            if finish == "length":
+                text += seq.stop.flush()
+        seq.text_parts.append(text)
+        if finish is None:
+            return [(seq, TokenEvent(token, text, logprob))]
+        seq.finish_reason = finish
+        return [(seq, TokenEvent(token, text, logprob, finish, self.result_of(seq)))]

@@ -1,0 +1,88 @@
+"""From a model name or path to a ready runtime: resolve, load, identify, compile, upload.
+
+The one place that strings the pieces together, so the CLI, the HTTP server, tests and
+benchmarks all load a model the same way (and get the same ``model_id``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from node import model_store
+from node.compiler import compile_model
+from node.model_store import ModelManifest, ProgressFn
+from node.models.llama.checkpoint import Checkpoint, load_checkpoint
+from node.models.llama.config import LlamaConfig
+from node.models.llama.model import fuse_hf_weights
+from node.runtime import CacheLimits, ModelRuntime
+from node.targets import DeviceTarget, detect
+from node.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    config: LlamaConfig
+    tokenizer: TextTokenizer
+    manifest: ModelManifest
+    runtime: ModelRuntime
+    device: DeviceTarget
+    load_seconds: float
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    @property
+    def backend(self) -> str:
+        return self.device.description
+
+    @property
+    def max_context(self) -> int:
+        return min(self.config.max_position_embeddings, self.runtime.limits.max_total_tokens)
+
+
+def manifest_of(ckpt: Checkpoint) -> ModelManifest:
+    return ModelManifest(
+        architecture=ckpt.config.shape_dict(),
+        tokenizer_sha256=ckpt.tokenizer.fingerprint(),
+        weight_dtype=ckpt.weight_format,
+        weights_sha256=ckpt.weights_digest,
+    )
+
+
+def load_model(
+    model: str,
+    *,
+    device: str | DeviceTarget = "auto",
+    limits: CacheLimits = CacheLimits(),
+    root: Path | None = None,
+    progress: ProgressFn = log.info,
+) -> LoadedModel:
+    start = time.perf_counter()
+    root = root or model_store.store_root()
+    path = model_store.resolve(model, root, progress)
+    progress(f"loading {path.name} ...")
+    ckpt = load_checkpoint(path)
+    manifest = manifest_of(ckpt)
+    manifest.save(root)
+    target = device if isinstance(device, DeviceTarget) else detect(device)
+    progress(f"model_id {manifest.model_id[:16]}…  backend {target.description}")
+    library = compile_model(ckpt.config, target.target, root)
+    runtime = ModelRuntime(ckpt.config, library, fuse_hf_weights(ckpt.config, ckpt.weights), target, limits)
+    return LoadedModel(
+        name=model,
+        path=path,
+        config=ckpt.config,
+        tokenizer=ckpt.tokenizer,
+        manifest=manifest,
+        runtime=runtime,
+        device=target,
+        load_seconds=time.perf_counter() - start,
+    )
