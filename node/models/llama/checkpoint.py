@@ -1,0 +1,150 @@
+"""A loaded Llama-family checkpoint: config, float32 weights in Hugging Face layout, tokenizer, digest.
+
+Both source formats (a Hugging Face folder, a GGUF file) load into the same ``Checkpoint`` so the
+model, the reference forward and the manifest never care where weights came from. Weight names and
+layouts are those of ``transformers``' ``LlamaForCausalLM`` (``[out_features, in_features]``).
+
+``weights_digest`` identifies the weights *as stored in the source file* (DESIGN.md, Models:
+``model_id``): sha256 over every tensor in name order, each as four length-prefixed fields —
+name (UTF-8), stored type name (safetensors dtype such as ``BF16``, or GGML type such as ``Q4_1``),
+shape as stored (safetensors: row-major; GGUF: ``ne`` order, fastest dimension first) written as
+decimal numbers joined by ``,``, and the raw bytes. Every length prefix is 8 bytes big-endian; the
+stream starts with a version tag and the tensor count. Quantized GGUF tensors are hashed as their
+quantized blocks, so another quantization is another digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from node.errors import ModelLoadError
+from node.tokenizer import TextTokenizer
+
+from .config import LlamaConfig
+
+DIGEST_VERSION = b"proofmesh-weights-v1"
+
+
+@dataclass
+class Checkpoint:
+    config: LlamaConfig
+    weights: dict[str, np.ndarray]  # HF names -> float32, C-contiguous, HF layout
+    tokenizer: TextTokenizer
+    weights_digest: str  # hex sha256, see module docstring
+    weight_format: str  # "safetensors:bf16", "gguf:F32+Q4_1+Q8_0": the stored types, sorted
+    source: str  # the path it was loaded from
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint(source={self.source!r}, format={self.weight_format}, "
+            f"tensors={len(self.weights)}, digest={self.weights_digest[:16]}...)"
+        )
+
+
+def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, by HF name, with the shape the config implies."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.self_attn.q_proj.weight"] = (q, h)
+        shapes[f"{p}.self_attn.k_proj.weight"] = (kv, h)
+        shapes[f"{p}.self_attn.v_proj.weight"] = (kv, h)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (h, q)
+        if cfg.attention_bias:
+            shapes[f"{p}.self_attn.q_proj.bias"] = (q,)
+            shapes[f"{p}.self_attn.k_proj.bias"] = (kv,)
+            shapes[f"{p}.self_attn.v_proj.bias"] = (kv,)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (cfg.intermediate_size, h)
+        shapes[f"{p}.mlp.up_proj.weight"] = (cfg.intermediate_size, h)
+        shapes[f"{p}.mlp.down_proj.weight"] = (h, cfg.intermediate_size)
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def check_weights(cfg: LlamaConfig, weights: dict[str, np.ndarray], source: str) -> None:
+    """Raise ``ModelLoadError`` naming the first missing, misshapen or unexpected tensor."""
+    expected = expected_weight_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in weights:
+            raise ModelLoadError(f"{source}: missing tensor {name!r} (expected shape {list(shape)})")
+        if tuple(weights[name].shape) != shape:
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} has shape {list(weights[name].shape)}, "
+                f"expected {list(shape)} from the config"
+            )
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise ModelLoadError(f"{source}: unexpected tensors for this config: {', '.join(extra[:5])}"
+                             + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""))
+
+
+class WeightsDigest:
+    """Incremental form of the digest in the module docstring; feed tensors in name order."""
+
+    def __init__(self, n_tensors: int) -> None:
+        self._h = hashlib.sha256()
+        self._field(DIGEST_VERSION)
+        self._field(str(n_tensors).encode("ascii"))
+        self._last: str | None = None
+
+    def _field(self, data: bytes | memoryview) -> None:
+        self._h.update(len(data).to_bytes(8, "big"))
+        self._h.update(data)
+
+    def add(self, name: str, type_name: str, shape: Iterable[int], raw: bytes | memoryview | np.ndarray) -> None:
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"tensors must be added in strictly increasing name order ({self._last!r}, {name!r})")
+        self._last = name
+        if isinstance(raw, np.ndarray):
+            raw = memoryview(np.ascontiguousarray(raw)).cast("B")
+        self._field(name.encode("utf-8"))
+        self._field(type_name.encode("ascii"))
+        self._field(",".join(str(int(d)) for d in shape).encode("ascii"))
+        self._field(raw)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a Hugging Face checkpoint folder or a ``.gguf`` file."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model path does not exist: {p}")
+    if p.is_dir():
+        from .hf_loader import load_hf_checkpoint
+
+        return load_hf_checkpoint(p)
+    if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
+        from .gguf_loader import load_gguf_checkpoint
+
+        return load_gguf_checkpoint(p)
+    raise ModelLoadError(f"{p} is neither a Hugging Face checkpoint folder nor a GGUF file")
+
+
+def _has_gguf_magic(p: Path) -> bool:
+    try:
+        with p.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+__all__ = [
+    "Checkpoint",
+    "WeightsDigest",
+    "check_weights",
+    "expected_weight_shapes",
+    "load_checkpoint",
+]

@@ -1,0 +1,171 @@
+"""Load a Hugging Face Llama-family checkpoint folder into a ``Checkpoint``.
+
+The folder holds ``config.json``, one or several ``*.safetensors`` shards and the tokenizer files.
+Names are kept as in ``transformers`` (the loader is an identity name map); values become float32.
+
+The safetensors format is read directly (8-byte little-endian header length, JSON header with
+``dtype``/``shape``/``data_offsets`` per tensor, then the raw little-endian data; see
+https://github.com/huggingface/safetensors#format) from a read-only memory map rather than through
+``safetensors.numpy``: the weights digest needs every tensor's stored bytes anyway, and numpy has
+no bfloat16 type, which ``safetensors.numpy`` cannot return. bf16 becomes float32 exactly by
+shifting its 16 bits into the high half of a 32-bit word.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from node.errors import ConfigError, ModelLoadError
+from node.tokenizer import TextTokenizer
+
+from .checkpoint import Checkpoint, WeightsDigest, check_weights
+from .config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+# HF ``architectures`` entry -> the ``model_type`` it implies.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+# Stored dtype -> little-endian numpy dtype of the raw data (bf16 read as its bit pattern).
+_STORED_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+# Buffers some checkpoints carry that the model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_hf_checkpoint(folder: str | Path) -> Checkpoint:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder does not exist: {folder}")
+    cfg_dict = _read_config(folder)
+    config = _config_from_dict(cfg_dict, folder)
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{folder}: no *.safetensors files (other weight formats are not supported)")
+    stored: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}  # name -> (dtype, shape, raw bytes)
+    for shard in shards:
+        for name, entry in _read_safetensors(shard).items():
+            if name in stored:
+                raise ModelLoadError(f"{folder}: tensor {name!r} appears in more than one shard ({shard.name})")
+            stored[name] = entry
+
+    digest = WeightsDigest(len(stored))
+    weights: dict[str, np.ndarray] = {}
+    for name in sorted(stored):
+        dtype, shape, raw = stored[name]
+        digest.add(name, dtype, shape, raw)
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            log.info("%s: ignoring stored lm_head.weight, the config ties it to the embedding", folder)
+            continue
+        weights[name] = _to_float32(dtype, shape, raw)
+
+    if not config.tie_word_embeddings and "lm_head.weight" not in weights:
+        raise ModelLoadError(
+            f"{folder}: missing tensor 'lm_head.weight' while config.json says tie_word_embeddings=false"
+        )
+    check_weights(config, weights, str(folder))
+    tokenizer = TextTokenizer.from_hf_folder(folder, cfg_dict)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelLoadError(
+            f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
+        )
+    stored_types = sorted({dtype.lower() for dtype, _, _ in stored.values()})
+    return Checkpoint(
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        weights_digest=digest.hexdigest(),
+        weight_format="safetensors:" + "+".join(stored_types),
+        source=str(folder),
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: missing config.json (not a Hugging Face checkpoint folder?)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    return cfg
+
+
+def _config_from_dict(cfg: dict[str, Any], folder: Path) -> LlamaConfig:
+    archs = cfg.get("architectures") or []
+    if archs:
+        known = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+        if not known:
+            raise ConfigError(
+                f"{folder}: unsupported architecture {archs[0]!r} (key 'architectures'); "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        implied = SUPPORTED_ARCHITECTURES[known[0]]
+        if "model_type" in cfg and cfg["model_type"] != implied:
+            raise ConfigError(
+                f"{folder}: architectures={known[0]!r} but model_type={cfg['model_type']!r} (key 'model_type')"
+            )
+        cfg = {**cfg, "model_type": implied}
+    elif "model_type" not in cfg:
+        raise ConfigError(f"{folder}: config.json names neither 'architectures' nor 'model_type'")
+    return LlamaConfig.from_hf_dict(cfg)
+
+
+def _read_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+    """name -> (stored dtype, shape, raw bytes as a uint8 view of a read-only memory map)."""
+    try:
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot open {path}: {exc}") from exc
+    if data.size < 8:
+        raise ModelLoadError(f"{path}: not a safetensors file (too short)")
+    n = int.from_bytes(bytes(data[:8]), "little")
+    if n > data.size - 8:
+        raise ModelLoadError(f"{path}: not a safetensors file (header length {n} beyond the file)")
+    try:
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: unreadable safetensors header: {exc}") from exc
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        if dtype not in _STORED_DTYPES:
+            if name.endswith(_IGNORED_SUFFIXES):
+                dtype_size = None
+            else:
+                raise ModelLoadError(
+                    f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(_STORED_DTYPES)}"
+                )
+        else:
+            dtype_size = np.dtype(_STORED_DTYPES[dtype]).itemsize
+        if dtype_size is not None and (end - begin) != dtype_size * int(np.prod(shape, dtype=np.int64)):
+            raise ModelLoadError(f"{path}: tensor {name!r} byte range does not match its shape {list(shape)}")
+        if base + end > data.size:
+            raise ModelLoadError(f"{path}: tensor {name!r} lies beyond the end of the file (truncated?)")
+        out[name] = (dtype, shape, data[base + begin:base + end])
+    return out
+
+
+def _to_float32(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> np.ndarray:
+    values = np.frombuffer(raw, dtype=_STORED_DTYPES[dtype]).reshape(shape)
+    if dtype == "BF16":
+        return np.ascontiguousarray((values.astype(np.uint32) << 16).view(np.float32))
+    return np.array(values, dtype=np.float32, order="C")  # always a copy: no view into the file
+
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "load_hf_checkpoint"]

@@ -1,0 +1,378 @@
+"""Text <-> token ids for a loaded model: encoding, chat templating, streaming decode, fingerprint.
+
+One class, ``TextTokenizer``, wraps a ``tokenizers.Tokenizer`` (the Rust tokenizer of Hugging Face)
+and adds the model-level rules that decide which ids a prompt becomes. Those ids go into the receipt's
+``request_hash`` and the evidence, so the rules are explicit and hashed into ``model_id``
+(``fingerprint()``):
+
+* Raw completion prompts get BOS prepended iff the model says so (``add_bos``): for a GGUF file,
+  ``tokenizer.ggml.add_bos_token``; for a Hugging Face folder, ``add_bos_token`` in
+  ``tokenizer_config.json`` or, when that key is absent, whether ``tokenizer.json``'s post-processor
+  adds BOS. Encoding itself never lets the post-processor add anything (``add_special_tokens=False``).
+* Chat prompts are rendered by the model's Jinja chat template, which writes its own special tokens,
+  and are encoded without adding any BOS: never a second BOS.
+* Special tokens written as text (``<|im_start|>``) encode to their single id (``tokenizers`` always
+  matches added tokens in the input).
+
+Sources: a Hugging Face folder (``tokenizer.json`` plus ``tokenizer_config.json`` and/or
+``chat_template.jinja``) or GGUF metadata (llama.cpp's ``tokenizer.ggml.*`` keys). For a GGUF
+``gpt2`` vocabulary the byte-level BPE is rebuilt from the token list and merges: ``tokenizers`` BPE,
+ByteLevel pre-tokenizer (``add_prefix_space=False``, GPT-2 regex on), ByteLevel decoder, no
+normalizer, control/user-defined tokens added. On SmolLM2 this reproduces llama.cpp's ids
+(DESIGN.md, Measured facts). SentencePiece (``llama``) GGUF vocabularies are not supported yet.
+
+Chat rendering follows ``transformers``' ``apply_chat_template``: a sandboxed, immutable Jinja
+environment with ``trim_blocks``/``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson``
+filter that keeps non-ASCII, and the ``raise_exception`` / ``strftime_now`` helpers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from node.errors import ConfigError, ModelLoadError, RequestError
+
+# GGUF ``tokenizer.ggml.token_type`` values (llama.cpp ``llama_token_type``).
+GGUF_TOKEN_NORMAL = 1
+GGUF_TOKEN_UNKNOWN = 2
+GGUF_TOKEN_CONTROL = 3
+GGUF_TOKEN_USER_DEFINED = 4
+GGUF_TOKEN_UNUSED = 5
+GGUF_TOKEN_BYTE = 6
+
+# Bumped whenever the meaning of the fingerprinted fields changes.
+FINGERPRINT_VERSION = "proofmesh-tokenizer-v1"
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class TextTokenizer:
+    """A tokenizer plus the model's BOS/EOS rules and chat template."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Iterable[int],
+        add_bos: bool,
+        chat_template: str | None,
+        source: str = "",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
+        # Ordered, deduplicated: the first one is "the" EOS, every one ends generation.
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
+        self.add_bos = bool(add_bos)
+        self.chat_template = chat_template
+        self.source = source
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if self.add_bos and self.bos_token_id is None:
+            raise ConfigError("tokenizer says add_bos_token but defines no BOS token (key 'bos_token')")
+        for tid in ([self.bos_token_id] if self.bos_token_id is not None else []) + list(self.eos_token_ids):
+            if not 0 <= tid < self.vocab_size:
+                raise ConfigError(f"special token id {tid} outside the vocabulary (size {self.vocab_size})")
+        self._compiled_template = None
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a raw completion prompt: BOS first iff the model's ``add_bos`` rule says so."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.add_bos:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of a templated chat; the template writes every special token, none is added."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to ``messages`` (OpenAI-style dicts with role and content)."""
+        if not self.chat_template:
+            raise ConfigError(f"model has no chat template (source {self.source or 'unknown'}); use a raw completion")
+        if self._compiled_template is None:
+            self._compiled_template = _compile_template(self.chat_template)
+        from jinja2 import TemplateError
+
+        try:
+            return self._compiled_template.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_text(self.bos_token_id),
+                eos_token=self.token_text(self.eos_token_ids[0] if self.eos_token_ids else None),
+            )
+        except TemplateError as exc:  # raise_exception(...) in the template: the messages do not fit it
+            raise RequestError(f"chat template rejected the messages: {exc}") from exc
+
+    def token_text(self, token_id: int | None) -> str:
+        """The literal text of one token (``""`` for None)."""
+        if token_id is None:
+            return ""
+        return self.tokenizer.id_to_token(token_id) or ""
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def incremental_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ identity
+
+    def fingerprint(self) -> str:
+        """sha256 hex over the canonical tokenizer JSON and every rule that turns text into ids."""
+        doc = {
+            "v": FINGERPRINT_VERSION,
+            "tokenizer": self.tokenizer.to_str(),
+            "chat_template": self.chat_template,
+            "add_bos": self.add_bos,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_ids": list(self.eos_token_ids),
+        }
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return hashlib.sha256(blob).hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"TextTokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_ids}, "
+            f"add_bos={self.add_bos}, chat_template={'yes' if self.chat_template else 'no'})"
+        )
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | Path, config: Mapping[str, Any] | None = None) -> "TextTokenizer":
+        """From ``tokenizer.json`` + ``tokenizer_config.json`` / ``chat_template.jinja``.
+
+        ``config`` is the model's ``config.json`` dict (fallback for BOS/EOS ids);
+        ``generation_config.json``'s ``eos_token_id`` adds stop ids when present.
+        """
+        folder = Path(folder)
+        tok_path = folder / "tokenizer.json"
+        if not tok_path.is_file():
+            raise ModelLoadError(f"missing tokenizer: {tok_path} not found (only tokenizer.json is supported)")
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # the Rust side raises plain Exception
+            raise ModelLoadError(f"cannot parse {tok_path}: {exc}") from exc
+        tok_cfg = _read_json(folder / "tokenizer_config.json") or {}
+        gen_cfg = _read_json(folder / "generation_config.json") or {}
+        config = dict(config or {})
+
+        def token_id(key: str) -> int | None:
+            tok = _token_content(tok_cfg.get(key))
+            if tok is not None:
+                tid = tokenizer.token_to_id(tok)
+                if tid is None:
+                    raise ConfigError(f"tokenizer_config.json {key}={tok!r} is not in the vocabulary")
+                return tid
+            return None
+
+        bos = token_id("bos_token")
+        if bos is None and isinstance(config.get("bos_token_id"), int):
+            bos = config["bos_token_id"]
+        eos: list[int] = []
+        first_eos = token_id("eos_token")
+        if first_eos is not None:
+            eos.append(first_eos)
+        for src in (config, gen_cfg):
+            eos.extend(_as_id_list(src.get("eos_token_id")))
+
+        if "add_bos_token" in tok_cfg and tok_cfg["add_bos_token"] is not None:
+            add_bos = bool(tok_cfg["add_bos_token"])
+        else:
+            add_bos = _post_processor_adds_bos(tokenizer, bos)
+
+        template = _hf_chat_template(folder, tok_cfg)
+        return cls(
+            tokenizer,
+            bos_token_id=bos,
+            eos_token_ids=eos,
+            add_bos=add_bos and bos is not None,
+            chat_template=template,
+            source=str(folder),
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str = "") -> "TextTokenizer":
+        """From GGUF ``tokenizer.ggml.*`` / ``tokenizer.chat_template`` values (plain Python values)."""
+        model = meta.get("tokenizer.ggml.model")
+        if model is None:
+            raise ModelLoadError(f"missing tokenizer: GGUF {source} has no tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ModelLoadError(
+                f"GGUF tokenizer model {model!r} is not supported yet (only byte-level BPE 'gpt2'; "
+                "SentencePiece 'llama' vocabularies need a Hugging Face tokenizer.json)"
+            )
+        tokens = meta.get("tokenizer.ggml.tokens")
+        merges = meta.get("tokenizer.ggml.merges")
+        if not tokens or merges is None:
+            raise ModelLoadError(f"GGUF {source} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        token_types = meta.get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens)
+        if len(token_types) != len(tokens):
+            raise ModelLoadError("GGUF tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
+        tokenizer = build_byte_level_bpe(tokens, merges, token_types)
+
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                 "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
+        # llama.cpp's default for a BPE vocabulary without the key is to add BOS.
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+        return cls(
+            tokenizer,
+            bos_token_id=bos,
+            eos_token_ids=eos,
+            add_bos=add_bos and bos is not None,
+            chat_template=meta.get("tokenizer.chat_template"),
+            source=source,
+        )
+
+
+class IncrementalDecoder:
+    """Turns a growing list of ids into new text chunks, never a broken UTF-8 sequence.
+
+    The windowed scheme of text-generation-inference: decode a short window before and after the
+    new ids, emit the difference, and hold back while the tail is U+FFFD (an incomplete multi-byte
+    character split over tokens). ``flush()`` returns whatever is still held back at the end.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, skip_special_tokens: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix_offset = 0  # start of the context window
+        self._read_offset = 0  # ids before this are already emitted
+
+    def push(self, new_ids: int | Iterable[int]) -> str:
+        """Add ids; return the text they complete (possibly ``""``)."""
+        if isinstance(new_ids, int):
+            new_ids = [new_ids]
+        self.ids.extend(int(i) for i in new_ids)
+        prefix = self._tok.decode(self.ids[self._prefix_offset:self._read_offset], self._skip)
+        full = self._tok.decode(self.ids[self._prefix_offset:], self._skip)
+        if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
+            chunk = full[len(prefix):]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.ids)
+            return chunk
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back (a trailing incomplete character decodes to U+FFFD here)."""
+        prefix = self._tok.decode(self.ids[self._prefix_offset:self._read_offset], self._skip)
+        full = self._tok.decode(self.ids[self._prefix_offset:], self._skip)
+        self._prefix_offset = self._read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def build_byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int]) -> Tokenizer:
+    """GPT-2 style byte-level BPE from a GGUF vocabulary (see module docstring)."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ModelLoadError("GGUF vocabulary has duplicate tokens")
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise ModelLoadError(f"malformed GGUF merge {m!r}")
+        pairs.append((left, right))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    special, user = [], []
+    for tok, ttype in zip(tokens, token_types):
+        if ttype == GGUF_TOKEN_CONTROL:
+            special.append(AddedToken(tok, special=True, normalized=False))
+        elif ttype == GGUF_TOKEN_USER_DEFINED:
+            user.append(AddedToken(tok, special=False, normalized=False))
+    if special:
+        tokenizer.add_special_tokens(special)
+    if user:
+        tokenizer.add_tokens(user)
+    if tokenizer.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise ModelLoadError("rebuilt GGUF tokenizer does not cover the vocabulary one to one")
+    return tokenizer
+
+
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except TemplateError as exc:
+        raise ConfigError(f"chat template does not parse: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+
+
+def _token_content(value: Any) -> str | None:
+    """``tokenizer_config.json`` writes special tokens as strings or AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return []
+
+
+def _post_processor_adds_bos(tokenizer: Tokenizer, bos: int | None) -> bool:
+    """Whether tokenizer.json's post-processor puts BOS first (probed, not parsed)."""
+    if bos is None:
+        return False
+    with_special = tokenizer.encode("a", add_special_tokens=True).ids
+    without = tokenizer.encode("a", add_special_tokens=False).ids
+    return bool(with_special) and with_special[0] == bos and (not without or without[0] != bos)
+
+
+def _hf_chat_template(folder: Path, tok_cfg: Mapping[str, Any]) -> str | None:
+    """``chat_template.jinja`` (transformers >= 4.5x) wins over ``tokenizer_config.json``."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template else None
+
+
+__all__ = ["IncrementalDecoder", "TextTokenizer", "build_byte_level_bpe"]
