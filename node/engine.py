@@ -117,6 +117,8 @@ class Engine:
         self._scheduler: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proofmesh-engine")
         self._eos = set(tokenizer.eos_token_ids)
+        self._closing = False
+        self.steps_run = 0  # scheduler steps so far (for metrics and tests)
 
     # -- public API -----------------------------------------------------------------
     @property
@@ -182,6 +184,7 @@ class Engine:
 
     async def close(self) -> None:
         """Cancel every sequence and stop the scheduler."""
+        self._closing = True
         for seq in self._waiting + self._running:
             seq.cancelled = True
         self._wake()
@@ -191,6 +194,8 @@ class Engine:
 
     # -- scheduling -----------------------------------------------------------------
     def _submit(self, request: GenerationRequest) -> _Sequence:
+        if self._closing:
+            raise EngineBusyError("the engine is shutting down")
         self.validate(request)
         if len(self._waiting) >= self.max_queue:
             raise EngineBusyError(f"{len(self._waiting)} requests are already waiting; retry later")
@@ -223,6 +228,8 @@ class Engine:
         while True:
             self._drop_cancelled()
             if not self._waiting and not self._running:
+                if self._closing:
+                    return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -234,6 +241,7 @@ class Engine:
                 for seq in admitted + self._running:
                     self._finish_with_error(seq, exc)
                 continue
+            self.steps_run += 1
             for seq, event in outputs:
                 seq.events.put_nowait(event)
             self._release_finished()
@@ -282,7 +290,8 @@ class Engine:
     # -- one step (worker thread) ---------------------------------------------------
     def _step(self, admitted: list[_Sequence]) -> list[tuple[_Sequence, TokenEvent]]:
         outputs: list[tuple[_Sequence, TokenEvent]] = []
-        decoding = [s for s in self._running if s not in admitted and s.finish_reason is None and not s.cancelled]
+        new = {id(s) for s in admitted}
+        decoding = [s for s in self._running if id(s) not in new and s.finish_reason is None and not s.cancelled]
         for seq in admitted:
             self.runtime.add_sequence(seq.seq_id)
             seq.in_cache = True
@@ -311,14 +320,16 @@ class Engine:
         finish: FinishReason | None = None
         text = ""
         if token in self._eos or seq.stop.check_token(token):
-            finish = "stop"
+            finish = "stop"  # the stop token itself is not shown; text held back is released
+            text = seq.stop.feed_text(seq.decoder.flush())[0] + seq.stop.flush()
         else:
-            text, hit_stop = seq.stop.feed_text(seq.decoder.add(token))
+            at_limit = len(seq.output_ids) >= params.max_tokens
+            new_text = seq.decoder.push(token) + (seq.decoder.flush() if at_limit else "")
+            text, hit_stop = seq.stop.feed_text(new_text)
             if hit_stop:
                 finish = "stop"
-            elif len(seq.output_ids) >= params.max_tokens:
+            elif at_limit:
                 finish = "length"
-            if finish == "length":
                 text += seq.stop.flush()
         seq.text_parts.append(text)
         if finish is None:

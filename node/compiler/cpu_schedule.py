@@ -26,7 +26,8 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
 LANES = 8  # fp32 lanes per 256-bit vector: avx2 and avx512 machines both vectorize this cleanly
-ROWS = 8  # output rows per inner tile: 8 accumulators x 8 lanes fit the 16 avx2 registers
+ROWS = 8  # output rows x TOKENS tokens = 16 vector accumulators: the 16 avx2 registers
+TOKENS = 1  # tokens per tile: each weight vector loaded feeds 4 FMAs once a batch is running
 
 
 def _int_extent(expr) -> int | None:
@@ -68,28 +69,24 @@ class NTMatmulCPU(CPUScheduleRule):
 
         loops = sch.get_loops(block)
         spatial, k = loops[:-1], loops[-1]
-        j = spatial[-1]
-        i = sch.fuse(*spatial[:-1]) if len(spatial) > 1 else None
-        jo, ji = sch.split(j, [None, ROWS])
+        i = sch.fuse(*spatial[:-1]) if len(spatial) > 1 else sch.add_unit_loop(block)
+        io, ii = sch.split(i, [None, TOKENS])
+        jo, ji = sch.split(spatial[-1], [None, ROWS])
         ko, ki = sch.split(k, [None, LANES])
-        if i is not None:
-            sch.reorder(jo, i, ko, ji, ki)
-        else:
-            sch.reorder(jo, ko, ji, ki)
+        sch.reorder(jo, io, ko, ii, ji, ki)
         out_ndim = len(stmt.writes[0].region)
         # partial[..., j, ki]: lanes innermost, so each lane vector is contiguous in memory.
         partial = sch.rfactor(ki, factor_axis=out_ndim)
-        # partial's loops are (jo, [i], ko, ji, ki): keep them, vectorize the lanes.
-        p_loops = sch.get_loops(partial)
-        sch.vectorize(p_loops[-1])
-        # The lane-folding block goes under the same (jo, [i]) tile.
-        anchor = p_loops[1] if i is not None else p_loops[0]
-        sch.reverse_compute_at(block, anchor)
+        jo, io, ko, ii, ji, ki = sch.get_loops(partial)
+        sch.vectorize(ki)
+        sch.unroll(ji)  # unrolled tiles let LLVM keep the accumulators in registers
+        sch.unroll(ii)
+        # Fold the lanes (and run the epilogue) under the same (rows, tokens) tile.
+        sch.reverse_compute_at(block, io)
         sch.set_scope(partial, 0, "local")
         if len(infos) == 2:
-            epilogue = infos[1].block_rv
-            sch.reverse_compute_at(epilogue, anchor)
-        sch.parallel(p_loops[0])
-        init = sch.decompose_reduction(partial, p_loops[2] if i is not None else p_loops[1])
+            sch.reverse_compute_at(infos[1].block_rv, io)
+        sch.parallel(jo)
+        init = sch.decompose_reduction(partial, ko)
         sch.vectorize(sch.get_loops(init)[-1])
         return sch
