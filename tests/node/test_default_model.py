@@ -1,0 +1,70 @@
+"""The real default model, SmolLM2-135M-Instruct: pulled (pinned, sha256-checked), compiled
+for this machine, answering as transformers' own GGUF loader does, and agreeing with the
+independent numpy reference token for token.
+
+Marked slow (a ~93 MB download on first use, ~15 s compile, ~1 min of numpy reference) but
+part of the default suite: it is the end-to-end check of the product.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from compiled_models.registry import DEFAULT_MODEL
+from node.engine import Engine, GenerationRequest
+from node.loaded_model import load_model
+from node.models.llama.checkpoint import load_checkpoint
+from node.models.llama.reference import NumpyLlama
+from verify.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model(DEFAULT_MODEL, device="cpu")
+
+
+def greedy(model, prompt_ids, max_tokens):
+    async def go():
+        engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=model.max_context)
+        try:
+            return await engine.complete(GenerationRequest(tuple(prompt_ids), SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0)))
+        finally:
+            await engine.close()
+
+    return asyncio.run(go())
+
+
+def test_identity_and_shape(default_model):
+    cfg = default_model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+    assert cfg.vocab_size == 49152 and cfg.tie_word_embeddings
+    assert len(default_model.model_id) == 64
+    assert default_model.manifest.weight_dtype == "gguf:F32+Q4_1+Q8_0"
+
+
+def test_france_answer(default_model):
+    ids = default_model.tokenizer.encode_chat([{"role": "user", "content": FRANCE}])
+    result = greedy(default_model, ids, 32)
+    assert result.text == "The capital of France is Paris."
+    assert result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "chat,text",
+    [(True, "Name a color of the sky."), (False, "Once upon a time, there was a")],
+)
+def test_greedy_tokens_match_numpy_reference(default_model, chat, text):
+    tok = default_model.tokenizer
+    ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode_prompt(text)
+    n_new = 6
+    ours = greedy(default_model, ids, n_new).output_ids
+    ckpt = load_checkpoint(default_model.path)
+    ref = NumpyLlama.from_checkpoint(ckpt, dtype=np.float32).greedy(ids, n_new, eos_ids=tok.eos_token_ids)
+    assert ours == ref
