@@ -14,6 +14,7 @@ from pathlib import Path
 from node import model_store
 from node.compiler import compile_model
 from node.model_store import ModelManifest, ProgressFn
+from node.prepared_cache import load_prepared, save_prepared
 from node.models.llama.checkpoint import Checkpoint, load_checkpoint
 from node.models.llama.config import LlamaConfig
 from node.models.llama.model import fuse_hf_weights
@@ -68,8 +69,11 @@ def load_model(
     start = time.perf_counter()
     root = root or model_store.store_root()
     path = model_store.resolve(model, root, progress)
-    progress(f"loading {path.name} ...")
-    ckpt = load_checkpoint(path)
+    ckpt = load_prepared(root, path)
+    if ckpt is None:
+        progress(f"loading {path.name} (prepared once, then cached) ...")
+        ckpt = load_checkpoint(path)
+        save_prepared(root, path, ckpt)
     manifest = manifest_of(ckpt)
     manifest.save(root)
     target = device if isinstance(device, DeviceTarget) else detect(device)
