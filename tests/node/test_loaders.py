@@ -466,22 +466,26 @@ def test_fingerprint_stable_across_loads(tmp_path):
 
 # ---------------------------------------------------------------------- the real default model
 
-SMOLLM2 = os.environ.get("PROOFMESH_SMOLLM2_GGUF")
+@pytest.fixture(scope="module")
+def smollm2_path() -> str:
+    """The pulled default model (downloaded on first use), or PROOFMESH_SMOLLM2_GGUF."""
+    from compiled_models.registry import DEFAULT_MODEL
+    from node import model_store
+
+    return os.environ.get("PROOFMESH_SMOLLM2_GGUF") or str(model_store.resolve(DEFAULT_MODEL))
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if not SMOLLM2 or not Path(SMOLLM2).is_file():
-        pytest.skip("set PROOFMESH_SMOLLM2_GGUF to the SmolLM2-135M-Instruct Q4_1 GGUF")
-    return load_checkpoint(SMOLLM2)
+def smollm2(smollm2_path):
+    return load_checkpoint(smollm2_path)
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_loads(smollm2):
+def test_smollm2_gguf_loads(smollm2, smollm2_path):
     import gguf
 
     ck = smollm2
-    assert len(gguf.GGUFReader(SMOLLM2).tensors) == 272
+    assert len(gguf.GGUFReader(smollm2_path).tensors) == 272
     assert ck.weight_format == "gguf:F32+Q4_1+Q8_0"
     c = ck.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
