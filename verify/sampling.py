@@ -1,36 +1,61 @@
 """Sampling that anyone can re-check from the same logits (DESIGN.md, "Sampling that can be re-checked").
 
-A sampled token must be reproducible by a verifier holding the logits, the seed and the
-request hash. So sampling is Gumbel-max with counter-based noise, and everything before the
-noise is a deterministic function of the logits and of the earlier output tokens. Order:
+Why: a node's answer must be checkable. A verifier that re-runs the model (teacher-forced
+prefill) gets the logits of every position; from them, the committed seed and the request hash
+it must be able to recompute which token the node had to pick. So sampling is Gumbel-max with
+counter-based noise (no hidden RNG state), and everything before the noise is a deterministic
+function of the logits and of the tokens generated so far. ``decision_scores`` exposes the exact
+array whose argmax is the token, and ``token_margin`` how clearly the claimed token won it, so the
+verifier can tolerate near-ties that honest hardware resolves differently.
+
+Order of operations at step ``t`` (``t`` = number of tokens generated before this one), all in
+float64, ``V`` = vocabulary size:
 
 1. penalties (OpenAI): ``score[j] = logit[j] - count[j] * frequency_penalty - (count[j] > 0) * presence_penalty``
-   where ``count`` counts token j among the tokens generated so far;
-2. temperature: ``score /= T`` (T = 0 means greedy: the argmax of the penalised scores);
-3. top-k: keep the k best scores;
-4. top-p: keep the smallest set of best tokens whose softmax mass reaches ``top_p`` (at least one);
-5. the token is ``argmax(score + g)`` over the kept tokens, ``g`` Gumbel noise for this step.
+   (evaluated left to right), ``count[j]`` = occurrences of token j among the tokens generated so
+   far (not the prompt);
+2. temperature: ``score[j] = score[j] / T``; skipped when ``T == 0`` (greedy);
+3. top-k (``k > 0``): keep the k tokens ranked best, set the others to ``-inf``;
+4. top-p (``p < 1``): over the tokens still kept, ranked best first, with weights
+   ``w = exp(score - best)`` and running sums ``c[n] = w[0] + ... + w[n]`` (summed left to right),
+   keep the smallest prefix whose sum reaches ``p * c[last]`` (at least one token); the rest ``-inf``;
+5. ``T == 0``: the token is ``argmax(score)``; ``T > 0``: ``argmax(score + g)`` where ``g`` is the
+   Gumbel noise of step t (``-inf + g`` stays ``-inf``).
 
-Ranking ties are broken by the lower token id (a stable sort on ``-score``). All arithmetic is
-float64.
+Ranking ("best") is by descending score, ties to the lower token id; ``argmax`` also returns the
+lowest id among equal maxima. NaN or ``+inf`` logits are rejected (``-inf`` is allowed: a
+masked token).
 
-The noise for step t (exactly, so another implementation can reproduce it): key = the first 16
-bytes of ``sha256(b"proofmesh/gumbel/v1" || seed as 8 bytes big-endian || request_hash)``, read
-as two little-endian uint64 words; numpy's Philox-4x64-10 with that key and counter
-``[0, 0, 0, t]``; draw ``vocab_size`` uint64s with ``random_raw``; ``u = ((x >> 11) + 0.5) / 2**53``
-(strictly inside (0, 1)); ``g = -log(-log(u))``.
+The noise for step t, exactly (so that an implementation in another language reproduces it):
+
+* ``digest = sha256(b"proofmesh/gumbel/v1" || seed as 8 bytes big-endian || request_hash)``;
+* ``key = (k0, k1)``: ``digest[0:8]`` and ``digest[8:16]``, each read as a little-endian uint64;
+* Philox-4x64-10 (Random123: multipliers ``0xD2E7470EE14C6C93``, ``0xCA5A826395121157``; key
+  increments ``0x9E3779B97F4A7C15``, ``0xBB67AE8584CAA73B``), as numpy's ``Philox(key=[k0, k1],
+  counter=[0, 0, 0, t])`` runs it: block ``n = 1, 2, 3, ...`` is the 4 output words of
+  ``Philox(counter=(n, 0, 0, t), key)`` (numpy increments the counter before the first block, so
+  the block with counter word 0 = 0 is never used); concatenating the blocks gives
+  ``x[0], x[1], ...`` and the first ``V`` words are used (the rest of the last block is dropped);
+* ``u[i] = (2 * (x[i] >> 12) + 1) / 2**53`` — the top 52 bits, centred in their cell: every step is
+  exact in float64 and ``2**-53 <= u <= 1 - 2**-53``, strictly inside (0, 1);
+* ``g[i] = -log(-log(u[i]))``.
+
+The uniforms are bit-exact everywhere; ``log`` may differ by an ulp between math libraries,
+which the verifier's margin absorbs. Steps use disjoint counter ranges (word 3 = t) for any
+``V < 2**66``, and the noise never touches numpy's global random state.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NOISE_DOMAIN = b"proofmesh/gumbel/v1"
 MAX_STOP_STRINGS = 4
+_U64 = 2**64
 
 
 class SamplingParams(BaseModel):
@@ -38,15 +63,15 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy argmax
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 disables
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     max_tokens: int = Field(256, ge=1)
-    seed: int = Field(..., ge=0, lt=2**64)
+    seed: int = Field(..., ge=0, lt=_U64)
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[Annotated[int, Field(ge=0)], ...] = ()
 
     @field_validator("stop")
     @classmethod
@@ -57,46 +82,96 @@ class SamplingParams(BaseModel):
             raise ValueError("stop strings must not be empty")
         return value
 
-    def to_canonical_dict(self) -> dict:
-        data = self.model_dump()
-        data["stop"] = list(self.stop)
-        data["stop_token_ids"] = list(self.stop_token_ids)
-        return data
+    def to_canonical_dict(self) -> dict[str, Any]:
+        """All fields as plain JSON types (floats as float, tuples as lists), for request_hash."""
+        return {
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "top_k": int(self.top_k),
+            "presence_penalty": float(self.presence_penalty),
+            "frequency_penalty": float(self.frequency_penalty),
+            "max_tokens": int(self.max_tokens),
+            "seed": int(self.seed),
+            "stop": list(self.stop),
+            "stop_token_ids": [int(i) for i in self.stop_token_ids],
+        }
+
+
+def _uniforms(raw: np.ndarray) -> np.ndarray:
+    """uint64 words -> float64 in (0, 1): ``(2 * (x >> 12) + 1) / 2**53``, exact."""
+    top52 = (np.asarray(raw, dtype=np.uint64) >> np.uint64(12)).astype(np.float64)
+    return (2.0 * top52 + 1.0) * (2.0**-53)
 
 
 def gumbel_noise(seed: int, request_hash: bytes, step: int, vocab_size: int) -> np.ndarray:
-    """Gumbel(0, 1) noise for one step, as the module docstring specifies (float64)."""
+    """Gumbel(0, 1) noise for one step (float64, length ``vocab_size``).
+
+    Construction (see the module docstring for the full statement): key = first 16 bytes of
+    ``sha256(b"proofmesh/gumbel/v1" || seed.to_bytes(8, "big") || request_hash)`` as two
+    little-endian uint64 words; ``numpy.random.Philox(key=key, counter=[0, 0, 0, step])``;
+    ``x = random_raw(vocab_size)``; ``u = (2 * (x >> 12) + 1) / 2**53``; ``g = -log(-log(u))``.
+    """
+    if not 0 <= int(seed) < _U64:
+        raise ValueError("seed must be in [0, 2**64)")
+    if not 0 <= int(step) < _U64:
+        raise ValueError("step must be in [0, 2**64)")
+    if int(vocab_size) < 0:
+        raise ValueError("vocab_size must be >= 0")
     digest = hashlib.sha256(NOISE_DOMAIN + int(seed).to_bytes(8, "big") + bytes(request_hash)).digest()
-    key = np.frombuffer(digest[:16], dtype="<u8")
-    bitgen = np.random.Philox(key=key, counter=np.array([0, 0, 0, step], dtype=np.uint64))
-    raw = bitgen.random_raw(vocab_size)
-    u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) / float(2**53)
+    key = np.frombuffer(digest[:16], dtype="<u8").astype(np.uint64)
+    bitgen = np.random.Philox(key=key, counter=np.array([0, 0, 0, int(step)], dtype=np.uint64))
+    u = _uniforms(bitgen.random_raw(int(vocab_size)))
     return -np.log(-np.log(u))
 
 
-def _ranked(scores: np.ndarray) -> np.ndarray:
-    """Token ids from best to worst score, ties to the lower id."""
-    return np.argsort(-scores, kind="stable")
+def _ranked(scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """``candidates`` (increasing ids) from best to worst score, ties to the lower id."""
+    return candidates[np.argsort(-scores[candidates], kind="stable")]
 
 
 def process_logits(logits: np.ndarray, params: SamplingParams, previous_output_ids: Sequence[int]) -> np.ndarray:
-    """Steps 1-4: penalised, tempered, truncated scores (float64; -inf for dropped tokens)."""
+    """Steps 1-4 of the module docstring: penalised, tempered, truncated scores.
+
+    Returns a new float64 vector (``-inf`` for tokens dropped by top-k / top-p); ``logits`` is not
+    modified. Raises ``ValueError`` for NaN or ``+inf`` logits, or when no logit is finite.
+    """
     scores = np.array(logits, dtype=np.float64).reshape(-1)
-    if len(previous_output_ids) and (params.frequency_penalty or params.presence_penalty):
-        counts = np.bincount(np.asarray(previous_output_ids, dtype=np.int64), minlength=scores.size)[: scores.size]
-        scores -= counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
+    if np.isnan(scores).any() or np.isposinf(scores).any():
+        raise ValueError("logits must not contain NaN or +inf")
+    if not np.isfinite(scores).any():
+        raise ValueError("at least one logit must be finite")
+    vocab = scores.size
+
+    # 1. penalties over the tokens generated so far
+    if len(previous_output_ids) and (params.frequency_penalty != 0.0 or params.presence_penalty != 0.0):
+        ids = np.asarray(previous_output_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError("previous output ids must be in [0, vocab_size)")
+        counts = np.bincount(ids, minlength=vocab).astype(np.float64)
+        scores = scores - counts * params.frequency_penalty - (counts > 0) * params.presence_penalty
+
+    # 2. temperature
     if params.temperature > 0:
-        scores /= params.temperature
-    if params.top_k and params.top_k < scores.size:
-        drop = _ranked(scores)[params.top_k :]
-        scores[drop] = -np.inf
+        scores = scores / params.temperature
+        if np.isposinf(scores).any():
+            raise ValueError("temperature too small: the scaled scores overflow")
+
+    # 3. top-k: the k best by (-score, id); O(V) via the k-th largest value
+    k = params.top_k
+    if 0 < k < vocab:
+        threshold = np.partition(scores, vocab - k)[vocab - k]
+        keep = scores > threshold
+        ties = np.flatnonzero(scores == threshold)[: k - int(keep.sum())]
+        keep[ties] = True
+        scores[~keep] = -np.inf
+
+    # 4. top-p over the tokens still kept
     if params.top_p < 1.0:
-        order = _ranked(scores)
-        kept = scores[order]
-        probs = np.exp(kept - kept[0])
-        probs /= probs.sum()
-        cumulative = np.cumsum(probs)
-        n_keep = int(np.searchsorted(cumulative, params.top_p, side="left")) + 1
+        order = _ranked(scores, np.flatnonzero(scores > -np.inf))
+        ranked = scores[order]
+        weights = np.exp(ranked - ranked[0])
+        cumulative = np.cumsum(weights)  # sequential, left to right
+        n_keep = min(int(np.searchsorted(cumulative, params.top_p * cumulative[-1], side="left")) + 1, order.size)
         scores[order[n_keep:]] = -np.inf
     return scores
 
@@ -104,7 +179,8 @@ def process_logits(logits: np.ndarray, params: SamplingParams, previous_output_i
 def decision_scores(
     logits: np.ndarray, params: SamplingParams, request_hash: bytes, step: int, previous_output_ids: Sequence[int]
 ) -> np.ndarray:
-    """The array whose argmax is the sampled token (processed scores, plus noise when T > 0)."""
+    """The array whose argmax is the sampled token: processed scores, plus this step's Gumbel
+    noise when T > 0 (``-inf`` for masked tokens)."""
     scores = process_logits(logits, params, previous_output_ids)
     if params.temperature > 0:
         scores = scores + gumbel_noise(params.seed, request_hash, step, scores.size)
@@ -114,70 +190,97 @@ def decision_scores(
 def sample_token(
     logits: np.ndarray, params: SamplingParams, request_hash: bytes, step: int, previous_output_ids: Sequence[int]
 ) -> int:
-    """The token for this step: argmax of ``decision_scores`` (lowest id on exact ties)."""
+    """The token for this step: ``argmax(decision_scores(...))``, lowest id on exact ties."""
     return int(np.argmax(decision_scores(logits, params, request_hash, step, previous_output_ids)))
 
 
 def token_margin(scores: np.ndarray, token_id: int) -> float:
-    """How far ``token_id`` wins (> 0) or loses (< 0) the argmax of ``scores``."""
-    others = np.delete(scores, token_id)
-    return float(scores[token_id] - np.max(others)) if others.size else float("inf")
+    """``scores[token_id] - max(scores of every other token)``: > 0 when ``token_id`` wins the
+    argmax outright, < 0 when it loses (``-inf`` when it was masked), ``+inf`` for a 1-token vocab.
+    An exact tie gives 0 (argmax then picks the lower id)."""
+    row = np.asarray(scores, dtype=np.float64).reshape(-1)
+    token_id = int(token_id)
+    if not 0 <= token_id < row.size:
+        raise ValueError(f"token id {token_id} outside [0, {row.size})")
+    if row.size == 1:
+        return float("inf")
+    best_other = max(
+        float(row[:token_id].max()) if token_id > 0 else -np.inf,
+        float(row[token_id + 1 :].max()) if token_id + 1 < row.size else -np.inf,
+    )
+    return float(row[token_id] - best_other)
 
 
 def top_k_fingerprint(logits: np.ndarray, k: int = 8) -> tuple[list[int], list[float]]:
-    """The k highest raw logits: ids and values, ordered by (-logit, id)."""
+    """The k highest raw logits: ids and values, ordered by (-logit, id).
+
+    Values are taken at float32 precision (what the backends produce; exact as JSON floats), so
+    a float64 reference and a float32 backend commit comparable numbers; ranking is done on those
+    float32 values. Returns fewer than k entries when the vocabulary is smaller.
+    """
+    if k < 0:
+        raise ValueError("k must be >= 0")
     row = np.asarray(logits, dtype=np.float32).reshape(-1)
-    k = min(k, row.size)
-    candidates = np.argpartition(-row, k - 1)[:k] if k < row.size else np.arange(row.size)
-    # argpartition may cut a tie at the k-th value arbitrarily: widen to every tied value.
-    threshold = row[candidates].min()
-    candidates = np.flatnonzero(row >= threshold)
-    order = candidates[np.lexsort((candidates, -row[candidates]))][:k]
+    if np.isnan(row).any():
+        raise ValueError("logits must not contain NaN")
+    k = min(int(k), row.size)
+    if k == 0:
+        return [], []
+    threshold = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
+    candidates = np.flatnonzero(row >= threshold)  # every tie at the threshold, increasing ids
+    order = candidates[np.argsort(-row[candidates], kind="stable")][:k]
     return [int(i) for i in order], [float(row[i]) for i in order]
 
 
 class StopChecker:
-    """Stop strings and stop token ids, applied to text as it streams (OpenAI semantics:
-    the stop string and anything after it are not returned)."""
+    """Stop strings and stop token ids, applied to text as it streams (OpenAI semantics: the stop
+    string and anything after it are not returned)."""
 
     def __init__(self, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = ()):
-        self.stop = tuple(stop)
-        self.stop_token_ids = frozenset(stop_token_ids)
+        self.stop: tuple[str, ...] = tuple(s for s in stop if s)
+        self.stop_token_ids: frozenset[int] = frozenset(int(i) for i in stop_token_ids)
         self._held = ""
         self.stopped = False
 
     def check_token(self, token_id: int) -> bool:
-        return token_id in self.stop_token_ids
+        """Whether ``token_id`` is a stop token (the caller ends generation and shows no text for it)."""
+        return int(token_id) in self.stop_token_ids
 
     def feed_text(self, new_text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string completed."""
+        """Text safe to emit now, and whether a stop string completed.
+
+        The longest suffix that is a proper prefix of some stop string is held back until later
+        text decides it. When a stop string completes, the text before its earliest occurrence is
+        returned and everything from there on is dropped; later calls return ``("", True)``.
+        """
         if self.stopped:
             return "", True
         text = self._held + new_text
         if not self.stop:
             self._held = ""
             return text, False
-        hits = [text.find(s) for s in self.stop if s in text]
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
             self._held = ""
             return text[: min(hits)], True
-        # Hold back the longest suffix that is a prefix of some stop string.
         hold = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
+            for n in range(min(len(s) - 1, len(text)), hold, -1):
                 if text.endswith(s[:n]):
-                    hold = max(hold, n)
+                    hold = n
                     break
         self._held = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False
 
     def flush(self) -> str:
+        """The held-back text, at the end of generation (empty after a stop string)."""
         held, self._held = self._held, ""
         return "" if self.stopped else held
 
 
 __all__ = [
+    "NOISE_DOMAIN",
     "SamplingParams",
     "StopChecker",
     "decision_scores",
