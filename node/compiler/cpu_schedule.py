@@ -85,7 +85,11 @@ class NTMatmulCPU(CPUScheduleRule):
         sch.unroll(ii)
         # Fold the lanes (and run the epilogue) under the same (rows, tokens) tile.
         sch.reverse_compute_at(block, io)
-        sch.set_scope(partial, 0, "local")
+        # "global", not "local": TVM lowers a "local" buffer inside a parallel loop to a workspace
+        # call whose pointer LLVM cannot prove distinct from the inputs, so every FMA stored its
+        # accumulator and reloaded A (measured 25 GFLOP/s at batch 16); as "global" the compacted
+        # 8x8 tile stays in registers (135 GFLOP/s). Each iteration still gets its own tile.
+        sch.set_scope(partial, 0, "global")
         if len(infos) == 2:
             sch.reverse_compute_at(infos[1].block_rv, io)
         sch.parallel(jo)
