@@ -1,0 +1,92 @@
+"""Signed output commitments (DESIGN.md, "Receipts").
+
+A receipt is the canonical JSON of exactly these fields, signed with the node's Ed25519 key:
+``{v, receipt_id, model_id, node_id, backend, request_hash, seed, n_prompt_tokens,
+n_output_tokens, output_hash, fingerprint_root, finish_reason, created}``. ``request_hash``
+binds it to one request (model, templated prompt ids, every sampling parameter), so it
+cannot be replayed for another; ``receipt_id`` is 128 random bits, unique per answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from verify.canonical import canonical_json, output_hash
+from verify.identity import NodeKey, peer_id_from_public_key, verify_signature
+from verify.merkle import fingerprint_leaf, merkle_root
+
+RECEIPT_VERSION = 1
+HEX64 = r"^[0-9a-f]{64}$"
+
+
+class Receipt(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = RECEIPT_VERSION
+    receipt_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    model_id: str = Field(pattern=HEX64)
+    node_id: str = Field(min_length=1, max_length=128)
+    backend: str = Field(min_length=1, max_length=200)
+    request_hash: str = Field(pattern=HEX64)
+    seed: int = Field(ge=0, lt=2**64)
+    n_prompt_tokens: int = Field(ge=0)
+    n_output_tokens: int = Field(ge=0)
+    output_hash: str = Field(pattern=HEX64)
+    fingerprint_root: str = Field(pattern=HEX64)
+    finish_reason: Literal["stop", "length"]
+    created: int = Field(ge=0)  # unix seconds
+
+    def signing_bytes(self) -> bytes:
+        return canonical_json(self.model_dump())
+
+
+def fingerprint_root(fingerprints: Sequence[tuple[Sequence[int], Sequence[float]]]) -> str:
+    """Merkle root over the per-position top-k fingerprints of an answer."""
+    return merkle_root([fingerprint_leaf(p, ids, logits) for p, (ids, logits) in enumerate(fingerprints)])
+
+
+def make_receipt(
+    key: NodeKey,
+    *,
+    model_id: str,
+    backend: str,
+    request_hash: str,
+    seed: int,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    fingerprints: Sequence[tuple[Sequence[int], Sequence[float]]],
+    finish_reason: Literal["stop", "length"],
+) -> tuple[Receipt, str]:
+    """Build and sign a receipt; returns it with its base64 signature."""
+    receipt = Receipt(
+        receipt_id=secrets.token_hex(16),
+        model_id=model_id,
+        node_id=key.node_id,
+        backend=backend,
+        request_hash=request_hash,
+        seed=seed,
+        n_prompt_tokens=len(prompt_ids),
+        n_output_tokens=len(output_ids),
+        output_hash=output_hash(list(output_ids)),
+        fingerprint_root=fingerprint_root(fingerprints),
+        finish_reason=finish_reason,
+        created=int(time.time()),
+    )
+    return receipt, base64.b64encode(key.sign(receipt.signing_bytes())).decode()
+
+
+def verify_receipt(receipt: Receipt, signature: str, public_key: bytes) -> bool:
+    """True iff ``signature`` is ``public_key``'s signature of this exact receipt and the
+    receipt names that key's node id."""
+    if peer_id_from_public_key(public_key) != receipt.node_id:
+        return False
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except ValueError:
+        return False
+    return verify_signature(public_key, receipt.signing_bytes(), raw)
