@@ -10,6 +10,9 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from node import model_store
 from node.compiler import compile_model
@@ -43,6 +46,14 @@ class LoadedModel:
     @property
     def backend(self) -> str:
         return self.device.description
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits at every position: makes a LoadedModel a verifier backend."""
+        return self.runtime.score(token_ids)
 
     @property
     def max_context(self) -> int:

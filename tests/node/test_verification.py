@@ -1,0 +1,112 @@
+"""Answers from the engine, signed, re-checked by the teacher-forced verifier: honest answers
+pass; edited tokens, wrong seeds, another model, altered prompts and forged receipts fail."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from node.answers import answer_file
+from node.engine import Engine, GenerationRequest
+from node.loaded_model import load_model
+from node.runtime import CacheLimits
+from tests.models_fixtures import make_tiny_hf_checkpoint
+from verify.canonical import request_hash
+from verify.evidence import AnswerFile, Evidence
+from verify.identity import NodeKey
+from verify.receipts import make_receipt
+from verify.sampling import SamplingParams
+from verify.verifier import verify_answer
+
+LIMITS = CacheLimits(max_batch_size=4, max_total_tokens=1024, prefill_chunk=64)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, store):
+    root = tmp_path_factory.mktemp("verif")
+    ours = load_model(str(make_tiny_hf_checkpoint(root / "ours", seed=0)), device="cpu", limits=LIMITS, root=store)
+    other = load_model(str(make_tiny_hf_checkpoint(root / "other", seed=1)), device="cpu", limits=LIMITS, root=store)
+    return ours, other
+
+
+KEY = NodeKey.generate()
+
+
+def generate(model, prompt_text, **sampling):
+    params = SamplingParams(**{"max_tokens": 16, "seed": 5, **sampling})
+    ids = model.tokenizer.encode_chat([{"role": "user", "content": prompt_text}])
+
+    async def go():
+        engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=512)
+        try:
+            return await engine.complete(GenerationRequest(tuple(ids), params))
+        finally:
+            await engine.close()
+
+    return asyncio.run(go())
+
+
+def signed_claim(model_id: str, prompt_ids, output_ids, params: SamplingParams, fingerprints) -> AnswerFile:
+    """A cheater's answer: internally consistent and validly signed, but not honestly computed."""
+    receipt, sig = make_receipt(
+        KEY, model_id=model_id, backend="tvm/llvm/fp32", request_hash=request_hash(model_id, prompt_ids, params.to_canonical_dict()),
+        seed=params.seed, prompt_ids=prompt_ids, output_ids=output_ids, fingerprints=fingerprints, finish_reason="length",
+    )
+    fps = [{"ids": i, "logits": v} for i, v in fingerprints]
+    return AnswerFile(receipt=receipt, signature=sig, public_key=KEY.public_key.hex(),
+                      evidence=Evidence(prompt_ids=prompt_ids, output_ids=output_ids, sampling=params, fingerprints=fps))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8, 1.5])
+def test_honest_answers_pass(models, temperature):
+    ours, _ = models
+    result = generate(ours, "Hello there", temperature=temperature)
+    answer = answer_file(result, KEY, model_id=ours.model_id, backend=ours.backend)
+    verdict = verify_answer(AnswerFile.model_validate_json(answer.model_dump_json()), ours)
+    assert verdict.verdict == "pass", verdict
+    assert verdict.max_logit_diff < 1e-5  # same backend: bit-for-bit or nearly
+
+
+def test_edited_token_is_caught(models):
+    ours, _ = models
+    r = generate(ours, "Hello there", temperature=0.0)
+    edited = list(r.output_ids)
+    edited[3] = (edited[3] + 1) % ours.vocab_size
+    verdict = verify_answer(signed_claim(ours.model_id, r.prompt_ids, edited, r.params, r.fingerprints), ours)
+    assert verdict.verdict == "fraud"
+    assert any(f.position == 3 and f.check == "sampling" for f in verdict.failures)
+
+
+def test_tokens_not_drawn_with_the_committed_seed_are_caught(models):
+    ours, _ = models
+    drawn = generate(ours, "Hello there", temperature=1.0, seed=111)
+    claimed = drawn.params.model_copy(update={"seed": 222})
+    verdict = verify_answer(signed_claim(ours.model_id, drawn.prompt_ids, drawn.output_ids, claimed, drawn.fingerprints), ours)
+    assert verdict.verdict == "fraud" and verdict.reasons == ["sampling check failed"]
+
+
+def test_another_model_claiming_ours_is_caught(models):
+    ours, other = models
+    cheap = generate(other, "Hello there", temperature=0.0)
+    verdict = verify_answer(signed_claim(ours.model_id, cheap.prompt_ids, cheap.output_ids, cheap.params, cheap.fingerprints), ours)
+    assert verdict.verdict == "fraud"
+    assert "fingerprint check failed" in verdict.reasons
+
+
+def test_tampered_evidence_and_replays_break_the_commitments(models):
+    ours, _ = models
+    a = answer_file(generate(ours, "Hello there"), KEY, model_id=ours.model_id, backend=ours.backend)
+    b = answer_file(generate(ours, "Paris is"), KEY, model_id=ours.model_id, backend=ours.backend)
+    ev = a.evidence
+    cases = {
+        "output_hash": a.model_copy(update={"evidence": ev.model_copy(update={"output_ids": ev.output_ids[:-1] + [7]})}),
+        "request_hash": a.model_copy(update={"evidence": ev.model_copy(update={"prompt_ids": ev.prompt_ids[1:]})}),
+        "replay": a.model_copy(update={"evidence": b.evidence}),
+        "signature": a.model_copy(update={"receipt": a.receipt.model_copy(update={"backend": "cuda"})}),
+        "model": a.model_copy(update={"receipt": a.receipt.model_copy(update={"model_id": "0" * 64})}),
+    }
+    for name, forged in cases.items():
+        verdict = verify_answer(forged, ours)
+        assert verdict.verdict == "fraud", name
+        assert verdict.reasons and not verdict.failures, name  # caught before any model work

@@ -1,0 +1,120 @@
+"""Teacher-forced re-checking of an answer (DESIGN.md, "Verification").
+
+One prefill over prompt + claimed output on the verifier's own backend gives its logits at
+every output position. Then, at each position t:
+
+1. sampling: the claimed token must win the seeded Gumbel-max (argmax at T = 0) computed from
+   the verifier's logits, within a margin ``eps`` in logit units: honest hardware that differs in
+   the last bits may resolve a near-tie the other way, a cheater's token loses by far more;
+2. fingerprint: the committed top-k logits must match the verifier's logits at those ids within
+   ``tau``: catches another model, dtype or quantization, skipped layers.
+
+Before any model work, the commitments must hold together: the signature (and node id = key),
+model_id, request_hash, seed, output_hash, token counts and fingerprint_root.
+``eps`` and ``tau`` are placeholders until the calibration script sets them by measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
+
+import numpy as np
+from pydantic import BaseModel
+
+from verify.canonical import output_hash, request_hash
+from verify.evidence import AnswerFile
+from verify.receipts import fingerprint_root, verify_receipt
+from verify.sampling import decision_scores, token_margin
+
+
+class ScoringBackend(Protocol):
+    """What the verifier needs from a model runtime (node/ implements it)."""
+
+    model_id: str
+    vocab_size: int
+
+    def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits (n, vocab) where row t predicts token t + 1."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    eps: float = 1e-3  # sampling margin, logit units
+    tau: float = 1e-3  # fingerprint logit difference (DESIGN.md: honest ~2e-5, fp16 weights ~6e-3)
+
+
+class PositionFailure(BaseModel):
+    position: int
+    check: Literal["sampling", "fingerprint"]
+    value: float  # the margin (sampling) or the logit difference (fingerprint)
+
+
+class Verdict(BaseModel):
+    receipt_id: str
+    verdict: Literal["pass", "fraud"]
+    reasons: list[str]
+    failures: list[PositionFailure]
+    min_margin: float | None = None  # smallest sampling margin seen, logit units
+    max_logit_diff: float | None = None  # largest fingerprint difference seen
+
+
+def _commitment_problems(answer: AnswerFile, model_id: str) -> list[str]:
+    r, ev = answer.receipt, answer.evidence
+    problems = []
+    if not verify_receipt(r, answer.signature, bytes.fromhex(answer.public_key)):
+        problems.append("signature does not verify for the receipt's node id")
+    if r.model_id != model_id:
+        problems.append(f"receipt is for model {r.model_id[:16]}…, the verifier runs {model_id[:16]}…")
+    if r.request_hash != request_hash(r.model_id, ev.prompt_ids, ev.sampling.to_canonical_dict()):
+        problems.append("request_hash does not match the evidence's prompt and sampling parameters")
+    if r.seed != ev.sampling.seed:
+        problems.append("receipt seed differs from the evidence's seed")
+    if r.output_hash != output_hash(ev.output_ids):
+        problems.append("output_hash does not match the evidence's output ids")
+    if (r.n_prompt_tokens, r.n_output_tokens) != (len(ev.prompt_ids), len(ev.output_ids)):
+        problems.append("token counts differ from the evidence")
+    if len(ev.fingerprints) != len(ev.output_ids):
+        problems.append("one fingerprint per output token is required")
+    elif r.fingerprint_root != fingerprint_root([(f.ids, f.logits) for f in ev.fingerprints]):
+        problems.append("fingerprint_root does not match the evidence's fingerprints")
+    return problems
+
+
+def verify_answer(answer: AnswerFile, backend: ScoringBackend, tol: Tolerances = Tolerances()) -> Verdict:
+    """Check an answer file end to end; ``fraud`` names every failed check and position."""
+    r, ev = answer.receipt, answer.evidence
+    problems = _commitment_problems(answer, backend.model_id)
+    if problems:
+        return Verdict(receipt_id=r.receipt_id, verdict="fraud", reasons=problems, failures=[])
+
+    if max(ev.prompt_ids + ev.output_ids) >= backend.vocab_size or min(ev.prompt_ids + ev.output_ids) < 0:
+        return Verdict(receipt_id=r.receipt_id, verdict="fraud", reasons=["token id outside the vocabulary"], failures=[])
+    params = ev.sampling
+    rh = bytes.fromhex(r.request_hash)
+    n_prompt = len(ev.prompt_ids)
+    logits = backend.score(ev.prompt_ids + ev.output_ids[:-1])[n_prompt - 1 :]  # row t predicts output t
+    failures: list[PositionFailure] = []
+    min_margin, max_diff = math.inf, 0.0
+    # Scores are divided by T before the noise; report margins in logit units.
+    unit = params.temperature if params.temperature > 0 else 1.0
+    for t, (claimed, row, fp) in enumerate(zip(ev.output_ids, logits, ev.fingerprints)):
+        scores = decision_scores(row, params, rh, t, ev.output_ids[:t])
+        margin = token_margin(scores, claimed) * unit
+        min_margin = min(min_margin, margin)
+        if margin < -tol.eps:
+            failures.append(PositionFailure(position=t, check="sampling", value=margin))
+        diff = float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))) if fp.ids else 0.0
+        max_diff = max(max_diff, diff)
+        if diff > tol.tau:
+            failures.append(PositionFailure(position=t, check="fingerprint", value=diff))
+    reasons = sorted({f"{f.check} check failed" for f in failures})
+    return Verdict(
+        receipt_id=r.receipt_id,
+        verdict="fraud" if failures else "pass",
+        reasons=reasons,
+        failures=failures,
+        min_margin=min_margin,
+        max_logit_diff=max_diff,
+    )
