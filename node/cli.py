@@ -3,6 +3,7 @@
     proofmesh pull [MODEL]                  fetch a registry model into the store
     proofmesh compile [MODEL] [--device D]  build (or find) the library for this machine
     proofmesh generate PROMPT [--chat] ...  stream a continuation to stdout
+    proofmesh verify FILE [--model M]       re-check an answer file; exit 0 pass, 1 fraud
 """
 
 from __future__ import annotations
@@ -86,6 +87,25 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from node.loaded_model import load_model
+    from verify.evidence import AnswerFile
+    from verify.verifier import verify_answer
+
+    try:
+        answer = AnswerFile.model_validate_json(open(args.file, "rb").read())
+    except OSError as exc:
+        raise ProofMeshNodeError(f"cannot read {args.file}: {exc}") from exc
+    except ValidationError as exc:
+        raise ProofMeshNodeError(f"{args.file} is not a valid answer file: {exc.error_count()} problems, first: {exc.errors()[0]['msg']}") from exc
+    model = load_model(args.model, device=args.device, progress=_progress)
+    verdict = verify_answer(answer, model)
+    print(verdict.model_dump_json(indent=1))
+    return 0 if verdict.verdict == "pass" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proofmesh", description="ProofMesh node: verifiable LLM inference")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -114,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.set_defaults(func=lambda a: asyncio.run(_generate(a)))
+
+    p = sub.add_parser("verify", help="re-check an answer file by teacher-forced re-execution")
+    p.add_argument("file", help="answer file (JSON: receipt, signature, public key, evidence)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the model the answer claims, held locally")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.set_defaults(func=_cmd_verify)
     return parser
 
 

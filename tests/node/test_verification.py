@@ -110,3 +110,28 @@ def test_tampered_evidence_and_replays_break_the_commitments(models):
         verdict = verify_answer(forged, ours)
         assert verdict.verdict == "fraud", name
         assert verdict.reasons and not verdict.failures, name  # caught before any model work
+
+
+def test_proofmesh_verify_command(models, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    ours, _ = models
+    good = answer_file(generate(ours, "Hello there", temperature=0.8), KEY, model_id=ours.model_id, backend=ours.backend)
+    r = generate(ours, "Hello there", temperature=0.0)
+    bad = signed_claim(ours.model_id, r.prompt_ids, [(t + 1) % ours.vocab_size for t in r.output_ids], r.params, r.fingerprints)
+    env = {**os.environ, "PROOFMESH_HOME": str(tmp_path / "home")}
+    codes = {}
+    for name, answer in (("good", good), ("bad", bad)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(answer.model_dump_json())
+        out = subprocess.run([sys.executable, "-m", "node.cli", "verify", str(path), "--model", str(ours.path), "--device", "cpu"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        codes[name] = (out.returncode, out.stdout)
+    assert codes["good"][0] == 0 and '"verdict": "pass"' in codes["good"][1]
+    assert codes["bad"][0] == 1 and '"verdict": "fraud"' in codes["bad"][1]
+    (tmp_path / "junk.json").write_text('{"version": 1}')
+    junk = subprocess.run([sys.executable, "-m", "node.cli", "verify", str(tmp_path / "junk.json"), "--model", str(ours.path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert junk.returncode == 2 and "not a valid answer file" in junk.stderr and "Traceback" not in junk.stderr
