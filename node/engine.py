@@ -47,11 +47,11 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One step of one answer: a sampled token, the text it completed, or the end."""
+    """One step of one answer: a sampled token and the text it completed; the last one ends it."""
 
-    token_id: int | None  # None on a final event that carries no token (e.g. a stop string)
+    token_id: int  # the sampled token (a stop token ends the answer and shows no text)
     text: str  # text that became safe to show with this token (may be empty)
-    logprob: float | None  # log-softmax of the raw logits at this position
+    logprob: float  # log-softmax of the raw logits at this position
     finish_reason: FinishReason | None = None
     result: "GenerationResult | None" = None  # set on the last event
 
@@ -72,7 +72,7 @@ class GenerationResult:
     duration: float
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the batch lists hold each sequence once
 class _Sequence:
     seq_id: int
     request: GenerationRequest
@@ -89,10 +89,6 @@ class _Sequence:
     finish_reason: FinishReason | None = None
     cancelled: bool = False
     in_cache: bool = False
-
-    @property
-    def kv_budget(self) -> int:
-        return len(self.request.prompt_ids) + self.request.params.max_tokens
 
 
 class Engine:
@@ -139,8 +135,10 @@ class Engine:
                 f"prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
                 f"exceeds the context length {self.max_context}"
             )
-        if budget > self.runtime.limits.max_total_tokens:
-            raise ContextLengthError(f"request needs {budget} KV slots, the cache has {self.runtime.limits.max_total_tokens}")
+        if self.runtime.kv_slots(budget) > self.runtime.kv_capacity:
+            raise ContextLengthError(
+                f"request needs {self.runtime.kv_slots(budget)} KV slots, the cache has {self.runtime.kv_capacity}"
+            )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream an answer; the last event carries the finish reason and the full result.
@@ -167,8 +165,8 @@ class Engine:
                 return event.result
         raise RuntimeError("generation ended without a result")  # unreachable: last event has one
 
-    def result_of(self, seq: _Sequence) -> GenerationResult:
-        assert seq.finish_reason is not None, "result_of needs a finished sequence"
+    def _result_of(self, seq: _Sequence) -> GenerationResult:
+        assert seq.finish_reason is not None, "_result_of needs a finished sequence"
         return GenerationResult(
             prompt_ids=list(seq.request.prompt_ids),
             output_ids=list(seq.output_ids),
@@ -238,7 +236,7 @@ class Engine:
                 outputs = await loop.run_in_executor(self._executor, self._step, admitted)
             except Exception as exc:  # a failed step fails the sequences in it, not the engine
                 log.exception("engine step failed")
-                for seq in admitted + self._running:
+                for seq in list(self._running):  # the admitted ones are in the batch already
                     self._finish_with_error(seq, exc)
                 continue
             self.steps_run += 1
@@ -246,65 +244,65 @@ class Engine:
                 seq.events.put_nowait(event)
             self._release_finished()
 
+    def _kv_reservation(self, seq: _Sequence) -> int:
+        """KV slots for a sequence's whole budget (prompt + max_tokens), in whole pages."""
+        return self.runtime.kv_slots(len(seq.request.prompt_ids) + seq.request.params.max_tokens)
+
     def _admit(self) -> list[_Sequence]:
         """Move waiting sequences into the batch while slots and KV pages last (FIFO)."""
         admitted = []
-        reserved = sum(s.kv_budget for s in self._running)
+        reserved = sum(self._kv_reservation(s) for s in self._running)
         while self._waiting:
             seq = self._waiting[0]
             if len(self._running) >= self.runtime.limits.max_batch_size:
                 break
-            if reserved + seq.kv_budget > self.runtime.limits.max_total_tokens:
+            if reserved + self._kv_reservation(seq) > self.runtime.kv_capacity:
                 break
             self._waiting.pop(0)
-            reserved += seq.kv_budget
+            reserved += self._kv_reservation(seq)
             self._running.append(seq)
             admitted.append(seq)
         return admitted
 
-    def _drop_cancelled(self) -> None:
-        for seq in [s for s in self._waiting if s.cancelled]:
-            self._waiting.remove(seq)
-        for seq in [s for s in self._running if s.cancelled]:
-            self._running.remove(seq)
-            if seq.in_cache:
-                self.runtime.remove_sequence(seq.seq_id)
-                seq.in_cache = False
-
-    def _release_finished(self) -> None:
-        for seq in [s for s in self._running if s.finish_reason is not None]:
-            self._running.remove(seq)
-            if seq.in_cache:
-                self.runtime.remove_sequence(seq.seq_id)
-                seq.in_cache = False
-
-    def _finish_with_error(self, seq: _Sequence, exc: Exception) -> None:
+    def _retire(self, seq: _Sequence) -> None:
+        """Take a sequence out of the batch and free its KV pages."""
         if seq in self._running:
             self._running.remove(seq)
         if seq.in_cache:
             self.runtime.remove_sequence(seq.seq_id)
             seq.in_cache = False
+
+    def _drop_cancelled(self) -> None:
+        self._waiting = [s for s in self._waiting if not s.cancelled]
+        for seq in [s for s in self._running if s.cancelled]:
+            self._retire(seq)
+
+    def _release_finished(self) -> None:
+        for seq in [s for s in self._running if s.finish_reason is not None]:
+            self._retire(seq)
+
+    def _finish_with_error(self, seq: _Sequence, exc: Exception) -> None:
+        self._retire(seq)
         seq.finish_reason = "stop"
         seq.events.put_nowait(exc)
 
     # -- one step (worker thread) ---------------------------------------------------
     def _step(self, admitted: list[_Sequence]) -> list[tuple[_Sequence, TokenEvent]]:
         outputs: list[tuple[_Sequence, TokenEvent]] = []
-        new = {id(s) for s in admitted}
-        decoding = [s for s in self._running if id(s) not in new and s.finish_reason is None and not s.cancelled]
+        decoding = [s for s in self._running if s not in admitted and s.finish_reason is None and not s.cancelled]
         for seq in admitted:
             self.runtime.add_sequence(seq.seq_id)
             seq.in_cache = True
             logits = self.runtime.prefill(seq.seq_id, list(seq.request.prompt_ids))[-1]
-            outputs.extend(self._accept(seq, logits))
+            outputs.append(self._accept(seq, logits))
         if decoding:
             last = [s.output_ids[-1] for s in decoding]
             logits = self.runtime.decode([s.seq_id for s in decoding], last)
             for seq, row in zip(decoding, logits):
-                outputs.extend(self._accept(seq, row))
+                outputs.append(self._accept(seq, row))
         return outputs
 
-    def _accept(self, seq: _Sequence, logits: np.ndarray) -> list[tuple[_Sequence, TokenEvent]]:
+    def _accept(self, seq: _Sequence, logits: np.ndarray) -> tuple[_Sequence, TokenEvent]:
         """Sample one token for ``seq`` from its logits and turn it into events."""
         params = seq.request.params
         step = len(seq.output_ids)
@@ -333,6 +331,6 @@ class Engine:
                 text += seq.stop.flush()
         seq.text_parts.append(text)
         if finish is None:
-            return [(seq, TokenEvent(token, text, logprob))]
+            return seq, TokenEvent(token, text, logprob)
         seq.finish_reason = finish
-        return [(seq, TokenEvent(token, text, logprob, finish, self.result_of(seq)))]
+        return seq, TokenEvent(token, text, logprob, finish, self._result_of(seq))

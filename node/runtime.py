@@ -62,7 +62,6 @@ class ModelRuntime:
         self._remove = tvm.get_global_func("vm.builtin.kv_state_remove_sequence")
         self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
-        self._popn = tvm.get_global_func("vm.builtin.kv_state_popn")
         self._live: dict[int, int] = {}  # seq id -> tokens in cache
         self._next_scratch_id = -1  # negative ids for internal scoring sequences
 
@@ -79,15 +78,16 @@ class ModelRuntime:
         return tensors
 
     # -- capacity -----------------------------------------------------------------
-    @property
-    def tokens_in_cache(self) -> int:
-        return sum(self._live.values())
+    @staticmethod
+    def kv_slots(n_tokens: int) -> int:
+        """KV slots a sequence of ``n_tokens`` occupies: pages are per sequence, so its last,
+        partly filled page counts whole."""
+        return -(-n_tokens // PAGE_SIZE) * PAGE_SIZE
 
     @property
-    def free_tokens(self) -> int:
-        # Pages are per sequence: count the slack of each partly filled page as used.
-        used_pages = sum(-(-n // PAGE_SIZE) for n in self._live.values())
-        return self.limits.max_total_tokens - used_pages * PAGE_SIZE
+    def kv_capacity(self) -> int:
+        """Slots in whole pages: the most that all live sequences together can hold."""
+        return self.limits.max_total_tokens // PAGE_SIZE * PAGE_SIZE
 
     @property
     def live_sequences(self) -> int:

@@ -177,3 +177,24 @@ def test_caller_going_away_frees_its_slot_at_once(tiny_ckpt, tiny_runtime):
 
     steps_after_close = run(go())
     assert steps_after_close <= 2  # not the ~400 steps the answer would have taken
+
+
+def test_admission_reserves_whole_kv_pages(tiny_ckpt, store, cpu):
+    """Three answers of 21 tokens need 3 x 2 pages of 16: the 64-slot cache holds two at a time.
+    Counting tokens (63 <= 64) instead of pages would admit all three and fill the cache mid-answer."""
+    from node.runtime import CacheLimits
+    from tests.conftest import make_runtime
+
+    runtime = make_runtime(tiny_ckpt, store, cpu, CacheLimits(max_batch_size=4, max_total_tokens=64, prefill_chunk=64))
+    reqs = [request([5], max_tokens=20, temperature=1.0, seed=i, stop_token_ids=()) for i in range(3)]
+
+    async def go():
+        engine = Engine(runtime, tiny_ckpt.tokenizer, MODEL_ID, max_context=64)
+        try:
+            return await asyncio.gather(*(engine.complete(r) for r in reqs))
+        finally:
+            await engine.close()
+
+    results = run(go())
+    assert all(r.finish_reason in ("stop", "length") for r in results)
+    assert runtime.live_sequences == 0
