@@ -38,12 +38,11 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from node import model_store
     from node.compiler import compile_model
-    from node.loaded_model import manifest_of
-    from node.models.llama.checkpoint import load_checkpoint
+    from node.loaded_model import load_checkpoint_cached, manifest_of
     from node.targets import DeviceTarget, cpu_target, cuda_target_for_arch, detect
 
-    path = model_store.resolve(args.model, progress=_progress)
-    ckpt = load_checkpoint(path)
+    root = model_store.store_root()
+    ckpt = load_checkpoint_cached(model_store.resolve(args.model, root, _progress), root, _progress)
     if args.target == "cuda":  # cross-compile: no GPU needed to build
         target = DeviceTarget("cuda", cuda_target_for_arch(args.cuda_arch))
     elif args.target == "generic-cpu":
@@ -52,7 +51,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         target = detect(args.device)
     _progress(f"model_id {manifest_of(ckpt).model_id}")
     _progress(f"compiling for {target.description} (cached after the first time) ...")
-    library = compile_model(ckpt.config, target.target, model_store.store_root(), force=args.force)
+    library = compile_model(ckpt.config, target.target, root, force=args.force)
     print(library.path)
     return 0
 

@@ -69,6 +69,16 @@ def manifest_of(ckpt: Checkpoint) -> ModelManifest:
     )
 
 
+def load_checkpoint_cached(path: Path, root: Path, progress: ProgressFn = log.info) -> Checkpoint:
+    """The checkpoint at ``path``, from the prepared cache when it holds it (warm start)."""
+    ckpt = load_prepared(root, path)
+    if ckpt is None:
+        progress(f"loading {path.name} (prepared once, then cached) ...")
+        ckpt = load_checkpoint(path)
+        save_prepared(root, path, ckpt)
+    return ckpt
+
+
 def load_model(
     model: str,
     *,
@@ -80,11 +90,7 @@ def load_model(
     start = time.perf_counter()
     root = root or model_store.store_root()
     path = model_store.resolve(model, root, progress)
-    ckpt = load_prepared(root, path)
-    if ckpt is None:
-        progress(f"loading {path.name} (prepared once, then cached) ...")
-        ckpt = load_checkpoint(path)
-        save_prepared(root, path, ckpt)
+    ckpt = load_checkpoint_cached(path, root, progress)
     manifest = manifest_of(ckpt)
     manifest.save(root)
     target = device if isinstance(device, DeviceTarget) else detect(device)

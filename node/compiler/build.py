@@ -107,8 +107,7 @@ def compile_model(cfg: LlamaConfig, target: Target, cache_dir: Path, *, force: b
     lib_path = lib_dir / f"{cfg.model_type}-{key}.so"
     meta_path = lib_path.with_suffix(".json")
     if not force and lib_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        return CompiledLibrary(lib_path, meta["param_names"], [tuple(s) for s in meta["param_shapes"]], key, target)
+        return _library(lib_path, json.loads(meta_path.read_text()), key, target)
 
     log.info("compiling %s (%d layers) for %s; this takes a while once per machine", cfg.model_type, cfg.num_hidden_layers, target.kind.name)
     start = time.perf_counter()
@@ -134,4 +133,8 @@ def compile_model(cfg: LlamaConfig, target: Target, cache_dir: Path, *, force: b
         os.replace(tmp_lib, lib_path)
         os.replace(tmp_meta, meta_path)
     log.info("compiled in %.1f s -> %s", time.perf_counter() - start, lib_path)
-    return CompiledLibrary(lib_path, meta["param_names"], [tuple(s) for s in meta["param_shapes"]], key, target)
+    return _library(lib_path, meta, key, target)
+
+
+def _library(path: Path, meta: dict, key: str, target: Target) -> CompiledLibrary:
+    return CompiledLibrary(path, meta["param_names"], [tuple(s) for s in meta["param_shapes"]], key, target)
