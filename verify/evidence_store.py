@@ -1,0 +1,165 @@
+"""The node's evidence store: answer files kept in SQLite (WAL) for a retention window.
+
+A node must hand out the evidence behind any receipt it signed while the receipt is young
+enough to be audited, without letting the store grow without bound. Answers are kept in one
+SQLite table in WAL mode (readers never block the writer, a crash never leaves half a row) and
+dropped when older than ``retention_s`` or, oldest first, when the store passes ``max_bytes``.
+
+Rows are compact: the small JSON parts (receipt, signature, key, sampling) plus the token ids
+and fingerprints as packed little-endian arrays, zlib-compressed (about 50 bytes per output
+token with top-8 fingerprints, where the JSON answer file takes about 200). Fingerprint logits
+are stored as float32 when that is exact (the engine's are) and as float64 otherwise, so what
+comes back always hashes to the same ``fingerprint_root``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from verify.evidence import AnswerFile
+
+DEFAULT_RETENTION_S = 7 * 24 * 3600
+DEFAULT_MAX_BYTES = 1 << 30
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    receipt_id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    size INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS answers_by_created ON answers (created);
+"""
+
+
+def _exact_float32(values: np.ndarray) -> bool:
+    return bool(np.array_equal(values.astype(np.float32).astype(np.float64), values))
+
+
+def encode_answer(answer: AnswerFile) -> bytes:
+    """Pack an answer file into the store's compact row format (see the module docstring)."""
+    ev = answer.evidence
+    widths = np.array([len(f.ids) for f in ev.fingerprints], dtype=np.uint8)
+    fp_ids = np.array([i for f in ev.fingerprints for i in f.ids], dtype=np.int32)
+    fp_logits = np.array([x for f in ev.fingerprints for x in f.logits], dtype=np.float64)
+    logit_dtype = "<f4" if _exact_float32(fp_logits) else "<f8"
+    header = {
+        "version": answer.version,
+        "receipt": answer.receipt.model_dump(),
+        "signature": answer.signature,
+        "public_key": answer.public_key,
+        "sampling": ev.sampling.model_dump(),
+        "n_prompt": len(ev.prompt_ids),
+        "n_output": len(ev.output_ids),
+        "logit_dtype": logit_dtype,
+    }
+    arrays = [
+        np.asarray(ev.prompt_ids, dtype="<i4"),
+        np.asarray(ev.output_ids, dtype="<i4"),
+        widths,
+        fp_ids.astype("<i4"),
+        fp_logits.astype(logit_dtype),
+    ]
+    head = json.dumps(header, separators=(",", ":")).encode()
+    raw = len(head).to_bytes(4, "little") + head + b"".join(a.tobytes() for a in arrays)
+    return zlib.compress(raw, 6)
+
+
+def decode_answer(blob: bytes) -> AnswerFile:
+    raw = zlib.decompress(blob)
+    n_head = int.from_bytes(raw[:4], "little")
+    header = json.loads(raw[4 : 4 + n_head])
+    offset = 4 + n_head
+
+    def take(dtype: str, count: int) -> np.ndarray:
+        nonlocal offset
+        arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
+        offset += arr.nbytes
+        return arr
+
+    prompt = take("<i4", header["n_prompt"]).tolist()
+    output = take("<i4", header["n_output"]).tolist()
+    widths = take("u1", header["n_output"])
+    total = int(widths.sum())
+    ids = take("<i4", total).tolist()
+    logits = take(header["logit_dtype"], total).astype(np.float64).tolist()
+    bounds = [0] + np.cumsum(widths, dtype=np.int64).tolist()
+    fingerprints = [{"ids": ids[a:b], "logits": logits[a:b]} for a, b in zip(bounds, bounds[1:])]
+    return AnswerFile.model_validate(
+        {
+            "version": header["version"],
+            "receipt": header["receipt"],
+            "signature": header["signature"],
+            "public_key": header["public_key"],
+            "evidence": {"prompt_ids": prompt, "output_ids": output, "sampling": header["sampling"], "fingerprints": fingerprints},
+        }
+    )
+
+
+class EvidenceStore:
+    """Answer files by receipt id, in one SQLite file; safe to share between threads."""
+
+    def __init__(self, path: Path, *, retention_s: float = DEFAULT_RETENTION_S, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.path = Path(path)
+        self.retention_s = retention_s
+        self.max_bytes = max_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def put(self, answer: AnswerFile, *, now: float | None = None) -> int:
+        """Keep ``answer``; returns the stored size in bytes. Expired and over-cap rows go first."""
+        blob = encode_answer(answer)
+        now = time.time() if now is None else now
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers (receipt_id, created, size, body) VALUES (?, ?, ?, ?)",
+                (answer.receipt.receipt_id, now, len(blob), blob),
+            )
+            self._evict(now)
+        return len(blob)
+
+    def get(self, receipt_id: str, *, now: float | None = None) -> AnswerFile | None:
+        """The answer file behind ``receipt_id`` while it is retained, else ``None``."""
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT body FROM answers WHERE receipt_id = ? AND created >= ?", (receipt_id, now - self.retention_s)
+            ).fetchone()
+        return decode_answer(row[0]) if row else None
+
+    def stats(self) -> tuple[int, int]:
+        """(answers kept, bytes they take)."""
+        with self._lock:
+            count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM answers").fetchone()
+        return int(count), int(size)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _evict(self, now: float) -> None:
+        self._db.execute("DELETE FROM answers WHERE created < ?", (now - self.retention_s,))
+        (total,) = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM answers").fetchone()
+        if total <= self.max_bytes:
+            return
+        # Drop the oldest rows until the rest fit: a running sum in creation order.
+        self._db.execute(
+            """DELETE FROM answers WHERE receipt_id IN (
+                   SELECT receipt_id FROM (
+                       SELECT receipt_id, SUM(size) OVER (ORDER BY created DESC, receipt_id) AS kept
+                       FROM answers)
+                   WHERE kept > ?)""",
+            (self.max_bytes,),
+        )
