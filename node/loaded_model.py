@@ -51,9 +51,9 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def score(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Teacher-forced logits at every position: makes a LoadedModel a verifier backend."""
-        return self.runtime.score(token_ids)
+    def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
+        """Teacher-forced logits from ``from_position`` on: makes a LoadedModel a verifier backend."""
+        return self.runtime.score(token_ids, from_position)
 
     @property
     def max_context(self) -> int:

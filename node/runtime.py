@@ -12,7 +12,7 @@ forward pass ``begin_forward(seq_ids, lengths)`` -> compiled ``prefill``/``decod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import tvm
@@ -20,7 +20,7 @@ from tvm import relax
 from tvm.runtime import ShapeTuple
 
 from node.compiler import CompiledLibrary
-from node.errors import ModelLoadError, RequestError
+from node.errors import ContextLengthError, ModelLoadError, RequestError
 from node.models.llama.config import LlamaConfig
 from node.targets import DeviceTarget
 
@@ -110,22 +110,25 @@ class ModelRuntime:
         return self._live[seq_id]
 
     # -- forward passes -----------------------------------------------------------
-    def prefill(self, seq_id: int, token_ids: Sequence[int], logits_for: Literal["last", "all"] = "last") -> np.ndarray:
-        """Append ``token_ids`` to a sequence; logits (float32) for its last or every new token."""
+    def prefill(self, seq_id: int, token_ids: Sequence[int], logits_from: int | None = None) -> np.ndarray:
+        """Append ``token_ids`` to a sequence; float32 logits for rows ``logits_from`` onward of
+        the new tokens (default: the last row only, what generation needs)."""
         if len(token_ids) == 0:
             raise RequestError("prefill needs at least one token")
         self._check_ids(token_ids)
+        first = len(token_ids) - 1 if logits_from is None else logits_from
+        if not 0 <= first < len(token_ids):
+            raise RequestError(f"logits_from {first} is outside the {len(token_ids)} new tokens")
         chunk = self.limits.prefill_chunk
         outputs = []
         for start in range(0, len(token_ids), chunk):
             piece = np.asarray(token_ids[start : start + chunk], dtype=np.int32)
-            is_last_piece = start + chunk >= len(token_ids)
-            if logits_for == "all":
-                positions = np.arange(len(piece), dtype=np.int32)
-            else:  # only the final chunk's last row is kept; earlier chunks compute one row cheaply
-                positions = np.array([len(piece) - 1], dtype=np.int32)
+            # The lm head runs only on the rows asked for; a chunk before them still needs one
+            # row (the compiled prefill takes at least one position), which is dropped.
+            wanted = np.arange(max(first - start, 0), len(piece), dtype=np.int32)
+            positions = wanted if wanted.size else np.array([len(piece) - 1], dtype=np.int32)
             logits = self._forward_prefill(seq_id, piece, positions)
-            if logits_for == "all" or is_last_piece:
+            if wanted.size:
                 outputs.append(logits)
         return np.concatenate(outputs, axis=0)
 
@@ -158,16 +161,25 @@ class ModelRuntime:
             self._live[s] += 1
         return logits.numpy()[:, 0]
 
-    def score(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Teacher-forced logits at every position of ``token_ids`` (one prefill, no decode).
+    def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
+        """Teacher-forced logits at positions ``from_position..`` of ``token_ids`` (one prefill,
+        no decode), in a scratch sequence that is freed afterwards.
 
-        Position t's row predicts token t+1: what a verifier compares with a claimed answer.
+        Row i predicts token ``from_position + i + 1``: what a verifier compares with a claimed
+        answer (it starts at the last prompt token, so the lm head skips the prompt).
         """
+        needed = self.kv_slots(len(token_ids))
+        in_use = sum(self.kv_slots(n) for n in self._live.values())
+        if needed > self.kv_capacity - in_use:
+            raise ContextLengthError(
+                f"scoring {len(token_ids)} tokens needs {needed} KV slots; {self.kv_capacity - in_use} of "
+                f"{self.kv_capacity} are free"
+            )
         seq_id = self._next_scratch_id
         self._next_scratch_id -= 1
         self.add_sequence(seq_id)
         try:
-            return self.prefill(seq_id, token_ids, logits_for="all")
+            return self.prefill(seq_id, token_ids, logits_from=from_position)
         finally:
             self.remove_sequence(seq_id)
 

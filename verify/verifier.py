@@ -35,8 +35,8 @@ class ScoringBackend(Protocol):
     model_id: str
     vocab_size: int
 
-    def score(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits (n, vocab) where row t predicts token t + 1."""
+    def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
+        """Logits (n - from_position, vocab); row i predicts token ``from_position + i + 1``."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def verify_answer(answer: AnswerFile, backend: ScoringBackend, tol: Tolerances =
     params = ev.sampling
     rh = bytes.fromhex(r.request_hash)
     n_prompt = len(ev.prompt_ids)
-    logits = backend.score(ev.prompt_ids + ev.output_ids[:-1])[n_prompt - 1 :]  # row t predicts output t
+    logits = backend.score(ev.prompt_ids + ev.output_ids[:-1], n_prompt - 1)  # row t predicts output t
     failures: list[PositionFailure] = []
     min_margin, max_diff = math.inf, 0.0
     # Scores are divided by T before the noise; report margins in logit units.

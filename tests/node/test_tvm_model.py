@@ -11,6 +11,7 @@ import pytest
 
 from node.models.llama.checkpoint import load_checkpoint
 from node.models.llama.reference import NumpyLlama
+from node.errors import ContextLengthError
 from node.runtime import CacheLimits
 from tests.conftest import make_runtime
 from tests.models_fixtures import make_tiny_gguf, make_tiny_hf_checkpoint
@@ -134,3 +135,17 @@ def test_full_cache_is_refused_not_crashed(tiny_ckpt, store, cpu):
         rt.add_sequence(3)
     with pytest.raises(RequestError):
         rt.decode([1], [10**6])  # token id out of range
+
+
+def test_score_from_a_position_equals_the_tail_of_a_full_score(tiny_ckpt, tiny_runtime):
+    ids = random_ids(150, tiny_ckpt.config.vocab_size, seed=4)  # > prefill_chunk: spans chunks
+    full = tiny_runtime.score(ids)
+    for start in (0, 63, 64, 100, 149):
+        np.testing.assert_allclose(tiny_runtime.score(ids, start), full[start:], rtol=0, atol=1e-5)
+
+
+def test_score_refuses_more_tokens_than_the_cache_has_free(tiny_ckpt, tiny_runtime):
+    too_long = random_ids(tiny_runtime.kv_capacity + 1, tiny_ckpt.config.vocab_size, seed=5)
+    with pytest.raises(ContextLengthError, match="KV slots"):
+        tiny_runtime.score(too_long)
+    assert tiny_runtime.live_sequences == 0
