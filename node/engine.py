@@ -52,6 +52,9 @@ class TokenEvent:
     token_id: int  # the sampled token (a stop token ends the answer and shows no text)
     text: str  # text that became safe to show with this token (may be empty)
     logprob: float  # log-softmax of the raw logits at this position
+    # The fingerprint's top-k (token id, log-softmax) at this position, best first: what an API
+    # serves as top_logprobs, normalised exactly as ``logprob`` is.
+    top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: FinishReason | None = None
     result: "GenerationResult | None" = None  # set on the last event
 
@@ -307,9 +310,13 @@ class Engine:
         params = seq.request.params
         step = len(seq.output_ids)
         token = sample_token(logits, params, bytes.fromhex(seq.request_hash), step, seq.output_ids)
-        seq.fingerprints.append(top_k_fingerprint(logits, FINGERPRINT_K))
-        shifted = logits.astype(np.float64) - float(np.max(logits))
-        logprob = float(shifted[token] - np.log(np.sum(np.exp(shifted))))
+        top_ids, top_logits = top_k_fingerprint(logits, FINGERPRINT_K)
+        seq.fingerprints.append((top_ids, top_logits))
+        peak = float(np.max(logits))
+        shifted = logits.astype(np.float64) - peak
+        log_norm = float(np.log(np.sum(np.exp(shifted))))
+        logprob = float(shifted[token]) - log_norm
+        top = tuple((i, (v - peak) - log_norm) for i, v in zip(top_ids, top_logits))
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)
         if seq.first_token_at is None:
@@ -331,6 +338,6 @@ class Engine:
                 text += seq.stop.flush()
         seq.text_parts.append(text)
         if finish is None:
-            return seq, TokenEvent(token, text, logprob)
+            return seq, TokenEvent(token, text, logprob, top)
         seq.finish_reason = finish
-        return seq, TokenEvent(token, text, logprob, finish, self._result_of(seq))
+        return seq, TokenEvent(token, text, logprob, top, finish, self._result_of(seq))
