@@ -26,7 +26,10 @@ from pydantic import BaseModel
 from verify.canonical import output_hash, request_hash
 from verify.evidence import AnswerFile
 from verify.receipts import fingerprint_root, verify_receipt
-from verify.sampling import decision_scores, token_margin
+from verify.sampling import SamplingParams, decision_scores, token_margin
+
+
+MARGIN_CLIP = 1e9
 
 
 class ScoringBackend(Protocol):
@@ -82,39 +85,65 @@ def _commitment_problems(answer: AnswerFile, model_id: str) -> list[str]:
     return problems
 
 
+def _sampling_margin(row: np.ndarray, params: SamplingParams, rh: bytes, step: int, previous: Sequence[int], claimed: int, eps: float) -> float:
+    """How far ``claimed`` leads the seeded draw from the verifier's logits, in logit units
+    (< 0: another token wins). Scores are divided by T before the noise, so the lead is
+    multiplied back by T.
+
+    A token outside the verifier's top-k / top-p set has lead -inf, but honest rounding can sit
+    right on that boundary: then the claimed logit is raised by ``eps`` (the most honest hardware
+    can differ by) and the lead re-measured, minus ``eps``. A token that stays masked is fraud.
+    """
+    unit = params.temperature if params.temperature > 0 else 1.0
+    lead = token_margin(decision_scores(row, params, rh, step, previous), claimed) * unit
+    if lead == -math.inf:
+        nudged = np.array(row, dtype=np.float64)
+        nudged[claimed] += eps
+        lead = token_margin(decision_scores(nudged, params, rh, step, previous), claimed) * unit - eps
+    # Verdicts are signed canonical JSON, which has no infinities.
+    return float(np.clip(lead, -MARGIN_CLIP, MARGIN_CLIP))
+
+
+@dataclass(frozen=True)
+class PositionChecks:
+    """Per output position: the claimed token's sampling lead and the fingerprint difference."""
+
+    margins: np.ndarray  # logit units, see _sampling_margin
+    logit_diffs: np.ndarray  # max |committed - recomputed| over the fingerprint's token ids
+
+
+def check_positions(answer: AnswerFile, backend: ScoringBackend, eps: float) -> PositionChecks:
+    """The model work of verification: one teacher-forced prefill, then both checks at every
+    output position (the calibration script reads these raw numbers)."""
+    r, ev = answer.receipt, answer.evidence
+    rh = bytes.fromhex(r.request_hash)
+    n_prompt = len(ev.prompt_ids)
+    logits = backend.score(ev.prompt_ids + ev.output_ids[:-1], n_prompt - 1)  # row t predicts output t
+    margins, diffs = [], []
+    for t, (claimed, row, fp) in enumerate(zip(ev.output_ids, logits, ev.fingerprints)):
+        margins.append(_sampling_margin(row, ev.sampling, rh, t, ev.output_ids[:t], claimed, eps))
+        diffs.append(float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))) if fp.ids else 0.0)
+    return PositionChecks(np.asarray(margins), np.asarray(diffs))
+
+
 def verify_answer(answer: AnswerFile, backend: ScoringBackend, tol: Tolerances = Tolerances()) -> Verdict:
     """Check an answer file end to end; ``fraud`` names every failed check and position."""
     r, ev = answer.receipt, answer.evidence
     problems = _commitment_problems(answer, backend.model_id)
     if problems:
         return Verdict(receipt_id=r.receipt_id, verdict="fraud", reasons=problems, failures=[])
-
     if max(ev.prompt_ids + ev.output_ids) >= backend.vocab_size or min(ev.prompt_ids + ev.output_ids) < 0:
         return Verdict(receipt_id=r.receipt_id, verdict="fraud", reasons=["token id outside the vocabulary"], failures=[])
-    params = ev.sampling
-    rh = bytes.fromhex(r.request_hash)
-    n_prompt = len(ev.prompt_ids)
-    logits = backend.score(ev.prompt_ids + ev.output_ids[:-1], n_prompt - 1)  # row t predicts output t
-    failures: list[PositionFailure] = []
-    min_margin, max_diff = math.inf, 0.0
-    # Scores are divided by T before the noise; report margins in logit units.
-    unit = params.temperature if params.temperature > 0 else 1.0
-    for t, (claimed, row, fp) in enumerate(zip(ev.output_ids, logits, ev.fingerprints)):
-        scores = decision_scores(row, params, rh, t, ev.output_ids[:t])
-        margin = token_margin(scores, claimed) * unit
-        min_margin = min(min_margin, margin)
-        if margin < -tol.eps:
-            failures.append(PositionFailure(position=t, check="sampling", value=margin))
-        diff = float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))) if fp.ids else 0.0
-        max_diff = max(max_diff, diff)
-        if diff > tol.tau:
-            failures.append(PositionFailure(position=t, check="fingerprint", value=diff))
-    reasons = sorted({f"{f.check} check failed" for f in failures})
+
+    checks = check_positions(answer, backend, tol.eps)
+    failures = [PositionFailure(position=t, check="sampling", value=m) for t, m in enumerate(checks.margins.tolist()) if m < -tol.eps]
+    failures += [PositionFailure(position=t, check="fingerprint", value=d) for t, d in enumerate(checks.logit_diffs.tolist()) if d > tol.tau]
+    failures.sort(key=lambda f: (f.position, f.check))
     return Verdict(
         receipt_id=r.receipt_id,
         verdict="fraud" if failures else "pass",
-        reasons=reasons,
+        reasons=sorted({f"{f.check} check failed" for f in failures}),
         failures=failures,
-        min_margin=min_margin,
-        max_logit_diff=max_diff,
+        min_margin=float(checks.margins.min()),
+        max_logit_diff=float(checks.logit_diffs.max()),
     )

@@ -1,0 +1,259 @@
+"""Dishonest nodes: every cheat the verifier must flag (DESIGN.md, Verification; issue 3 item 6).
+
+Each cheat answers real requests and signs its answers with a valid node key, so every
+commitment (request_hash, output_hash, fingerprint_root, signature) holds together: only the
+model work can give it away. Used by the tests (every cheat flagged) and by
+``bench/bench_cheats.py`` (detection rate against answer length).
+
+Cheats, by what they save or fake:
+- cheaper weights under the real model_id: fp16- or int8-rounded, requantized to Q4_0, one
+  layer skipped, or a cheaper model altogether (fingerprints copied from it);
+- a cheaper model decodes, then one prefill of the real model supplies the fingerprints (what
+  fingerprint-only schemes such as TOPLOC cannot catch; the seeded sampling check does);
+- a truncated prompt; fabricated tokens; one edited token in a long answer (fingerprints
+  recomputed by a real prefill so they match);
+- tokens drawn with another seed, or by plain multinomial sampling that ignores the seed;
+- receipts forged with another key, or replayed over another request's evidence.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import gguf
+import numpy as np
+from gguf import quants
+
+from bench.harness import Generator
+from node.compiler import compile_model
+from node.engine import FINGERPRINT_K, GenerationRequest
+from node.loaded_model import LoadedModel, load_checkpoint_cached
+from node.models.llama.model import fuse_hf_weights
+from node.runtime import ModelRuntime
+from verify.canonical import request_hash
+from verify.evidence import AnswerFile, Evidence, Fingerprint
+from verify.identity import NodeKey
+from verify.receipts import make_receipt
+from verify.sampling import SamplingParams, process_logits, top_k_fingerprint
+
+Weights = dict[str, np.ndarray]
+FingerprintRows = list[tuple[list[int], list[float]]]
+
+
+# -- cheaper weights -------------------------------------------------------------------------
+def _is_matrix(name: str, w: np.ndarray) -> bool:
+    return w.ndim == 2 and not name.endswith("norm.weight")
+
+
+def round_fp16(weights: Weights) -> Weights:
+    return {k: v.astype(np.float16).astype(np.float32) for k, v in weights.items()}
+
+
+def round_int8(weights: Weights) -> Weights:
+    """Symmetric int8 per output row (the usual weight-only int8), back to float32."""
+    out = {}
+    for k, v in weights.items():
+        if _is_matrix(k, v):
+            scale = np.maximum(np.abs(v).max(axis=1, keepdims=True), 1e-12) / 127.0
+            v = (np.clip(np.round(v / scale), -127, 127) * scale).astype(np.float32)
+        out[k] = v
+    return out
+
+
+def requantize_q4_0(weights: Weights) -> Weights:
+    """Every matrix whose rows split into 32-wide blocks, through GGML's Q4_0 and back."""
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    out = {}
+    for k, v in weights.items():
+        if _is_matrix(k, v) and v.shape[1] % 32 == 0:
+            v = quants.dequantize(quants.quantize(v, q4_0), q4_0).astype(np.float32).reshape(v.shape)
+        out[k] = v
+    return out
+
+
+def skip_layers(*layers: int) -> Callable[[Weights], Weights]:
+    """Zero a layer's attention and MLP output projections: its residual stream passes through
+    unchanged, exactly as if the layer were not run."""
+
+    def transform(weights: Weights) -> Weights:
+        out = dict(weights)
+        for i in layers:
+            for part in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+                name = f"model.layers.{i}.{part}"
+                out[name] = np.zeros_like(weights[name])
+        return out
+
+    return transform
+
+
+def cheap_generator(model: LoadedModel, transform: Callable[[Weights], Weights], root: Path) -> Generator:
+    """A runtime with transformed weights that claims ``model``'s model_id and backend."""
+    ckpt = load_checkpoint_cached(model.path, root, progress=lambda m: None)
+    library = compile_model(ckpt.config, model.device.target, root)
+    runtime = ModelRuntime(ckpt.config, library, fuse_hf_weights(ckpt.config, transform(ckpt.weights)), model.device,
+                           model.runtime.limits)
+    return Generator(runtime, model.tokenizer, model.model_id, model.backend, model.max_context)
+
+
+# -- signing whatever a cheat produced --------------------------------------------------------
+def claim(key: NodeKey, model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int], params: SamplingParams,
+          fingerprints: FingerprintRows) -> AnswerFile:
+    """A validly signed, internally consistent answer file for any claimed tokens."""
+    prompt_ids, output_ids = list(prompt_ids), list(output_ids)
+    receipt, signature = make_receipt(
+        key, model_id=model.model_id, backend=model.backend,
+        request_hash=request_hash(model.model_id, prompt_ids, params.to_canonical_dict()), seed=params.seed,
+        prompt_ids=prompt_ids, output_ids=output_ids, fingerprints=fingerprints, finish_reason="length",
+    )
+    evidence = Evidence(prompt_ids=prompt_ids, output_ids=output_ids, sampling=params,
+                        fingerprints=[Fingerprint(ids=i, logits=v) for i, v in fingerprints])
+    return AnswerFile(receipt=receipt, signature=signature, public_key=key.public_key.hex(), evidence=evidence)
+
+
+def real_fingerprints(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> FingerprintRows:
+    """What one honest prefill of the real model commits for these tokens."""
+    rows = model.score(list(prompt_ids) + list(output_ids)[:-1], len(prompt_ids) - 1)
+    return [top_k_fingerprint(row, FINGERPRINT_K) for row in rows]
+
+
+# -- the cheats ---------------------------------------------------------------------------------
+@dataclass
+class CheatContext:
+    """The real model (what answers claim), the node's key, and a cheaper model to lean on."""
+
+    model: LoadedModel
+    key: NodeKey
+    root: Path
+    cheap: Generator  # a cheaper model under the real model_id
+    rng: random.Random
+
+
+Cheat = Callable[[CheatContext, Sequence[GenerationRequest]], list[AnswerFile]]
+
+
+def _refingerprinted(ctx: CheatContext, prompt_ids: Sequence[int], output_ids: Sequence[int], params: SamplingParams) -> AnswerFile:
+    """Claim these tokens with the fingerprints a real prefill gives them (so that check passes)."""
+    return claim(ctx.key, ctx.model, prompt_ids, output_ids, params, real_fingerprints(ctx.model, prompt_ids, output_ids))
+
+
+def _fingerprints_of(answer: AnswerFile) -> FingerprintRows:
+    return [(f.ids, f.logits) for f in answer.evidence.fingerprints]
+
+
+def _weights_cheat(transform: Callable[[Weights], Weights]) -> Cheat:
+    def run(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+        return cheap_generator(ctx.model, transform, ctx.root).answers(requests, ctx.key, concurrency=8)
+
+    return run
+
+
+def _skip_middle_layer(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    middle = ctx.model.config.num_hidden_layers // 2
+    return _weights_cheat(skip_layers(middle))(ctx, requests)
+
+
+def _cheap_model(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    return ctx.cheap.answers(requests, ctx.key, concurrency=8)
+
+
+def _cheap_decode_real_fingerprints(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    return [_refingerprinted(ctx, a.evidence.prompt_ids, a.evidence.output_ids, a.evidence.sampling) for a in _cheap_model(ctx, requests)]
+
+
+def _honest(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    return Generator.of(ctx.model).answers(requests, ctx.key, concurrency=8)
+
+
+def _truncated_prompt(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """Answer only the second half of each prompt (a dropped system message, a cut context)."""
+    shortened = [GenerationRequest(r.prompt_ids[len(r.prompt_ids) // 2 :], r.params) for r in requests]
+    answers = _honest(ctx, shortened)
+    return [claim(ctx.key, ctx.model, r.prompt_ids, a.evidence.output_ids, r.params, _fingerprints_of(a)) for r, a in zip(requests, answers)]
+
+
+def _fabricated_tokens(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    vocab = ctx.model.vocab_size
+    return [_refingerprinted(ctx, r.prompt_ids, [ctx.rng.randrange(vocab) for _ in range(r.params.max_tokens)], r.params) for r in requests]
+
+
+def _edited_token(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """One token in the middle of an honest answer swapped for the runner-up of its position."""
+    out = []
+    for answer in _honest(ctx, requests):
+        ev = answer.evidence
+        t = len(ev.output_ids) // 2
+        alternatives = [i for i in ev.fingerprints[t].ids if i != ev.output_ids[t]]
+        edited = list(ev.output_ids)
+        edited[t] = alternatives[0] if alternatives else (edited[t] + 1) % ctx.model.vocab_size
+        out.append(_refingerprinted(ctx, ev.prompt_ids, edited, ev.sampling))
+    return out
+
+
+def _wrong_seed(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """Drawn with another seed, claimed under the request's seed."""
+    drawn = _honest(ctx, [GenerationRequest(r.prompt_ids, r.params.model_copy(update={"seed": r.params.seed ^ 1})) for r in requests])
+    return [claim(ctx.key, ctx.model, r.prompt_ids, a.evidence.output_ids, r.params, _fingerprints_of(a)) for r, a in zip(requests, drawn)]
+
+
+def _seed_ignored(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """Plain multinomial sampling from the right distribution, ignoring the committed seed."""
+    rt, eos = ctx.model.runtime, set(ctx.model.tokenizer.eos_token_ids)
+    np_rng = np.random.default_rng(ctx.rng.getrandbits(32))
+    out = []
+    for request in requests:
+        params, seq = request.params, -(10**6)  # a sequence id nobody else uses
+        rt.add_sequence(seq)
+        try:
+            logits, tokens, fingerprints = rt.prefill(seq, list(request.prompt_ids))[-1], [], []
+            for _ in range(params.max_tokens):
+                scores = process_logits(logits, params, tokens)
+                probs = np.exp(scores - scores.max())
+                token = int(np_rng.choice(probs.size, p=probs / probs.sum()))
+                tokens.append(token)
+                fingerprints.append(top_k_fingerprint(logits, FINGERPRINT_K))
+                if token in eos:
+                    break
+                logits = rt.decode([seq], [token])[0]
+        finally:
+            rt.remove_sequence(seq)
+        out.append(claim(ctx.key, ctx.model, request.prompt_ids, tokens, params, fingerprints))
+    return out
+
+
+def _forged_receipt(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """Honest work, but the receipt is re-signed by another key while naming the same node."""
+    forger = NodeKey.generate()
+    out = []
+    for answer in _honest(ctx, requests):
+        ev = answer.evidence
+        forged = claim(forger, ctx.model, ev.prompt_ids, ev.output_ids, ev.sampling, _fingerprints_of(answer))
+        out.append(forged.model_copy(update={"public_key": answer.public_key}))
+    return out
+
+
+def _replayed_receipt(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """Each receipt presented with the evidence of the next request's answer."""
+    answers = _honest(ctx, requests)
+    return [a.model_copy(update={"evidence": answers[(i + 1) % len(answers)].evidence}) for i, a in enumerate(answers)]
+
+
+CHEATS: dict[str, Cheat] = {
+    "fp16-weights": _weights_cheat(round_fp16),
+    "int8-weights": _weights_cheat(round_int8),
+    "q4_0-weights": _weights_cheat(requantize_q4_0),
+    "skipped-layer": _skip_middle_layer,
+    "cheaper-model": _cheap_model,
+    "cheap-decode-real-fingerprints": _cheap_decode_real_fingerprints,
+    "truncated-prompt": _truncated_prompt,
+    "fabricated-tokens": _fabricated_tokens,
+    "edited-token": _edited_token,
+    "wrong-seed": _wrong_seed,
+    "seed-ignored": _seed_ignored,
+    "forged-receipt": _forged_receipt,
+    "replayed-receipt": _replayed_receipt,
+}
+# Cheats that only differ from honest work where the model is unsure (need T > 0 to mean anything).
+SAMPLING_CHEATS = {"wrong-seed", "seed-ignored"}

@@ -1,0 +1,103 @@
+"""Signed verdicts and fraud proofs.
+
+A verifier signs its verdict with its own node key, so the verdict can travel (gossip, the
+ledger) and be attributed. A *fraud proof* is the accused node's signed answer file plus the
+verifier's signed ``fraud`` verdict on it: the node's own signature ties it to the answer, so
+anyone holding the model re-checks the whole accusation with one call,
+``check_fraud_proof(proof, backend)``, which re-runs the teacher-forced verification itself
+and never trusts the verdict's content.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from verify.canonical import canonical_json
+from verify.evidence import AnswerFile
+from verify.identity import NodeKey, peer_id_from_public_key, verify_signature
+from verify.verifier import ScoringBackend, Tolerances, Verdict, verify_answer
+
+
+class SignedVerdict(BaseModel):
+    """A verdict with the verifier's identity and Ed25519 signature over its canonical JSON."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    verdict: Verdict
+    verifier_id: str = Field(min_length=1, max_length=128)  # the verifier's libp2p peer id
+    public_key: str = Field(pattern=r"^[0-9a-f]{64}$")
+    signature: str = Field(max_length=200)  # base64
+
+    @staticmethod
+    def signing_bytes(verdict: Verdict, verifier_id: str) -> bytes:
+        return canonical_json({"verdict": verdict.model_dump(), "verifier_id": verifier_id})
+
+    def signature_is_valid(self) -> bool:
+        public_key = bytes.fromhex(self.public_key)
+        if peer_id_from_public_key(public_key) != self.verifier_id:
+            return False
+        try:
+            raw = base64.b64decode(self.signature, validate=True)
+        except ValueError:
+            return False
+        return verify_signature(public_key, self.signing_bytes(self.verdict, self.verifier_id), raw)
+
+
+def sign_verdict(verdict: Verdict, key: NodeKey) -> SignedVerdict:
+    signature = key.sign(SignedVerdict.signing_bytes(verdict, key.node_id))
+    return SignedVerdict(
+        verdict=verdict, verifier_id=key.node_id, public_key=key.public_key.hex(), signature=base64.b64encode(signature).decode()
+    )
+
+
+class FraudProof(BaseModel):
+    """The accused answer (as the node signed it) and a verifier's signed fraud verdict on it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: Literal[1] = 1
+    answer: AnswerFile
+    verdict: SignedVerdict
+
+
+def make_fraud_proof(answer: AnswerFile, verdict: Verdict, key: NodeKey) -> FraudProof:
+    if verdict.verdict != "fraud" or verdict.receipt_id != answer.receipt.receipt_id:
+        raise ValueError("a fraud proof needs a fraud verdict on this very answer")
+    return FraudProof(answer=answer, verdict=sign_verdict(verdict, key))
+
+
+class FraudProofCheck(BaseModel):
+    upheld: bool  # the accusation stands: signed by its verifier, and the answer re-checks as fraud
+    reasons: list[str]
+    recomputed: Verdict | None = None
+
+
+def check_fraud_proof(proof: FraudProof, backend: ScoringBackend, tol: Tolerances = Tolerances()) -> FraudProofCheck:
+    """Re-check an accusation from scratch on ``backend``.
+
+    Upheld only if the verdict is validly signed, names this answer, and the answer fails our
+    own verification. A commitment failure (bad node signature, hashes that do not match)
+    counts only while the node's signature holds: otherwise anyone could forge the "answer".
+    """
+    reasons = []
+    if not proof.verdict.signature_is_valid():
+        reasons.append("the verdict's signature does not verify for its verifier id")
+    if proof.verdict.verdict.verdict != "fraud":
+        reasons.append("the verdict is not a fraud verdict")
+    if proof.verdict.verdict.receipt_id != proof.answer.receipt.receipt_id:
+        reasons.append("the verdict names another receipt")
+    if proof.answer.receipt.model_id != backend.model_id:
+        reasons.append("the answer is for another model than the one checking it: cannot judge")
+    if reasons:
+        return FraudProofCheck(upheld=False, reasons=reasons)
+    recomputed = verify_answer(proof.answer, backend, tol)
+    if recomputed.verdict != "fraud":
+        return FraudProofCheck(upheld=False, reasons=["the answer passes verification here"], recomputed=recomputed)
+    if any(r.startswith("signature") for r in recomputed.reasons):
+        return FraudProofCheck(
+            upheld=False, reasons=["the answer is not signed by the accused node: no evidence against it"], recomputed=recomputed
+        )
+    return FraudProofCheck(upheld=True, reasons=recomputed.reasons, recomputed=recomputed)
