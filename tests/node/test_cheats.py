@@ -12,6 +12,7 @@ from bench.harness import Generator, request_mix
 from node.loaded_model import load_model
 from node.runtime import CacheLimits
 from tests.models_fixtures import make_tiny_hf_checkpoint
+from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof, sign_verdict
 from verify.identity import NodeKey
 from verify.verifier import verify_answer
 
@@ -44,3 +45,27 @@ def test_every_cheat_is_flagged(ctx, name):
     verdicts = [verify_answer(a, ctx.model) for a in answers]
     missed = [(a.evidence.output_ids, v) for a, v in zip(answers, verdicts) if v.verdict != "fraud"]
     assert not missed, missed
+
+
+def test_fraud_proofs_are_rechecked_from_scratch(ctx):
+    verifier_key = NodeKey.generate()
+    cheat = CHEATS["edited-token"](ctx, requests_for(ctx, "edited-token", 1))[0]
+    proof = make_fraud_proof(cheat, verify_answer(cheat, ctx.model), verifier_key)
+    again = FraudProof.model_validate_json(proof.model_dump_json())  # travels as JSON
+    check = check_fraud_proof(again, ctx.model)
+    assert check.upheld and check.reasons == ["sampling check failed"]
+
+    # An honest answer framed with a signed "fraud" verdict: the re-check clears the node.
+    honest = Generator.of(ctx.model).answers(requests_for(ctx, "honest", 1), ctx.key)[0]
+    fake = verify_answer(honest, ctx.model).model_copy(update={"verdict": "fraud", "reasons": ["made up"]})
+    framed = FraudProof(answer=honest, verdict=sign_verdict(fake, verifier_key))
+    assert not check_fraud_proof(framed, ctx.model).upheld
+
+    # A verdict altered after signing, or a "proof" over an answer the node never signed.
+    altered = proof.model_copy(update={"verdict": proof.verdict.model_copy(update={"verdict": proof.verdict.verdict.model_copy(update={"failures": []})})})
+    assert "signature" in check_fraud_proof(altered, ctx.model).reasons[0]
+    unsigned = CHEATS["forged-receipt"](ctx, requests_for(ctx, "forged-receipt", 1))[0]
+    not_theirs = make_fraud_proof(unsigned, verify_answer(unsigned, ctx.model), verifier_key)
+    assert not check_fraud_proof(not_theirs, ctx.model).upheld
+    with pytest.raises(ValueError):
+        make_fraud_proof(honest, verify_answer(honest, ctx.model), verifier_key)
