@@ -80,12 +80,11 @@ def bench_tvm(tokens: int, prefill_len: int) -> dict:
     return out
 
 
-def bench_torch(tokens: int, prefill_len: int, threads: int) -> dict:
+def build_torch_llama(ckpt):
+    """The checkpoint as a transformers LlamaForCausalLM in eval mode (PyTorch eager, fp32)."""
     import torch
     import transformers
 
-    torch.set_num_threads(threads)
-    ckpt = load_checkpoint(model_store.resolve(DEFAULT_MODEL))
     c = ckpt.config
     hf_cfg = transformers.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -98,6 +97,15 @@ def bench_torch(tokens: int, prefill_len: int, threads: int) -> dict:
     model.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.weights.items()}, strict=False)
     if c.tie_word_embeddings:
         model.tie_weights()
+    return model
+
+
+def bench_torch(tokens: int, prefill_len: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    ckpt = load_checkpoint(model_store.resolve(DEFAULT_MODEL))
+    model = build_torch_llama(ckpt)
     prompt = _prompt_ids(ckpt.tokenizer, 16)
     out = {}
 

@@ -1,0 +1,91 @@
+"""Cheat detection on the default model: for every cheat in ``bench/cheats.py``, the share of
+its answers the verifier flags, using only the first L tokens of each answer (verification is
+per position, so a prefix of an answer is checked by the same verdict's failures below L).
+
+Also shows how far each cheat sits from the tolerances: its median and largest fingerprint
+difference and its most negative sampling lead, against tau and eps. An honest row is the
+control: it must show zero detections.
+
+    python -m bench.bench_cheats [--answers 24] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.cheats import CHEATS, SAMPLING_CHEATS, CheatContext, cheap_generator, skip_layers
+from bench.harness import Generator, request_mix
+from compiled_models.registry import DEFAULT_MODEL
+from node import model_store
+from node.loaded_model import load_model
+from verify.identity import NodeKey
+from verify.verifier import Tolerances, verify_answer
+
+RESULTS = Path(__file__).parent / "results"
+PREFIXES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def detection_by_prefix(verdicts, max_tokens: int) -> dict[int, float]:
+    """Share flagged when only the first L tokens are checked (commitment failures: any L)."""
+    out = {}
+    for prefix in [p for p in PREFIXES if p <= max_tokens]:
+        flagged = [bool(v.reasons and not v.failures) or any(f.position < prefix for f in v.failures) for v in verdicts]
+        out[prefix] = float(np.mean(flagged))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--answers", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--only", nargs="*", help="run just these cheats")
+    args = ap.parse_args()
+    root = model_store.store_root()
+    model = load_model(DEFAULT_MODEL, device="cpu", progress=lambda m: None)
+    keep = list(range(0, model.config.num_hidden_layers, 2))  # a cheaper model: every other layer
+    cheap = cheap_generator(model, skip_layers(*[i for i in range(model.config.num_hidden_layers) if i not in keep]), root)
+    ctx = CheatContext(model=model, key=NodeKey.generate(), root=root, cheap=cheap, rng=random.Random(0))
+    tol = Tolerances()
+
+    names = ["honest"] + [n for n in CHEATS if not args.only or n in args.only]
+    results = {}
+    for name in names:
+        temperatures = (0.7, 1.0, 1.5) if name in SAMPLING_CHEATS else (0.0, 0.7, 1.0)
+        requests = request_mix(model.tokenizer, args.answers, seed=7, temperatures=temperatures, lengths=(args.tokens,), extras=False)
+        t = time.perf_counter()
+        run = CHEATS.get(name) or (lambda c, r: Generator.of(c.model).answers(r, c.key, concurrency=8))
+        answers = run(ctx, requests)
+        verdicts = [verify_answer(a, model, tol) for a in answers]
+        lengths = [len(a.evidence.output_ids) for a in answers]
+        diffs = [v.max_logit_diff for v in verdicts if v.max_logit_diff is not None]
+        leads = [v.min_margin for v in verdicts if v.min_margin is not None]
+        results[name] = {
+            "answers": len(answers),
+            "mean_tokens": float(np.mean(lengths)),
+            "flagged": float(np.mean([v.verdict == "fraud" for v in verdicts])),
+            "by_prefix": detection_by_prefix(verdicts, args.tokens),
+            "max_diff_median": float(np.median(diffs)) if diffs else None,
+            "min_lead_median": float(np.median(leads)) if leads else None,
+            "seconds": time.perf_counter() - t,
+        }
+        print(f"{name}: flagged {results[name]['flagged']:.0%} ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    prefixes = [p for p in PREFIXES if p <= args.tokens]
+    print(f"\ntau = {tol.tau:g}, eps = {tol.eps:g}; {args.answers} answers of up to {args.tokens} tokens per row")
+    print(f"{'cheat':<32}{'tokens':>7}" + "".join(f"{'L=' + str(p):>7}" for p in prefixes) + f"{'max diff':>11}{'min lead':>11}")
+    for name, r in results.items():
+        fmt = lambda x: f"{x:>11.1e}" if x is not None else f"{'-':>11}"  # noqa: E731
+        print(f"{name:<32}{r['mean_tokens']:>7.1f}" + "".join(f"{r['by_prefix'][p]:>7.0%}" for p in prefixes)
+              + fmt(r["max_diff_median"]) + fmt(r["min_lead_median"]))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cheats.json").write_text(json.dumps({"tau": tol.tau, "eps": tol.eps, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Calibrate the verifier's tolerances (eps, tau) by measurement across honest backends.
+
+Honest answers are generated on several backends and each is re-checked on backends that
+differ from it; the largest honest fingerprint difference and the most negative honest sampling
+lead set ``tau`` and ``eps`` with a safety factor. A false fraud verdict against an honest node is
+as bad as a missed cheat, so the table also shows how far the cheats sit above the tolerances
+(``bench/bench_cheats.py``).
+
+Generation backends: TVM for the host's own mcpu with the engine at batch 1 and at batch 8, and
+TVM for a generic x86-64 target at batch 8. Verifiers: TVM host (2 threads), TVM generic x86-64
+with 1 thread and TVM host with 1 thread (each in a subprocess: TVM's thread count is fixed per
+process), and the independent float64 numpy reference. Models, one row group per weight dtype:
+the default model (GGUF Q4_1/Q8_0) and tiny random models (fp32 and bf16 safetensors, GGUF Q8_0).
+
+    python -m bench.calibrate [--default-answers 80] [--tiny-answers 1200] [--out bench/calibration]
+
+Writes ``calibration.json`` (every pair's statistics and the chosen tolerances) and
+``calibration.md`` (the table) under ``--out``; both are committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import Generator, NumpyBackend, request_mix
+from compiled_models.registry import DEFAULT_MODEL
+from node import model_store
+from node.loaded_model import LoadedModel, load_checkpoint_cached, load_model
+from node.models.llama.reference import NumpyLlama
+from node.runtime import CacheLimits
+from node.targets import GENERIC_X86_CPU, DeviceTarget, cpu_target, detect
+from verify.evidence import AnswerFile
+from verify.identity import NodeKey
+from verify.verifier import check_positions
+
+SAFETY_FACTOR = 10.0
+NUDGE_EPS = 1e-3  # slack for a token honest rounding pushed out of top-k/top-p (see verifier)
+LIMITS = CacheLimits(max_batch_size=8, max_total_tokens=8192, prefill_chunk=512)
+OUT = Path(__file__).parent / "calibration"
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _device(target: str) -> DeviceTarget:
+    return DeviceTarget("cpu", cpu_target(GENERIC_X86_CPU)) if target == "generic" else detect("cpu")
+
+
+def _load(model: str, target: str, root: Path) -> LoadedModel:
+    return load_model(model, device=_device(target), limits=LIMITS, root=root, progress=lambda m: None)
+
+
+def answer_stats(answers: list[AnswerFile], backend) -> list[dict]:
+    """Per answer: every position's fingerprint difference and sampling lead on ``backend``."""
+    out = []
+    for a in answers:
+        checks = check_positions(a, backend, NUDGE_EPS)
+        out.append({"temperature": a.evidence.sampling.temperature, "n": len(a.evidence.output_ids),
+                    "diffs": checks.logit_diffs.tolist(), "margins": checks.margins.tolist()})
+    return out
+
+
+def verify_in_subprocess(model: str, root: Path, target: str, threads: int, answers_path: Path) -> list[dict]:
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "bench.calibrate", "--verify-files", str(answers_path), "--model", model,
+           "--target", target, "--root", str(root)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def summarize(stats: list[dict]) -> dict:
+    diffs = np.concatenate([np.asarray(s["diffs"]) for s in stats])
+    margins = np.concatenate([np.asarray(s["margins"]) for s in stats])
+    negative = margins[margins < 0]
+    return {
+        "answers": len(stats),
+        "positions": int(diffs.size),
+        "diff_p50": float(np.quantile(diffs, 0.5)),
+        "diff_p99": float(np.quantile(diffs, 0.99)),
+        "diff_max": float(diffs.max()),
+        "sampled_positions": int(sum(s["n"] for s in stats if s["temperature"] > 0)),
+        "margin_min": float(margins.min()),
+        "flips": int(negative.size),  # honest positions where the verifier's draw disagreed
+        "flip_worst": float(negative.min()) if negative.size else 0.0,
+        "near_ties_below_1e-4": int(np.sum(np.abs(margins) < 1e-4)),
+    }
+
+
+def calibrate_model(label: str, model: str, dtype: str, root: Path, n_answers: int, lengths: tuple[int, ...], seed: int) -> list[dict]:
+    """Every (generation backend, verifier) pair of one model; one summary row each."""
+    key = NodeKey.generate()
+    host, generic = _load(model, "host", root), _load(model, "generic", root)
+    reference = NumpyBackend(host, NumpyLlama.from_checkpoint(load_checkpoint_cached(host.path, root, progress=lambda m: None)))
+    requests = request_mix(host.tokenizer, n_answers, seed=seed, lengths=lengths)
+    shares = {"host-b1": n_answers // 5, "host-b8": n_answers - 2 * (n_answers // 5), "generic-b8": n_answers // 5}
+    rows, start = [], 0
+    for gen_name, count in shares.items():
+        generator = Generator.of(generic if gen_name.startswith("generic") else host)
+        t = time.perf_counter()
+        answers = generator.answers(requests[start : start + count], key, concurrency=1 if gen_name.endswith("b1") else 8)
+        start += count
+        _progress(f"[{label}] {gen_name}: {len(answers)} answers, {sum(len(a.evidence.output_ids) for a in answers)} tokens "
+                  f"in {time.perf_counter() - t:.0f} s")
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+            f.write("\n".join(a.model_dump_json() for a in answers))
+        verifiers = {
+            "host-2t": lambda: answer_stats(answers, host),
+            "host-1t": lambda: verify_in_subprocess(model, root, "host", 1, Path(f.name)),
+            "generic-1t": lambda: verify_in_subprocess(model, root, "generic", 1, Path(f.name)),
+            "numpy-f64": lambda: answer_stats(answers, reference),
+        }
+        for ver_name, run in verifiers.items():
+            t = time.perf_counter()
+            row = {"model": label, "weights": dtype, "generated_on": gen_name, "verified_on": ver_name, **summarize(run())}
+            rows.append(row)
+            _progress(f"[{label}] {gen_name} -> {ver_name}: max diff {row['diff_max']:.2e}, min lead {row['margin_min']:.2e}, "
+                      f"flips {row['flips']} ({time.perf_counter() - t:.0f} s)")
+        os.unlink(f.name)
+    return rows
+
+
+def round_up(x: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k that is >= x."""
+    exponent = math.floor(math.log10(x))
+    for m in (1, 2, 5, 10):
+        if m * 10**exponent >= x * (1 - 1e-12):
+            return float(m * 10**exponent)
+    raise AssertionError("unreachable")
+
+
+def choose_tolerances(rows: list[dict]) -> dict:
+    worst_diff = max(r["diff_max"] for r in rows)
+    worst_flip = max(abs(r["flip_worst"]) for r in rows)
+    return {
+        "safety_factor": SAFETY_FACTOR,
+        "honest_diff_max": worst_diff,
+        "honest_flip_max": worst_flip,
+        "tau": round_up(SAFETY_FACTOR * worst_diff),
+        # A flip needs a near-tie smaller than the logit noise, so eps follows the same noise.
+        "eps": round_up(SAFETY_FACTOR * max(worst_diff, worst_flip)),
+    }
+
+
+def markdown(rows: list[dict], chosen: dict) -> str:
+    head = ("| model | weights | generated on | verified on | answers | positions | diff p50 | diff p99 | diff max "
+            "| min lead | flips (worst) |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    body = "".join(
+        f"| {r['model']} | {r['weights']} | {r['generated_on']} | {r['verified_on']} | {r['answers']} | {r['positions']} "
+        f"| {r['diff_p50']:.1e} | {r['diff_p99']:.1e} | {r['diff_max']:.1e} | {r['margin_min']:.1e} "
+        f"| {r['flips']} ({r['flip_worst']:.1e}) |\n" for r in rows)
+    total = sum(r["answers"] for r in rows)
+    return (
+        "# Verifier calibration\n\nMade by `python -m bench.calibrate`; every honest answer re-checked on a backend that "
+        "differs from the one that generated it.\n`diff` = |committed top-8 logit - verifier's logit| per position; "
+        "`lead` = the claimed token's lead in the seeded draw, logit units (< 0 = a flip).\n\n"
+        + head + body
+        + f"\n{total} answer checks. Largest honest fingerprint difference {chosen['honest_diff_max']:.2e}, "
+        f"worst honest flip {chosen['honest_flip_max']:.2e}; with a safety factor of {chosen['safety_factor']:g}: "
+        f"**tau = {chosen['tau']:g}, eps = {chosen['eps']:g}**.\n"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--default-answers", type=int, default=80)
+    ap.add_argument("--tiny-answers", type=int, default=1200)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--verify-files", type=Path, help=argparse.SUPPRESS)  # subprocess mode
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--target", help=argparse.SUPPRESS)
+    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.verify_files:
+        answers = [AnswerFile.model_validate_json(line) for line in args.verify_files.read_text().splitlines()]
+        print(json.dumps(answer_stats(answers, _load(args.model, args.target, args.root))))
+        return
+
+    from tests.models_fixtures import make_tiny_gguf, make_tiny_hf_checkpoint
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_root = Path(tmp)
+        tiny = {
+            "tiny-fp32": (str(make_tiny_hf_checkpoint(tmp_root / "fp32", seed=0)), "safetensors:f32"),
+            "tiny-bf16": (str(make_tiny_hf_checkpoint(tmp_root / "bf16", seed=1, dtype="bfloat16")), "safetensors:bf16"),
+            "tiny-q8_0": (str(make_tiny_gguf(tmp_root / "q8.gguf", quant_types=("Q8_0",), seed=2).path), "gguf:Q8_0"),
+        }
+        for i, (label, (path, dtype)) in enumerate(tiny.items()):
+            rows += calibrate_model(label, path, dtype, tmp_root / "store", args.tiny_answers // len(tiny), (16, 64, 128), seed=i)
+        if args.default_answers:
+            rows += calibrate_model("smollm2-135m", DEFAULT_MODEL, "gguf:Q4_1+Q8_0", model_store.store_root(),
+                                    args.default_answers, (16, 64, 256, 512), seed=99)
+    chosen = choose_tolerances(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "calibration.json").write_text(json.dumps({"rows": rows, "tolerances": chosen}, indent=1))
+    table = markdown(rows, chosen)
+    (args.out / "calibration.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
