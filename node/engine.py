@@ -132,6 +132,9 @@ class Engine:
         """Raise a ``RequestError`` if the engine could never serve ``request``."""
         if not request.prompt_ids:
             raise RequestError("the prompt is empty")
+        vocab = self.runtime.cfg.vocab_size
+        if not all(0 <= i < vocab for i in request.prompt_ids):  # one bad id would fail the whole batch's step
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
         budget = len(request.prompt_ids) + request.params.max_tokens
         if budget > self.max_context:
             raise ContextLengthError(
