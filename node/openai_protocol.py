@@ -1,0 +1,401 @@
+"""OpenAI wire models for the node's HTTP API (OpenAI API reference: Completions, Chat
+Completions, Models, error objects), modeled on vLLM's ``entrypoints/openai/protocol.py``.
+
+Requests accept fields they do not know (clients send many; they are logged and ignored) but
+validate the fields they do know strictly: a string where a number belongs is a 400, never a
+silent coercion. A few OpenAI features this node cannot honour (tools, logit_bias, echo, ...)
+are rejected rather than ignored, so a client never gets an answer to a question it did not ask.
+``to_sampling_params`` converts at the edge, so the engine never sees API objects.
+
+Responses add a ``proofmesh`` object (receipt, signature, public key, backend): on the response
+and on each choice (with ``n > 1`` every choice has its own receipt; the top-level one is the
+first choice's), and on the stream chunk that carries a choice's ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated, Any, Callable, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from node.engine import FINGERPRINT_K, FinishReason, TokenEvent
+from verify.receipts import Receipt
+from verify.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_CHOICES = 16  # prompts x n per request: one request must not fill the batch alone
+MAX_TOP_LOGPROBS = FINGERPRINT_K  # top logprobs come from the committed top-k fingerprints
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+# Chat has no documented default ("up to the context"); KV pages are reserved for the whole
+# budget at admission, so an unbounded default would let one chat hold most of the cache.
+DEFAULT_CHAT_MAX_TOKENS = 512
+U64 = 2**64
+# Below this a temperature is greedy in all but name, and logits / T can overflow float64 (a
+# failed sampling step would fail the whole batch): 0 is how to ask for greedy.
+MIN_TEMPERATURE = 1e-4
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenText = Callable[[int], str]  # token id -> its text, for logprobs
+
+
+# ---------------------------------------------------------------------- errors
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------------- requests
+
+
+class OpenAIRequest(BaseModel):
+    """Base of every request: unknown fields allowed (and logged), known fields strict."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    # Fields OpenAI defines that this node cannot honour: a truthy value is a 400.
+    unsupported: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in cls.unsupported:
+                if data.get(name) not in (None, False, [], {}):
+                    raise ValueError(f"'{name}' is not supported by this node")
+        return data
+
+    @model_validator(mode="after")
+    def _log_unknown(self) -> "OpenAIRequest":
+        if self.model_extra:
+            log.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
+        return self
+
+
+class StreamOptions(OpenAIRequest):
+    include_usage: bool = False
+
+
+class SamplingRequest(OpenAIRequest):
+    """Fields both endpoints share, in the order of OpenAI's reference; ``None`` = default."""
+
+    model: str
+    frequency_penalty: Penalty | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    presence_penalty: Penalty | None = None
+    seed: Annotated[int, Field(ge=0, lt=U64)] | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    user: str | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None  # extension (as vLLM): 0 disables
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, value: float | None) -> float | None:
+        if value is not None and 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def max_tokens_for(self, prompt_tokens: int, max_context: int) -> int:
+        """The request's token budget, or this endpoint's default for a prompt of that length."""
+        return self.requested_max_tokens() or self.default_max_tokens(prompt_tokens, max_context)
+
+    def default_max_tokens(self, prompt_tokens: int, max_context: int) -> int:
+        raise NotImplementedError
+
+    def top_logprobs_count(self) -> int | None:
+        """How many top logprobs each token gets; ``None``: no logprobs at all."""
+        raise NotImplementedError
+
+    def to_sampling_params(self, *, max_tokens: int, seed: int, stop_token_ids: Sequence[int] = ()) -> SamplingParams:
+        """The engine's parameters for one choice (raises pydantic's ValidationError)."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=tuple(stop_token_ids),
+        )
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions. ``prompt``: a string, token ids, or a batch of either."""
+
+    unsupported: ClassVar[tuple[str, ...]] = ("suffix", "echo", "logit_bias")
+
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def default_max_tokens(self, prompt_tokens: int, max_context: int) -> int:
+        return DEFAULT_COMPLETION_MAX_TOKENS
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: list | str) -> list | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("the prompt list must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> "CompletionRequest":
+        if len(self.prompts()) * self.choices_per_prompt > MAX_CHOICES:
+            raise ValueError(f"prompts x n must be at most {MAX_CHOICES}")
+        return self
+
+
+class TextPart(OpenAIRequest):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIRequest):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def for_template(self) -> dict[str, str]:
+        """The plain {role, content} dict a chat template renders ("developer" is OpenAI's new
+        name for "system"; text parts are joined)."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    unsupported: ClassVar[tuple[str, ...]] = ("tools", "functions", "response_format", "logit_bias", "audio")
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (OpenAI's current name) wins over the older ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def default_max_tokens(self, prompt_tokens: int, max_context: int) -> int:
+        """Up to ``DEFAULT_CHAT_MAX_TOKENS``, less when the context is nearly full (at least 1, so
+        a prompt that fills the context gets the engine's context-length error)."""
+        return max(1, min(DEFAULT_CHAT_MAX_TOKENS, max_context - prompt_tokens))
+
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
+        return self
+
+
+# ---------------------------------------------------------------------- responses
+
+
+class ProofMeshInfo(BaseModel):
+    """What lets a client check an answer: the signed receipt and who signed it."""
+
+    receipt: Receipt
+    signature: str
+    public_key: str
+    backend: str
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, events: Sequence[TokenEvent], top_n: int, token_text: TokenText, start: int = 0) -> "CompletionLogprobs":
+        """``start``: the text offset of the first event (earlier chunks of a stream)."""
+        tokens = [token_text(e.token_id) for e in events]
+        offsets = []
+        for tok in tokens:
+            offsets.append(start)
+            start += len(tok)
+        tops = []
+        for e in events:
+            top: dict[str, float] = {}
+            # Best first; tokens whose texts coincide (partial UTF-8 ones all read U+FFFD) keep
+            # the best one's value, and the sampled token is always listed.
+            for i, lp in [*e.top_logprobs[:top_n], (e.token_id, e.logprob)]:
+                top.setdefault(token_text(i), lp)
+            tops.append(top)
+        return cls(tokens=tokens, token_logprobs=[e.logprob for e in events], top_logprobs=tops, text_offset=offsets)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+    @classmethod
+    def of(cls, token_id: int, logprob: float, token_text: TokenText) -> "TopLogprob":
+        text = token_text(token_id)
+        # A byte-level token may hold part of a UTF-8 character: then there is no exact text.
+        return cls(token=text, logprob=logprob, bytes=None if "\ufffd" in text else list(text.encode()))
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+    @classmethod
+    def of(cls, events: Sequence[TokenEvent], top_n: int, token_text: TokenText) -> "ChatLogprobs":
+        content = []
+        for e in events:
+            head = TopLogprob.of(e.token_id, e.logprob, token_text)
+            tops = [TopLogprob.of(i, lp, token_text) for i, lp in e.top_logprobs[:top_n]]
+            content.append(TokenLogprob(**head.model_dump(), top_logprobs=tops))
+        return cls(content=content)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    proofmesh: ProofMeshInfo | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion, and also each chunk of a completion stream (OpenAI uses one shape)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    proofmesh: ProofMeshInfo | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+    proofmesh: ProofMeshInfo | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    proofmesh: ProofMeshInfo | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler) -> dict[str, Any]:
+        # OpenAI's deltas name only what changed: the role once, then content.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    proofmesh: ProofMeshInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "proofmesh"
+    model_id: str  # sha256 of the model's manifest: what receipts name
+    backend: str
+    max_context: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
