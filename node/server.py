@@ -1,0 +1,189 @@
+"""The node's HTTP server (aiohttp): the app factory, errors, auth, receipts, health, metrics.
+
+One way through the house: HTTP -> engine -> runtime. ``make_app`` takes models that are
+already loaded (so tests and benchmarks run it in-process), an identity key and an evidence
+store, and wires the route tables: OpenAI (``node/openai_routes.py``), receipts, and
+health/metrics. Every answer is signed as it finishes and its answer file kept in the evidence
+store (``node/service.py``), so ``GET /v1/receipts/{id}`` serves what ``proofmesh verify`` checks.
+
+    GET  /v1/models                  POST /v1/completions        POST /v1/chat/completions
+    GET  /v1/receipts/{receipt_id}   GET  /health                GET  /metrics
+
+Errors: one middleware turns every exception into OpenAI's ``{"error": {message, type, param,
+code}}`` — node errors and HTTP errors with their own status, anything unexpected as a 500
+whose traceback goes to the log, never to the client. With API keys set, ``/v1/*`` needs
+``Authorization: Bearer KEY``; ``/health`` and ``/metrics`` stay open for probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from typing import Awaitable, Callable, Sequence
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from node import openai_routes
+from node.errors import ConfigError
+from node.loaded_model import LoadedModel
+from node.service import DEFAULT_MAX_QUEUE, NODE, APIError, Node, api_error_of
+from verify.evidence_store import EvidenceStore
+from verify.identity import NodeKey
+
+log = logging.getLogger(__name__)
+
+# A full 8k-token context is ~40 KB of text; 1 MiB leaves room for long chat histories while
+# keeping a hostile body from costing real memory.
+MAX_BODY_BYTES = 1 << 20
+# On SIGINT/SIGTERM, answers in flight get this long to finish before they are cancelled.
+SHUTDOWN_GRACE_S = 10.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ---------------------------------------------------------------------- middleware
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"  # bounded label values
+
+
+@web.middleware
+async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    node = request.app[NODE]
+    start = time.perf_counter()
+    try:
+        response = await handler(request)
+    except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
+        response = api_error_of(exc, node.shutting_down).response()
+    node.metrics.observe_request(_route_label(request), response.status, time.perf_counter() - start)
+    return response
+
+
+def _auth(api_keys: Sequence[str]) -> Callable:
+    keys = [k.encode() for k in api_keys]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if keys and request.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest against every key: no timing hint about which prefix matched
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
+                raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        return await handler(request)
+
+    return check
+
+
+# ---------------------------------------------------------------------- receipts, health, metrics
+
+
+async def get_receipt(request: web.Request) -> web.Response:
+    """The answer file behind a receipt while it is retained: what ``proofmesh verify`` takes."""
+    node = request.app[NODE]
+    receipt_id = request.match_info["receipt_id"]
+    answer = node.store.get(receipt_id)
+    node.metrics.receipt_lookups.labels("found" if answer else "missing").inc()
+    if answer is None:
+        raise APIError(404, f"no receipt {receipt_id!r} here (unknown, or past the retention window)",
+                       param="receipt_id", code="receipt_not_found")
+    return web.Response(body=answer.model_dump_json(), content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    answers, size = node.store.stats()
+    return web.json_response({
+        "status": "shutting_down" if node.shutting_down else "ok",
+        "node_id": node.key.node_id,
+        "public_key": node.key.public_key.hex(),
+        "models": [
+            {"id": s.name, "model_id": s.loaded.model_id, "backend": s.loaded.backend, "max_context": s.loaded.max_context,
+             "queue_depth": s.engine.queue_depth, "running": s.engine.running}
+            for s in node.models.values()
+        ],
+        "evidence": {"answers": answers, "bytes": size},
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    states = [(s.name, s.engine.queue_depth, s.engine.running) for s in node.models.values()]
+    body = node.metrics.render(states, node.store.stats())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# ---------------------------------------------------------------------- app and serving
+
+
+def make_app(
+    models: Sequence[LoadedModel],
+    key: NodeKey,
+    store: EvidenceStore,
+    *,
+    api_keys: Sequence[str] = (),
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> web.Application:
+    """The node's app. Each model gets its own engine (which owns that model's runtime: do not
+    serve one ``LoadedModel`` from two apps at once); engines close on app cleanup, the store
+    stays the caller's to close."""
+    if not models:
+        raise ConfigError("make_app needs at least one model")
+    node = Node(models, key, store, max_queue=max_queue)
+    app = web.Application(middlewares=[_errors_and_metrics, _auth(api_keys)], client_max_size=max_body_bytes)
+    app[NODE] = node
+    app.router.add_routes(openai_routes.routes)
+    app.router.add_get("/v1/receipts/{receipt_id}", get_receipt)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+
+    async def mark_shutting_down(_: web.Application) -> None:
+        node.shutting_down = True
+
+    async def close_engines(_: web.Application) -> None:
+        await node.close()
+
+    app.on_shutdown.append(mark_shutting_down)  # after the listener closes, before in-flight requests end
+    app.on_cleanup.append(close_engines)  # after in-flight requests ended or were cancelled
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Listen on ``host:port`` (0 = any free port); returns the runner and the bound port.
+
+    ``handler_cancellation``: a client that disconnects cancels its handler at once, which
+    cancels its sequences, even while it waits in the queue and nothing is being written."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, runner.addresses[0][1]
+
+
+async def serve_until_signalled(app: web.Application, host: str, port: int, on_ready: Callable[[str], None]) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down cleanly: stop listening, give answers in
+    flight ``SHUTDOWN_GRACE_S`` to finish, cancel the rest, close the engines. A second signal
+    during that falls back to Python's default (Ctrl-C interrupts at once)."""
+    runner, bound = await start_server(app, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        on_ready(f"http://{host}:{bound}")
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()

@@ -1,0 +1,194 @@
+"""What every route of the node shares: the served models and their engines, the identity key,
+the evidence store, metrics, and the one mapping from exceptions to OpenAI-shaped errors.
+
+``Node.answers`` is the single path from an HTTP request to the engine: it runs a request's
+choices, signs each answer as it finishes and keeps its evidence, so no route can hand out an
+answer without a receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from node.answers import answer_file
+from node.engine import Engine, GenerationRequest, GenerationResult, TokenEvent
+from node.errors import ConfigError, ContextLengthError, EngineBusyError, RequestError
+from node.loaded_model import LoadedModel
+from node.metrics import NodeMetrics
+from node.openai_protocol import ErrorInfo, ErrorResponse, ProofMeshInfo
+from verify.evidence_store import EvidenceStore
+from verify.identity import NodeKey
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # a full queue drains within about a batch's worth of answers
+DEFAULT_MAX_QUEUE = 64
+
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI fields; raised anywhere, rendered by the middleware."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> ErrorResponse:
+        kind = _ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code))
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body().model_dump_json(), headers=self.headers,
+                            content_type="application/json")
+
+
+def api_error_of(exc: Exception, shutting_down: bool = False) -> APIError:
+    """The one place exceptions become HTTP statuses (``node/errors.py``'s tree, aiohttp's, pydantic's)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineBusyError):
+        status = 503 if shutting_down else 429
+        return APIError(status, str(exc), code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, (RequestError, ConfigError)):
+        return APIError(400, str(exc))
+    if isinstance(exc, ValidationError):
+        problems = exc.errors()
+        first = problems[0]
+        message = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in problems[:3])
+        if len(problems) > 3:
+            message += f" (and {len(problems) - 3} more)"
+        return APIError(400, message, param=str(first["loc"][0]) if first["loc"] else None, code="invalid_value")
+    if isinstance(exc, web.HTTPException):
+        return APIError(exc.status, exc.text or exc.reason, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+    log.error("unexpected error", exc_info=exc)
+    return APIError(500, "internal error; the node logged the details", code="internal_error")
+
+
+async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body as ``model``; 400 for anything that is not a valid JSON object of it."""
+    raw = await request.read()  # past client_max_size this raises 413
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return model.model_validate(data)  # ValidationError -> 400 in the middleware
+
+
+# ---------------------------------------------------------------------- node state
+
+
+def served_name(model: LoadedModel) -> str:
+    """The name clients pass as ``model``: the registry name, or a path's last component."""
+    return Path(model.name).name
+
+
+@dataclass
+class ServedModel:
+    """One loaded model and the engine that owns its runtime."""
+
+    name: str
+    loaded: LoadedModel
+    engine: Engine
+    created: int = field(default_factory=lambda: int(time.time()))  # when this node began serving it
+    _token_texts: dict[int, str] = field(default_factory=dict)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (special tokens spelled out), cached: logprobs ask for it per token."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.loaded.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+@dataclass(frozen=True)
+class ChoiceEvent:
+    index: int  # the choice this event belongs to
+    event: TokenEvent
+    proof: ProofMeshInfo | None  # set on the choice's last event: its signed receipt
+
+
+class Node:
+    """What the routes share: models, identity, evidence store, metrics, shutdown state."""
+
+    def __init__(self, models: Sequence[LoadedModel], key: NodeKey, store: EvidenceStore, *, max_queue: int):
+        self.key = key
+        self.store = store
+        self.metrics = NodeMetrics()
+        self.shutting_down = False
+        self.models: dict[str, ServedModel] = {}
+        for m in models:
+            name = served_name(m)
+            if name in self.models:
+                raise ConfigError(f"two models are served as {name!r}")
+            engine = Engine(m.runtime, m.tokenizer, m.model_id, max_context=m.max_context, max_queue=max_queue)
+            self.models[name] = ServedModel(name, m, engine)
+
+    def model(self, name: str) -> ServedModel:
+        """The served model called ``name`` (or whose model_id is ``name``)."""
+        served = self.models.get(name) or next((s for s in self.models.values() if s.loaded.model_id == name), None)
+        if served is None:
+            raise APIError(400, f"model {name!r} is not served here; GET /v1/models lists them",
+                           param="model", code="model_not_found")
+        return served
+
+    async def answers(self, served: ServedModel, requests: Sequence[GenerationRequest]) -> AsyncIterator[ChoiceEvent]:
+        """Run every choice at once and yield their events as they come, each choice's last one
+        with its signed receipt. Leaving early (or being cancelled: a client gone) cancels every
+        choice, which frees its batch slot at the engine's next step.
+
+        Submission errors (queue full, prompt too long) arrive before any token: all choices are
+        submitted before the engine can run a step for any of them."""
+        queue: asyncio.Queue[ChoiceEvent | Exception] = asyncio.Queue()
+
+        async def run(index: int, request: GenerationRequest) -> None:
+            try:
+                async for event in served.engine.generate(request):
+                    proof = self._seal(served, event.result) if event.result is not None else None
+                    queue.put_nowait(ChoiceEvent(index, event, proof))
+            except Exception as exc:  # handed to the consumer, which raises it
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(run(i, r)) for i, r in enumerate(requests)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                remaining -= item.event.finish_reason is not None
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _seal(self, served: ServedModel, result: GenerationResult) -> ProofMeshInfo:
+        """Sign a finished answer and keep its evidence (one SQLite transaction: all or nothing)."""
+        answer = answer_file(result, self.key, model_id=served.loaded.model_id, backend=served.loaded.backend)
+        self.store.put(answer)
+        self.metrics.observe_answer(served.name, len(result.prompt_ids), len(result.output_ids), result.time_to_first_token)
+        return ProofMeshInfo(receipt=answer.receipt, signature=answer.signature, public_key=answer.public_key,
+                             backend=served.loaded.backend)
+
+    async def close(self) -> None:
+        for served in self.models.values():
+            await served.engine.close()
+
+
+NODE = web.AppKey("node", Node)
