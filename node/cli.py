@@ -4,6 +4,7 @@
     proofmesh compile [MODEL] [--device D]  build (or find) the library for this machine
     proofmesh generate PROMPT [--chat] ...  stream a continuation to stdout
     proofmesh verify FILE [--model M]       re-check an answer file; exit 0 pass, 1 fraud
+    proofmesh run [--model M ...] [--port P] serve the OpenAI-style HTTP API until SIGINT/SIGTERM
 """
 
 from __future__ import annotations
@@ -105,6 +106,42 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if verdict.verdict == "pass" else 1
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from node import model_store
+    from node.loaded_model import load_model
+    from node.server import make_app, serve_until_signalled
+    from node.service import DEFAULT_MAX_QUEUE
+    from verify.errors import IdentityError
+    from verify.evidence_store import EvidenceStore
+    from verify.identity import NodeKey
+
+    root = model_store.store_root()
+    key_path = args.key or root / "node_key.pem"
+    try:
+        key = NodeKey.load_or_create(key_path)
+    except (IdentityError, OSError) as exc:
+        raise ProofMeshNodeError(f"cannot use the key file {key_path}: {exc}") from exc
+    _progress(f"node id {key.node_id} (key {key_path})")
+    models = [load_model(name, device=args.device, progress=_progress) for name in args.model or [DEFAULT_MODEL]]
+    store = EvidenceStore(root / "evidence.sqlite")
+    api_keys = list(args.api_key or [])
+
+    def ready(url: str) -> None:
+        names = ", ".join(m.name for m in models)
+        auth = f", {len(api_keys)} API key(s) required" if api_keys else ""
+        _progress(f"serving {names} on {url}/v1 (Ctrl-C to stop{auth})")
+
+    try:
+        app = make_app(models, key, store, api_keys=api_keys, max_queue=args.max_queue or DEFAULT_MAX_QUEUE)
+        asyncio.run(serve_until_signalled(app, args.host, args.port, ready))
+    except OSError as exc:  # the address is taken or cannot be bound
+        raise ProofMeshNodeError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    finally:
+        store.close()
+    _progress("stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proofmesh", description="ProofMesh node: verifiable LLM inference")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -139,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model the answer claims, held locally")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("run", help="serve models over the OpenAI-style HTTP API (signed receipts on every answer)")
+    p.add_argument("--model", action="append", help="registry name, GGUF file or HF folder (repeat to serve several; "
+                   f"default {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--key", default=None, help="Ed25519 identity key file (default: node_key.pem in the model store; "
+                   "created on first use)")
+    p.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")
+    p.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a batch slot before "
+                   "new ones get 429 (default 64)")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 
