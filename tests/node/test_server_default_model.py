@@ -1,0 +1,50 @@
+"""The product end to end over HTTP: the real default model behind the node, asked through the
+official ``openai`` client, answers the France question, and its answer file passes the verifier.
+
+Marked slow like tests/node/test_default_model.py (the model is pulled once and cached), but
+part of the default suite: a few seconds once the model is cached.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from compiled_models.registry import DEFAULT_MODEL
+from node.loaded_model import load_model
+from node.server import make_app
+from tests.node.http_fixtures import serving
+from verify.evidence import AnswerFile
+from verify.evidence_store import EvidenceStore
+from verify.identity import NodeKey
+from verify.receipts import Receipt, verify_receipt
+from verify.verifier import verify_answer
+
+pytestmark = pytest.mark.slow
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_default_model_answers_over_http_with_a_receipt_that_verifies(tmp_path):
+    model = load_model(DEFAULT_MODEL, device="cpu")
+    key = NodeKey.generate()
+    evidence = EvidenceStore(tmp_path / "evidence.sqlite")
+    try:
+        with serving(make_app([model], key, evidence)) as url:
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+                out = client.chat.completions.create(model=DEFAULT_MODEL, messages=FRANCE, max_tokens=24, temperature=0.0)
+                streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                    model=DEFAULT_MODEL, messages=FRANCE, max_tokens=24, temperature=0.0, stream=True))
+            proof = out.model_extra["proofmesh"]
+            answer = AnswerFile.model_validate_json(httpx.get(f"{url}/v1/receipts/{proof['receipt']['receipt_id']}").content)
+        # the server (and its engine) is gone: the same runtime can now re-check the answer
+        text = out.choices[0].message.content
+        assert "Paris" in text and streamed == text
+        receipt = Receipt.model_validate(proof["receipt"])
+        assert verify_receipt(receipt, proof["signature"], key.public_key) and receipt.model_id == model.model_id
+        assert answer.receipt == receipt
+        verdict = verify_answer(answer, model)
+        assert verdict.verdict == "pass", verdict
+    finally:
+        evidence.close()
