@@ -483,3 +483,15 @@ def test_proofmesh_run_serves_and_stops_cleanly_on_sigterm_and_sigint(tiny_folde
                 proc.wait()
             proc.stderr.close()
     assert key.exists() and (store / "evidence.sqlite").exists()
+
+
+def test_bench_http_runs_as_a_smoke_test(tiny_folder, store, tmp_path, monkeypatch):
+    from bench.bench_http import main as bench_main
+
+    monkeypatch.setenv("PROOFMESH_HOME", str(store))  # the child server finds the compiled tiny model here
+    report = bench_main(["--model", str(tiny_folder), "--clients", "1", "2", "--tokens", "4", "--repeats", "1",
+                         "--out", str(tmp_path / "http.json")])
+    assert [r["clients"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:  # same seeds through both paths: the same tokens
+        assert row["engine"]["tokens"] == row["http"]["tokens"] > 0
+    assert json.loads((tmp_path / "http.json").read_text()) == report
