@@ -134,7 +134,7 @@ class SamplingRequest(OpenAIRequest):
         """How many top logprobs each token gets; ``None``: no logprobs at all."""
         raise NotImplementedError
 
-    def to_sampling_params(self, *, max_tokens: int, seed: int, stop_token_ids: Sequence[int] = ()) -> SamplingParams:
+    def to_sampling_params(self, *, max_tokens: int, seed: int) -> SamplingParams:
         """The engine's parameters for one choice (raises pydantic's ValidationError)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
@@ -146,7 +146,6 @@ class SamplingRequest(OpenAIRequest):
             max_tokens=max_tokens,
             seed=seed,
             stop=stop,
-            stop_token_ids=tuple(stop_token_ids),
         )
 
 
