@@ -2,8 +2,9 @@
 its answers the verifier flags, using only the first L tokens of each answer (verification is
 per position, so a prefix of an answer is checked by the same verdict's failures below L).
 
-Also shows how far each cheat sits from the tolerances: its median and largest fingerprint
-difference and its most negative sampling lead, against tau and eps. An honest row is the
+Also shows the share of positions each cheat fails, and how far it sits from the tolerances:
+the median over answers of its largest fingerprint difference and of its most negative
+sampling lead, against tau and eps. An honest row is the
 control: it must show zero detections.
 
     python -m bench.bench_cheats [--answers 24] [--tokens 64]
@@ -69,6 +70,9 @@ def main() -> None:
             "answers": len(answers),
             "mean_tokens": float(np.mean(lengths)),
             "flagged": float(np.mean([v.verdict == "fraud" for v in verdicts])),
+            # Share of all positions that fail a check: per-answer detection at length L is
+            # about 1 - (1 - rate)^L when positions fail independently.
+            "positions_flagged": float(sum(len({f.position for f in v.failures}) for v in verdicts) / max(sum(lengths), 1)),
             "by_prefix": detection_by_prefix(verdicts, args.tokens),
             "max_diff_median": float(np.median(diffs)) if diffs else None,
             "min_lead_median": float(np.median(leads)) if leads else None,
@@ -78,11 +82,11 @@ def main() -> None:
 
     prefixes = [p for p in PREFIXES if p <= args.tokens]
     print(f"\ntau = {tol.tau:g}, eps = {tol.eps:g}; {args.answers} answers of up to {args.tokens} tokens per row")
-    print(f"{'cheat':<32}{'tokens':>7}" + "".join(f"{'L=' + str(p):>7}" for p in prefixes) + f"{'max diff':>11}{'min lead':>11}")
+    print(f"{'cheat':<32}{'tokens':>7}" + "".join(f"{'L=' + str(p):>7}" for p in prefixes) + f"{'pos. rate':>10}{'max diff':>11}{'min lead':>11}")
     for name, r in results.items():
         fmt = lambda x: f"{x:>11.1e}" if x is not None else f"{'-':>11}"  # noqa: E731
         print(f"{name:<32}{r['mean_tokens']:>7.1f}" + "".join(f"{r['by_prefix'][p]:>7.0%}" for p in prefixes)
-              + fmt(r["max_diff_median"]) + fmt(r["min_lead_median"]))
+              + f"{r['positions_flagged']:>10.1%}" + fmt(r["max_diff_median"]) + fmt(r["min_lead_median"]))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cheats.json").write_text(json.dumps({"tau": tol.tau, "eps": tol.eps, "results": results}, indent=1))
 
