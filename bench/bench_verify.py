@@ -2,7 +2,7 @@
 generating it, same machine, same run.
 
 For answers of 64, 256 and 512 tokens: generation time on each path the node has (the engine
-alone at batch 1; one answer of a batch of 8, wall time / 8), the verifier's time (commitment
+alone at batch 1; in a batch of 8, the batch's wall time per answer-length of tokens), the verifier's time (commitment
 checks + one teacher-forced prefill + the per-position checks, each part timed), the
 verifier's prefill rate against PyTorch eager on the same tokens and against the matmul peak
 measured here (a 2048 x 2048 fp32 matmul), the cost of fingerprints + receipt against
@@ -31,6 +31,7 @@ from compiled_models.registry import DEFAULT_MODEL
 from node.engine import FINGERPRINT_K, GenerationRequest
 from node.loaded_model import LoadedModel, load_checkpoint_cached, load_model
 from node import model_store
+from verify.evidence import AnswerFile
 from verify.evidence_store import encode_answer
 from verify.identity import NodeKey
 from verify.receipts import make_receipt
@@ -74,18 +75,29 @@ def prefill_flops(model: LoadedModel, n_tokens: int, lm_head_rows: int) -> float
     return dense + attention + 2 * c.hidden_size * c.vocab_size * lm_head_rows
 
 
-def answer_of_length(generator: Generator, key: NodeKey, length: int, concurrency: int) -> tuple[list, float]:
-    """``concurrency`` answers of exactly ``length`` tokens (seeds retried past an early EOS)."""
-    prompt = generator.tokenizer.encode_prompt(COMPLETIONS[0])
-    for attempt in range(8):
-        requests = [GenerationRequest(tuple(prompt), SamplingParams(temperature=0.7, max_tokens=length, seed=attempt * 100 + i))
-                    for i in range(concurrency)]
+def _requests(generator: Generator, length: int, seeds: range) -> list[GenerationRequest]:
+    prompt = tuple(generator.tokenizer.encode_prompt(COMPLETIONS[1]))
+    return [GenerationRequest(prompt, SamplingParams(temperature=0.7, max_tokens=length, seed=s)) for s in seeds]
+
+
+def answer_of_length(generator: Generator, key: NodeKey, length: int) -> tuple[AnswerFile, float]:
+    """One answer of exactly ``length`` tokens at batch 1 and its wall time (seeds retried
+    past an early end of text)."""
+    for seed in range(16):
         t = time.perf_counter()
-        answers = generator.answers(requests, key, concurrency=concurrency)
+        (answer,) = generator.answers(_requests(generator, length, range(seed, seed + 1)), key)
         wall = time.perf_counter() - t
-        if all(len(a.evidence.output_ids) == length for a in answers):
-            return answers, wall
-    raise RuntimeError(f"no seed gave {length}-token answers")
+        if len(answer.evidence.output_ids) == length:
+            return answer, wall
+    raise RuntimeError(f"no seed gave a {length}-token answer")
+
+
+def batched_seconds_per_answer(generator: Generator, key: NodeKey, length: int, batch: int = 8) -> float:
+    """Wall time of ``batch`` concurrent answers, per ``length`` tokens of output."""
+    t = time.perf_counter()
+    answers = generator.answers(_requests(generator, length, range(100, 100 + batch)), key, concurrency=batch)
+    wall = time.perf_counter() - t
+    return wall * length / sum(len(a.evidence.output_ids) for a in answers)
 
 
 def torch_prefill_seconds(model: LoadedModel, ids: list[int], threads: int) -> float | None:
@@ -105,9 +117,8 @@ def torch_prefill_seconds(model: LoadedModel, ids: list[int], threads: int) -> f
 
 def bench_length(model: LoadedModel, key: NodeKey, length: int, peak: float, threads: int) -> dict:
     generator = Generator.of(model)
-    answers_b1, wall_b1 = answer_of_length(generator, key, length, 1)
-    _, wall_b8 = answer_of_length(generator, key, length, 8)
-    answer = answers_b1[0]
+    answer, wall_b1 = answer_of_length(generator, key, length)
+    b8_per_answer = batched_seconds_per_answer(generator, key, length)
     ev = answer.evidence
     ids = ev.prompt_ids + ev.output_ids[:-1]
     first = len(ev.prompt_ids) - 1
@@ -130,12 +141,12 @@ def bench_length(model: LoadedModel, key: NodeKey, length: int, peak: float, thr
         "tokens": length,
         "verdict": verdict.verdict,
         "generate_b1_s": wall_b1,
-        "generate_b8_per_answer_s": wall_b8 / 8,
+        "generate_b8_per_answer_s": b8_per_answer,
         "verify_s": verify_s,
         "verify_prefill_s": prefill_s,
         "verify_checks_s": checks_s,
         "verify_over_generate_b1": verify_s / wall_b1,
-        "verify_over_generate_b8": verify_s / (wall_b8 / 8),
+        "verify_over_generate_b8": verify_s / b8_per_answer,
         "verifier_prefill_tok_s": len(ids) / prefill_s,
         "torch_prefill_tok_s": len(ids) / torch_s if torch_s else None,
         "verifier_over_torch": torch_s / prefill_s if torch_s else None,

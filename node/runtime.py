@@ -20,11 +20,12 @@ from tvm import relax
 from tvm.runtime import ShapeTuple
 
 from node.compiler import CompiledLibrary
+from node.compiler.cpu_attention import KV_PAGE_SIZE
 from node.errors import ContextLengthError, ModelLoadError, RequestError
 from node.models.llama.config import LlamaConfig
 from node.targets import DeviceTarget
 
-PAGE_SIZE = 16  # tokens per KV page: small pages waste little on short chats
+PAGE_SIZE = KV_PAGE_SIZE  # tokens per KV page (16): what the CPU attention kernels are built for
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill pass; longer prompts are fed in chunks
 
 

@@ -23,6 +23,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
+from node.compiler.cpu_attention import use_fast_cpu_attention
 from node.compiler.cpu_schedule import NTMatmulCPU
 from node.errors import CompileError
 from node.models.llama.config import LlamaConfig
@@ -30,7 +31,7 @@ from node.models.llama.model import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
-LIBRARY_FORMAT_VERSION = 2  # bump when the exported functions or the pipeline change
+LIBRARY_FORMAT_VERSION = 5  # bump when the exported functions or the pipeline change
 
 
 def _cpu_features_digest() -> str:
@@ -97,6 +98,8 @@ class CompiledLibrary:
 def export_ir(cfg: LlamaConfig, target: Target):
     model = LlamaForCausalLM(cfg, target)
     mod, named_params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
+    if target.kind.name == "llvm":  # the model's RoPE mode is NORMAL, as the fast kernel needs
+        mod = use_fast_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim)
     return mod, named_params
 
 
