@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 import sys
+from pathlib import Path
 
 from compiled_models.registry import DEFAULT_MODEL, REGISTRY
 from node.errors import ProofMeshNodeError
@@ -88,21 +89,47 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    """Re-check an answer file (exit 0 pass, 1 fraud) or a fraud proof (exit 1 upheld, 0 not)."""
+    from pydantic import BaseModel, ValidationError
 
+    from node import model_store
     from node.loaded_model import load_model
     from verify.evidence import AnswerFile
+    from verify.errors import IdentityError
+    from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof
+    from verify.identity import NodeKey
     from verify.verifier import verify_answer
 
     try:
-        answer = AnswerFile.model_validate_json(open(args.file, "rb").read())
+        raw = open(args.file, "rb").read()
     except OSError as exc:
         raise ProofMeshNodeError(f"cannot read {args.file}: {exc}") from exc
-    except ValidationError as exc:
-        raise ProofMeshNodeError(f"{args.file} is not a valid answer file: {exc.error_count()} problems, first: {exc.errors()[0]['msg']}") from exc
+    document: BaseModel | None = None
+    problems = []
+    for schema in (AnswerFile, FraudProof):
+        try:
+            document = schema.model_validate_json(raw)
+            break
+        except ValidationError as exc:
+            problems.append(f"{exc.error_count()} problems as {schema.__name__}, first: {exc.errors()[0]['msg']}")
+    if document is None:
+        raise ProofMeshNodeError(f"{args.file} is not a valid answer file or fraud proof ({'; '.join(problems)})")
     model = load_model(args.model, device=args.device, progress=_progress)
-    verdict = verify_answer(answer, model)
+
+    if isinstance(document, FraudProof):
+        check = check_fraud_proof(document, model)
+        print(check.model_dump_json(indent=1))
+        return 1 if check.upheld else 0
+    verdict = verify_answer(document, model)
     print(verdict.model_dump_json(indent=1))
+    if verdict.verdict == "fraud" and args.proof_out:
+        key_path = args.key or model_store.store_root() / "node_key.pem"
+        try:
+            key = NodeKey.load_or_create(key_path)
+        except (IdentityError, OSError) as exc:
+            raise ProofMeshNodeError(f"cannot use the key file {key_path}: {exc}") from exc
+        Path(args.proof_out).write_text(make_fraud_proof(document, verdict, key).model_dump_json())
+        _progress(f"fraud proof signed by {key.node_id} written to {args.proof_out}")
     return 0 if verdict.verdict == "pass" else 1
 
 
@@ -171,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.set_defaults(func=lambda a: asyncio.run(_generate(a)))
 
-    p = sub.add_parser("verify", help="re-check an answer file by teacher-forced re-execution")
-    p.add_argument("file", help="answer file (JSON: receipt, signature, public key, evidence)")
+    p = sub.add_parser("verify", help="re-check an answer file (or a fraud proof) by teacher-forced re-execution")
+    p.add_argument("file", help="answer file (JSON: receipt, signature, public key, evidence) or fraud proof")
+    p.add_argument("--proof-out", help="on a fraud verdict, write a fraud proof signed with this node's key here")
+    p.add_argument("--key", type=Path, help="key file that signs fraud proofs (default <store>/node_key.pem)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model the answer claims, held locally")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.set_defaults(func=_cmd_verify)

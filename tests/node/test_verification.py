@@ -122,16 +122,25 @@ def test_proofmesh_verify_command(models, tmp_path):
     r = generate(ours, "Hello there", temperature=0.0)
     bad = signed_claim(ours.model_id, r.prompt_ids, [(t + 1) % ours.vocab_size for t in r.output_ids], r.params, r.fingerprints)
     env = {**os.environ, "PROOFMESH_HOME": str(tmp_path / "home")}
+
+    def verify_cli(path, *extra):
+        return subprocess.run([sys.executable, "-m", "node.cli", "verify", str(path), "--model", str(ours.path), "--device", "cpu", *extra],
+                              capture_output=True, text=True, env=env, timeout=300)
+
     codes = {}
     for name, answer in (("good", good), ("bad", bad)):
         path = tmp_path / f"{name}.json"
         path.write_text(answer.model_dump_json())
-        out = subprocess.run([sys.executable, "-m", "node.cli", "verify", str(path), "--model", str(ours.path), "--device", "cpu"],
-                             capture_output=True, text=True, env=env, timeout=300)
+        out = verify_cli(path, "--proof-out", str(tmp_path / f"{name}.proof.json"))
         codes[name] = (out.returncode, out.stdout)
     assert codes["good"][0] == 0 and '"verdict": "pass"' in codes["good"][1]
     assert codes["bad"][0] == 1 and '"verdict": "fraud"' in codes["bad"][1]
+    assert not (tmp_path / "good.proof.json").exists()
+
+    # The fraud proof written for the bad answer is re-checked from scratch: upheld (exit 1).
+    upheld = verify_cli(tmp_path / "bad.proof.json")
+    assert upheld.returncode == 1 and '"upheld": true' in upheld.stdout
+
     (tmp_path / "junk.json").write_text('{"version": 1}')
-    junk = subprocess.run([sys.executable, "-m", "node.cli", "verify", str(tmp_path / "junk.json"), "--model", str(ours.path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    junk = verify_cli(tmp_path / "junk.json")
     assert junk.returncode == 2 and "not a valid answer file" in junk.stderr and "Traceback" not in junk.stderr
