@@ -319,17 +319,22 @@ class CompletionChoice(BaseModel):
     proofmesh: ProofMeshInfo | None = None
 
 
-class CompletionResponse(BaseModel):
-    """A completion, and also each chunk of a completion stream (OpenAI uses one shape)."""
+class _ResponseHead(BaseModel):
+    """What every completion, chat completion and chunk starts with."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     system_fingerprint: str | None = None
+    proofmesh: ProofMeshInfo | None = None
+
+
+class CompletionResponse(_ResponseHead):
+    """A completion, and also each chunk of a completion stream (OpenAI uses one shape)."""
+
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
-    proofmesh: ProofMeshInfo | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -346,15 +351,10 @@ class ChatChoice(BaseModel):
     proofmesh: ProofMeshInfo | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_ResponseHead):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: UsageInfo
-    proofmesh: ProofMeshInfo | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -374,15 +374,10 @@ class ChatChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_ResponseHead):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
-    proofmesh: ProofMeshInfo | None = None
 
 
 class ModelCard(BaseModel):

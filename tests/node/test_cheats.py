@@ -39,7 +39,12 @@ def test_honest_answers_from_the_same_machinery_pass(ctx):
     assert [v.verdict for v in verdicts] == ["pass"] * 16, [v for v in verdicts if v.verdict != "pass"]
 
 
-@pytest.mark.parametrize("name", sorted(CHEATS))
+# fp16 rounding moves this 64-wide random model's logits by ~1e-3, inside the calibrated tau
+# (2e-3); on the real model it is ~1.6e-2, and test_cheats_default_model.py checks it there.
+TINY_UNDETECTABLE = {"fp16-weights"}
+
+
+@pytest.mark.parametrize("name", sorted(set(CHEATS) - TINY_UNDETECTABLE))
 def test_every_cheat_is_flagged(ctx, name):
     answers = CHEATS[name](ctx, requests_for(ctx, name))
     verdicts = [verify_answer(a, ctx.model) for a in answers]
