@@ -192,10 +192,90 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
     return batch_prefill_paged_kv_cpu
 
 
+def paged_decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = KV_PAGE_SIZE):
+    """One new query per sequence against its cached keys (TVM's ``batch_decode_paged_kv_cpu``
+    without sliding window: same signature and results). TVM's version is serial over every
+    sequence and head, scalar, and rescales the output at every key; this one runs
+    (sequence, head) pairs in parallel, vectorized, with one pass for the max and one for the sum."""
+    group_size = h_q // h_kv
+    assert d % LANES == 0, "head dim must split into vector lanes"
+
+    @T.prim_func(s_tir=True)
+    def batch_decode_paged_kv_cpu(
+        Q_handle: T.handle,  # [B, h_q, d]
+        pages_handle: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
+        page_table_indptr_handle: T.handle,  # [B + 1]
+        page_table_values_handle: T.handle,  # [nnz_pages]
+        var_length_info: T.handle,  # [B]: KV slots used in each sequence's last page
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,  # [B, h_q, d]
+        lse_handle: T.handle,  # [B, h_q]
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        B = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+
+        Q = T.match_buffer(Q_handle, (B, h_q, d), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), dtype)
+        page_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        k_rope_pos_offset = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_pos_offset_elem_offset)  # noqa: F841
+        q_rope_position = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_position_elem_offset)  # noqa: F841
+        output = T.match_buffer(output_handle, (B, h_q, d), dtype)
+        lse = T.match_buffer(lse_handle, (B, h_q), "float32")
+        length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
+
+        T.Assert(rotary_mode == 0, "ProofMesh's CPU decode attention expects RoPE applied before attention")
+        for bh in T.parallel(B * h_q):
+            with T.sblock("attn"):
+                scores = T.sblock_alloc_buffer([max_num_pages * page_size], "float32")
+                lanes = T.sblock_alloc_buffer([LANES], "float32")
+                acc = T.sblock_alloc_buffer([d], "float32")
+                stats = T.sblock_alloc_buffer([2], "float32")  # max, sum of exp2
+                stats[0] = T.float32(-5.0e4)
+                stats[1] = T.float32(0)
+                for i in T.vectorized(d):
+                    acc[i] = T.float32(0)
+                for k_idx in T.serial(T.if_then_else(page_indptr[(bh // h_q) + 1] > page_indptr[(bh // h_q)], (page_indptr[(bh // h_q) + 1] - page_indptr[(bh // h_q)] - 1) * page_size + length_info[(bh // h_q)], 0)):
+                    for lane in T.vectorized(LANES):
+                        lanes[lane] = T.float32(0)
+                    for d_out in T.serial(d // LANES):
+                        for lane in T.vectorized(LANES):
+                            lanes[lane] = lanes[lane] + T.Cast("float32", Q[bh // h_q, bh % h_q, d_out * LANES + lane]) * T.Cast(
+                                "float32", pages[page_values[page_indptr[(bh // h_q)] + k_idx // page_size], 0, bh % h_q // group_size, k_idx % page_size, d_out * LANES + lane]
+                            )
+                    scores[k_idx] = ((lanes[0] + lanes[1] + lanes[2] + lanes[3]) + (lanes[4] + lanes[5] + lanes[6] + lanes[7])) * (
+                        sm_scale * T.float32(LOG2E)
+                    )
+                    stats[0] = T.max(stats[0], scores[k_idx])
+                for k_idx in T.serial(T.if_then_else(page_indptr[(bh // h_q) + 1] > page_indptr[(bh // h_q)], (page_indptr[(bh // h_q) + 1] - page_indptr[(bh // h_q)] - 1) * page_size + length_info[(bh // h_q)], 0)):
+                    scores[k_idx] = T.exp2(scores[k_idx] - stats[0])
+                    stats[1] = stats[1] + scores[k_idx]
+                for k_idx in T.serial(T.if_then_else(page_indptr[(bh // h_q) + 1] > page_indptr[(bh // h_q)], (page_indptr[(bh // h_q) + 1] - page_indptr[(bh // h_q)] - 1) * page_size + length_info[(bh // h_q)], 0)):
+                    for i in T.vectorized(d):
+                        acc[i] = acc[i] + scores[k_idx] * T.Cast("float32", pages[page_values[page_indptr[(bh // h_q)] + k_idx // page_size], 1, bh % h_q // group_size, k_idx % page_size, i])
+                for i in T.vectorized(d):
+                    output[bh // h_q, bh % h_q, i] = T.Cast(dtype, T.if_then_else(stats[1] > 0, acc[i] / stats[1], T.float32(0)))
+                lse[bh // h_q, bh % h_q] = T.if_then_else(stats[1] > 0, stats[0] + T.log2(stats[1]), T.float32(-5.0e4))
+
+    return batch_decode_paged_kv_cpu
+
+
 # TVM's kernels by the names they have in an exported module, and ours to put in their place.
 KERNELS = {
     "batch_prefill_ragged_kv": lambda h_kv, h_q, d, dtype, page_size: ragged_prefill_attention_cpu(h_kv, h_q, d, d, dtype),
     "batch_prefill_paged_kv_cpu": paged_prefill_attention_cpu,
+    "batch_decode_paged_kv_cpu": paged_decode_attention_cpu,
 }
 
 
