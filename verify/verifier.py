@@ -101,11 +101,11 @@ def _sampling_margin(row: np.ndarray, params: SamplingParams, rh: bytes, step: i
     can differ by) and the lead re-measured, minus ``eps``. A token that stays masked is fraud.
     """
     unit = params.temperature if params.temperature > 0 else 1.0
-    lead = token_margin(decision_scores(row, params, rh, step, previous), claimed) * unit
+    lead = token_margin(decision_scores(row, params, rh, step, previous, (claimed,)), claimed) * unit
     if lead == -math.inf:
         nudged = np.array(row, dtype=np.float64)
         nudged[claimed] += eps
-        lead = token_margin(decision_scores(nudged, params, rh, step, previous), claimed) * unit - eps
+        lead = token_margin(decision_scores(nudged, params, rh, step, previous, (claimed,)), claimed) * unit - eps
     # Verdicts are signed canonical JSON, which has no infinities.
     return float(np.clip(lead, -MARGIN_CLIP, MARGIN_CLIP))
 

@@ -417,3 +417,24 @@ def test_stop_tokens():
     assert sc.check_token(7) and sc.check_token(9)
     assert not sc.check_token(8)
     assert not StopChecker().check_token(0)
+
+
+def test_skipping_the_noise_of_tokens_that_cannot_win_never_changes_the_draw():
+    """decision_scores computes Gumbel noise only for tokens within the noise's range of the
+    best score; the draw must equal the one with the full noise vector, and every token's lead
+    must keep its sign (margins of winners may shrink, never the verdict)."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        vocab = int(rng.integers(2, 3000))
+        spread = float(rng.choice([0.5, 5.0, 30.0]))
+        logits = (rng.standard_normal(vocab) * spread).astype(np.float32)
+        params = SamplingParams(temperature=float(rng.choice([0.05, 0.3, 1.0, 2.0])), seed=trial, top_p=float(rng.choice([1.0, 0.9])))
+        full = process_logits(logits, params, []) + gumbel_noise(params.seed, RH, trial, vocab)
+        fast = decision_scores(logits, params, RH, trial, [])
+        assert int(np.argmax(fast)) == int(np.argmax(full))
+        winner = int(np.argmax(full))
+        loser = int(rng.integers(vocab))
+        if loser != winner and np.isfinite(full[loser]):
+            exact = decision_scores(logits, params, RH, trial, [], exact_ids=(loser,))
+            assert token_margin(exact, loser) == token_margin(full, loser) < 0
+        assert token_margin(fast, winner) > 0 or token_margin(full, winner) == 0
