@@ -34,16 +34,23 @@ def run_ragged(kernel, lengths, causal):
     return out.numpy(), lse.numpy()
 
 
-def run_paged(kernel, kv_lengths, q_lengths, causal, max_pages=16):
-    rng = np.random.default_rng(1)
+def paged_cache(rng, kv_lengths, max_pages=16):
+    """Random pages, a shuffled page table for sequences of ``kv_lengths`` keys, page indptr and
+    each sequence's last-page length: the cache layout both paged kernels read."""
     pages = rng.standard_normal((max_pages, 2, H_KV, P, D)).astype(np.float32)
     n_pages = [-(-n // P) for n in kv_lengths]
     table = rng.permutation(max_pages)[: sum(n_pages)].astype(np.int32)
     last_page_len = np.array([n - (p - 1) * P if n else 0 for n, p in zip(kv_lengths, n_pages)], np.int32)
+    return pages, indptr(n_pages), table, last_page_len
+
+
+def run_paged(kernel, kv_lengths, q_lengths, causal):
+    rng = np.random.default_rng(1)
+    pages, page_indptr, table, last_page_len = paged_cache(rng, kv_lengths)
     n_q = sum(q_lengths)
     q = rng.standard_normal((n_q, H_Q, D)).astype(np.float32)
     out, lse = tensors(np.zeros((n_q, H_Q, D), np.float32), np.zeros((n_q, H_Q), np.float32))
-    kernel(*tensors(q, indptr(q_lengths), pages, indptr(n_pages), table, last_page_len, np.zeros(len(kv_lengths), np.int32),
+    kernel(*tensors(q, indptr(q_lengths), pages, page_indptr, table, last_page_len, np.zeros(len(kv_lengths), np.int32),
                     np.zeros(n_q, np.int32)), out, lse, causal, 0, 1.0, 10000.0, 0.25)
     return out.numpy(), lse.numpy()
 
@@ -75,16 +82,13 @@ def test_paged_kernel_matches_tvm(kernels, causal):
             np.testing.assert_allclose(b, a, rtol=0, atol=2e-6)
 
 
-def run_decode(kernel, kv_lengths, max_pages=16):
+def run_decode(kernel, kv_lengths):
     rng = np.random.default_rng(2)
-    pages = rng.standard_normal((max_pages, 2, H_KV, P, D)).astype(np.float32)
-    n_pages = [-(-n // P) for n in kv_lengths]
-    table = rng.permutation(max_pages)[: sum(n_pages)].astype(np.int32)
-    last_page_len = np.array([n - (p - 1) * P if n else 0 for n, p in zip(kv_lengths, n_pages)], np.int32)
+    pages, page_indptr, table, last_page_len = paged_cache(rng, kv_lengths)
     b = len(kv_lengths)
     q = rng.standard_normal((b, H_Q, D)).astype(np.float32)
     out, lse = tensors(np.zeros((b, H_Q, D), np.float32), np.zeros((b, H_Q), np.float32))
-    kernel(*tensors(q, pages, indptr(n_pages), table, last_page_len, np.zeros(b, np.int32), np.zeros(b, np.int32)), out, lse,
+    kernel(*tensors(q, pages, page_indptr, table, last_page_len, np.zeros(b, np.int32), np.zeros(b, np.int32)), out, lse,
            0, 1.0, 10000.0, 0.25)
     return out.numpy(), lse.numpy()
 
