@@ -31,7 +31,7 @@ from node.models.llama.model import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
-LIBRARY_FORMAT_VERSION = 6  # bump when the exported functions or the pipeline change
+LIBRARY_FORMAT_VERSION = 7  # bump when the exported functions or the pipeline change
 
 
 def _cpu_features_digest() -> str:

@@ -27,9 +27,42 @@ KV_PAGE_SIZE = 16  # TVM builds its CPU attention kernels for 16-token pages; th
 LOG2E = math.log2(math.e)
 
 
+@T.macro(hygienic=False)
+def _attend(q, row, head, n_keys, key_at, value_at, output, lse, sm_scale, head_dim, dtype, scores, lanes, acc, stats):
+    """One query row of one head against ``n_keys`` keys: two passes for the max and the sum of
+    exp2 (scores in log2 units, as TVM's kernels keep them), then the weighted sum of values.
+    ``key_at(k, i)`` / ``value_at(k, i)`` read element ``i`` of key / value ``k`` wherever the
+    kernel keeps them. No visible key gives output 0 and lse -5e4, as TVM's kernels do."""
+    stats[0] = T.float32(-5.0e4)
+    stats[1] = T.float32(0)
+    for i in T.vectorized(head_dim):
+        acc[i] = T.float32(0)
+    for k_idx in T.serial(n_keys):
+        for lane in T.vectorized(LANES):
+            lanes[lane] = T.float32(0)
+        for d_out in T.serial(head_dim // LANES):
+            for lane in T.vectorized(LANES):
+                lanes[lane] = lanes[lane] + T.Cast("float32", q[row, head, d_out * LANES + lane]) * T.Cast(
+                    "float32", key_at(k_idx, d_out * LANES + lane)
+                )
+        scores[k_idx] = ((lanes[0] + lanes[1] + lanes[2] + lanes[3]) + (lanes[4] + lanes[5] + lanes[6] + lanes[7])) * (
+            sm_scale * T.float32(LOG2E)
+        )
+        stats[0] = T.max(stats[0], scores[k_idx])
+    for k_idx in T.serial(n_keys):
+        scores[k_idx] = T.exp2(scores[k_idx] - stats[0])
+        stats[1] = stats[1] + scores[k_idx]
+    for k_idx in T.serial(n_keys):
+        for i in T.vectorized(head_dim):
+            acc[i] = acc[i] + scores[k_idx] * T.Cast("float32", value_at(k_idx, i))
+    for i in T.vectorized(head_dim):
+        output[row, head, i] = T.Cast(dtype, T.if_then_else(stats[1] > 0, acc[i] / stats[1], T.float32(0)))
+    lse[row, head] = T.if_then_else(stats[1] > 0, stats[0] + T.log2(stats[1]), T.float32(-5.0e4))
+
+
 def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str):
     group_size = h_q // h_kv
-    assert d_qk % LANES == 0 and d_v % LANES == 0, "head dims must split into vector lanes"
+    assert d_qk == d_v and d_qk % LANES == 0, "one head dim, split into vector lanes"
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -74,34 +107,16 @@ def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
                     lanes = T.sblock_alloc_buffer([LANES], "float32")
                     acc = T.sblock_alloc_buffer([d_v], "float32")
                     stats = T.sblock_alloc_buffer([2], "float32")  # running max, sum of exp2
-                    # (Block-local lets break TVM's region analysis, so the index expressions are inline.)
                     for q_idx in T.serial(q_indptr[b + 1] - q_indptr[b]):
                         # Causal: a query sees the keys before the chunk and the chunk up to itself.
-                        stats[0] = T.float32(-3.0e38)
-                        for k_idx in T.serial(T.if_then_else(causal > 0, kv_indptr[b + 1] - kv_indptr[b] - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1, kv_indptr[b + 1] - kv_indptr[b])):
-                            for lane in T.vectorized(LANES):
-                                lanes[lane] = T.float32(0)
-                            for d_out in T.serial(d_qk // LANES):
-                                for lane in T.vectorized(LANES):
-                                    lanes[lane] = lanes[lane] + T.Cast("float32", q[q_indptr[b] + q_idx, h, d_out * LANES + lane]) * T.Cast(
-                                        "float32", k[kv_indptr[b] + k_idx, h // group_size, d_out * LANES + lane]
-                                    )
-                            scores[k_idx] = (
-                                (lanes[0] + lanes[1] + lanes[2] + lanes[3]) + (lanes[4] + lanes[5] + lanes[6] + lanes[7])
-                            ) * (sm_scale * T.float32(LOG2E))
-                            stats[0] = T.max(stats[0], scores[k_idx])
-                        stats[1] = T.float32(0)
-                        for k_idx in T.serial(T.if_then_else(causal > 0, kv_indptr[b + 1] - kv_indptr[b] - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1, kv_indptr[b + 1] - kv_indptr[b])):
-                            scores[k_idx] = T.exp2(scores[k_idx] - stats[0])
-                            stats[1] = stats[1] + scores[k_idx]
-                        for i in T.vectorized(d_v):
-                            acc[i] = T.float32(0)
-                        for k_idx in T.serial(T.if_then_else(causal > 0, kv_indptr[b + 1] - kv_indptr[b] - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1, kv_indptr[b + 1] - kv_indptr[b])):
-                            for i in T.vectorized(d_v):
-                                acc[i] = acc[i] + scores[k_idx] * T.Cast("float32", v[kv_indptr[b] + k_idx, h // group_size, i])
-                        for i in T.vectorized(d_v):
-                            output[q_indptr[b] + q_idx, h, i] = T.Cast(dtype, acc[i] / stats[1])
-                        lse[q_indptr[b] + q_idx, h] = stats[0] + T.log2(stats[1])
+                        _attend(
+                            q, q_indptr[b] + q_idx, h,
+                            T.if_then_else(causal > 0, kv_indptr[b + 1] - kv_indptr[b] - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1,
+                                           kv_indptr[b + 1] - kv_indptr[b]),
+                            lambda k_idx, i: k[kv_indptr[b] + k_idx, h // group_size, i],
+                            lambda k_idx, i: v[kv_indptr[b] + k_idx, h // group_size, i],
+                            output, lse, sm_scale, d_v, dtype, scores, lanes, acc, stats,
+                        )
 
     return batch_prefill_ragged_kv
 
@@ -163,31 +178,12 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
                     acc = T.sblock_alloc_buffer([d], "float32")
                     stats = T.sblock_alloc_buffer([2], "float32")  # running max, sum of exp2
                     for q_idx in T.serial(q_indptr[b + 1] - q_indptr[b]):
-                        stats[0] = T.float32(-5.0e4)  # TVM's "no key" score: lse stays -5e4
-                        stats[1] = T.float32(0)
-                        for i in T.vectorized(d):
-                            acc[i] = T.float32(0)
-                        for k_idx in T.serial(T.max(T.if_then_else(causal > 0, T.min(T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0) - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0)), 0)):
-                            for lane in T.vectorized(LANES):
-                                lanes[lane] = T.float32(0)
-                            for d_out in T.serial(d // LANES):
-                                for lane in T.vectorized(LANES):
-                                    lanes[lane] = lanes[lane] + T.Cast("float32", q[q_indptr[b] + q_idx, h, d_out * LANES + lane]) * T.Cast(
-                                        "float32", pages[page_values[page_indptr[b] + k_idx // page_size], 0, h // group_size, k_idx % page_size, d_out * LANES + lane]
-                                    )
-                            scores[k_idx] = (
-                                (lanes[0] + lanes[1] + lanes[2] + lanes[3]) + (lanes[4] + lanes[5] + lanes[6] + lanes[7])
-                            ) * (sm_scale * T.float32(LOG2E))
-                            stats[0] = T.max(stats[0], scores[k_idx])
-                        for k_idx in T.serial(T.max(T.if_then_else(causal > 0, T.min(T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0) - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0)), 0)):
-                            scores[k_idx] = T.exp2(scores[k_idx] - stats[0])
-                            stats[1] = stats[1] + scores[k_idx]
-                        for k_idx in T.serial(T.max(T.if_then_else(causal > 0, T.min(T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0) - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0)), 0)):
-                            for i in T.vectorized(d):
-                                acc[i] = acc[i] + scores[k_idx] * T.Cast("float32", pages[page_values[page_indptr[b] + k_idx // page_size], 1, h // group_size, k_idx % page_size, i])
-                        for i in T.vectorized(d):
-                            output[q_indptr[b] + q_idx, h, i] = T.Cast(dtype, T.if_then_else(stats[1] > 0, acc[i] / stats[1], T.float32(0)))
-                        lse[q_indptr[b] + q_idx, h] = T.if_then_else(stats[1] > 0, stats[0] + T.log2(stats[1]), T.float32(-5.0e4))
+                        _attend(
+                            q, q_indptr[b] + q_idx, h, T.max(T.if_then_else(causal > 0, T.min(T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0) - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0)), 0),
+                            lambda k_idx, i: pages[page_values[page_indptr[b] + k_idx // page_size], 0, h // group_size, k_idx % page_size, i],
+                            lambda k_idx, i: pages[page_values[page_indptr[b] + k_idx // page_size], 1, h // group_size, k_idx % page_size, i],
+                            output, lse, sm_scale, d, dtype, scores, lanes, acc, stats,
+                        )
 
     return batch_prefill_paged_kv_cpu
 
@@ -242,31 +238,14 @@ def paged_decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_siz
                 lanes = T.sblock_alloc_buffer([LANES], "float32")
                 acc = T.sblock_alloc_buffer([d], "float32")
                 stats = T.sblock_alloc_buffer([2], "float32")  # max, sum of exp2
-                stats[0] = T.float32(-5.0e4)
-                stats[1] = T.float32(0)
-                for i in T.vectorized(d):
-                    acc[i] = T.float32(0)
-                for k_idx in T.serial(T.if_then_else(page_indptr[(bh // h_q) + 1] > page_indptr[(bh // h_q)], (page_indptr[(bh // h_q) + 1] - page_indptr[(bh // h_q)] - 1) * page_size + length_info[(bh // h_q)], 0)):
-                    for lane in T.vectorized(LANES):
-                        lanes[lane] = T.float32(0)
-                    for d_out in T.serial(d // LANES):
-                        for lane in T.vectorized(LANES):
-                            lanes[lane] = lanes[lane] + T.Cast("float32", Q[bh // h_q, bh % h_q, d_out * LANES + lane]) * T.Cast(
-                                "float32", pages[page_values[page_indptr[(bh // h_q)] + k_idx // page_size], 0, bh % h_q // group_size, k_idx % page_size, d_out * LANES + lane]
-                            )
-                    scores[k_idx] = ((lanes[0] + lanes[1] + lanes[2] + lanes[3]) + (lanes[4] + lanes[5] + lanes[6] + lanes[7])) * (
-                        sm_scale * T.float32(LOG2E)
-                    )
-                    stats[0] = T.max(stats[0], scores[k_idx])
-                for k_idx in T.serial(T.if_then_else(page_indptr[(bh // h_q) + 1] > page_indptr[(bh // h_q)], (page_indptr[(bh // h_q) + 1] - page_indptr[(bh // h_q)] - 1) * page_size + length_info[(bh // h_q)], 0)):
-                    scores[k_idx] = T.exp2(scores[k_idx] - stats[0])
-                    stats[1] = stats[1] + scores[k_idx]
-                for k_idx in T.serial(T.if_then_else(page_indptr[(bh // h_q) + 1] > page_indptr[(bh // h_q)], (page_indptr[(bh // h_q) + 1] - page_indptr[(bh // h_q)] - 1) * page_size + length_info[(bh // h_q)], 0)):
-                    for i in T.vectorized(d):
-                        acc[i] = acc[i] + scores[k_idx] * T.Cast("float32", pages[page_values[page_indptr[(bh // h_q)] + k_idx // page_size], 1, bh % h_q // group_size, k_idx % page_size, i])
-                for i in T.vectorized(d):
-                    output[bh // h_q, bh % h_q, i] = T.Cast(dtype, T.if_then_else(stats[1] > 0, acc[i] / stats[1], T.float32(0)))
-                lse[bh // h_q, bh % h_q] = T.if_then_else(stats[1] > 0, stats[0] + T.log2(stats[1]), T.float32(-5.0e4))
+                _attend(
+                    Q, bh // h_q, bh % h_q,
+                    T.if_then_else(page_indptr[bh // h_q + 1] > page_indptr[bh // h_q],
+                                   (page_indptr[bh // h_q + 1] - page_indptr[bh // h_q] - 1) * page_size + length_info[bh // h_q], 0),
+                    lambda k_idx, i: pages[page_values[page_indptr[bh // h_q] + k_idx // page_size], 0, bh % h_q // group_size, k_idx % page_size, i],
+                    lambda k_idx, i: pages[page_values[page_indptr[bh // h_q] + k_idx // page_size], 1, bh % h_q // group_size, k_idx % page_size, i],
+                    output, lse, sm_scale, d, dtype, scores, lanes, acc, stats,
+                )
 
     return batch_decode_paged_kv_cpu
 
