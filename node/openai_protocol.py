@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import abstractmethod
 from typing import Annotated, Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -127,12 +128,13 @@ class SamplingRequest(OpenAIRequest):
         """The request's token budget, or this endpoint's default for a prompt of that length."""
         return self.requested_max_tokens() or self.default_max_tokens(prompt_tokens, max_context)
 
+    @abstractmethod
     def default_max_tokens(self, prompt_tokens: int, max_context: int) -> int:
-        raise NotImplementedError
+        """The budget when the request names none (each endpoint follows OpenAI's default)."""
 
+    @abstractmethod
     def top_logprobs_count(self) -> int | None:
         """How many top logprobs each token gets; ``None``: no logprobs at all."""
-        raise NotImplementedError
 
     def to_sampling_params(self, *, max_tokens: int, seed: int) -> SamplingParams:
         """The engine's parameters for one choice (raises pydantic's ValidationError)."""

@@ -10,14 +10,13 @@ and never trusts the verdict's content.
 
 from __future__ import annotations
 
-import base64
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from verify.canonical import canonical_json
 from verify.evidence import AnswerFile
-from verify.identity import NodeKey, peer_id_from_public_key, verify_signature
+from verify.identity import NodeKey, verify_signed_by
 from verify.verifier import ScoringBackend, Tolerances, Verdict, verify_answer
 
 
@@ -36,21 +35,13 @@ class SignedVerdict(BaseModel):
         return canonical_json({"verdict": verdict.model_dump(), "verifier_id": verifier_id})
 
     def signature_is_valid(self) -> bool:
-        public_key = bytes.fromhex(self.public_key)
-        if peer_id_from_public_key(public_key) != self.verifier_id:
-            return False
-        try:
-            raw = base64.b64decode(self.signature, validate=True)
-        except ValueError:
-            return False
-        return verify_signature(public_key, self.signing_bytes(self.verdict, self.verifier_id), raw)
+        return verify_signed_by(self.verifier_id, bytes.fromhex(self.public_key), self.signing_bytes(self.verdict, self.verifier_id),
+                                self.signature)
 
 
 def sign_verdict(verdict: Verdict, key: NodeKey) -> SignedVerdict:
-    signature = key.sign(SignedVerdict.signing_bytes(verdict, key.node_id))
-    return SignedVerdict(
-        verdict=verdict, verifier_id=key.node_id, public_key=key.public_key.hex(), signature=base64.b64encode(signature).decode()
-    )
+    signature = key.sign_base64(SignedVerdict.signing_bytes(verdict, key.node_id))
+    return SignedVerdict(verdict=verdict, verifier_id=key.node_id, public_key=key.public_key.hex(), signature=signature)
 
 
 class FraudProof(BaseModel):

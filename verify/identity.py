@@ -7,6 +7,7 @@ check a signature from the node id alone, and a libp2p stream's remote peer id n
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -63,6 +64,18 @@ def verify_signature(public_key: bytes, data: bytes, signature: bytes) -> bool:
         return False
 
 
+def verify_signed_by(node_id: str, public_key: bytes, data: bytes, signature_b64: str) -> bool:
+    """True iff ``public_key`` is ``node_id``'s key and ``signature_b64`` (base64) is its
+    signature of ``data``: how receipts and verdicts are attributed to a node."""
+    if peer_id_from_public_key(public_key) != node_id:
+        return False
+    try:
+        raw = base64.b64decode(signature_b64, validate=True)
+    except ValueError:
+        return False
+    return verify_signature(public_key, data, raw)
+
+
 class NodeKey:
     """A node's Ed25519 private key."""
 
@@ -84,6 +97,10 @@ class NodeKey:
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
+
+    def sign_base64(self, data: bytes) -> str:
+        """The signature as base64 text, the form receipts and verdicts carry."""
+        return base64.b64encode(self.sign(data)).decode()
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> "NodeKey":

@@ -9,7 +9,6 @@ cannot be replayed for another; ``receipt_id`` is 128 random bits, unique per an
 
 from __future__ import annotations
 
-import base64
 import secrets
 import time
 from typing import Literal, Sequence
@@ -17,7 +16,7 @@ from typing import Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from verify.canonical import canonical_json, output_hash
-from verify.identity import NodeKey, peer_id_from_public_key, verify_signature
+from verify.identity import NodeKey, verify_signed_by
 from verify.merkle import fingerprint_leaf, merkle_root
 
 RECEIPT_VERSION = 1
@@ -77,16 +76,10 @@ def make_receipt(
         finish_reason=finish_reason,
         created=int(time.time()),
     )
-    return receipt, base64.b64encode(key.sign(receipt.signing_bytes())).decode()
+    return receipt, key.sign_base64(receipt.signing_bytes())
 
 
 def verify_receipt(receipt: Receipt, signature: str, public_key: bytes) -> bool:
     """True iff ``signature`` is ``public_key``'s signature of this exact receipt and the
     receipt names that key's node id."""
-    if peer_id_from_public_key(public_key) != receipt.node_id:
-        return False
-    try:
-        raw = base64.b64decode(signature, validate=True)
-    except ValueError:
-        return False
-    return verify_signature(public_key, receipt.signing_bytes(), raw)
+    return verify_signed_by(receipt.node_id, public_key, receipt.signing_bytes(), signature)
