@@ -33,10 +33,8 @@ from node.engine import FINGERPRINT_K, GenerationRequest
 from node.loaded_model import LoadedModel, load_checkpoint_cached
 from node.models.llama.model import fuse_hf_weights
 from node.runtime import ModelRuntime
-from verify.canonical import request_hash
-from verify.evidence import AnswerFile, Evidence, Fingerprint
+from verify.evidence import AnswerFile, sign_answer
 from verify.identity import NodeKey
-from verify.receipts import make_receipt
 from verify.sampling import SamplingParams, process_logits, top_k_fingerprint
 
 Weights = dict[str, np.ndarray]
@@ -102,15 +100,8 @@ def cheap_generator(model: LoadedModel, transform: Callable[[Weights], Weights],
 def claim(key: NodeKey, model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int], params: SamplingParams,
           fingerprints: FingerprintRows) -> AnswerFile:
     """A validly signed, internally consistent answer file for any claimed tokens."""
-    prompt_ids, output_ids = list(prompt_ids), list(output_ids)
-    receipt, signature = make_receipt(
-        key, model_id=model.model_id, backend=model.backend,
-        request_hash=request_hash(model.model_id, prompt_ids, params.to_canonical_dict()), seed=params.seed,
-        prompt_ids=prompt_ids, output_ids=output_ids, fingerprints=fingerprints, finish_reason="length",
-    )
-    evidence = Evidence(prompt_ids=prompt_ids, output_ids=output_ids, sampling=params,
-                        fingerprints=[Fingerprint(ids=i, logits=v) for i, v in fingerprints])
-    return AnswerFile(receipt=receipt, signature=signature, public_key=key.public_key.hex(), evidence=evidence)
+    return sign_answer(key, model_id=model.model_id, backend=model.backend, prompt_ids=prompt_ids, output_ids=output_ids,
+                       params=params, fingerprints=fingerprints, finish_reason="length")
 
 
 def real_fingerprints(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> FingerprintRows:

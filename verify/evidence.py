@@ -7,11 +7,13 @@ file cannot exhaust a verifier; ``version`` lets the format evolve.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from verify.receipts import Receipt
+from verify.canonical import request_hash
+from verify.identity import NodeKey
+from verify.receipts import Receipt, make_receipt
 from verify.sampling import SamplingParams
 
 MAX_TOKENS = 65536  # prompt or output ids per answer
@@ -52,3 +54,26 @@ class AnswerFile(BaseModel):
     signature: str = Field(max_length=200)  # base64 Ed25519 signature of the receipt
     public_key: str = Field(pattern=r"^[0-9a-f]{64}$")  # hex, 32 bytes
     evidence: Evidence
+
+
+def sign_answer(
+    key: NodeKey,
+    *,
+    model_id: str,
+    backend: str,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    params: SamplingParams,
+    fingerprints: Sequence[tuple[Sequence[int], Sequence[float]]],
+    finish_reason: Literal["stop", "length"],
+) -> AnswerFile:
+    """Commit to an answer: the signed receipt (request hash computed here from the model, the
+    prompt ids and every sampling parameter) and the evidence behind it, as one answer file."""
+    prompt_ids, output_ids = list(prompt_ids), list(output_ids)
+    receipt, signature = make_receipt(
+        key, model_id=model_id, backend=backend, request_hash=request_hash(model_id, prompt_ids, params.to_canonical_dict()),
+        seed=params.seed, prompt_ids=prompt_ids, output_ids=output_ids, fingerprints=fingerprints, finish_reason=finish_reason,
+    )
+    evidence = Evidence(prompt_ids=prompt_ids, output_ids=output_ids, sampling=params,
+                        fingerprints=[Fingerprint(ids=list(i), logits=list(v)) for i, v in fingerprints])
+    return AnswerFile(receipt=receipt, signature=signature, public_key=key.public_key.hex(), evidence=evidence)

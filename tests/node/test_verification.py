@@ -12,10 +12,8 @@ from node.engine import Engine, GenerationRequest
 from node.loaded_model import load_model
 from node.runtime import CacheLimits
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from verify.canonical import request_hash
-from verify.evidence import AnswerFile, Evidence
+from verify.evidence import AnswerFile, sign_answer
 from verify.identity import NodeKey
-from verify.receipts import make_receipt
 from verify.sampling import SamplingParams
 from verify.verifier import verify_answer
 
@@ -49,13 +47,8 @@ def generate(model, prompt_text, **sampling):
 
 def signed_claim(model_id: str, prompt_ids, output_ids, params: SamplingParams, fingerprints) -> AnswerFile:
     """A cheater's answer: internally consistent and validly signed, but not honestly computed."""
-    receipt, sig = make_receipt(
-        KEY, model_id=model_id, backend="tvm/llvm/fp32", request_hash=request_hash(model_id, prompt_ids, params.to_canonical_dict()),
-        seed=params.seed, prompt_ids=prompt_ids, output_ids=output_ids, fingerprints=fingerprints, finish_reason="length",
-    )
-    fps = [{"ids": i, "logits": v} for i, v in fingerprints]
-    return AnswerFile(receipt=receipt, signature=sig, public_key=KEY.public_key.hex(),
-                      evidence=Evidence(prompt_ids=prompt_ids, output_ids=output_ids, sampling=params, fingerprints=fps))
+    return sign_answer(KEY, model_id=model_id, backend="tvm/llvm/fp32", prompt_ids=prompt_ids, output_ids=output_ids, params=params,
+                       fingerprints=fingerprints, finish_reason="length")
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8, 1.5])

@@ -8,11 +8,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from verify.canonical import request_hash
-from verify.evidence import AnswerFile, Evidence
+from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore, decode_answer, encode_answer
 from verify.identity import NodeKey
-from verify.receipts import fingerprint_root, make_receipt
+from verify.receipts import fingerprint_root
 from verify.sampling import SamplingParams
 
 KEY = NodeKey.generate()
@@ -28,13 +27,8 @@ def make_answer(n_out: int = 64, *, seed: int = 0, float64_logits: bool = False)
         logits = logits.astype(np.float32)
     fps = [(rng.integers(0, 49152, size=8).tolist(), [float(x) for x in row]) for row in logits]
     params = SamplingParams(temperature=0.7, seed=seed, max_tokens=n_out)
-    receipt, sig = make_receipt(
-        KEY, model_id=MODEL_ID, backend="test", request_hash=request_hash(MODEL_ID, prompt, params.to_canonical_dict()),
-        seed=seed, prompt_ids=prompt, output_ids=output, fingerprints=fps, finish_reason="length",
-    )
-    evidence = Evidence(prompt_ids=prompt, output_ids=output, sampling=params,
-                        fingerprints=[{"ids": i, "logits": v} for i, v in fps])
-    return AnswerFile(receipt=receipt, signature=sig, public_key=KEY.public_key.hex(), evidence=evidence)
+    return sign_answer(KEY, model_id=MODEL_ID, backend="test", prompt_ids=prompt, output_ids=output, params=params,
+                       fingerprints=fps, finish_reason="length")
 
 
 @pytest.mark.parametrize("float64_logits", [False, True])

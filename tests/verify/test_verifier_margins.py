@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from verify.canonical import request_hash
-from verify.evidence import AnswerFile, Evidence
+from verify.evidence import AnswerFile, sign_answer
 from verify.identity import NodeKey
-from verify.receipts import make_receipt
 from verify.sampling import SamplingParams, sample_token, top_k_fingerprint
 from verify.verifier import Tolerances, verify_answer
 
@@ -33,11 +32,8 @@ class FixedLogits:
 
 
 def answer(params: SamplingParams, token: int, fingerprint) -> AnswerFile:
-    rh = request_hash(MODEL_ID, PROMPT, params.to_canonical_dict())
-    receipt, sig = make_receipt(KEY, model_id=MODEL_ID, backend="test", request_hash=rh, seed=params.seed, prompt_ids=PROMPT,
-                                output_ids=[token], fingerprints=[fingerprint], finish_reason="length")
-    ev = Evidence(prompt_ids=PROMPT, output_ids=[token], sampling=params, fingerprints=[{"ids": fingerprint[0], "logits": fingerprint[1]}])
-    return AnswerFile(receipt=receipt, signature=sig, public_key=KEY.public_key.hex(), evidence=ev)
+    return sign_answer(KEY, model_id=MODEL_ID, backend="test", prompt_ids=PROMPT, output_ids=[token], params=params,
+                       fingerprints=[fingerprint], finish_reason="length")
 
 
 def boundary_case(delta: float):
