@@ -15,10 +15,14 @@ import logging
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compiled_models.registry import DEFAULT_MODEL, REGISTRY
 from node.errors import ProofMeshNodeError
 from node.targets import DEVICE_CHOICES
+
+if TYPE_CHECKING:
+    from verify.identity import NodeKey
 
 log = logging.getLogger("proofmesh")
 
@@ -88,16 +92,26 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_key(path: str | Path | None) -> tuple[NodeKey, Path]:
+    """The node's identity key (``<store>/node_key.pem`` unless given), created on first use."""
+    from node import model_store
+    from verify.errors import IdentityError
+    from verify.identity import NodeKey
+
+    key_path = Path(path) if path else model_store.store_root() / "node_key.pem"
+    try:
+        return NodeKey.load_or_create(key_path), key_path
+    except (IdentityError, OSError) as exc:
+        raise ProofMeshNodeError(f"cannot use the key file {key_path}: {exc}") from exc
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     """Re-check an answer file (exit 0 pass, 1 fraud) or a fraud proof (exit 1 upheld, 0 not)."""
     from pydantic import BaseModel, ValidationError
 
-    from node import model_store
     from node.loaded_model import load_model
     from verify.evidence import AnswerFile
-    from verify.errors import IdentityError
     from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof
-    from verify.identity import NodeKey
     from verify.verifier import verify_answer
 
     try:
@@ -123,11 +137,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     verdict = verify_answer(document, model)
     print(verdict.model_dump_json(indent=1))
     if verdict.verdict == "fraud" and args.proof_out:
-        key_path = args.key or model_store.store_root() / "node_key.pem"
-        try:
-            key = NodeKey.load_or_create(key_path)
-        except (IdentityError, OSError) as exc:
-            raise ProofMeshNodeError(f"cannot use the key file {key_path}: {exc}") from exc
+        key, _ = _node_key(args.key)
         Path(args.proof_out).write_text(make_fraud_proof(document, verdict, key).model_dump_json())
         _progress(f"fraud proof signed by {key.node_id} written to {args.proof_out}")
     return 0 if verdict.verdict == "pass" else 1
@@ -138,16 +148,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from node.loaded_model import load_model
     from node.server import make_app, serve_until_signalled
     from node.service import DEFAULT_MAX_QUEUE
-    from verify.errors import IdentityError
     from verify.evidence_store import EvidenceStore
-    from verify.identity import NodeKey
 
     root = model_store.store_root()
-    key_path = args.key or root / "node_key.pem"
-    try:
-        key = NodeKey.load_or_create(key_path)
-    except (IdentityError, OSError) as exc:
-        raise ProofMeshNodeError(f"cannot use the key file {key_path}: {exc}") from exc
+    key, key_path = _node_key(args.key)
     _progress(f"node id {key.node_id} (key {key_path})")
     models = [load_model(name, device=args.device, progress=_progress) for name in args.model or [DEFAULT_MODEL]]
     store = EvidenceStore(root / "evidence.sqlite")
