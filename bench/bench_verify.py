@@ -23,6 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -100,7 +101,8 @@ def batched_seconds_per_answer(generator: Generator, key: NodeKey, length: int, 
     return wall * length / sum(len(a.evidence.output_ids) for a in answers)
 
 
-def torch_prefill_seconds(model: LoadedModel, ids: list[int], threads: int) -> float | None:
+def torch_prefill_timer(model: LoadedModel, threads: int) -> Callable[[list[int]], float] | None:
+    """Seconds PyTorch eager takes to prefill some ids (model built once), or None without torch."""
     try:
         import torch
 
@@ -109,13 +111,17 @@ def torch_prefill_seconds(model: LoadedModel, ids: list[int], threads: int) -> f
         return None
     torch.set_num_threads(threads)
     net = build_torch_llama(load_checkpoint_cached(model.path, model_store.store_root(), progress=lambda m: None))
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        net(x)
-        return min(_timed(lambda: net(x)) for _ in range(2))
+
+    def seconds(ids: list[int]) -> float:
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            net(x)
+            return min(_timed(lambda: net(x)) for _ in range(2))
+
+    return seconds
 
 
-def bench_length(model: LoadedModel, key: NodeKey, length: int, peak: float, threads: int) -> dict:
+def bench_length(model: LoadedModel, key: NodeKey, length: int, peak: float, torch_prefill: Callable[[list[int]], float] | None) -> dict:
     generator = Generator.of(model)
     answer, wall_b1 = answer_of_length(generator, key, length)
     b8_per_answer = batched_seconds_per_answer(generator, key, length)
@@ -127,7 +133,7 @@ def bench_length(model: LoadedModel, key: NodeKey, length: int, peak: float, thr
     verdict = verify_answer(answer, model)
     prefill_s = min(_timed(lambda: model.score(ids, first)) for _ in range(2))
     checks_s = _timed(lambda: check_positions(answer, model, 1e-3)) - prefill_s
-    torch_s = torch_prefill_seconds(model, ids, threads)
+    torch_s = torch_prefill(ids) if torch_prefill else None
 
     logits = model.score(ids, first)
     fingerprint_s = _timed(lambda: [top_k_fingerprint(row, FINGERPRINT_K) for row in logits])
@@ -168,7 +174,8 @@ def main() -> None:
     peak, how = matmul_peak_gflops(args.threads)
     model = load_model(DEFAULT_MODEL, device="cpu", progress=lambda m: None)
     key = NodeKey.generate()
-    rows = [bench_length(model, key, n, peak, args.threads) for n in args.lengths]
+    torch_prefill = torch_prefill_timer(model, args.threads)
+    rows = [bench_length(model, key, n, peak, torch_prefill) for n in args.lengths]
 
     print(f"matmul peak ({how}, {args.threads} threads): {peak:.0f} GFLOP/s; backend {model.backend}")
     columns = ["tokens", "generate_b1_s", "generate_b8_per_answer_s", "verify_s", "verify_prefill_s", "verify_checks_s",

@@ -154,14 +154,15 @@ def _cheap_decode_real_fingerprints(ctx: CheatContext, requests: Sequence[Genera
     return [_refingerprinted(ctx, a.evidence.prompt_ids, a.evidence.output_ids, a.evidence.sampling) for a in _cheap_model(ctx, requests)]
 
 
-def _honest(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+def honest_answers(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """The control: the real model answering honestly (what several cheats start from)."""
     return Generator.of(ctx.model).answers(requests, ctx.key, concurrency=8)
 
 
 def _truncated_prompt(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
     """Answer only the second half of each prompt (a dropped system message, a cut context)."""
     shortened = [GenerationRequest(r.prompt_ids[len(r.prompt_ids) // 2 :], r.params) for r in requests]
-    answers = _honest(ctx, shortened)
+    answers = honest_answers(ctx, shortened)
     return [claim(ctx.key, ctx.model, r.prompt_ids, a.evidence.output_ids, r.params, _fingerprints_of(a)) for r, a in zip(requests, answers)]
 
 
@@ -173,7 +174,7 @@ def _fabricated_tokens(ctx: CheatContext, requests: Sequence[GenerationRequest])
 def _edited_token(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
     """One token in the middle of an honest answer swapped for the runner-up of its position."""
     out = []
-    for answer in _honest(ctx, requests):
+    for answer in honest_answers(ctx, requests):
         ev = answer.evidence
         t = len(ev.output_ids) // 2
         alternatives = [i for i in ev.fingerprints[t].ids if i != ev.output_ids[t]]
@@ -185,7 +186,7 @@ def _edited_token(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> l
 
 def _wrong_seed(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
     """Drawn with another seed, claimed under the request's seed."""
-    drawn = _honest(ctx, [GenerationRequest(r.prompt_ids, r.params.model_copy(update={"seed": r.params.seed ^ 1})) for r in requests])
+    drawn = honest_answers(ctx, [GenerationRequest(r.prompt_ids, r.params.model_copy(update={"seed": r.params.seed ^ 1})) for r in requests])
     return [claim(ctx.key, ctx.model, r.prompt_ids, a.evidence.output_ids, r.params, _fingerprints_of(a)) for r, a in zip(requests, drawn)]
 
 
@@ -218,7 +219,7 @@ def _forged_receipt(ctx: CheatContext, requests: Sequence[GenerationRequest]) ->
     """Honest work, but the receipt is re-signed by another key while naming the same node."""
     forger = NodeKey.generate()
     out = []
-    for answer in _honest(ctx, requests):
+    for answer in honest_answers(ctx, requests):
         ev = answer.evidence
         forged = claim(forger, ctx.model, ev.prompt_ids, ev.output_ids, ev.sampling, _fingerprints_of(answer))
         out.append(forged.model_copy(update={"public_key": answer.public_key}))
@@ -227,7 +228,7 @@ def _forged_receipt(ctx: CheatContext, requests: Sequence[GenerationRequest]) ->
 
 def _replayed_receipt(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
     """Each receipt presented with the evidence of the next request's answer."""
-    answers = _honest(ctx, requests)
+    answers = honest_answers(ctx, requests)
     return [a.model_copy(update={"evidence": answers[(i + 1) % len(answers)].evidence}) for i, a in enumerate(answers)]
 
 
