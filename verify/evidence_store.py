@@ -36,6 +36,13 @@ CREATE TABLE IF NOT EXISTS answers (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS answers_by_created ON answers (created);
+-- The bytes kept, maintained by SQLite itself so the size cap costs O(1) per answer, not a scan.
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals VALUES (0, (SELECT COALESCE(SUM(size), 0) FROM answers));
+CREATE TRIGGER IF NOT EXISTS answers_added AFTER INSERT ON answers
+    BEGIN UPDATE totals SET bytes = bytes + NEW.size WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS answers_dropped AFTER DELETE ON answers
+    BEGIN UPDATE totals SET bytes = bytes - OLD.size WHERE id = 0; END;
 """
 
 
@@ -115,6 +122,7 @@ class EvidenceStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA recursive_triggers=ON")  # so a REPLACE's implicit delete is counted
         self._db.executescript(_SCHEMA)
 
     def put(self, answer: AnswerFile, *, now: float | None = None) -> int:
@@ -142,17 +150,20 @@ class EvidenceStore:
     def stats(self) -> tuple[int, int]:
         """(answers kept, bytes they take)."""
         with self._lock:
-            count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM answers").fetchone()
+            (count,) = self._db.execute("SELECT COUNT(*) FROM answers").fetchone()
+            size = self._kept_bytes()
         return int(count), int(size)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    def _kept_bytes(self) -> int:
+        return int(self._db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
+
     def _evict(self, now: float) -> None:
         self._db.execute("DELETE FROM answers WHERE created < ?", (now - self.retention_s,))
-        (total,) = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM answers").fetchone()
-        if total <= self.max_bytes:
+        if self._kept_bytes() <= self.max_bytes:
             return
         # Drop the oldest rows until the rest fit: a running sum in creation order.
         self._db.execute(

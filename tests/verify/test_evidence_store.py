@@ -77,3 +77,14 @@ def test_answers_survive_a_reopen(tmp_path):
     answer = make_answer()
     EvidenceStore(tmp_path / "e.sqlite").put(answer)
     assert EvidenceStore(tmp_path / "e.sqlite").get(answer.receipt.receipt_id) == answer
+
+
+def test_kept_bytes_follow_inserts_replacements_and_evictions(tmp_path):
+    store = EvidenceStore(tmp_path / "e.sqlite", retention_s=100)
+    answers = [make_answer(seed=s) for s in range(4)]
+    for i, answer in enumerate(answers):
+        store.put(answer, now=1000.0 + 40 * i)  # the first expires by the time the last arrives
+    store.put(answers[-1], now=1121.0)  # the same receipt again replaces its row
+    with sqlite3.connect(tmp_path / "e.sqlite") as db:
+        (summed,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM answers").fetchone()
+    assert store.stats() == (3, summed)
