@@ -44,11 +44,12 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from node import model_store
     from node.compiler import compile_model
-    from node.loaded_model import load_checkpoint_cached, manifest_of
+    from node.loaded_model import load_checkpoint_cached, manifest_of, model_parameters
     from node.targets import DeviceTarget, cpu_target, cuda_target_for_arch, detect
 
     root = model_store.store_root()
-    ckpt = load_checkpoint_cached(model_store.resolve(args.model, root, _progress), root, _progress)
+    path = model_store.resolve(args.model, root, _progress)
+    ckpt = load_checkpoint_cached(path, root, _progress, keep_quantized=args.weights == "native")
     if args.target == "cuda":  # cross-compile: no GPU needed to build
         target = DeviceTarget("cuda", cuda_target_for_arch(args.cuda_arch))
     elif args.target == "generic-cpu":
@@ -57,7 +58,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         target = detect(args.device)
     _progress(f"model_id {manifest_of(ckpt).model_id}")
     _progress(f"compiling for {target.description} (cached after the first time) ...")
-    library = compile_model(ckpt.config, target.target, root, force=args.force)
+    _, layout = model_parameters(ckpt)
+    library = compile_model(ckpt.config, target.target, root, layout=layout, force=args.force)
     print(library.path)
     return 0
 
@@ -67,7 +69,7 @@ async def _generate(args: argparse.Namespace) -> int:
     from node.loaded_model import load_model
     from verify.sampling import SamplingParams
 
-    model = load_model(args.model, device=args.device, progress=_progress)
+    model = load_model(args.model, device=args.device, weights=args.weights, progress=_progress)
     tok = model.tokenizer
     if args.chat:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
@@ -128,7 +130,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             problems.append(f"{exc.error_count()} problems as {schema.__name__}, first: {exc.errors()[0]['msg']}")
     if document is None:
         raise ProofMeshNodeError(f"{args.file} is not a valid answer file or fraud proof ({'; '.join(problems)})")
-    model = load_model(args.model, device=args.device, progress=_progress)
+    model = load_model(args.model, device=args.device, weights=args.weights, progress=_progress)
 
     if isinstance(document, FraudProof):
         check = check_fraud_proof(document, model)
@@ -153,7 +155,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     root = model_store.store_root()
     key, key_path = _node_key(args.key)
     _progress(f"node id {key.node_id} (key {key_path})")
-    models = [load_model(name, device=args.device, progress=_progress) for name in args.model or [DEFAULT_MODEL]]
+    models = [load_model(name, device=args.device, weights=args.weights, progress=_progress)
+              for name in args.model or [DEFAULT_MODEL]]
     store = EvidenceStore(root / "evidence.sqlite")
     api_keys = list(args.api_key or [])
 
@@ -173,6 +176,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_weights_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=["native", "fp32"], default="native",
+                   help="native: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized in memory and compute on them "
+                   "(default); fp32: dequantize at load. Same model_id either way")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proofmesh", description="ProofMesh node: verifiable LLM inference")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -189,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host: this machine's device; generic-cpu: portable x86-64; cuda: cross-compile")
     p.add_argument("--cuda-arch", default="sm_90")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    _add_weights_option(p)
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("generate", help="generate a continuation and print it as it is produced")
@@ -200,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    _add_weights_option(p)
     p.set_defaults(func=lambda a: asyncio.run(_generate(a)))
 
     p = sub.add_parser("verify", help="re-check an answer file (or a fraud proof) by teacher-forced re-execution")
@@ -208,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, help="key file that signs fraud proofs (default <store>/node_key.pem)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model the answer claims, held locally")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    _add_weights_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("run", help="serve models over the OpenAI-style HTTP API (signed receipts on every answer)")
@@ -221,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")
     p.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a batch slot before "
                    "new ones get 429 (default 64)")
+    _add_weights_option(p)
     p.set_defaults(func=_cmd_run)
     return parser
 

@@ -15,17 +15,20 @@ from typing import Sequence
 import numpy as np
 
 from node import model_store
+from node.errors import ConfigError
 from node.compiler import compile_model
 from node.model_store import ModelManifest, ProgressFn
 from node.prepared_cache import load_prepared, save_prepared
 from node.models.llama.checkpoint import Checkpoint, load_checkpoint
 from node.models.llama.config import LlamaConfig
-from node.models.llama.model import fuse_hf_weights
+from node.models.llama.model import fuse_hf_weights, native_params
 from node.runtime import CacheLimits, ModelRuntime
 from node.targets import DeviceTarget, detect
 from node.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
+
+WEIGHT_MODES = ("native", "fp32")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class LoadedModel:
     runtime: ModelRuntime
     device: DeviceTarget
     load_seconds: float
+    weight_layout: dict[str, str]  # weights kept as GGML blocks (module -> type); empty on the fp32 path
 
     @property
     def model_id(self) -> str:
@@ -45,7 +49,9 @@ class LoadedModel:
 
     @property
     def backend(self) -> str:
-        return self.device.description
+        """The device's description, plus ``/native`` when quantized blocks are computed on in place
+        (still fp32 arithmetic: the same precision class and tolerance)."""
+        return self.device.description + ("/native" if self.weight_layout else "")
 
     @property
     def vocab_size(self) -> int:
@@ -69,14 +75,21 @@ def manifest_of(ckpt: Checkpoint) -> ModelManifest:
     )
 
 
-def load_checkpoint_cached(path: Path, root: Path, progress: ProgressFn = log.info) -> Checkpoint:
-    """The checkpoint at ``path``, from the prepared cache when it holds it (warm start)."""
+def load_checkpoint_cached(path: Path, root: Path, progress: ProgressFn = log.info, *,
+                           keep_quantized: bool = False) -> Checkpoint:
+    """The checkpoint at ``path``, from the prepared cache when it holds it (warm start);
+    quantized weights stay blocks with ``keep_quantized``, else come out as float32."""
     ckpt = load_prepared(root, path)
     if ckpt is None:
         progress(f"loading {path.name} (prepared once, then cached) ...")
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, keep_quantized=True)
         save_prepared(root, path, ckpt)
-    return ckpt
+    return ckpt if keep_quantized else ckpt.dequantized()
+
+
+def model_parameters(ckpt: Checkpoint) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The compiled model's parameters and weight layout (empty unless weights are still quantized)."""
+    return native_params(fuse_hf_weights(ckpt.config, ckpt.weights))
 
 
 def load_model(
@@ -86,17 +99,25 @@ def load_model(
     limits: CacheLimits = CacheLimits(),
     root: Path | None = None,
     progress: ProgressFn = log.info,
+    weights: str = "native",
 ) -> LoadedModel:
+    """``weights="native"`` keeps a GGUF's Q4_0/Q4_1/Q8_0 weights in their blocks and runs the
+    quantized kernels on them; ``"fp32"`` dequantizes every weight at load time. Both are
+    honest backends of the same ``model_id``."""
+    if weights not in WEIGHT_MODES:
+        raise ConfigError(f"unknown weights mode {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
     start = time.perf_counter()
     root = root or model_store.store_root()
     path = model_store.resolve(model, root, progress)
-    ckpt = load_checkpoint_cached(path, root, progress)
+    ckpt = load_checkpoint_cached(path, root, progress, keep_quantized=weights == "native")
     manifest = manifest_of(ckpt)
     manifest.save(root)
     target = device if isinstance(device, DeviceTarget) else detect(device)
-    progress(f"model_id {manifest.model_id[:16]}…  backend {target.description}")
-    library = compile_model(ckpt.config, target.target, root)
-    runtime = ModelRuntime(ckpt.config, library, fuse_hf_weights(ckpt.config, ckpt.weights), target, limits)
+    params, layout = model_parameters(ckpt)
+    progress(f"model_id {manifest.model_id[:16]}…  backend {target.description}"
+             + (f"  weights native ({', '.join(sorted(set(layout.values())))} blocks)" if layout else "  weights fp32"))
+    library = compile_model(ckpt.config, target.target, root, layout=layout)
+    runtime = ModelRuntime(ckpt.config, library, params, target, limits)
     return LoadedModel(
         name=model,
         path=path,
@@ -106,4 +127,5 @@ def load_model(
         runtime=runtime,
         device=target,
         load_seconds=time.perf_counter() - start,
+        weight_layout=layout,
     )

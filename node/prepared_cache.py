@@ -1,13 +1,13 @@
 """Warm starts: a loaded checkpoint, prepared once, reloaded in a fraction of the time.
 
 Parsing the default GGUF (its 49k-entry vocabulary is read field by field) and dequantizing
-its blocks takes ~5 s on 2 cores; reading the prepared float32 tensors back through
-safetensors takes well under a second. The entry is keyed by the source's path, size and
+its blocks takes ~5 s on 2 cores; reading the prepared tensors back through safetensors
+takes well under a second. Quantized weights are kept as their blocks (``QuantizedTensor``). The entry is keyed by the source's path, size and
 modification time, so an edited or replaced model file is prepared afresh; the weights
 digest and format are carried over from the real load, so ``model_id`` is unchanged.
 
-    <store>/prepared/<key>/weights.safetensors   HF-named float32 tensors
-    <store>/prepared/<key>/meta.json             config, digest, format, tokenizer
+    <store>/prepared/<key>/weights.safetensors   HF-named float32 tensors and uint8 blocks
+    <store>/prepared/<key>/meta.json             config, digest, format, tokenizer, block types
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 from node.models.llama.checkpoint import Checkpoint
 from node.models.llama.config import LlamaConfig
+from node.models.quant.blocks import QuantizedTensor
 from node.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2  # 2: quantized weights stored as blocks
 
 
 def source_key(path: Path) -> str:
@@ -65,9 +67,12 @@ def load_prepared(root: Path, path: Path) -> Checkpoint | None:
         chat_template=tok["chat_template"],
         source=tok["source"],
     )
+    weights: dict[str, np.ndarray | QuantizedTensor] = load_file(str(weights_path))
+    for name, (ggml_type, rows, cols) in meta["quantized"].items():
+        weights[name] = QuantizedTensor(ggml_type, (rows, cols), weights[name])
     return Checkpoint(
         config=LlamaConfig(**shape),
-        weights=load_file(str(weights_path)),
+        weights=weights,
         tokenizer=tokenizer,
         weights_digest=meta["weights_digest"],
         weight_format=meta["weight_format"],
@@ -86,6 +91,7 @@ def save_prepared(root: Path, path: Path, ckpt: Checkpoint) -> None:
         "weights_digest": ckpt.weights_digest,
         "weight_format": ckpt.weight_format,
         "source": ckpt.source,
+        "quantized": {n: [w.ggml_type, *w.shape] for n, w in ckpt.weights.items() if isinstance(w, QuantizedTensor)},
         "tokenizer": {
             "json": tok.tokenizer.to_str(),
             "bos_token_id": tok.bos_token_id,
@@ -98,7 +104,8 @@ def save_prepared(root: Path, path: Path, ckpt: Checkpoint) -> None:
     # Build in a temporary folder and rename it into place: a killed save leaves no entry.
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
     try:
-        save_file(ckpt.weights, str(tmp / "weights.safetensors"))
+        arrays = {n: w.blocks if isinstance(w, QuantizedTensor) else w for n, w in ckpt.weights.items()}
+        save_file(arrays, str(tmp / "weights.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, entry)
     except OSError as exc:  # a full disk costs the next start time, not this one

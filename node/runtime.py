@@ -69,12 +69,14 @@ class ModelRuntime:
     @staticmethod
     def _upload(library: CompiledLibrary, params: dict[str, np.ndarray], device: DeviceTarget) -> list:
         tensors = []
-        for name, shape in zip(library.param_names, library.param_shapes):
+        for name, shape, dtype in zip(library.param_names, library.param_shapes, library.param_dtypes):
             if name not in params:
                 raise ModelLoadError(f"weights lack parameter {name!r} required by the compiled model")
-            array = np.ascontiguousarray(params[name], dtype=np.float32)
-            if tuple(array.shape) != tuple(shape):
-                raise ModelLoadError(f"parameter {name!r} has shape {array.shape}, the model expects {shape}")
+            # float32 parameters accept any float array (as before quantized layouts); block arrays must match.
+            array = np.ascontiguousarray(params[name], dtype=np.float32 if dtype == "float32" else None)
+            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+                raise ModelLoadError(f"parameter {name!r} is {array.dtype}{list(array.shape)}, "
+                                     f"the model expects {dtype}{list(shape)}")
             tensors.append(tvm.runtime.tensor(array, device.device))
         return tensors
 

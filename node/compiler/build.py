@@ -27,7 +27,7 @@ from node.compiler.cpu_attention import use_fast_cpu_attention
 from node.compiler.cpu_schedule import NTMatmulCPU
 from node.errors import CompileError
 from node.models.llama.config import LlamaConfig
-from node.models.llama.model import LlamaForCausalLM
+from node.models.llama.model import LlamaForCausalLM, WeightLayout
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ def _cpu_features_digest() -> str:
     return "unknown"
 
 
-def library_cache_key(cfg: LlamaConfig, target: Target) -> str:
+def library_cache_key(cfg: LlamaConfig, target: Target, layout: WeightLayout | None = None) -> str:
+    """Shape, target, TVM and, for natively quantized weights, their layout (which block type
+    each weight keeps): another layout is another library, the same ``model_id``."""
     payload = {
         "format": LIBRARY_FORMAT_VERSION,
         "shape": cfg.shape_dict(),
@@ -53,6 +55,8 @@ def library_cache_key(cfg: LlamaConfig, target: Target) -> str:
         "host_features": _cpu_features_digest() if target.kind.name == "llvm" else None,
         "tvm": tvm.__version__,
     }
+    if layout:
+        payload["weight_layout"] = sorted(layout.items())
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -88,6 +92,7 @@ class CompiledLibrary:
     path: Path
     param_names: list[str]  # order of the packed parameter tuple
     param_shapes: list[tuple[int, ...]]
+    param_dtypes: list[str]
     cache_key: str
     target: Target
 
@@ -95,17 +100,18 @@ class CompiledLibrary:
         return tvm.runtime.load_module(str(self.path))
 
 
-def export_ir(cfg: LlamaConfig, target: Target):
-    model = LlamaForCausalLM(cfg, target)
+def export_ir(cfg: LlamaConfig, target: Target, layout: WeightLayout | None = None):
+    model = LlamaForCausalLM(cfg, target, layout)
     mod, named_params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
     if target.kind.name == "llvm":  # the model's RoPE mode is NORMAL, as the fast kernel needs
         mod = use_fast_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim)
     return mod, named_params
 
 
-def compile_model(cfg: LlamaConfig, target: Target, cache_dir: Path, *, force: bool = False) -> CompiledLibrary:
-    """Return the cached library for (shape, target, TVM), building it on a miss."""
-    key = library_cache_key(cfg, target)
+def compile_model(cfg: LlamaConfig, target: Target, cache_dir: Path, *, layout: WeightLayout | None = None,
+                  force: bool = False) -> CompiledLibrary:
+    """Return the cached library for (shape, target, TVM, weight layout), building it on a miss."""
+    key = library_cache_key(cfg, target, layout)
     lib_dir = Path(cache_dir) / "libs"
     lib_path = lib_dir / f"{cfg.model_type}-{key}.so"
     meta_path = lib_path.with_suffix(".json")
@@ -115,7 +121,7 @@ def compile_model(cfg: LlamaConfig, target: Target, cache_dir: Path, *, force: b
     log.info("compiling %s (%d layers) for %s; this takes a while once per machine", cfg.model_type, cfg.num_hidden_layers, target.kind.name)
     start = time.perf_counter()
     try:
-        mod, named_params = export_ir(cfg, target)
+        mod, named_params = export_ir(cfg, target, layout)
         executable = tvm.compile(mod, target=target, relax_pipeline=_pipeline(target))
     except Exception as exc:  # TVM raises its own error types from deep inside; report one
         raise CompileError(f"TVM could not compile {cfg.model_type} for {target}: {exc}") from exc
@@ -127,6 +133,7 @@ def compile_model(cfg: LlamaConfig, target: Target, cache_dir: Path, *, force: b
         meta = {
             "param_names": [name for name, _ in named_params],
             "param_shapes": [[int(d) for d in p.shape] for _, p in named_params],
+            "param_dtypes": [p.dtype for _, p in named_params],
             "target": str(target),
             "tvm": tvm.__version__,
             "shape": cfg.shape_dict(),
@@ -140,4 +147,5 @@ def compile_model(cfg: LlamaConfig, target: Target, cache_dir: Path, *, force: b
 
 
 def _library(path: Path, meta: dict, key: str, target: Target) -> CompiledLibrary:
-    return CompiledLibrary(path, meta["param_names"], [tuple(s) for s in meta["param_shapes"]], key, target)
+    dtypes = meta.get("param_dtypes", ["float32"] * len(meta["param_names"]))  # libraries before quantization
+    return CompiledLibrary(path, meta["param_names"], [tuple(s) for s in meta["param_shapes"]], dtypes, key, target)

@@ -15,6 +15,7 @@ quantized blocks, so another quantization is another digest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from node.errors import ModelLoadError
+from node.models.quant.blocks import QuantizedTensor
 from node.tokenizer import TextTokenizer
 
 from .config import LlamaConfig
@@ -33,11 +35,20 @@ DIGEST_VERSION = b"proofmesh-weights-v1"
 @dataclass
 class Checkpoint:
     config: LlamaConfig
-    weights: dict[str, np.ndarray]  # HF names -> float32, C-contiguous, HF layout
+    weights: dict[str, np.ndarray | QuantizedTensor]  # HF names -> float32 (C-contiguous) or blocks, HF layout
     tokenizer: TextTokenizer
     weights_digest: str  # hex sha256, see module docstring
     weight_format: str  # "safetensors:bf16", "gguf:F32+Q4_1+Q8_0": the stored types, sorted
     source: str  # the path it was loaded from
+
+    def dequantized(self) -> "Checkpoint":
+        """The same checkpoint with every quantized weight as float32 (the fp32 path)."""
+        weights = {n: w.dequantize() if isinstance(w, QuantizedTensor) else w for n, w in self.weights.items()}
+        return dataclasses.replace(self, weights=weights)
+
+    @property
+    def is_quantized(self) -> bool:
+        return any(isinstance(w, QuantizedTensor) for w in self.weights.values())
 
     def __repr__(self) -> str:
         return (
@@ -72,7 +83,7 @@ def expected_weight_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(cfg: LlamaConfig, weights: dict[str, np.ndarray], source: str) -> None:
+def check_weights(cfg: LlamaConfig, weights: dict[str, np.ndarray | QuantizedTensor], source: str) -> None:
     """Raise ``ModelLoadError`` naming the first missing, misshapen or unexpected tensor."""
     expected = expected_weight_shapes(cfg)
     for name, shape in expected.items():
@@ -117,8 +128,14 @@ class WeightsDigest:
         return self._h.hexdigest()
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a Hugging Face checkpoint folder or a ``.gguf`` file."""
+def load_checkpoint(path: str | Path, *, keep_quantized: bool = False) -> Checkpoint:
+    """Load a Hugging Face checkpoint folder or a ``.gguf`` file; quantized GGUF weights stay
+    in their blocks with ``keep_quantized``, else come out as float32."""
+    ckpt = _load(Path(path))
+    return ckpt if keep_quantized else ckpt.dequantized()
+
+
+def _load(path: Path) -> Checkpoint:
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"model path does not exist: {p}")

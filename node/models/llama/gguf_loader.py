@@ -2,7 +2,8 @@
 
 Read with ``gguf.GGUFReader`` (a memory map; format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
 The config comes from the ``llama.*`` metadata, the tokenizer from ``tokenizer.ggml.*`` (see
-``node.tokenizer``), and each tensor is dequantized to float32 with ``gguf.quants.dequantize``.
+``node.tokenizer``). Q4_0/Q4_1/Q8_0 matrices stay in their blocks (``QuantizedTensor``, for the
+native kernels); every other tensor is read as float32 with ``gguf.quants.dequantize``.
 
 Two layout facts of llama.cpp's converter (``convert_hf_to_gguf.py``) are undone here:
 
@@ -24,6 +25,8 @@ import numpy as np
 
 from node.errors import ConfigError, ModelLoadError
 from node.tokenizer import TextTokenizer
+
+from node.models.quant.blocks import FORMATS, QuantizedTensor
 
 from .checkpoint import Checkpoint, WeightsDigest, check_weights
 from .config import LlamaConfig
@@ -166,14 +169,16 @@ def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
         if type_name not in SUPPORTED_GGML_TYPES:
             raise ModelLoadError(f"{source}: tensor {name!r} has GGML type {type_name}, which is not supported "
                                  f"(supported: {', '.join(SUPPORTED_GGML_TYPES)})")
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         # GGUF shape is ne order (fastest first); numpy order is its reverse.
-        w = w.reshape([int(d) for d in reversed(t.shape)])
-        if ".attn_q." in name:
-            w = unpermute_qk_rows(w, config.num_attention_heads)
-        elif ".attn_k." in name:
-            w = unpermute_qk_rows(w, config.num_key_value_heads)
-        weights[hf_name] = np.ascontiguousarray(w, dtype=np.float32)
+        shape = [int(d) for d in reversed(t.shape)]
+        if type_name in FORMATS and len(shape) == 2:  # kept as blocks; rows are [out_features]
+            w = QuantizedTensor(type_name, (shape[0], shape[1]), np.ascontiguousarray(t.data).reshape(shape[0], -1))
+        else:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        if ".attn_q." in name or ".attn_k." in name:
+            heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+            w = w.with_rows(unpermute_qk_rows(w.blocks, heads)) if isinstance(w, QuantizedTensor) else unpermute_qk_rows(w, heads)
+        weights[hf_name] = w if isinstance(w, QuantizedTensor) else np.ascontiguousarray(w, dtype=np.float32)
 
     check_weights(config, weights, source)
     tokenizer = TextTokenizer.from_gguf_metadata(meta, source=source)

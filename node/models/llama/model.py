@@ -13,10 +13,14 @@ Exported functions (one spec, ``export_spec``):
 - ``decode(input_ids (b, 1), cache)``: one token for each of b sequences.
 - ``create_paged_kv_cache(...)``: the cache object, sized at run time.
 Weights are parameters (``param_mode: packed``), so one library serves every checkpoint
-of a shape.
+of a shape. A weight layout (``native_params``) may keep any projection, the embedding and
+the head in llama.cpp's quantized blocks (``node.models.quant``); the layout is part of the
+library's cache key, never of ``model_id``.
 """
 
 from __future__ import annotations
+
+from typing import Mapping, Union
 
 import numpy as np
 from tvm import tirx
@@ -26,19 +30,43 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm import relax as rx
 from tvm.target import Target
 
+from node.models.quant.blocks import QuantizedTensor, concat_rows
+from node.models.quant.kernels import ROWS
+from node.models.quant.modules import QuantEmbedding, QuantLinear
+
 from .config import LlamaConfig
 
 ACCUM_DTYPE = "float32"
+Weight = Union[np.ndarray, QuantizedTensor]
+WeightLayout = Mapping[str, str]  # module name ("model.layers.0.mlp.down_proj") -> GGML block type
+# Hugging Face projections fused into one matmul each: (fused name, its parts in row order).
+FUSED_PROJECTIONS = (
+    ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
+class Linears:
+    """Makes each projection an ``nn.Linear``, or a ``QuantLinear`` where the layout names a block type."""
+
+    def __init__(self, layout: WeightLayout, target: Target):
+        self.layout = layout
+        self.target = target
+
+    def __call__(self, name: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        if name in self.layout:
+            return QuantLinear(in_features, out_features, self.layout[name], self.target, bias=bias)
+        return nn.Linear(in_features, out_features, bias=bias)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, prefix: str, linear: Linears):
         self.num_q_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         qkv_rows = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_rows, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.num_q_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = linear(f"{prefix}.qkv_proj", cfg.hidden_size, qkv_rows, bias=cfg.attention_bias)
+        self.o_proj = linear(f"{prefix}.o_proj", self.num_q_heads * self.head_dim, cfg.hidden_size)
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -48,10 +76,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, prefix: str, linear: Linears):
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = linear(f"{prefix}.gate_up_proj", cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = linear(f"{prefix}.down_proj", cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)  # each (b, s, intermediate)
@@ -59,12 +87,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer_id: int):
+    def __init__(self, cfg: LlamaConfig, layer_id: int, linear: Linears):
         self.layer_id = layer_id
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, f"model.layers.{layer_id}.self_attn", linear)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, f"model.layers.{layer_id}.mlp", linear)
 
     def forward(self, x: Tensor, cache: PagedKVCache) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cache, self.layer_id)
@@ -72,9 +100,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: LlamaConfig, linear: Linears):
+        embed_type = linear.layout.get("model.embed_tokens")
+        self.embed_tokens = (QuantEmbedding(cfg.vocab_size, cfg.hidden_size, embed_type, linear.target) if embed_type
+                             else nn.Embedding(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, linear) for i in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
 
     def forward(self, input_ids: Tensor, cache: PagedKVCache) -> Tensor:
@@ -85,14 +115,17 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: LlamaConfig, target: Target):
+    def __init__(self, cfg: LlamaConfig, target: Target, layout: WeightLayout | None = None):
         self.cfg = cfg
         self.target = target
-        self.model = LlamaModel(cfg)
+        linear = Linears(layout or {}, target)
+        self.model = LlamaModel(cfg, linear)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = linear("lm_head", cfg.hidden_size, cfg.vocab_size)
 
     def _logits(self, hidden: Tensor) -> Tensor:
+        if self.cfg.tie_word_embeddings and isinstance(self.model.embed_tokens, QuantEmbedding):
+            return self.model.embed_tokens.lm_head(hidden)
         if self.cfg.tie_word_embeddings:
             weight = op.permute_dims(self.model.embed_tokens.weight)  # (hidden, vocab)
             return op.matmul(hidden, weight, out_dtype=ACCUM_DTYPE)
@@ -168,24 +201,39 @@ class LlamaForCausalLM(nn.Module):
         }
 
 
-def fuse_hf_weights(cfg: LlamaConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Map Hugging Face tensor names onto this module's parameters (fusing q/k/v, gate/up)."""
-    out: dict[str, np.ndarray] = {}
-    for name, tensor in weights.items():
-        if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-            continue
-        if ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
-            continue
-        out[name] = tensor
+def fuse_hf_weights(cfg: LlamaConfig, weights: Mapping[str, Weight]) -> dict[str, Weight]:
+    """Map Hugging Face tensor names onto this module's weights, fusing q/k/v and gate/up by rows.
+    Quantized parts of one type stay quantized (rows are independent blocks); otherwise the
+    fused weight is float32."""
+    part_names = {f".{part}." for _, parts in FUSED_PROJECTIONS for part in parts}
+    out = {name: t for name, t in weights.items() if not any(p in name for p in part_names)}
     for i in range(cfg.num_hidden_layers):
-        attn = f"model.layers.{i}.self_attn"
-        out[f"{attn}.qkv_proj.weight"] = np.concatenate(
-            [weights[f"{attn}.{p}_proj.weight"] for p in "qkv"], axis=0
-        )
-        if cfg.attention_bias:
-            out[f"{attn}.qkv_proj.bias"] = np.concatenate([weights[f"{attn}.{p}_proj.bias"] for p in "qkv"])
-        mlp = f"model.layers.{i}.mlp"
-        out[f"{mlp}.gate_up_proj.weight"] = np.concatenate(
-            [weights[f"{mlp}.gate_proj.weight"], weights[f"{mlp}.up_proj.weight"]], axis=0
-        )
+        for fused, parts in FUSED_PROJECTIONS:
+            for kind in ("weight", "bias"):
+                names = [f"model.layers.{i}.{part}.{kind}" for part in parts]
+                if names[0] in weights:
+                    out[f"model.layers.{i}.{fused}.{kind}"] = _concat_rows([weights[n] for n in names])
     return out
+
+
+def _concat_rows(parts: list[Weight]) -> Weight:
+    if all(isinstance(p, QuantizedTensor) for p in parts) and len({p.ggml_type for p in parts}) == 1:
+        return concat_rows(parts)
+    return np.concatenate([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts], axis=0)
+
+
+def native_params(fused: Mapping[str, Weight]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The compiled model's parameters and weight layout: every quantized weight the kernels
+    take (rows in whole tiles) as its split block arrays, everything else as float32."""
+    params: dict[str, np.ndarray] = {}
+    layout: dict[str, str] = {}
+    for name, t in fused.items():
+        if isinstance(t, QuantizedTensor):
+            if t.shape[0] % ROWS == 0:
+                module = name.removesuffix(".weight")
+                layout[module] = t.ggml_type
+                params.update({f"{module}.{suffix}": array for suffix, array in t.split().items()})
+                continue
+            t = t.dequantize()
+        params[name] = t
+    return params, layout

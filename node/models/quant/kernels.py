@@ -1,0 +1,197 @@
+"""Matmul and embedding kernels that read llama.cpp's quantized blocks directly.
+
+    out[i, j] = sum_k x[i, k] * w[j, k]     w = the dequantized weight (node.models.quantization)
+
+Decode at batch 1 reads every weight once per token and is memory-bound, so the weights stay
+in their 4/8-bit blocks in memory and are dequantized in registers. The arithmetic is fp32
+throughout (what makes this an honest backend of the model's ``model_id``): per block of 32
+weights and row ``j``
+
+    sum_e x[e] * (q[e] * d + m)  =  d * sum_e x[e] * q[e]  +  m * sum_e x[e]
+
+(Q4_0 is ``m = -8 d``, Q8_0 has no ``m``). That reassociation changes only rounding, inside
+the verifier's calibrated tolerance, and halves the work in the loop.
+
+Two loop nests in one CPU kernel, chosen by the number of token rows ``n`` at run time:
+
+- ``n <= FUSED_MAX_TOKENS`` (decode): a tile of ``ROWS`` output rows per task, both cores on
+  separate tiles; per block, 8 bytes of nibbles are widened once to int32 lanes and give two
+  8-lane vectors (low and high nibble) for the FMAs. Nothing is written but the output.
+- otherwise (prefill, batched decode): each task dequantizes its ``ROWS x K`` tile into fp32
+  once (L1/L2 resident) and then runs every token row against it with an 8-lane x ``ROWS``
+  register tile, so dequantization is paid once per tile, not once per token.
+
+GPU targets get the plain definition (``quant_matmul_generic``) and dlight's GPU rules
+schedule it, as they do MLC-LLM's dequantize-matmul fusions.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+from node.models.quant.blocks import BLOCK, FORMATS
+
+LANES = 8  # fp32 lanes of a 256-bit vector
+ROWS = 8  # output rows per task: 8 accumulators stay in registers with the block's 4 x vectors
+FUSED_MAX_TOKENS = 2  # measured crossover on znver3: the tiled nest wins from 3 token rows
+SCALE_DTYPE = "float16"  # d and m as stored in the blocks
+
+
+def _lo(v):
+    return T.Cast("float32", T.bitwise_and(T.Cast("int32", v), 15))
+
+
+def _hi(v):
+    return T.Cast("float32", T.shift_right(T.Cast("int32", v), 4))
+
+
+@T.macro(hygienic=False)
+def _matmul_cpu(x, out, n, n_out, k_in, block_dot, block_scale, block_offset, tile_value):
+    """The two loop nests of the module docstring. ``block_dot(i, row, kb, l)``: lane ``l`` of
+    sum x*q over block ``kb``; ``block_scale`` / ``block_offset(row, kb)``: d and m;
+    ``tile_value(row, kb, h, l)``: weight ``h * 16 + l`` of block ``kb``, dequantized."""
+    for jo in T.parallel(n_out // ROWS):
+        with T.sblock("tile"):
+            acc = T.sblock_alloc_buffer([ROWS, LANES], "float32")
+            xs = T.sblock_alloc_buffer([LANES], "float32")
+            w = T.sblock_alloc_buffer([ROWS, k_in], "float32")
+            if n <= FUSED_MAX_TOKENS:
+                for i in T.serial(n):
+                    for r in T.unroll(ROWS):
+                        for l in T.vectorized(LANES):
+                            acc[r, l] = T.float32(0)
+                    for kb in T.serial(k_in // BLOCK):
+                        for l in T.vectorized(LANES):
+                            xs[l] = (x[i, kb * 32 + l] + x[i, kb * 32 + 8 + l]) + (x[i, kb * 32 + 16 + l] + x[i, kb * 32 + 24 + l])
+                        for r in T.unroll(ROWS):
+                            for l in T.vectorized(LANES):
+                                acc[r, l] = acc[r, l] + block_dot(i, jo * ROWS + r, kb, l) * block_scale(jo * ROWS + r, kb) + xs[l] * block_offset(jo * ROWS + r, kb)
+                    for r in T.serial(ROWS):
+                        out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
+            else:
+                for r in T.serial(ROWS):
+                    for kb in T.serial(k_in // BLOCK):
+                        for h in T.unroll(2):
+                            for l in T.vectorized(16):
+                                w[r, kb * 32 + h * 16 + l] = tile_value(jo * ROWS + r, kb, h, l)
+                for i in T.serial(n):
+                    for r in T.unroll(ROWS):
+                        for l in T.vectorized(LANES):
+                            acc[r, l] = T.float32(0)
+                    for ko in T.serial(k_in // LANES):
+                        for r in T.unroll(ROWS):
+                            for l in T.vectorized(LANES):
+                                acc[r, l] = acc[r, l] + x[i, ko * LANES + l] * w[r, ko * LANES + l]
+                    for r in T.serial(ROWS):
+                        out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
+
+
+def _dot_q4(x, qs):
+    """Lane l of a 4-bit block's sum x*q: bytes l and 8+l carry weights l, 8+l (low) and 16+l, 24+l (high)."""
+    return lambda i, row, kb, l: (
+        (x[i, kb * 32 + l] * _lo(qs[row, kb * 16 + l]) + x[i, kb * 32 + 16 + l] * _hi(qs[row, kb * 16 + l]))
+        + (x[i, kb * 32 + 8 + l] * _lo(qs[row, kb * 16 + 8 + l]) + x[i, kb * 32 + 24 + l] * _hi(qs[row, kb * 16 + 8 + l]))
+    )
+
+
+def _dot_q8(x, qs):
+    return lambda i, row, kb, l: (
+        (x[i, kb * 32 + l] * T.Cast("float32", qs[row, kb * 32 + l]) + x[i, kb * 32 + 8 + l] * T.Cast("float32", qs[row, kb * 32 + 8 + l]))
+        + (x[i, kb * 32 + 16 + l] * T.Cast("float32", qs[row, kb * 32 + 16 + l]) + x[i, kb * 32 + 24 + l] * T.Cast("float32", qs[row, kb * 32 + 24 + l]))
+    )
+
+
+def _f32(per_block):
+    """A block's f16 scale or min, read as fp32 (exact)."""
+    return lambda row, kb: T.Cast("float32", per_block[row, kb])
+
+
+def _minus_8(d):
+    return lambda row, kb: T.float32(-8) * T.Cast("float32", d[row, kb])
+
+
+def _zero(row, kb):
+    return T.float32(0)
+
+
+def _tile_q4(qs, scale, offset):
+    """Weight ``h * 16 + l`` of block ``kb``: the low (h = 0) or high (h = 1) nibble of byte l."""
+    return lambda row, kb, h, l: T.Cast(
+        "float32", T.bitwise_and(T.shift_right(T.Cast("int32", qs[row, kb * 16 + l]), 4 * h), 15)
+    ) * scale(row, kb) + offset(row, kb)
+
+
+def _tile_q8(qs, scale):
+    return lambda row, kb, h, l: T.Cast("float32", qs[row, kb * 32 + h * 16 + l]) * scale(row, kb)
+
+
+def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
+    """The scheduled CPU kernel ``(x (n, k_in) f32, *split arrays, out (n, n_out) f32)``."""
+    fmt = FORMATS[ggml_type]
+    assert n_out % ROWS == 0 and k_in % BLOCK == 0, f"{n_out}x{k_in} does not tile into {ROWS} rows and {BLOCK}-blocks"
+    n_blocks = k_in // BLOCK
+    q_shape, q_dtype = fmt.param_shapes(n_out, k_in)["qweight"]
+
+    if ggml_type == "Q4_1":
+
+        @T.prim_func(s_tir=True)
+        def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer((n_out, n_blocks), SCALE_DTYPE),
+                   m: T.Buffer((n_out, n_blocks), SCALE_DTYPE), var_out: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            n = T.int64()
+            x = T.match_buffer(var_x, (n, k_in), "float32")
+            out = T.match_buffer(var_out, (n, n_out), "float32")
+            _matmul_cpu(x, out, n, n_out, k_in, _dot_q4(x, qs), _f32(d), _f32(m), _tile_q4(qs, _f32(d), _f32(m)))
+
+        return kernel.without_attr("global_symbol")  # named by the caller, one per shape
+
+    @T.prim_func(s_tir=True)
+    def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer((n_out, n_blocks), SCALE_DTYPE), var_out: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (n, k_in), "float32")
+        out = T.match_buffer(var_out, (n, n_out), "float32")
+        if fmt.bits == 4:  # Q4_0: q - 8, i.e. m = -8 d
+            _matmul_cpu(x, out, n, n_out, k_in, _dot_q4(x, qs), _f32(d), _minus_8(d), _tile_q4(qs, _f32(d), _minus_8(d)))
+        else:
+            _matmul_cpu(x, out, n, n_out, k_in, _dot_q8(x, qs), _f32(d), _zero, _tile_q8(qs, _f32(d)))
+
+    return kernel.without_attr("global_symbol")  # named by the caller, one per shape
+
+
+def _weight_expr(ggml_type: str, params: list[te.Tensor]):
+    """w[row, k] as a TE expression over the split arrays (the definition the CPU kernel optimizes)."""
+    fmt = FORMATS[ggml_type]
+    qs, d = params[0], params[1]
+
+    def weight(row, k):
+        scale = d[row, k // BLOCK].astype("float32")
+        if fmt.bits == 8:
+            return qs[row, k].astype("float32") * scale
+        byte = qs[row, k // BLOCK * 16 + k % 16].astype("int32")
+        q = tirx.bitwise_and(tirx.shift_right(byte, (k % BLOCK // 16 * 4).astype("int32")), 15).astype("float32")
+        if fmt.has_mins:
+            return q * scale + params[2][row, k // BLOCK].astype("float32")
+        return (q - 8.0) * scale
+
+    return weight
+
+
+def quant_matmul_te(x: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tensor:
+    """Unscheduled definition for GPU targets: out = x @ dequantize(params).T (dlight schedules it)."""
+    n_out = params[0].shape[0]
+    k_in = x.shape[1]
+    weight = _weight_expr(ggml_type, list(params))
+    k = te.reduce_axis((0, k_in), name="k")
+    return te.compute((x.shape[0], n_out), lambda i, j: te.sum(x[i, k] * weight(j, k), axis=k), name="quant_matmul")
+
+
+def quant_take_te(ids: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tensor:
+    """Embedding lookup from quantized rows: out[i, :] = dequantize(params)[ids[i], :]."""
+    weight = _weight_expr(ggml_type, list(params))
+    hidden = params[0].shape[1] * (2 if FORMATS[ggml_type].bits == 4 else 1)
+    return te.compute((ids.shape[0], hidden), lambda i, k: weight(ids[i], k), name="quant_take")
+
+
+__all__ = ["FUSED_MAX_TOKENS", "quant_matmul_cpu", "quant_matmul_te", "quant_take_te"]

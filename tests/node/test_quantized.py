@@ -1,0 +1,163 @@
+"""Quantized weights served natively: the kernels dequantize exactly as the ``gguf`` package
+does, a natively served model gives the fp32 path's logits, and answers made on one path pass
+the verifier running on the other (both are honest backends of one ``model_id``)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+
+from node.answers import answer_file
+from node.compiler import compile_model
+from node.engine import Engine, GenerationRequest
+from node.loaded_model import load_checkpoint_cached, load_model, model_parameters
+from node.models.quant.blocks import FORMATS, QuantizedTensor, quantize
+from node.models.quant.kernels import FUSED_MAX_TOKENS, quant_matmul_cpu
+from node.runtime import CacheLimits
+from node.targets import cuda_target_for_arch
+from tests.models_fixtures import make_tiny_gguf
+from verify.evidence import AnswerFile
+from verify.identity import NodeKey
+from verify.sampling import SamplingParams
+from verify.verifier import verify_answer
+
+LIMITS = CacheLimits(max_batch_size=4, max_total_tokens=1024, prefill_chunk=64)
+KEY = NodeKey.generate()
+
+
+def random_blocks(ggml_type: str, rows: int, cols: int, seed: int) -> QuantizedTensor:
+    """Random bytes for every quant, random finite fp16 scales and mins of mixed sign and size."""
+    rng = np.random.default_rng(seed)
+    fmt = FORMATS[ggml_type]
+    blocks = rng.integers(0, 256, (rows, cols // 32, fmt.block_bytes), dtype=np.uint8)
+    halves = 2 if fmt.has_mins else 1
+    scales = (rng.standard_normal((rows, cols // 32, halves)) * 10.0 ** rng.integers(-4, 1, (rows, cols // 32, halves)))
+    blocks[:, :, : 2 * halves] = scales.astype(np.float16).view(np.uint8).reshape(rows, cols // 32, 2 * halves)
+    return QuantizedTensor(ggml_type, (rows, cols), blocks.reshape(rows, -1))
+
+
+def run_kernel(qt: QuantizedTensor, x: np.ndarray) -> np.ndarray:
+    rows, cols = qt.shape
+    kernel = quant_matmul_cpu(qt.ggml_type, rows, cols).with_attr("global_symbol", "kernel")
+    lib = tvm.compile(tvm.IRModule({"kernel": kernel}), target=tvm.target.Target.from_device(tvm.cpu()))
+    parts = qt.split()
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((x.shape[0], rows), np.float32), dev)
+    lib["kernel"](tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(parts[s], dev) for s in qt.format.param_suffixes()], out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("ggml_type", sorted(FORMATS))
+def test_kernels_dequantize_as_gguf_does(ggml_type):
+    """x = identity rows pick each weight out: both loop nests (decode's, one row at a time, and
+    the tiled one, all rows at once) must equal gguf's dequantize within one unit in the last place."""
+    qt = random_blocks(ggml_type, rows=16, cols=96, seed=len(ggml_type) + ord(ggml_type[1]))
+    expected = qt.dequantize()  # (rows, cols)
+    eye = np.eye(qt.shape[1], dtype=np.float32)
+    tiled = run_kernel(qt, eye).T  # n = cols > FUSED_MAX_TOKENS: the tiled nest
+    fused = np.concatenate([run_kernel(qt, eye[i:i + 1]) for i in range(qt.shape[1])]).T
+    assert qt.shape[1] > FUSED_MAX_TOKENS
+    np.testing.assert_array_max_ulp(tiled, expected, maxulp=1)
+    np.testing.assert_array_max_ulp(fused, expected, maxulp=1)
+
+
+@pytest.mark.parametrize("ggml_type", sorted(FORMATS))
+def test_kernels_multiply_like_float64(ggml_type):
+    qt = quantize(np.random.default_rng(3).standard_normal((64, 128)).astype(np.float32), ggml_type)
+    w = qt.dequantize().astype(np.float64)
+    for n in (1, 2, 3, 17):
+        x = np.random.default_rng(n).standard_normal((n, 128)).astype(np.float32)
+        ref = x.astype(np.float64) @ w.T
+        np.testing.assert_allclose(run_kernel(qt, x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_split_arrays_are_the_blocks_bytes():
+    qt = random_blocks("Q4_1", rows=8, cols=64, seed=1)
+    parts = qt.split()
+    assert parts["qweight"].shape == (8, 32) and parts["scales"].dtype == np.float16
+    assert parts["qweight"].nbytes + parts["scales"].nbytes + parts["mins"].nbytes == qt.nbytes
+    block = qt.blocks[3, 20:40]  # row 3, second block
+    assert block[0:2].view(np.float16)[0] == parts["scales"][3, 1] and block[2:4].view(np.float16)[0] == parts["mins"][3, 1]
+    assert bytes(block[4:]) == bytes(parts["qweight"][3, 16:32])
+
+
+def generate(model, prompt: str, temperature: float):
+    params = SamplingParams(max_tokens=24, seed=11, temperature=temperature)
+    ids = model.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+
+    async def go():
+        engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=512)
+        try:
+            return await engine.complete(GenerationRequest(tuple(ids), params))
+        finally:
+            await engine.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module", params=[("Q4_0",), ("Q4_1",), ("Q8_0",), ("Q4_0", "Q4_1", "Q8_0")], ids="+".join)
+def both_paths(request, tmp_path_factory, store):
+    tie = len(request.param) != 1 or request.param[0] != "Q4_1"  # one untied model: a quantized lm_head
+    gguf = make_tiny_gguf(tmp_path_factory.mktemp("q") / "tiny.gguf", quant_types=request.param, tie=tie)
+    native = load_model(str(gguf.path), device="cpu", limits=LIMITS, root=store, weights="native")
+    fp32 = load_model(str(gguf.path), device="cpu", limits=LIMITS, root=store, weights="fp32")
+    return request.param, native, fp32
+
+
+def test_native_logits_equal_fp32_path(both_paths):
+    types, native, fp32 = both_paths
+    assert native.model_id == fp32.model_id and native.backend.endswith("/native") and not fp32.weight_layout
+    assert set(native.weight_layout.values()) == set(types)
+    if len(types) == 1:  # one type everywhere: q/k/v and gate/up fuse as blocks too, and the embedding
+        assert {"model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj", "model.embed_tokens"} <= set(native.weight_layout)
+    ids = list(range(3, 70))
+    a, b = native.score(ids), fp32.score(ids)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    for n in range(1, 5):  # decode at several batch sizes takes the fused loop nest
+        rt_a, rt_b = native.runtime, fp32.runtime
+        seqs = list(range(100, 100 + n))
+        for s in seqs:
+            rt_a.add_sequence(s)
+            rt_b.add_sequence(s)
+            rt_a.prefill(s, ids[: 5 + s % 7])
+            rt_b.prefill(s, ids[: 5 + s % 7])
+        step = [ids[s % 11] for s in seqs]
+        da, db = rt_a.decode(seqs, step), rt_b.decode(seqs, step)
+        np.testing.assert_allclose(da, db, rtol=0, atol=1e-4 * np.abs(db).max())
+        for s in seqs:
+            rt_a.remove_sequence(s)
+            rt_b.remove_sequence(s)
+
+
+def test_answers_cross_verify_between_paths(both_paths):
+    _, native, fp32 = both_paths
+    for maker, checker in ((native, fp32), (fp32, native)):
+        for temperature in (0.0, 0.9):
+            result = generate(maker, "Tell me a story", temperature)
+            answer = answer_file(result, KEY, model_id=maker.model_id, backend=maker.backend)
+            verdict = verify_answer(AnswerFile.model_validate_json(answer.model_dump_json()), checker)
+            assert verdict.verdict == "pass", verdict
+
+
+def test_native_model_keeps_no_float32_copy(both_paths, store):
+    """Every quantized matrix is uploaded as its blocks: the parameters hold the file's bytes."""
+    types, native, _ = both_paths
+    params, layout = model_parameters(load_checkpoint_cached(native.path, store, keep_quantized=True))
+    quantized_bytes = sum(a.nbytes for a in params.values() if a.dtype != np.float32)
+    float_bytes = sum(a.nbytes for a in params.values() if a.dtype == np.float32)
+    assert layout == native.weight_layout and quantized_bytes > 0
+    if len(types) == 1:  # only the norms stay float32
+        assert float_bytes < 0.05 * quantized_bytes
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="TVM needs nvcc to build CUDA kernels")
+def test_quantized_cuda_library_compiles_without_a_gpu(tmp_path, both_paths):
+    types, native, _ = both_paths
+    if len(types) > 1:
+        pytest.skip("one mixed layout is enough on the CPU; CUDA builds take a while")
+    lib = compile_model(native.config, cuda_target_for_arch("sm_90"), tmp_path, layout=native.weight_layout)
+    assert lib.path.exists() and any(d != "float32" for d in lib.param_dtypes)
