@@ -49,6 +49,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     root = model_store.store_root()
     path = model_store.resolve(args.model, root, _progress)
+    if args.quantize:
+        path = _quantize_folder(path, args.quantize.upper(), root)
     ckpt = load_checkpoint_cached(path, root, _progress, keep_quantized=args.weights == "native")
     if args.target == "cuda":  # cross-compile: no GPU needed to build
         target = DeviceTarget("cuda", cuda_target_for_arch(args.cuda_arch))
@@ -62,6 +64,21 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     library = compile_model(ckpt.config, target.target, root, layout=layout, force=args.force)
     print(library.path)
     return 0
+
+
+def _quantize_folder(source: Path, ggml_type: str, root: Path) -> Path:
+    """Quantize a Hugging Face folder into ``<store>/models/<name>-<type>`` (a new model_id)."""
+    from node.models.llama.checkpoint import load_checkpoint
+    from node.models.llama.hf_loader import save_quantized
+
+    if not source.is_dir():
+        raise ProofMeshNodeError(f"--quantize takes a Hugging Face checkpoint folder; {source} is not one "
+                                 "(a GGUF file is quantized already: serve it as it is)")
+    out = root / "models" / f"{source.name}-{ggml_type.lower()}"
+    _progress(f"quantizing {source.name} to {ggml_type} blocks -> {out} ...")
+    save_quantized(load_checkpoint(source), source, out, ggml_type)
+    print(out)
+    return out
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -198,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host: this machine's device; generic-cpu: portable x86-64; cuda: cross-compile")
     p.add_argument("--cuda-arch", default="sm_90")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], help="first quantize a Hugging Face folder into "
+                   "llama.cpp blocks (a new model in the store, with its own model_id), then compile it")
     _add_weights_option(p)
     p.set_defaults(func=_cmd_compile)
 

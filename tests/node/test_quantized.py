@@ -5,6 +5,7 @@ the verifier running on the other (both are honest backends of one ``model_id``)
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 
 import numpy as np
@@ -40,15 +41,20 @@ def random_blocks(ggml_type: str, rows: int, cols: int, seed: int) -> QuantizedT
     return QuantizedTensor(ggml_type, (rows, cols), blocks.reshape(rows, -1))
 
 
-def run_kernel(qt: QuantizedTensor, x: np.ndarray) -> np.ndarray:
+def compiled_kernel(qt: QuantizedTensor):
+    """The CPU kernel for ``qt``'s shape, as a function of x (n, cols) -> (n, rows)."""
     rows, cols = qt.shape
     kernel = quant_matmul_cpu(qt.ggml_type, rows, cols).with_attr("global_symbol", "kernel")
     lib = tvm.compile(tvm.IRModule({"kernel": kernel}), target=tvm.target.Target.from_device(tvm.cpu()))
-    parts = qt.split()
     dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros((x.shape[0], rows), np.float32), dev)
-    lib["kernel"](tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(parts[s], dev) for s in qt.format.param_suffixes()], out)
-    return out.numpy()
+    parts = [tvm.runtime.tensor(qt.split()[s], dev) for s in qt.format.param_suffixes()]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = tvm.runtime.tensor(np.zeros((x.shape[0], rows), np.float32), dev)
+        lib["kernel"](tvm.runtime.tensor(x, dev), *parts, out)
+        return out.numpy()
+
+    return run
 
 
 @pytest.mark.parametrize("ggml_type", sorted(FORMATS))
@@ -58,8 +64,9 @@ def test_kernels_dequantize_as_gguf_does(ggml_type):
     qt = random_blocks(ggml_type, rows=16, cols=96, seed=len(ggml_type) + ord(ggml_type[1]))
     expected = qt.dequantize()  # (rows, cols)
     eye = np.eye(qt.shape[1], dtype=np.float32)
-    tiled = run_kernel(qt, eye).T  # n = cols > FUSED_MAX_TOKENS: the tiled nest
-    fused = np.concatenate([run_kernel(qt, eye[i:i + 1]) for i in range(qt.shape[1])]).T
+    run = compiled_kernel(qt)
+    tiled = run(eye).T  # n = cols > FUSED_MAX_TOKENS: the tiled nest
+    fused = np.concatenate([run(eye[i:i + 1]) for i in range(qt.shape[1])]).T
     assert qt.shape[1] > FUSED_MAX_TOKENS
     np.testing.assert_array_max_ulp(tiled, expected, maxulp=1)
     np.testing.assert_array_max_ulp(fused, expected, maxulp=1)
@@ -69,10 +76,11 @@ def test_kernels_dequantize_as_gguf_does(ggml_type):
 def test_kernels_multiply_like_float64(ggml_type):
     qt = quantize(np.random.default_rng(3).standard_normal((64, 128)).astype(np.float32), ggml_type)
     w = qt.dequantize().astype(np.float64)
+    run = compiled_kernel(qt)
     for n in (1, 2, 3, 17):
         x = np.random.default_rng(n).standard_normal((n, 128)).astype(np.float32)
         ref = x.astype(np.float64) @ w.T
-        np.testing.assert_allclose(run_kernel(qt, x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(run(x), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_split_arrays_are_the_blocks_bytes():
@@ -161,3 +169,31 @@ def test_quantized_cuda_library_compiles_without_a_gpu(tmp_path, both_paths):
         pytest.skip("one mixed layout is enough on the CPU; CUDA builds take a while")
     lib = compile_model(native.config, cuda_target_for_arch("sm_90"), tmp_path, layout=native.weight_layout)
     assert lib.path.exists() and any(d != "float32" for d in lib.param_dtypes)
+
+
+def test_compile_quantize_makes_a_new_native_model(tmp_path, store):
+    """``proofmesh compile FOLDER --quantize q8_0``: a new folder of blocks, its own model_id, served
+    natively, within quantization error of the float original and equal to its own fp32 path."""
+    import subprocess
+    import sys
+
+    from tests.models_fixtures import make_tiny_hf_checkpoint
+
+    source = make_tiny_hf_checkpoint(tmp_path / "tiny_hf", tie=False)
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-m", "node.cli", "compile", str(source), "--quantize", "q8_0", "--device", "cpu"],
+                          capture_output=True, text=True, env={**os.environ, "PROOFMESH_HOME": str(home)}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    folder = home / "models" / "tiny_hf-q8_0"
+    assert str(folder) in done.stdout and (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+
+    original = load_model(str(source), device="cpu", limits=LIMITS, root=store)
+    native = load_model(str(folder), device="cpu", limits=LIMITS, root=store, weights="native")
+    fp32 = load_model(str(folder), device="cpu", limits=LIMITS, root=store, weights="fp32")
+    assert native.model_id == fp32.model_id != original.model_id
+    assert native.manifest.weight_dtype == "safetensors:f32+q8_0"
+    assert {"lm_head", "model.embed_tokens", "model.layers.0.self_attn.qkv_proj"} <= set(native.weight_layout)
+    ids = list(range(3, 40))
+    a, b, c = native.score(ids), fp32.score(ids), original.score(ids)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+    assert 0 < np.abs(a - c).max() < 0.05 * np.abs(c).max()  # 8-bit blocks: close, not equal

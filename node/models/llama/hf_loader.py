@@ -9,6 +9,12 @@ https://github.com/huggingface/safetensors#format) from a read-only memory map r
 ``safetensors.numpy``: the weights digest needs every tensor's stored bytes anyway, and numpy has
 no bfloat16 type, which ``safetensors.numpy`` cannot return. bf16 becomes float32 exactly by
 shifting its 16 bits into the high half of a 32-bit word.
+
+A folder written by ``save_quantized`` (``proofmesh compile FOLDER --quantize q8_0``) stores its
+matrices as llama.cpp blocks: ``U8`` tensors of shape (rows, bytes per row), named in the
+header's ``__metadata__["proofmesh.ggml_types"]`` (JSON: name -> [GGML type, rows, cols]). They
+load as ``QuantizedTensor`` and enter the weights digest under their GGML type, so a quantized
+folder has its own ``model_id``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import numpy as np
 from node.errors import ConfigError, ModelLoadError
 from node.tokenizer import TextTokenizer
 
+from node.models.quant.blocks import BLOCK, FORMATS, QuantizedTensor, quantize
+
 from .checkpoint import Checkpoint, WeightsDigest, check_weights
 from .config import LlamaConfig
 
@@ -36,6 +44,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 # Stored dtype -> little-endian numpy dtype of the raw data (bf16 read as its bit pattern).
 _STORED_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+QUANT_METADATA_KEY = "proofmesh.ggml_types"
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -58,7 +67,7 @@ def load_hf_checkpoint(folder: str | Path) -> Checkpoint:
             stored[name] = entry
 
     digest = WeightsDigest(len(stored))
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray | QuantizedTensor] = {}
     for name in sorted(stored):
         dtype, shape, raw = stored[name]
         digest.add(name, dtype, shape, raw)
@@ -67,7 +76,10 @@ def load_hf_checkpoint(folder: str | Path) -> Checkpoint:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             log.info("%s: ignoring stored lm_head.weight, the config ties it to the embedding", folder)
             continue
-        weights[name] = _to_float32(dtype, shape, raw)
+        if dtype in FORMATS:
+            weights[name] = QuantizedTensor(dtype, (shape[0], shape[1]), np.array(raw).reshape(shape[0], -1))
+        else:
+            weights[name] = _to_float32(dtype, shape, raw)
 
     if not config.tie_word_embeddings and "lm_head.weight" not in weights:
         raise ModelLoadError(
@@ -140,11 +152,21 @@ def _read_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.nd
         raise ModelLoadError(f"{path}: unreadable safetensors header: {exc}") from exc
     base = 8 + n
     out = {}
+    try:
+        quantized = json.loads((header.get("__metadata__") or {}).get(QUANT_METADATA_KEY, "{}"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: unreadable {QUANT_METADATA_KEY} metadata: {exc}") from exc
     for name, info in header.items():
         if name == "__metadata__":
             continue
         dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        if dtype not in _STORED_DTYPES:
+        if dtype == "U8" and name in quantized:  # llama.cpp blocks: the type and the matrix shape from the metadata
+            ggml_type, rows, cols = quantized[name]
+            if ggml_type not in FORMATS or (end - begin) != rows * cols // BLOCK * FORMATS[ggml_type].block_bytes:
+                raise ModelLoadError(f"{path}: quantized tensor {name!r} ({ggml_type}, {rows}x{cols}) does not match its bytes")
+            dtype, shape = ggml_type, (int(rows), int(cols))
+            dtype_size = None
+        elif dtype not in _STORED_DTYPES:
             if name.endswith(_IGNORED_SUFFIXES):
                 dtype_size = None
             else:
@@ -168,4 +190,40 @@ def _to_float32(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> np.ndarr
     return np.array(values, dtype=np.float32, order="C")  # always a copy: no view into the file
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "load_hf_checkpoint"]
+def save_quantized(ckpt: Checkpoint, source: Path, out: Path, ggml_type: str) -> Path:
+    """Write ``ckpt`` as a new checkpoint folder whose matrices are ``ggml_type`` blocks (llama.cpp's
+    reference quantization; matrices whose width is not a multiple of 32 and 1-D tensors stay
+    float32). The tokenizer and config files are copied from ``source``. Atomic: a folder appears
+    whole or not at all."""
+    import shutil
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    arrays: dict[str, np.ndarray] = {}
+    quantized: dict[str, list] = {}
+    for name, w in ckpt.weights.items():
+        w = w.dequantize() if isinstance(w, QuantizedTensor) else w
+        if w.ndim == 2 and w.shape[1] % BLOCK == 0:
+            q = quantize(w, ggml_type)
+            arrays[name] = q.blocks
+            quantized[name] = [ggml_type, *q.shape]
+        else:
+            arrays[name] = np.ascontiguousarray(w, dtype=np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        for f in source.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+                shutil.copy2(f, tmp / f.name)
+        save_file(arrays, str(tmp / "model.safetensors"), metadata={QUANT_METADATA_KEY: json.dumps(quantized)})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["QUANT_METADATA_KEY", "SUPPORTED_ARCHITECTURES", "load_hf_checkpoint", "save_quantized"]

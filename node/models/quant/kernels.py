@@ -49,7 +49,7 @@ def _hi(v):
 @T.macro(hygienic=False)
 def _matmul_cpu(x, out, n, n_out, k_in, block_dot, block_scale, block_offset, tile_value):
     """The two loop nests of the module docstring. ``block_dot(i, row, kb, l)``: lane ``l`` of
-    sum x*q over block ``kb``; ``block_scale`` / ``block_offset(row, kb)``: d and m;
+    sum x*q over block ``kb``; ``block_scale`` / ``block_offset(row, kb)``: d and m (None: no m);
     ``tile_value(row, kb, h, l)``: weight ``h * 16 + l`` of block ``kb``, dequantized."""
     for jo in T.parallel(n_out // ROWS):
         with T.sblock("tile"):
@@ -62,11 +62,16 @@ def _matmul_cpu(x, out, n, n_out, k_in, block_dot, block_scale, block_offset, ti
                         for l in T.vectorized(LANES):
                             acc[r, l] = T.float32(0)
                     for kb in T.serial(k_in // BLOCK):
-                        for l in T.vectorized(LANES):
-                            xs[l] = (x[i, kb * 32 + l] + x[i, kb * 32 + 8 + l]) + (x[i, kb * 32 + 16 + l] + x[i, kb * 32 + 24 + l])
-                        for r in T.unroll(ROWS):
+                        if block_offset is None:
+                            for r in T.unroll(ROWS):
+                                for l in T.vectorized(LANES):
+                                    acc[r, l] = acc[r, l] + block_dot(i, jo * ROWS + r, kb, l) * block_scale(jo * ROWS + r, kb)
+                        else:
                             for l in T.vectorized(LANES):
-                                acc[r, l] = acc[r, l] + block_dot(i, jo * ROWS + r, kb, l) * block_scale(jo * ROWS + r, kb) + xs[l] * block_offset(jo * ROWS + r, kb)
+                                xs[l] = (x[i, kb * 32 + l] + x[i, kb * 32 + 8 + l]) + (x[i, kb * 32 + 16 + l] + x[i, kb * 32 + 24 + l])
+                            for r in T.unroll(ROWS):
+                                for l in T.vectorized(LANES):
+                                    acc[r, l] = acc[r, l] + block_dot(i, jo * ROWS + r, kb, l) * block_scale(jo * ROWS + r, kb) + xs[l] * block_offset(jo * ROWS + r, kb)
                     for r in T.serial(ROWS):
                         out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
             else:
@@ -111,10 +116,6 @@ def _minus_8(d):
     return lambda row, kb: T.float32(-8) * T.Cast("float32", d[row, kb])
 
 
-def _zero(row, kb):
-    return T.float32(0)
-
-
 def _tile_q4(qs, scale, offset):
     """Weight ``h * 16 + l`` of block ``kb``: the low (h = 0) or high (h = 1) nibble of byte l."""
     return lambda row, kb, h, l: T.Cast(
@@ -155,7 +156,7 @@ def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
         if fmt.bits == 4:  # Q4_0: q - 8, i.e. m = -8 d
             _matmul_cpu(x, out, n, n_out, k_in, _dot_q4(x, qs), _f32(d), _minus_8(d), _tile_q4(qs, _f32(d), _minus_8(d)))
         else:
-            _matmul_cpu(x, out, n, n_out, k_in, _dot_q8(x, qs), _f32(d), _zero, _tile_q8(qs, _f32(d)))
+            _matmul_cpu(x, out, n, n_out, k_in, _dot_q8(x, qs), _f32(d), None, _tile_q8(qs, _f32(d)))
 
     return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
