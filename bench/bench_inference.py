@@ -1,8 +1,11 @@
-"""Inference benchmark: the default model on TVM against PyTorch eager and llama.cpp.
+"""Inference benchmark: the default model on TVM (quantized weights served natively, and the
+fp32 path) against PyTorch eager and llama.cpp on the same GGUF file.
 
-Same machine, same run, same thread count. Prints a table and writes JSON
-(``bench/results/inference.json``). Baselines are skipped, with a note, when their packages
-(the ``bench`` extra) are missing. Never a timed assertion: ratios are for people to read.
+Same machine, same run, same thread count; every backend runs in its own subprocess so its
+resident memory is its own. Prints a table and writes JSON (``bench/results/inference.json``).
+Baselines are skipped, with a note, when their packages (the ``bench`` extra) are missing. The
+bandwidth bound is the bytes of weights one decode step reads divided by the memory bandwidth
+measured here (numpy streaming sums, 1 and N threads). Never a timed assertion.
 
     python -m bench.bench_inference [--tokens 64] [--threads 2] [--skip-torch] [--skip-llamacpp]
 """
@@ -13,8 +16,11 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,7 @@ from node.models.llama.checkpoint import load_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "The history of the printing press begins in"
+BACKENDS = ("tvm_native", "tvm_fp32", "torch_eager_fp32", "llama_cpp")
 
 
 def _prompt_ids(tokenizer, n: int) -> list[int]:
@@ -33,20 +40,42 @@ def _prompt_ids(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_tvm(tokens: int, prefill_len: int) -> dict:
+def resident_mb() -> float:
+    """This process's resident set size now (MiB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_bandwidth_gb_s(threads: int, size_mb: int = 512) -> float:
+    """Streaming read bandwidth: numpy sums over ``size_mb`` of float32, split over ``threads``."""
+    chunks = np.array_split(np.ones(size_mb * 2**20 // 4, np.float32), threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(np.sum, chunks))
+            best = max(best, size_mb * 2**20 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def bench_tvm(weights: str, tokens: int, prefill_len: int, threads: int) -> dict:
     out: dict = {}
     model_path = model_store.resolve(DEFAULT_MODEL)
-    with tempfile.TemporaryDirectory() as tmp:  # cold: empty library cache
+    with tempfile.TemporaryDirectory() as tmp:  # cold: empty library and prepared caches, another process
         root = Path(tmp)
         (root / "models").mkdir()
         shutil.copytree(model_path.parent, root / "models" / DEFAULT_MODEL)
         t = time.perf_counter()
-        load_model(DEFAULT_MODEL, device="cpu", root=root, progress=lambda m: None)
+        subprocess.run([sys.executable, "-m", "node.cli", "compile", DEFAULT_MODEL, "--device", "cpu", "--weights", weights],
+                       check=True, capture_output=True, env={**os.environ, "PROOFMESH_HOME": str(root)})
         out["cold_start_s"] = time.perf_counter() - t
+    rss_before = resident_mb()
     t = time.perf_counter()
-    model = load_model(DEFAULT_MODEL, device="cpu", progress=lambda m: None)  # warm: cached library
+    model = load_model(DEFAULT_MODEL, device="cpu", weights=weights, progress=lambda m: None)  # warm: cached
     out["warm_start_s"] = time.perf_counter() - t
+    out["cold_start_s"] += out["warm_start_s"]
     rt = model.runtime
+    out["weight_bytes"] = rt.weight_bytes  # what one decode step reads
     prompt = _prompt_ids(model.tokenizer, 16)
 
     def decode_run(batch: int) -> float:
@@ -66,7 +95,7 @@ def bench_tvm(tokens: int, prefill_len: int) -> dict:
 
     decode_run(1)  # warm-up
     for b in (1, 4, 16):
-        out[f"decode_tok_s_b{b}"] = decode_run(b)
+        out[f"decode_tok_s_b{b}"] = max(decode_run(b) for _ in range(2))
     long = _prompt_ids(model.tokenizer, prefill_len)
     rt.add_sequence(1)
     t = time.perf_counter()
@@ -77,6 +106,8 @@ def bench_tvm(tokens: int, prefill_len: int) -> dict:
     rt.score(long)
     out["score_all_positions_tok_s"] = len(long) / (time.perf_counter() - t)
     out["backend"] = model.backend
+    out["resident_mb"] = resident_mb()
+    out["resident_model_mb"] = out["resident_mb"] - rss_before
     return out
 
 
@@ -121,13 +152,14 @@ def bench_torch(tokens: int, prefill_len: int, threads: int) -> dict:
         return batch * tokens / (time.perf_counter() - t)
 
     decode_run(1)
-    out["decode_tok_s_b1"] = decode_run(1)
-    out["decode_tok_s_b16"] = decode_run(16)
+    for b in (1, 4, 16):
+        out[f"decode_tok_s_b{b}"] = decode_run(b)
     long = torch.tensor([_prompt_ids(ckpt.tokenizer, prefill_len)])
     with torch.inference_mode():
         t = time.perf_counter()
         model(long)
         out["prefill_tok_s"] = long.shape[1] / (time.perf_counter() - t)
+    out["resident_mb"] = resident_mb()
     return out
 
 
@@ -151,12 +183,25 @@ def bench_llamacpp(tokens: int, prefill_len: int, threads: int) -> dict:
     t = time.perf_counter()
     llm.eval(long)
     out["prefill_tok_s"] = len(long) / (time.perf_counter() - t)
+    out["resident_mb"] = resident_mb()
+    out["weight_bytes"] = path.stat().st_size
     return out
+
+
+def run_backend(name: str, args: argparse.Namespace) -> dict:
+    """One backend, in this process (the child side of ``main``)."""
+    if name.startswith("tvm_"):
+        return bench_tvm(name.removeprefix("tvm_"), args.tokens, args.prefill_len, args.threads)
+    fn = {"torch_eager_fp32": bench_torch, "llama_cpp": bench_llamacpp}[name]
+    try:
+        return fn(args.tokens, args.prefill_len, args.threads)
+    except ImportError as exc:
+        return {"skipped": f"not installed: {exc.name} (pip install '.[bench]')"}
 
 
 def _row(name: str, values: dict, keys: list[str]) -> str:
     cells = [f"{values[k]:10.1f}" if isinstance(values.get(k), float) else f"{'-':>10}" for k in keys]
-    return f"{name:<22}" + "".join(cells)
+    return f"{name:<18}" + "".join(cells)
 
 
 def main() -> None:
@@ -166,38 +211,53 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)))
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--only", choices=BACKENDS, help=argparse.SUPPRESS)  # child process: one backend, JSON out
     args = ap.parse_args()
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    if args.only:
+        print(json.dumps(run_backend(args.only, args)))
+        return
 
-    results: dict = {"threads": args.threads, "tokens": args.tokens, "tvm": bench_tvm(args.tokens, args.prefill_len)}
-    for name, fn, skip in (("torch_eager_fp32", bench_torch, args.skip_torch), ("llama_cpp_q4_1", bench_llamacpp, args.skip_llamacpp)):
-        if skip:
+    results: dict = {"threads": args.threads, "tokens": args.tokens, "prefill_len": args.prefill_len}
+    skipped = {"torch_eager_fp32": args.skip_torch, "llama_cpp": args.skip_llamacpp}
+    for name in BACKENDS:
+        if skipped.get(name):
             continue
-        try:
-            results[name] = fn(args.tokens, args.prefill_len, args.threads)
-        except ImportError as exc:
-            results[name] = {"skipped": f"not installed: {exc.name} (pip install '.[bench]')"}
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        child = subprocess.run([sys.executable, "-m", "bench.bench_inference", "--only", name, "--tokens", str(args.tokens),
+                                "--prefill-len", str(args.prefill_len), "--threads", str(args.threads)],
+                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        if child.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{child.stderr[-3000:]}")
+        results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    bandwidth = {f"{t}_threads": memory_bandwidth_gb_s(t) for t in sorted({1, args.threads})}
+    results["memory_bandwidth_gb_s"] = bandwidth
+    best_bw = max(bandwidth.values())
 
-    tvm_r, torch_r = results["tvm"], results.get("torch_eager_fp32", {})
-    ratios = {}
-    if "decode_tok_s_b1" in torch_r:
-        ratios["tvm_b1_over_torch_b1"] = tvm_r["decode_tok_s_b1"] / torch_r["decode_tok_s_b1"]
-        ratios["tvm_b16_over_torch_b16"] = tvm_r["decode_tok_s_b16"] / torch_r["decode_tok_s_b16"]
-    if "decode_tok_s_b1" in results.get("llama_cpp_q4_1", {}):
-        ratios["tvm_b1_over_llamacpp_b1"] = tvm_r["decode_tok_s_b1"] / results["llama_cpp_q4_1"]["decode_tok_s_b1"]
-    ratios["tvm_b16_over_tvm_b1"] = tvm_r["decode_tok_s_b16"] / tvm_r["decode_tok_s_b1"]
+    native, llama = results["tvm_native"], results.get("llama_cpp", {})
+    native["bandwidth_bound_tok_s"] = best_bw * 1e9 / native["weight_bytes"]
+    ratios = {"native_b1_share_of_bandwidth_bound": native["decode_tok_s_b1"] / native["bandwidth_bound_tok_s"]}
+    for base in ("tvm_fp32", "torch_eager_fp32", "llama_cpp"):
+        for key in ("decode_tok_s_b1", "decode_tok_s_b4", "decode_tok_s_b16", "prefill_tok_s"):
+            if key in results.get(base, {}):
+                ratios[f"native_over_{base}_{key.removesuffix('_tok_s').removeprefix('decode_tok_s_')}"] = native[key] / results[base][key]
     results["ratios"] = ratios
 
-    keys = ["decode_tok_s_b1", "decode_tok_s_b4", "decode_tok_s_b16", "prefill_tok_s"]
-    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {args.tokens} decode tokens (tokens/s)")
-    print(f"{'backend':<22}{'dec b1':>10}{'dec b4':>10}{'dec b16':>10}{'prefill':>10}")
-    for name in ("tvm", "torch_eager_fp32", "llama_cpp_q4_1"):
+    keys = ["decode_tok_s_b1", "decode_tok_s_b4", "decode_tok_s_b16", "prefill_tok_s", "resident_mb"]
+    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {args.tokens} decode tokens (tokens/s; resident MiB)")
+    print(f"{'backend':<18}{'dec b1':>10}{'dec b4':>10}{'dec b16':>10}{'prefill':>10}{'RSS MiB':>10}")
+    for name in BACKENDS:
         if name in results:
             print(_row(name, results[name], keys) + ("  " + results[name]["skipped"] if "skipped" in results[name] else ""))
-    print(f"TVM cold start {tvm_r['cold_start_s']:.1f} s, warm start {tvm_r['warm_start_s']:.2f} s, "
-          f"teacher-forced scoring {tvm_r['score_all_positions_tok_s']:.0f} tok/s")
+    gguf_mb = model_store.resolve(DEFAULT_MODEL).stat().st_size / 2**20
+    print(f"memory bandwidth {', '.join(f'{v:.1f} GB/s ({k})' for k, v in bandwidth.items())}; native weights "
+          f"{native['weight_bytes'] / 2**20:.1f} MiB per token -> bound {native['bandwidth_bound_tok_s']:.0f} tok/s")
+    print(f"native resident {native['resident_mb']:.0f} MiB (model {native['resident_model_mb']:.0f} MiB) vs GGUF file "
+          f"{gguf_mb:.0f} MiB; cold start {native['cold_start_s']:.1f} s, warm {native['warm_start_s']:.2f} s")
     for k, v in ratios.items():
-        print(f"{k:<28} {v:6.2f}x")
+        print(f"{k:<44} {v:6.2f}x")
+    if llama and "decode_tok_s_b1" in llama:
+        print(f"(llama.cpp weight bytes: the whole GGUF file, {llama['weight_bytes'] / 2**20:.0f} MiB)")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "inference.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {RESULTS / 'inference.json'}")

@@ -9,7 +9,9 @@ as bad as a missed cheat, so the table also shows how far the cheats sit above t
 Generation backends: TVM for the host's own mcpu with the engine at batch 1 and at batch 8, and
 TVM for a generic x86-64 target at batch 8. Verifiers: TVM host (2 threads), TVM generic x86-64
 with 1 thread and TVM host with 1 thread (each in a subprocess: TVM's thread count is fixed per
-process), and the independent float64 numpy reference. Models, one row group per weight dtype:
+process), and the independent float64 numpy reference. Quantized models run natively on every
+TVM backend (kernels over the GGML blocks); for them the dequantized fp32 path (``host-fp32``)
+is one more generator (batch 8) and one more verifier, so native and fp32 check each other. Models, one row group per weight dtype:
 the default model (GGUF Q4_1/Q8_0) and tiny random models (fp32 and bf16 safetensors, GGUF Q8_0).
 
     python -m bench.calibrate [--default-answers 80] [--tiny-answers 1200] [--out bench/calibration]
@@ -57,8 +59,8 @@ def _device(target: str) -> DeviceTarget:
     return DeviceTarget("cpu", cpu_target(GENERIC_X86_CPU)) if target == "generic" else detect("cpu")
 
 
-def _load(model: str, target: str, root: Path) -> LoadedModel:
-    return load_model(model, device=_device(target), limits=LIMITS, root=root, progress=lambda m: None)
+def _load(model: str, target: str, root: Path, weights: str = "native") -> LoadedModel:
+    return load_model(model, device=_device(target), limits=LIMITS, root=root, weights=weights, progress=lambda m: None)
 
 
 def answer_stats(answers: list[AnswerFile], backend) -> list[dict]:
@@ -101,14 +103,18 @@ def calibrate_model(label: str, model: str, dtype: str, root: Path, n_answers: i
     """Every (generation backend, verifier) pair of one model; one summary row each."""
     key = NodeKey.generate()
     host, generic = _load(model, "host", root), _load(model, "generic", root)
+    fp32 = _load(model, "host", root, weights="fp32") if host.weight_layout else None
     reference = NumpyBackend(host, NumpyLlama.from_checkpoint(load_checkpoint_cached(host.path, root, progress=lambda m: None)))
     requests = request_mix(host.tokenizer, n_answers, seed=seed, lengths=lengths)
-    shares = {"host-b1": n_answers // 5, "host-b8": n_answers - 2 * (n_answers // 5), "generic-b8": n_answers // 5}
+    generators = {"host-b1": (host, 1), "generic-b8": (generic, 8)} | ({"host-fp32-b8": (fp32, 8)} if fp32 else {})
+    shares = {name: n_answers // 5 for name in generators}
+    shares["host-b8"] = n_answers - sum(shares.values())
+    generators["host-b8"] = (host, 8)
     rows, start = [], 0
     for gen_name, count in shares.items():
-        generator = Generator.of(generic if gen_name.startswith("generic") else host)
+        backend, concurrency = generators[gen_name]
         t = time.perf_counter()
-        answers = generator.answers(requests[start : start + count], key, concurrency=1 if gen_name.endswith("b1") else 8)
+        answers = Generator.of(backend).answers(requests[start : start + count], key, concurrency=concurrency)
         start += count
         _progress(f"[{label}] {gen_name}: {len(answers)} answers, {sum(len(a.evidence.output_ids) for a in answers)} tokens "
                   f"in {time.perf_counter() - t:.0f} s")
@@ -119,7 +125,7 @@ def calibrate_model(label: str, model: str, dtype: str, root: Path, n_answers: i
             "host-1t": lambda: verify_in_subprocess(model, root, "host", 1, Path(f.name)),
             "generic-1t": lambda: verify_in_subprocess(model, root, "generic", 1, Path(f.name)),
             "numpy-f64": lambda: answer_stats(answers, reference),
-        }
+        } | ({"host-fp32-2t": lambda: answer_stats(answers, fp32)} if fp32 else {})
         for ver_name, run in verifiers.items():
             t = time.perf_counter()
             row = {"model": label, "weights": dtype, "generated_on": gen_name, "verified_on": ver_name, **summarize(run())}

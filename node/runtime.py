@@ -66,6 +66,11 @@ class ModelRuntime:
         self._live: dict[int, int] = {}  # seq id -> tokens in cache
         self._next_scratch_id = -1  # negative ids for internal scoring sequences
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of parameters on the device: what one decode step streams from memory."""
+        return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in self._params)
+
     @staticmethod
     def _upload(library: CompiledLibrary, params: dict[str, np.ndarray], device: DeviceTarget) -> list:
         tensors = []
