@@ -28,6 +28,7 @@ from node.compiler.cpu_schedule import NTMatmulCPU
 from node.errors import CompileError
 from node.models.llama.config import LlamaConfig
 from node.models.llama.model import LlamaForCausalLM, WeightLayout
+from node.models.quant.blocks import SPLIT_LAYOUT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def library_cache_key(cfg: LlamaConfig, target: Target, layout: WeightLayout | N
         "tvm": tvm.__version__,
     }
     if layout:
-        payload["weight_layout"] = sorted(layout.items())
+        payload["weight_layout"] = [SPLIT_LAYOUT_VERSION, sorted(layout.items())]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -84,13 +84,13 @@ def test_kernels_multiply_like_float64(ggml_type):
 
 
 def test_split_arrays_are_the_blocks_bytes():
-    qt = random_blocks("Q4_1", rows=8, cols=64, seed=1)
+    qt = random_blocks("Q4_1", rows=16, cols=64, seed=1)
     parts = qt.split()
-    assert parts["qweight"].shape == (8, 32) and parts["scales"].dtype == np.float16
+    assert parts["qweight"].shape == (2, 2, 8, 16) and parts["scales"].shape == (2, 2, 8)
     assert parts["qweight"].nbytes + parts["scales"].nbytes + parts["mins"].nbytes == qt.nbytes
-    block = qt.blocks[3, 20:40]  # row 3, second block
-    assert block[0:2].view(np.float16)[0] == parts["scales"][3, 1] and block[2:4].view(np.float16)[0] == parts["mins"][3, 1]
-    assert bytes(block[4:]) == bytes(parts["qweight"][3, 16:32])
+    block = qt.blocks[11, 20:40]  # row 11 (tile 1, row 3 in it), second block
+    assert block[0:2].view(np.float16)[0] == parts["scales"][1, 1, 3] and block[2:4].view(np.float16)[0] == parts["mins"][1, 1, 3]
+    assert bytes(block[4:]) == bytes(parts["qweight"][1, 1, 3])
 
 
 def generate(model, prompt: str, temperature: float):

@@ -30,11 +30,12 @@ from __future__ import annotations
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from node.models.quant.blocks import BLOCK, FORMATS
+from node.models.quant.blocks import BLOCK, FORMATS, TILE_ROWS
 
 LANES = 8  # fp32 lanes of a 256-bit vector
-ROWS = 8  # output rows per task: 8 accumulators stay in registers with the block's 4 x vectors
+ROWS = TILE_ROWS  # output rows per tile: 8 accumulators stay in registers with the block's 4 x vectors
 FUSED_MAX_TOKENS = 2  # measured crossover on znver3: the tiled nest wins from 3 token rows
+TASKS = 64  # parallel tasks per matmul: many more than cores (balance), few enough to set up cheaply
 SCALE_DTYPE = "float16"  # d and m as stored in the blocks
 
 
@@ -48,97 +49,107 @@ def _hi(v):
 
 @T.macro(hygienic=False)
 def _matmul_cpu(x, out, n, n_out, k_in, block_dot, block_scale, block_offset, tile_value):
-    """The two loop nests of the module docstring. ``block_dot(i, row, kb, l)``: lane ``l`` of
-    sum x*q over block ``kb``; ``block_scale`` / ``block_offset(row, kb)``: d and m (None: no m);
-    ``tile_value(row, kb, h, l)``: weight ``h * 16 + l`` of block ``kb``, dequantized."""
-    for jo in T.parallel(n_out // ROWS):
-        with T.sblock("tile"):
-            acc = T.sblock_alloc_buffer([ROWS, LANES], "float32")
-            xs = T.sblock_alloc_buffer([LANES], "float32")
-            w = T.sblock_alloc_buffer([ROWS, k_in], "float32")
-            if n <= FUSED_MAX_TOKENS:
-                for i in T.serial(n):
-                    for r in T.unroll(ROWS):
-                        for l in T.vectorized(LANES):
-                            acc[r, l] = T.float32(0)
-                    for kb in T.serial(k_in // BLOCK):
-                        if block_offset is None:
-                            for r in T.unroll(ROWS):
-                                for l in T.vectorized(LANES):
-                                    acc[r, l] = acc[r, l] + block_dot(i, jo * ROWS + r, kb, l) * block_scale(jo * ROWS + r, kb)
-                        else:
-                            for l in T.vectorized(LANES):
-                                xs[l] = (x[i, kb * 32 + l] + x[i, kb * 32 + 8 + l]) + (x[i, kb * 32 + 16 + l] + x[i, kb * 32 + 24 + l])
-                            for r in T.unroll(ROWS):
-                                for l in T.vectorized(LANES):
-                                    acc[r, l] = acc[r, l] + block_dot(i, jo * ROWS + r, kb, l) * block_scale(jo * ROWS + r, kb) + xs[l] * block_offset(jo * ROWS + r, kb)
-                    for r in T.serial(ROWS):
-                        out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
-            else:
-                for r in T.serial(ROWS):
-                    for kb in T.serial(k_in // BLOCK):
-                        for h in T.unroll(2):
-                            for l in T.vectorized(16):
-                                w[r, kb * 32 + h * 16 + l] = tile_value(jo * ROWS + r, kb, h, l)
-                for i in T.serial(n):
-                    for r in T.unroll(ROWS):
-                        for l in T.vectorized(LANES):
-                            acc[r, l] = T.float32(0)
-                    for ko in T.serial(k_in // LANES):
+    """The two loop nests of the module docstring, over row tiles ``jo`` of ``ROWS`` rows ``r``.
+    ``block_dot(i, jo, r, kb, l)``: lane ``l`` of sum x*q over block ``kb``; ``block_scale`` /
+    ``block_offset(jo, r, kb)``: d and m (None: no m); ``tile_value(jo, r, kb, h, l)``: weight
+    ``h * 16 + l`` of block ``kb``, dequantized.
+    Each parallel task takes ``per_task`` consecutive tiles, so its scratch buffers are set up
+    once per task rather than once per tile (a per-tile workspace cost as much as the tile)."""
+    n_tiles = n_out // ROWS
+    per_task = (n_tiles + TASKS - 1) // TASKS
+    if n <= FUSED_MAX_TOKENS:
+        for task in T.parallel((n_tiles + per_task - 1) // per_task):
+            with T.sblock("fused"):
+                acc = T.sblock_alloc_buffer([ROWS, LANES], "float32")
+                xs = T.sblock_alloc_buffer([LANES], "float32")
+                for jo in T.serial(task * per_task, T.min(task * per_task + per_task, n_tiles)):
+                    for i in T.serial(n):
                         for r in T.unroll(ROWS):
                             for l in T.vectorized(LANES):
-                                acc[r, l] = acc[r, l] + x[i, ko * LANES + l] * w[r, ko * LANES + l]
-                    for r in T.serial(ROWS):
-                        out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
+                                acc[r, l] = T.float32(0)
+                        for kb in T.serial(k_in // BLOCK):
+                            if block_offset is None:
+                                for r in T.unroll(ROWS):
+                                    for l in T.vectorized(LANES):
+                                        acc[r, l] = acc[r, l] + block_dot(i, jo, r, kb, l) * block_scale(jo, r, kb)
+                            else:
+                                for l in T.vectorized(LANES):
+                                    xs[l] = (x[i, kb * 32 + l] + x[i, kb * 32 + 8 + l]) + (x[i, kb * 32 + 16 + l] + x[i, kb * 32 + 24 + l])
+                                for r in T.unroll(ROWS):
+                                    for l in T.vectorized(LANES):
+                                        acc[r, l] = acc[r, l] + block_dot(i, jo, r, kb, l) * block_scale(jo, r, kb) + xs[l] * block_offset(jo, r, kb)
+                        for r in T.serial(ROWS):
+                            out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
+    else:
+        for task in T.parallel((n_tiles + per_task - 1) // per_task):
+            with T.sblock("tiled"):
+                acc = T.sblock_alloc_buffer([ROWS, LANES], "float32")
+                w = T.sblock_alloc_buffer([ROWS, k_in], "float32")
+                for jo in T.serial(task * per_task, T.min(task * per_task + per_task, n_tiles)):
+                    for kb in T.serial(k_in // BLOCK):
+                        for r in T.serial(ROWS):
+                            for h in T.unroll(2):
+                                for l in T.vectorized(16):
+                                    w[r, kb * 32 + h * 16 + l] = tile_value(jo, r, kb, h, l)
+                    for i in T.serial(n):
+                        for r in T.unroll(ROWS):
+                            for l in T.vectorized(LANES):
+                                acc[r, l] = T.float32(0)
+                        for ko in T.serial(k_in // LANES):
+                            for r in T.unroll(ROWS):
+                                for l in T.vectorized(LANES):
+                                    acc[r, l] = acc[r, l] + x[i, ko * LANES + l] * w[r, ko * LANES + l]
+                        for r in T.serial(ROWS):
+                            out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
 
 
 def _dot_q4(x, qs):
     """Lane l of a 4-bit block's sum x*q: bytes l and 8+l carry weights l, 8+l (low) and 16+l, 24+l (high)."""
-    return lambda i, row, kb, l: (
-        (x[i, kb * 32 + l] * _lo(qs[row, kb * 16 + l]) + x[i, kb * 32 + 16 + l] * _hi(qs[row, kb * 16 + l]))
-        + (x[i, kb * 32 + 8 + l] * _lo(qs[row, kb * 16 + 8 + l]) + x[i, kb * 32 + 24 + l] * _hi(qs[row, kb * 16 + 8 + l]))
+    return lambda i, jo, r, kb, l: (
+        (x[i, kb * 32 + l] * _lo(qs[jo, kb, r, l]) + x[i, kb * 32 + 16 + l] * _hi(qs[jo, kb, r, l]))
+        + (x[i, kb * 32 + 8 + l] * _lo(qs[jo, kb, r, 8 + l]) + x[i, kb * 32 + 24 + l] * _hi(qs[jo, kb, r, 8 + l]))
     )
 
 
 def _dot_q8(x, qs):
-    return lambda i, row, kb, l: (
-        (x[i, kb * 32 + l] * T.Cast("float32", qs[row, kb * 32 + l]) + x[i, kb * 32 + 8 + l] * T.Cast("float32", qs[row, kb * 32 + 8 + l]))
-        + (x[i, kb * 32 + 16 + l] * T.Cast("float32", qs[row, kb * 32 + 16 + l]) + x[i, kb * 32 + 24 + l] * T.Cast("float32", qs[row, kb * 32 + 24 + l]))
+    return lambda i, jo, r, kb, l: (
+        (x[i, kb * 32 + l] * T.Cast("float32", qs[jo, kb, r, l]) + x[i, kb * 32 + 8 + l] * T.Cast("float32", qs[jo, kb, r, 8 + l]))
+        + (x[i, kb * 32 + 16 + l] * T.Cast("float32", qs[jo, kb, r, 16 + l]) + x[i, kb * 32 + 24 + l] * T.Cast("float32", qs[jo, kb, r, 24 + l]))
     )
 
 
 def _f32(per_block):
     """A block's f16 scale or min, read as fp32 (exact)."""
-    return lambda row, kb: T.Cast("float32", per_block[row, kb])
+    return lambda jo, r, kb: T.Cast("float32", per_block[jo, kb, r])
 
 
 def _minus_8(d):
-    return lambda row, kb: T.float32(-8) * T.Cast("float32", d[row, kb])
+    return lambda jo, r, kb: T.float32(-8) * T.Cast("float32", d[jo, kb, r])
 
 
 def _tile_q4(qs, scale, offset):
     """Weight ``h * 16 + l`` of block ``kb``: the low (h = 0) or high (h = 1) nibble of byte l."""
-    return lambda row, kb, h, l: T.Cast(
-        "float32", T.bitwise_and(T.shift_right(T.Cast("int32", qs[row, kb * 16 + l]), 4 * h), 15)
-    ) * scale(row, kb) + offset(row, kb)
+    return lambda jo, r, kb, h, l: T.Cast(
+        "float32", T.bitwise_and(T.shift_right(T.Cast("int32", qs[jo, kb, r, l]), 4 * h), 15)
+    ) * scale(jo, r, kb) + offset(jo, r, kb)
 
 
 def _tile_q8(qs, scale):
-    return lambda row, kb, h, l: T.Cast("float32", qs[row, kb * 32 + h * 16 + l]) * scale(row, kb)
+    return lambda jo, r, kb, h, l: T.Cast("float32", qs[jo, kb, r, h * 16 + l]) * scale(jo, r, kb)
 
 
 def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
     """The scheduled CPU kernel ``(x (n, k_in) f32, *split arrays, out (n, n_out) f32)``."""
     fmt = FORMATS[ggml_type]
     assert n_out % ROWS == 0 and k_in % BLOCK == 0, f"{n_out}x{k_in} does not tile into {ROWS} rows and {BLOCK}-blocks"
-    n_blocks = k_in // BLOCK
-    q_shape, q_dtype = fmt.param_shapes(n_out, k_in)["qweight"]
+    shapes = fmt.param_shapes(n_out, k_in)
+    (q_shape, q_dtype), (s_shape, s_dtype) = shapes["qweight"], shapes["scales"]
 
     if ggml_type == "Q4_1":
 
         @T.prim_func(s_tir=True)
-        def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer((n_out, n_blocks), SCALE_DTYPE),
-                   m: T.Buffer((n_out, n_blocks), SCALE_DTYPE), var_out: T.handle):
+        def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer(s_shape, s_dtype),
+                   m: T.Buffer(s_shape, s_dtype), var_out: T.handle):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
             n = T.int64()
             x = T.match_buffer(var_x, (n, k_in), "float32")
@@ -148,7 +159,7 @@ def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
         return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
     @T.prim_func(s_tir=True)
-    def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer((n_out, n_blocks), SCALE_DTYPE), var_out: T.handle):
+    def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer(s_shape, s_dtype), var_out: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
         n = T.int64()
         x = T.match_buffer(var_x, (n, k_in), "float32")
@@ -167,13 +178,14 @@ def _weight_expr(ggml_type: str, params: list[te.Tensor]):
     qs, d = params[0], params[1]
 
     def weight(row, k):
-        scale = d[row, k // BLOCK].astype("float32")
+        jo, r, kb = row // ROWS, row % ROWS, k // BLOCK
+        scale = d[jo, kb, r].astype("float32")
         if fmt.bits == 8:
-            return qs[row, k].astype("float32") * scale
-        byte = qs[row, k // BLOCK * 16 + k % 16].astype("int32")
+            return qs[jo, kb, r, k % BLOCK].astype("float32") * scale
+        byte = qs[jo, kb, r, k % 16].astype("int32")
         q = tirx.bitwise_and(tirx.shift_right(byte, (k % BLOCK // 16 * 4).astype("int32")), 15).astype("float32")
         if fmt.has_mins:
-            return q * scale + params[2][row, k // BLOCK].astype("float32")
+            return q * scale + params[2][jo, kb, r].astype("float32")
         return (q - 8.0) * scale
 
     return weight
@@ -181,7 +193,7 @@ def _weight_expr(ggml_type: str, params: list[te.Tensor]):
 
 def quant_matmul_te(x: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tensor:
     """Unscheduled definition for GPU targets: out = x @ dequantize(params).T (dlight schedules it)."""
-    n_out = params[0].shape[0]
+    n_out = params[1].shape[0] * ROWS
     k_in = x.shape[1]
     weight = _weight_expr(ggml_type, list(params))
     k = te.reduce_axis((0, k_in), name="k")
@@ -191,7 +203,7 @@ def quant_matmul_te(x: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tens
 def quant_take_te(ids: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tensor:
     """Embedding lookup from quantized rows: out[i, :] = dequantize(params)[ids[i], :]."""
     weight = _weight_expr(ggml_type, list(params))
-    hidden = params[0].shape[1] * (2 if FORMATS[ggml_type].bits == 4 else 1)
+    hidden = params[1].shape[1] * BLOCK
     return te.compute((ids.shape[0], hidden), lambda i, k: weight(ids[i], k), name="quant_take")
 
 

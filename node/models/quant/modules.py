@@ -11,14 +11,14 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
-from .blocks import FORMATS
+from .blocks import FORMATS, TILE_ROWS
 from .kernels import quant_matmul_cpu, quant_matmul_te, quant_take_te
 
 
 def quant_matmul(x: Tensor, ggml_type: str, params: list[Tensor], target: Target) -> Tensor:
     """``x (..., k) @ dequantize(params).T`` -> ``(..., n_out)`` in fp32."""
     *lead, k_in = x.shape
-    n_out = params[0].shape[0]
+    n_out = params[1].shape[0] * TILE_ROWS  # scales: (tiles, blocks, rows in tile)
     rows = 1
     for dim in lead:
         rows = rows * dim
