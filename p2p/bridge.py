@@ -83,6 +83,11 @@ class TrioThread:
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
+    async def start_service(self, fn: Callable[..., Awaitable[None]]) -> None:
+        """Start the long-lived trio task ``fn(task_status=...)`` (it runs until ``stop``);
+        returns once it reports ready with ``task_status.started()``, raises if it fails first."""
+        await self.call(self._nursery.start, fn)
+
     # -- asyncio -> trio -------------------------------------------------------------------
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run the trio coroutine function ``fn(*args)`` in the trio thread; await its result."""

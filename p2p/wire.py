@@ -179,6 +179,7 @@ class ModelOffer(Message):
     name: Annotated[str, Field(min_length=1, max_length=200)]
     model_id: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     backend: Annotated[str, Field(min_length=1, max_length=200)]
+    max_context: Annotated[int, Field(ge=1)]
 
 
 class Capability(Message):

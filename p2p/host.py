@@ -1,0 +1,147 @@
+"""The node's libp2p host (trio side): its identity, its secure channel, its streams.
+
+Identity: the node's Ed25519 key (``verify/identity.py``) is the libp2p key pair, so the peer id
+is the ``node_id`` in the node's receipts, and the remote peer of a stream is who signed them.
+
+Security: Noise only. py-libp2p's default list also offers TLS, SECIO and ``/plaintext/2.0.0``;
+over plaintext a dialler can claim any peer id whose public key it knows (DESIGN.md, measured),
+so a host that accepted it would attribute streams to the wrong peer. Multiplexer: yamux.
+``max_connections_per_peer=1``: with more, ``connect`` waits a fixed ~250 ms after each dial.
+
+Every library error is translated here or in ``p2p/wire.py``: callers see ``p2p.errors`` only.
+Handlers registered with ``handle`` can fail in any way without touching the host: the wrapper
+counts wire violations, logs the rest and always releases the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable, Sequence
+
+import multiaddr
+import trio
+from libp2p import create_yamux_muxer_option, new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from p2p.errors import MalformedMessage, P2PError, StreamFailed, StreamTimeout, WireError
+from p2p.wire import FramedStream
+from verify.identity import NodeKey
+
+log = logging.getLogger(__name__)
+
+ADDR_TTL_S = 600  # how long the peerstore keeps a learned address (refreshed by each record)
+DIAL_TIMEOUT_S = 5.0
+
+Handler = Callable[[FramedStream], Awaitable[None]]
+RejectHook = Callable[[str, str], None]  # (protocol, reason) of a dropped message
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    return (BaseLibp2pError, OSError, EOFError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Host:
+    """A libp2p host with the node's key, Noise + yamux, run inside the bridge's trio thread."""
+
+    def __init__(self, key: NodeKey, on_reject: RejectHook):
+        key_pair = create_new_key_pair(key.seed)
+        noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        self._host: IHost = new_host(
+            key_pair=key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_opt=create_yamux_muxer_option(),
+            connection_config=ConnectionConfig(max_connections_per_peer=1),
+        )
+        self.peer_id = self._host.get_id().to_base58()
+        assert self.peer_id == key.node_id, "the libp2p identity must be the receipt-signing key"
+        self._on_reject = on_reject
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full listen multiaddrs, each ending in ``/p2p/<peer id>``."""
+        return [str(a) for a in self._host.get_addrs()]
+
+    async def run(self, listen: Sequence[str], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``listen`` until cancelled; reports ready (via ``task_status``) once bound."""
+        try:
+            addrs = [multiaddr.Multiaddr(a) for a in listen]
+        except (ValueError, BaseLibp2pError) as exc:
+            raise P2PError(f"not a multiaddr: {exc}") from exc
+        async with self._host.run(addrs):
+            task_status.started()
+            await trio.sleep_forever()
+
+    def connected_peers(self) -> set[str]:
+        return {p.to_base58() for p in self._host.get_connected_peers()}
+
+    def learn(self, peer_id: str, addrs: Sequence[str]) -> None:
+        """Remember where a peer listens, so ``open`` can dial it."""
+        try:
+            parsed = [multiaddr.Multiaddr(a).decapsulate_code(multiaddr.protocols.P_P2P) for a in addrs]
+            self._host.get_peerstore().add_addrs(ID.from_base58(peer_id), parsed, ADDR_TTL_S)
+        except (*_library_errors(), KeyError) as exc:
+            raise MalformedMessage(f"unusable address for {peer_id}: {exc}") from exc
+
+    async def connect(self, addr: str) -> str:
+        """Dial a full multiaddr (with ``/p2p/<id>``); returns the peer id."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except (*_library_errors(), KeyError) as exc:
+            raise P2PError(f"{addr!r} is not a multiaddr ending in /p2p/<peer id>: {exc}") from exc
+        try:
+            with trio.fail_after(DIAL_TIMEOUT_S):
+                await self._host.connect(info)
+        except trio.TooSlowError as exc:
+            raise StreamTimeout(f"dialling {addr} timed out") from exc
+        except (*_library_errors(), ExceptionGroup) as exc:
+            raise StreamFailed(f"cannot dial {addr}: {exc}") from exc
+        return info.peer_id.to_base58()
+
+    async def open(self, peer_id: str, protocol: str, max_bytes: int) -> FramedStream:
+        """A new stream to ``peer_id`` speaking ``protocol`` (dials first if needed)."""
+        try:
+            with trio.fail_after(DIAL_TIMEOUT_S):
+                stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        except trio.TooSlowError as exc:
+            raise StreamTimeout(f"opening {protocol} to {peer_id} timed out") from exc
+        except (*_library_errors(), ExceptionGroup) as exc:
+            raise StreamFailed(f"cannot open {protocol} to {peer_id}: {exc}") from exc
+        return FramedStream(stream, max_bytes)
+
+    def handle(self, protocol: str, handler: Handler, max_bytes: int) -> None:
+        """Serve ``protocol`` with ``handler``; nothing a peer sends can make it raise."""
+
+        async def wrapped(stream: INetStream) -> None:
+            framed = FramedStream(stream, max_bytes)
+            try:
+                await handler(framed)
+                await framed.close()
+            except WireError as exc:
+                log.info("dropped a %s message from %s: %s", protocol, _remote(stream), exc)
+                self._on_reject(protocol, exc.reason)
+                await framed.reset()
+            except StreamFailed as exc:
+                log.debug("%s stream from %s failed: %s", protocol, _remote(stream), exc)
+                await framed.reset()
+            except Exception:  # noqa: BLE001 - a handler bug must not take the host down
+                log.exception("%s handler failed", protocol)
+                await framed.reset()
+
+        self._host.set_stream_handler(TProtocol(protocol), wrapped)
+
+
+def _remote(stream: INetStream) -> str:
+    try:
+        return stream.muxed_conn.peer_id.to_base58()
+    except AttributeError:
+        return "?"
+

@@ -1,0 +1,256 @@
+"""The node's view of the network, for asyncio code: start and stop the host, discover peers,
+forward a request to the best peer with failover, ask peers for verdicts and evidence.
+
+Everything libp2p runs on the bridge's trio thread (``p2p/bridge.py``); the methods here are
+asyncio coroutines that hand the work over. Discovery runs there on its own: dial the bootstrap
+peers, then exchange capability tables with every known peer every ``EXCHANGE_INTERVAL_S``, and
+at once whenever a new peer turns up (so news spreads in a few round trips, not intervals). A
+peer that cannot be reached is forgotten; a record that is not refreshed expires.
+
+Failover (``forward``): peers are tried best first (``p2p/peers.py``). A peer that fails before
+the answer starts, or answers 429/503 (full), is skipped and the next one tried. Once a stream's
+first token has been relayed the answer is committed to that peer: a failure after that reaches
+the caller as ``StreamFailed`` (the HTTP layer ends the stream with an error chunk). A
+non-streamed answer is collected whole before it is returned, so any failure in it is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Sequence
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from p2p.bridge import TrioThread
+from p2p.errors import MalformedMessage, NoPeerAvailable, P2PError, StreamFailed, WireError
+from p2p.host import Host
+from p2p.metrics import P2PMetrics
+from p2p.peers import PeerState, PeerTable
+from p2p.protocols import LocalNode, Protocols
+from p2p.wire import Attestation, Capability, InferData, InferEnd, InferHead, InferPath, InferRequest, SignedCapability
+from verify.evidence import AnswerFile
+from verify.identity import NodeKey
+
+log = logging.getLogger(__name__)
+
+RECORD_TTL_S = 30.0  # a peer silent for this long (6 missed rounds) is dropped
+EXCHANGE_INTERVAL_S = 5.0
+MAX_ATTEMPTS = 3  # peers tried per forwarded request
+BUSY_STATUSES = (429, 503)  # the peer is full or shutting down: another one may take it
+SSE_CONTENT_TYPE = "text/event-stream"
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    listen: Sequence[str]
+    bootstrap: Sequence[str] = ()
+
+
+@dataclass
+class Forwarded:
+    """An answer from a peer: its status and content type, then its body as it arrives."""
+
+    peer_id: str
+    head: InferHead
+    body: AsyncIterator[str]
+
+    @property
+    def streaming(self) -> bool:
+        return self.head.content_type.startswith(SSE_CONTENT_TYPE)
+
+
+@dataclass
+class PeerNetwork:
+    """One node's membership of the network (asyncio side)."""
+
+    key: NodeKey
+    config: NetworkConfig
+    local: LocalNode
+    registry: CollectorRegistry
+    bridge: TrioThread = field(default_factory=TrioThread)
+
+    def __post_init__(self) -> None:
+        self.metrics = P2PMetrics(self.registry)
+        self.table = PeerTable(self.key.node_id)
+        self.host = Host(self.key, self.metrics.reject)
+        self.protocols = Protocols(self.host, self.table, self.bridge, self.local, self.own_record, self.metrics.reject)
+        self._wake: trio.Event | None = None
+        self.protocols.on_new_peer = self._on_new_peer
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.peer_id
+
+    @property
+    def addrs(self) -> list[str]:
+        return self.host.addrs
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Listen, then discover in the background; raises ``P2PError`` if it cannot listen."""
+        await self.bridge.start()
+        try:
+            await self.bridge.start_service(self._serve)
+        except BaseException:
+            await self.bridge.stop()
+            raise
+
+    async def stop(self) -> None:
+        await self.bridge.stop()
+
+    async def _serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.host.run, list(self.config.listen))
+            self._wake = trio.Event()
+            task_status.started()
+            nursery.start_soon(self._discover)
+
+    # -- discovery (trio) ------------------------------------------------------------------
+    def own_record(self) -> SignedCapability:
+        offers, load, http = self.local.offers()
+        now = time.time()
+        record = Capability(peer_id=self.peer_id, models=offers, load=load, http=http, addrs=self.addrs,
+                            issued=now, expires=now + RECORD_TTL_S)
+        return SignedCapability.sign(record, self.key)
+
+    def _on_new_peer(self, peer_id: str) -> None:
+        log.info("new peer %s", peer_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _discover(self) -> None:
+        while True:
+            if not self.table.peer_ids():
+                await self._bootstrap()
+            for gone in self.table.expire():
+                log.info("peer %s expired", gone)
+            async with trio.open_nursery() as nursery:
+                for peer_id in self.table.peer_ids():
+                    nursery.start_soon(self._exchange, peer_id)
+            self.metrics.peers.set(len(self.table.peer_ids()))
+            with trio.move_on_after(EXCHANGE_INTERVAL_S):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    async def _bootstrap(self) -> None:
+        for addr in self.config.bootstrap:
+            try:
+                peer_id = await self.host.connect(addr)
+                await self.protocols.exchange(peer_id)
+            except P2PError as exc:
+                log.warning("bootstrap peer %s: %s", addr, exc)
+
+    async def _exchange(self, peer_id: str) -> None:
+        try:
+            await self.protocols.exchange(peer_id)
+        except WireError as exc:
+            self.metrics.reject("/proofmesh/caps/1", exc.reason)
+            self.table.forget(peer_id)
+        except P2PError as exc:
+            log.info("peer %s is unreachable (%s): forgetting it", peer_id, exc)
+            self.table.forget(peer_id)
+
+    # -- routing (asyncio) -----------------------------------------------------------------
+    def serves(self, model: str) -> bool:
+        return bool(self.table.candidates(model))
+
+    def peers(self) -> list[PeerState]:
+        return self.table.snapshot()
+
+    async def forward(self, model: str, path: InferPath, body: str) -> Forwarded:
+        """The answer of the best peer that serves ``model`` and takes the request."""
+        request = InferRequest(path=path, body=body)
+        problems = []
+        for peer_id in self.table.candidates(model)[:MAX_ATTEMPTS]:
+            try:
+                answer = await self._try_peer(peer_id, request)
+            except P2PError as exc:
+                problems.append(f"{peer_id}: {exc}")
+                self.metrics.forwarded.labels("retried").inc()
+                continue
+            if answer is not None:
+                self.metrics.forwarded.labels("answered").inc()
+                return answer
+            problems.append(f"{peer_id}: busy")
+        self.metrics.forwarded.labels("no_peer").inc()
+        detail = "; ".join(problems) if problems else "no known peer serves it"
+        raise NoPeerAvailable(f"no peer could answer for model {model!r} ({detail})")
+
+    async def _try_peer(self, peer_id: str, request: InferRequest) -> Forwarded | None:
+        """The peer's answer once it has started (``None``: the peer is busy)."""
+        parts = self.bridge.iterate(self.protocols.infer, peer_id, request)
+        self.table.add_in_flight(peer_id, 1)
+        released = committed = False
+
+        def release() -> None:  # once, whoever ends the answer
+            nonlocal released
+            if not released:
+                released = True
+                self.table.add_in_flight(peer_id, -1)
+
+        try:
+            head = await anext(parts, None)
+            if not isinstance(head, InferHead):
+                raise MalformedMessage("an answer must start with its head")
+            if head.status in BUSY_STATUSES:
+                return None
+            answer = Forwarded(peer_id, head, self._relay(peer_id, parts, release))
+            if not answer.streaming:  # collect it now: a failure is still retryable
+                whole = [chunk async for chunk in answer.body]
+                answer.body = _replay(whole)
+            committed = True
+            return answer
+        except StreamFailed:
+            self.table.forget(peer_id)  # it went away (or never answered): do not try it again
+            raise
+        except P2PError:
+            self.table.failed(peer_id)
+            raise
+        finally:
+            if not committed:
+                await parts.aclose()
+                release()
+
+    async def _relay(self, peer_id: str, parts: AsyncIterator, release: Callable[[], None]) -> AsyncIterator[str]:
+        """The body's data until the end; a peer that fails now is penalised for next time."""
+        try:
+            async for part in parts:
+                if isinstance(part, InferEnd):
+                    self.table.seen(peer_id)
+                    return
+                if not isinstance(part, InferData):
+                    raise MalformedMessage("a second head in one answer")
+                yield part.data
+            raise StreamFailed(f"{peer_id} ended the answer without its end frame")
+        except P2PError:
+            self.table.failed(peer_id)
+            self.metrics.forwarded.labels("failed_mid_stream").inc()
+            raise
+        finally:
+            await parts.aclose()
+            release()
+
+    # -- verification and evidence (asyncio) -----------------------------------------------
+    async def verify(self, answer: AnswerFile) -> Attestation:
+        """A signed re-check of ``answer`` by a peer that serves its model (not its signer)."""
+        problems = []
+        for peer_id in self.table.candidates(answer.receipt.model_id):
+            if peer_id == answer.receipt.node_id:
+                continue
+            try:
+                return await self.bridge.call(self.protocols.verify, peer_id, answer)
+            except P2PError as exc:
+                problems.append(f"{peer_id}: {exc}")
+        raise NoPeerAvailable(f"no peer could verify the answer ({'; '.join(problems) or 'none serves its model'})")
+
+    async def evidence(self, peer_id: str, receipt_id: str) -> AnswerFile:
+        """The answer file behind ``receipt_id``, from the peer that signed it."""
+        return await self.bridge.call(self.protocols.evidence, peer_id, receipt_id)
+
+
+async def _replay(chunks: list[str]) -> AsyncIterator[str]:
+    for chunk in chunks:
+        yield chunk

@@ -1,0 +1,198 @@
+"""The four ProofMesh protocols, both sides of each, on the trio thread.
+
+    /proofmesh/caps/1      dialler sends its capability table, listener answers with its own
+    /proofmesh/infer/1     InferRequest -> InferHead, InferData..., InferEnd
+    /proofmesh/verify/1    VerifyRequest -> Reply(attestation)
+    /proofmesh/evidence/1  EvidenceRequest -> Reply(answer)
+
+Discovery is this own exchange protocol, not GossipSub: a newcomer needs the whole table at
+once (gossip delivers only what is published after it subscribes), and py-libp2p 0.8.1's
+GossipSub drops bursts past a 32-entry per-peer queue and caps 10 messages/s per topic without
+telling anyone (DESIGN.md, measured), which makes it a poor carrier for the one thing routing
+depends on. The exchange is one stream per peer per round: the listener learns the dialler's
+table and the dialler the listener's. Peers learn of peers through the ones they know, and dial
+them in turn. No Kademlia DHT: with one record per peer, the whole table is small enough to
+hold everywhere (512 records per message), so a lookup would add a round trip and nothing else.
+
+The node itself (models, engine, evidence store) is reached through ``LocalNode``, which node/
+implements with asyncio code; the bridge carries the calls, so p2p/ never imports node/.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import AsyncIterator, Callable, Protocol, Union
+
+from p2p.bridge import TrioThread
+from p2p.errors import BadSignature, RemoteError, WireError
+from p2p.host import Host
+from p2p.peers import PeerTable
+from p2p.wire import (
+    CAPS_MAX_BYTES,
+    CAPS_PROTOCOL,
+    EVIDENCE_MAX_BYTES,
+    EVIDENCE_PROTOCOL,
+    INFER_FRAME,
+    INFER_MAX_BYTES,
+    INFER_PROTOCOL,
+    VERIFY_PROTOCOL,
+    Attestation,
+    CapsExchange,
+    EvidenceRequest,
+    FramedStream,
+    InferData,
+    InferEnd,
+    InferHead,
+    InferRequest,
+    ModelOffer,
+    Reply,
+    SignedCapability,
+    VerifyRequest,
+)
+from verify.evidence import AnswerFile
+
+log = logging.getLogger(__name__)
+
+# A forwarded answer waits for the model: a non-streamed answer arrives whole after generation
+# (minutes for a long one on a CPU). A dead peer is noticed at once (the stream resets); this
+# only bounds a peer that stays connected but stalls.
+INFER_TOKEN_TIMEOUT_S = 300.0
+# Teacher-forced re-execution of a long answer on a CPU takes a while.
+VERIFY_TIMEOUT_S = 300.0
+
+InferPart = Union[InferHead, InferData, InferEnd]
+
+
+class LocalNode(Protocol):
+    """What the p2p layer needs from the node it runs in (node/ implements it, asyncio side)."""
+
+    def offers(self) -> tuple[list[ModelOffer], int, str | None]:
+        """(models served here, current load, HTTP URL). Called from the trio thread: it must
+        only read plain attributes."""
+
+    def infer(self, request: InferRequest) -> AsyncIterator[InferPart]:
+        """Answer a forwarded request: a head, data, then an end."""
+
+    async def verify(self, answer: AnswerFile) -> Attestation:
+        """Re-check ``answer`` on a local model; raises ``LookupError`` if none fits."""
+
+    async def evidence(self, receipt_id: str) -> AnswerFile | None:
+        """The answer file behind one of this node's receipts, while it is retained."""
+
+
+class Protocols:
+    """Handlers and clients of the four protocols for one host."""
+
+    def __init__(self, host: Host, table: PeerTable, bridge: TrioThread, local: LocalNode,
+                 own_record: Callable[[], SignedCapability], on_reject: Callable[[str, str], None]):
+        self.host, self.table, self.bridge, self.local = host, table, bridge, local
+        self.own_record = own_record
+        self.on_reject = on_reject
+        self.on_new_peer: Callable[[str], None] = lambda peer_id: None
+        host.handle(CAPS_PROTOCOL, self._serve_caps, CAPS_MAX_BYTES)
+        host.handle(INFER_PROTOCOL, self._serve_infer, INFER_MAX_BYTES)
+        host.handle(VERIFY_PROTOCOL, self._serve_verify, EVIDENCE_MAX_BYTES)
+        host.handle(EVIDENCE_PROTOCOL, self._serve_evidence, EVIDENCE_MAX_BYTES)
+
+    # -- capabilities ----------------------------------------------------------------------
+    def _table_message(self) -> CapsExchange:
+        return CapsExchange(records=[self.own_record(), *self.table.records()])
+
+    def _merge(self, message: CapsExchange, sender: str) -> None:
+        """Take every valid record; a bad one is counted and skipped, not the whole message."""
+        for signed in message.records:
+            try:
+                signed.check()
+            except BadSignature as exc:
+                log.info("dropped a capability record from %s: %s", sender, exc)
+                self.on_reject(CAPS_PROTOCOL, exc.reason)
+                continue
+            if self.table.merge(signed):
+                try:
+                    self.host.learn(signed.record.peer_id, signed.record.addrs)
+                except WireError as exc:
+                    self.table.forget(signed.record.peer_id)
+                    self.on_reject(CAPS_PROTOCOL, exc.reason)
+                    log.info("dropped a record with unusable addresses: %s", exc)
+                    continue
+                self.on_new_peer(signed.record.peer_id)
+
+    async def _serve_caps(self, stream: FramedStream) -> None:
+        message = await stream.read(CapsExchange)
+        await stream.write(self._table_message())
+        self._merge(message, stream.remote_peer)
+        self.table.seen(stream.remote_peer)
+
+    async def exchange(self, peer_id: str) -> None:
+        """One round with ``peer_id``: send our table, merge theirs, time the round trip."""
+        start = time.perf_counter()
+        stream = await self.host.open(peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
+        try:
+            await stream.write(self._table_message())
+            reply = await stream.read(CapsExchange)
+        except BaseException:
+            await stream.reset()
+            raise
+        await stream.close()
+        self._merge(reply, peer_id)
+        self.table.seen(peer_id, time.perf_counter() - start)
+
+    # -- inference -------------------------------------------------------------------------
+    async def _serve_infer(self, stream: FramedStream) -> None:
+        request = await stream.read(InferRequest)
+        async for part in self.bridge.iterate_asyncio(self.local.infer, request):
+            await stream.write(part)
+
+    async def infer(self, peer_id: str, request: InferRequest) -> AsyncIterator[InferPart]:
+        """Forward ``request`` to ``peer_id`` and yield its answer's parts as they come."""
+        stream = await self.host.open(peer_id, INFER_PROTOCOL, INFER_MAX_BYTES)
+        finished = False
+        try:
+            await stream.write(request)
+            while not finished:
+                part = await stream.read(INFER_FRAME, timeout=INFER_TOKEN_TIMEOUT_S)
+                finished = isinstance(part, InferEnd)
+                yield part
+        finally:
+            await (stream.close() if finished else stream.reset())
+
+    # -- verification and evidence ---------------------------------------------------------
+    async def _serve_verify(self, stream: FramedStream) -> None:
+        request = await stream.read(VerifyRequest)
+        try:
+            reply = Reply(attestation=await self.bridge.call_asyncio(self.local.verify, request.answer))
+        except LookupError as exc:
+            reply = Reply(error=str(exc))
+        await stream.write(reply)
+
+    async def _serve_evidence(self, stream: FramedStream) -> None:
+        request = await stream.read(EvidenceRequest)
+        answer = await self.bridge.call_asyncio(self.local.evidence, request.receipt_id)
+        await stream.write(Reply(answer=answer) if answer else Reply(error=f"no receipt {request.receipt_id} here"))
+
+    async def _ask(self, peer_id: str, protocol: str, request: VerifyRequest | EvidenceRequest, timeout: float) -> Reply:
+        stream = await self.host.open(peer_id, protocol, EVIDENCE_MAX_BYTES)
+        try:
+            await stream.write(request)
+            reply = await stream.read(Reply, timeout=timeout)
+        except BaseException:
+            await stream.reset()
+            raise
+        await stream.close()
+        if reply.error is not None:
+            raise RemoteError(f"{peer_id}: {reply.error}")
+        return reply
+
+    async def verify(self, peer_id: str, answer: AnswerFile) -> Attestation:
+        reply = await self._ask(peer_id, VERIFY_PROTOCOL, VerifyRequest(answer=answer), VERIFY_TIMEOUT_S)
+        if reply.attestation is None or not reply.attestation.is_valid() or reply.attestation.verdict.verifier_id != peer_id:
+            raise BadSignature(f"{peer_id} sent no attestation signed by itself")
+        return reply.attestation
+
+    async def evidence(self, peer_id: str, receipt_id: str) -> AnswerFile:
+        reply = await self._ask(peer_id, EVIDENCE_PROTOCOL, EvidenceRequest(receipt_id=receipt_id), VERIFY_TIMEOUT_S)
+        if reply.answer is None or reply.answer.receipt.receipt_id != receipt_id or reply.answer.receipt.node_id != peer_id:
+            raise RemoteError(f"{peer_id} sent no answer file of its own for {receipt_id}")
+        return reply.answer
+
