@@ -5,6 +5,8 @@
     proofmesh generate PROMPT [--chat] ...  stream a continuation to stdout
     proofmesh verify FILE [--model M]       re-check an answer file; exit 0 pass, 1 fraud
     proofmesh run [--model M ...] [--port P] serve the OpenAI-style HTTP API until SIGINT/SIGTERM
+        [--p2p-listen MULTIADDR] [--bootstrap MULTIADDR ...]   ... and join the p2p network
+    proofmesh peers [--node URL]            list the peers a running node knows
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import logging
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,30 +169,70 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from node import model_store
     from node.loaded_model import load_model
     from node.server import make_app, serve_until_signalled
-    from node.service import DEFAULT_MAX_QUEUE
+    from node.service import DEFAULT_MAX_QUEUE, NODE
     from verify.evidence_store import EvidenceStore
 
     root = model_store.store_root()
     key, key_path = _node_key(args.key)
     _progress(f"node id {key.node_id} (key {key_path})")
-    models = [load_model(name, device=args.device, weights=args.weights, progress=_progress)
-              for name in args.model or [DEFAULT_MODEL]]
+    names = [] if args.model == ["none"] else args.model or [DEFAULT_MODEL]  # none: a gateway
+    models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in names]
     store = EvidenceStore(root / "evidence.sqlite")
     api_keys = list(args.api_key or [])
+    network = _network_config(args)
 
     def ready(url: str) -> None:
-        names = ", ".join(m.name for m in models)
+        served = ", ".join(m.name for m in models) or "no model (gateway)"
         auth = f", {len(api_keys)} API key(s) required" if api_keys else ""
-        _progress(f"serving {names} on {url}/v1 (Ctrl-C to stop{auth})")
+        if network is not None:
+            node = app[NODE]
+            _progress(f"p2p peer id {node.network.peer_id}")
+            for addr in node.network.addrs:
+                _progress(f"p2p listening on {addr}")
+        _progress(f"serving {served} on {url}/v1 (Ctrl-C to stop{auth})")
 
     try:
-        app = make_app(models, key, store, api_keys=api_keys, max_queue=args.max_queue or DEFAULT_MAX_QUEUE)
+        app = make_app(models, key, store, api_keys=api_keys, max_queue=args.max_queue or DEFAULT_MAX_QUEUE,
+                       network=network)
         asyncio.run(serve_until_signalled(app, args.host, args.port, ready))
     except OSError as exc:  # the address is taken or cannot be bound
         raise ProofMeshNodeError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     finally:
         store.close()
     _progress("stopped")
+    return 0
+
+
+def _network_config(args: argparse.Namespace):
+    """The p2p settings of ``run`` (None: no p2p network; a gateway needs one)."""
+    from p2p.network import NetworkConfig
+
+    if not args.p2p_listen:
+        if args.bootstrap or args.model == ["none"]:
+            raise ProofMeshNodeError("--bootstrap and --model none need --p2p-listen MULTIADDR")
+        return None
+    return NetworkConfig(listen=args.p2p_listen, bootstrap=args.bootstrap or [])
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    """Print the peers a running node knows (its GET /v1/peers)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{args.node.rstrip('/')}/v1/peers", timeout=10) as response:
+            body = json.load(response)
+    except (OSError, ValueError) as exc:
+        raise ProofMeshNodeError(f"cannot read {args.node}/v1/peers: {exc}") from exc
+    if args.json:
+        print(json.dumps(body, indent=1))
+        return 0
+    print(f"node {body['peer_id']}: {len(body['data'])} peer(s)")
+    for p in body["data"]:
+        models = ", ".join(m["name"] for m in p["models"]) or "-"
+        print(f"{p['peer_id']}  load {p['load']}  latency {p['latency_ms']} ms  last seen "
+              f"{time.time() - p['last_seen']:.1f} s ago  models: {models}")
     return 0
 
 
@@ -243,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="serve models over the OpenAI-style HTTP API (signed receipts on every answer)")
     p.add_argument("--model", action="append", help="registry name, GGUF file or HF folder (repeat to serve several; "
-                   f"default {DEFAULT_MODEL})")
+                   f"default {DEFAULT_MODEL}); 'none': serve no model, forward to peers")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -252,8 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")
     p.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a batch slot before "
                    "new ones get 429 (default 64)")
+    p.add_argument("--p2p-listen", action="append", metavar="MULTIADDR",
+                   help="join the p2p network, listening here (e.g. /ip4/0.0.0.0/tcp/4001; repeatable)")
+    p.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="peers to join through (with /p2p/<peer id>)")
     _add_weights_option(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("peers", help="list the peers a running node knows")
+    p.add_argument("--node", default="http://127.0.0.1:8000", help="the node's HTTP URL")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=_cmd_peers)
     return parser
 
 

@@ -23,7 +23,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal, TypeVar
 
 import numpy as np
 
@@ -32,6 +32,8 @@ from node.runtime import ModelRuntime
 from node.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.canonical import request_hash as compute_request_hash
 from verify.sampling import SamplingParams, StopChecker, sample_token, top_k_fingerprint
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,11 @@ class Engine:
             time_to_first_token=(seq.first_token_at or seq.created) - seq.created,
             duration=time.perf_counter() - seq.created,
         )
+
+    async def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the engine's own thread, between batch steps: the runtime is not
+        thread-safe, and a verifier's teacher-forced pass must not run inside a decode step."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def close(self) -> None:
         """Cancel every sequence and stop the scheduler."""

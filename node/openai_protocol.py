@@ -390,6 +390,7 @@ class ModelCard(BaseModel):
     model_id: str  # sha256 of the model's manifest: what receipts name
     backend: str
     max_context: int
+    peers: list[str] | None = None  # a model served through the network: the peers that serve it
 
 
 class ModelList(BaseModel):

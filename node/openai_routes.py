@@ -45,6 +45,7 @@ from node.openai_protocol import (
     SamplingRequest,
     UsageInfo,
 )
+from node.peering import network_cards
 from node.service import NODE, ChoiceEvent, ServedModel, api_error_of, parse_body
 
 routes = web.RouteTableDef()
@@ -58,7 +59,7 @@ async def list_models(request: web.Request) -> web.Response:
                   backend=s.loaded.backend, max_context=s.loaded.max_context)
         for s in node.models.values()
     ]
-    return _json(ModelList(data=cards))
+    return _json(ModelList(data=cards + network_cards(node)))
 
 
 @routes.post("/v1/completions")

@@ -8,6 +8,7 @@ store (``node/service.py``), so ``GET /v1/receipts/{id}`` serves what ``proofmes
 
     GET  /v1/models                  POST /v1/completions        POST /v1/chat/completions
     GET  /v1/receipts/{receipt_id}   GET  /health                GET  /metrics
+    GET  /v1/peers ...               (with a p2p network: node/peering.py)
 
 Errors: one middleware turns every exception into OpenAI's ``{"error": {message, type, param,
 code}}`` — node errors and HTTP errors with their own status, anything unexpected as a 500
@@ -27,10 +28,11 @@ from typing import Awaitable, Callable, Sequence
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from node import openai_routes
+from node import openai_routes, peering
 from node.errors import ConfigError
 from node.loaded_model import LoadedModel
 from node.service import DEFAULT_MAX_QUEUE, NODE, APIError, Node, api_error_of
+from p2p.network import NetworkConfig
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 
@@ -108,6 +110,7 @@ async def health(request: web.Request) -> web.Response:
             for s in node.models.values()
         ],
         "evidence": {"answers": answers, "bytes": size},
+        **({"peer_id": node.network.peer_id, "p2p_addrs": node.network.addrs} if node.network else {}),
     })
 
 
@@ -129,15 +132,20 @@ def make_app(
     api_keys: Sequence[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = MAX_BODY_BYTES,
+    network: NetworkConfig | None = None,
 ) -> web.Application:
     """The node's app. Each model gets its own engine (which owns that model's runtime: do not
     serve one ``LoadedModel`` from two apps at once); engines close on app cleanup, the store
-    stays the caller's to close."""
-    if not models:
-        raise ConfigError("make_app needs at least one model")
+    stays the caller's to close. With ``network`` the node joins the p2p network on startup
+    (``node/peering.py``); then it may serve no model itself (a gateway)."""
+    if not models and network is None:
+        raise ConfigError("make_app needs at least one model (or a p2p network to forward to)")
     node = Node(models, key, store, max_queue=max_queue)
-    app = web.Application(middlewares=[_errors_and_metrics, _auth(api_keys)], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[_errors_and_metrics, _auth(api_keys), peering.forward_to_peers],
+                          client_max_size=max_body_bytes)
     app[NODE] = node
+    if network is not None:
+        peering.attach(app, node, network, api_keys[0] if api_keys else None)
     app.router.add_routes(openai_routes.routes)
     app.router.add_get("/v1/receipts/{receipt_id}", get_receipt)
     app.router.add_get("/health", health)
@@ -167,7 +175,9 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     except BaseException:
         await runner.cleanup()
         raise
-    return runner, runner.addresses[0][1]
+    bound = runner.addresses[0][1]
+    app[NODE].url = f"http://{host}:{bound}"
+    return runner, bound
 
 
 async def serve_until_signalled(app: web.Application, host: str, port: int, on_ready: Callable[[str], None]) -> None:

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -27,6 +27,9 @@ from node.metrics import NodeMetrics
 from node.openai_protocol import ErrorInfo, ErrorResponse, ProofMeshInfo
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
+
+if TYPE_CHECKING:
+    from p2p.network import PeerNetwork
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,8 @@ class Node:
         self.store = store
         self.metrics = NodeMetrics()
         self.shutting_down = False
+        self.url: str | None = None  # set once the HTTP server is bound
+        self.network: PeerNetwork | None = None  # set when the node joins a p2p network
         self.models: dict[str, ServedModel] = {}
         for m in models:
             name = served_name(m)
@@ -138,6 +143,10 @@ class Node:
                 raise ConfigError(f"two models are served as {name!r}")
             engine = Engine(m.runtime, m.tokenizer, m.model_id, max_context=m.max_context, max_queue=max_queue)
             self.models[name] = ServedModel(name, m, engine)
+
+    def serves(self, name: str) -> bool:
+        """Whether a model called ``name`` (or whose model_id is ``name``) is served here."""
+        return name in self.models or any(s.loaded.model_id == name for s in self.models.values())
 
     def model(self, name: str) -> ServedModel:
         """The served model called ``name`` (or whose model_id is ``name``)."""

@@ -1,0 +1,227 @@
+"""The node's side of the p2p network (``p2p/``): what the node offers its peers, and how its
+HTTP API reaches theirs.
+
+Serving peers: ``NodeServices`` implements ``p2p.protocols.LocalNode``. A forwarded request is
+answered through this node's own HTTP API on loopback, so it takes exactly the path of a direct
+request (validation, admission, 429s, signing, evidence, metrics) and the bytes that go back are
+the ones a direct client would get, receipt included (about a millisecond of extra cost).
+Re-checks run the verifier on the engine's thread, between batch steps.
+
+Using peers: ``forward_to_peers`` (middleware) sends a generation request for a model this node
+does not serve to the network and relays the answer; ``/v1/models`` adds the network's models
+(``network_cards``); three routes report and reach peers:
+
+    GET  /v1/peers                                 known peers: capabilities, load, last seen
+    POST /v1/peers/verify                          an answer file -> a peer's signed attestation
+    GET  /v1/peers/{peer_id}/receipts/{receipt_id} an answer file, fetched from its signer
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from node.engine import FINGERPRINT_K
+from node.errors import ConfigError
+from node.loaded_model import LoadedModel
+from node.openai_protocol import ModelCard
+from node.service import NODE, APIError, Node, parse_body
+from p2p.errors import NoPeerAvailable, P2PError, RemoteError
+from p2p.network import NetworkConfig, PeerNetwork
+from p2p.protocols import InferPart
+from p2p.wire import Attestation, InferData, InferEnd, InferHead, InferRequest, ModelOffer
+from verify.evidence import AnswerFile, Fingerprint
+from verify.fraud import sign_verdict
+from verify.sampling import top_k_fingerprint
+from verify.verifier import verify_answer
+
+log = logging.getLogger(__name__)
+
+FORWARDED_HEADER = "X-ProofMesh-Forwarded"  # marks loopback requests from a peer: never forwarded again
+PEER_HEADER = "X-ProofMesh-Peer"  # on a forwarded answer: the peer that served it
+INFER_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ---------------------------------------------------------------------- serving peers
+
+
+class _RecordingBackend:
+    """A verifier backend that keeps the logits it computed: the validator's own fingerprints."""
+
+    def __init__(self, model: LoadedModel):
+        self.model, self.model_id, self.vocab_size = model, model.model_id, model.vocab_size
+        self.logits = None
+
+    def score(self, token_ids, from_position: int = 0):
+        self.logits = self.model.score(token_ids, from_position)
+        return self.logits
+
+
+class NodeServices:
+    """What this node does for its peers (``p2p.protocols.LocalNode``)."""
+
+    def __init__(self, node: Node, api_key: str | None):
+        self.node = node
+        self._headers = {FORWARDED_HEADER: "1", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self._session: aiohttp.ClientSession | None = None
+
+    def offers(self) -> tuple[list[ModelOffer], int, str | None]:
+        models = [ModelOffer(name=s.name, model_id=s.loaded.model_id, backend=s.loaded.backend,
+                             max_context=s.loaded.max_context) for s in self.node.models.values()]
+        load = sum(s.engine.queue_depth + s.engine.running for s in self.node.models.values())
+        return models, load, self.node.url
+
+    async def infer(self, request: InferRequest) -> AsyncIterator[InferPart]:
+        if self.node.url is None:
+            yield InferHead(status=503, content_type="application/json")
+            yield InferEnd()
+            return
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        url = self.node.url.replace("//0.0.0.0:", "//127.0.0.1:") + request.path
+        headers = {**self._headers, "Content-Type": "application/json"}
+        async with self._session.post(url, data=request.body.encode(), headers=headers) as response:
+            yield InferHead(status=response.status, content_type=response.headers.get("Content-Type", "application/json"))
+            text = codecs.getincrementaldecoder("utf-8")()  # a chunk may end inside a character
+            async for chunk in response.content.iter_any():
+                if data := text.decode(chunk):
+                    yield InferData(data=data)
+            if data := text.decode(b"", final=True):
+                yield InferData(data=data)
+        yield InferEnd()
+
+    async def verify(self, answer: AnswerFile) -> Attestation:
+        served = next((s for s in self.node.models.values() if s.loaded.model_id == answer.receipt.model_id), None)
+        if served is None:
+            raise LookupError(f"model {answer.receipt.model_id} is not served here")
+        backend = _RecordingBackend(served.loaded)
+        verdict = await served.engine.run_exclusive(verify_answer, answer, backend)
+        n_out = len(answer.evidence.output_ids)
+        rows = [] if backend.logits is None else backend.logits[:n_out]
+        fingerprints = [Fingerprint(ids=i, logits=v) for i, v in (top_k_fingerprint(row, FINGERPRINT_K) for row in rows)]
+        return Attestation.sign(sign_verdict(verdict, self.node.key), fingerprints, self.node.key)
+
+    async def evidence(self, receipt_id: str) -> AnswerFile | None:
+        return self.node.store.get(receipt_id)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def attach(app: web.Application, node: Node, config: NetworkConfig, api_key: str | None) -> None:
+    """Join the network with the app: start on startup, leave on cleanup, add the peer routes."""
+    services = NodeServices(node, api_key)
+    node.network = PeerNetwork(node.key, config, services, node.metrics.registry)
+
+    async def start(_: web.Application) -> None:
+        try:
+            await node.network.start()
+        except P2PError as exc:
+            raise ConfigError(f"cannot join the p2p network on {', '.join(config.listen)}: {exc}") from exc
+
+    async def stop(_: web.Application) -> None:
+        await node.network.stop()
+        await services.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    app.router.add_routes(routes)
+
+
+# ---------------------------------------------------------------------- using peers
+
+
+def _model_of(raw: bytes) -> str | None:
+    try:
+        model = json.loads(raw).get("model")
+    except (ValueError, AttributeError):
+        return None  # not a JSON object: the route's own validation answers
+    return model if isinstance(model, str) else None
+
+
+@web.middleware
+async def forward_to_peers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Send a request for a model served elsewhere to the best peer, and relay its answer."""
+    node = request.app[NODE]
+    if (node.network is None or request.method != "POST" or request.path not in INFER_PATHS
+            or FORWARDED_HEADER in request.headers):
+        return await handler(request)
+    raw = await request.read()
+    model = _model_of(raw)
+    if model is None or node.serves(model) or not node.network.serves(model):
+        return await handler(request)
+    try:
+        answer = await node.network.forward(model, request.path, raw.decode("utf-8", errors="replace"))
+    except NoPeerAvailable as exc:
+        raise APIError(503, str(exc), code="no_peer_available", headers={"Retry-After": "1"}) from exc
+    response = web.StreamResponse(status=answer.head.status,
+                                  headers={"Content-Type": answer.head.content_type, PEER_HEADER: answer.peer_id})
+    await response.prepare(request)
+    try:
+        async for data in answer.body:
+            await response.write(data.encode())
+    except P2PError as exc:  # only a stream can fail here: its headers are out, report in-band
+        log.warning("peer %s failed mid-stream: %s", answer.peer_id, exc)
+        error = APIError(502, f"the serving peer {answer.peer_id} failed mid-stream: {exc}", code="peer_failed")
+        await response.write(b"data: " + error.body().model_dump_json().encode() + b"\n\ndata: [DONE]\n\n")
+    return response
+
+
+def network_cards(node: Node) -> list[ModelCard]:
+    """Models this node does not serve but a known peer does (for GET /v1/models)."""
+    if node.network is None:
+        return []
+    return [ModelCard(id=name, created=0, owned_by="proofmesh-network", model_id=offer.model_id,
+                      backend=offer.backend, max_context=offer.max_context, peers=peers)
+            for name, (offer, peers) in sorted(node.network.table.offers().items()) if not node.serves(name)]
+
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/peers")
+async def list_peers(request: web.Request) -> web.Response:
+    network = request.app[NODE].network
+    peers = [{
+        "peer_id": p.record.peer_id,
+        "models": [m.model_dump() for m in p.record.models],
+        "load": p.record.load,
+        "in_flight": p.in_flight,
+        "http": p.record.http,
+        "addrs": p.record.addrs,
+        "last_seen": p.last_seen,
+        "latency_ms": None if p.latency_s is None else round(p.latency_s * 1000, 2),
+        "failures": p.failures,
+        "expires": p.record.expires,
+    } for p in sorted(network.peers(), key=lambda p: p.record.peer_id)]
+    return web.json_response({"object": "list", "peer_id": network.peer_id, "data": peers})
+
+
+@routes.post("/v1/peers/verify")
+async def verify_on_peer(request: web.Request) -> web.Response:
+    answer = await parse_body(request, AnswerFile)
+    try:
+        attestation = await request.app[NODE].network.verify(answer)
+    except NoPeerAvailable as exc:
+        raise APIError(503, str(exc), code="no_peer_available") from exc
+    return web.Response(body=attestation.model_dump_json(), content_type="application/json")
+
+
+@routes.get("/v1/peers/{peer_id}/receipts/{receipt_id}")
+async def evidence_from_peer(request: web.Request) -> web.Response:
+    peer_id, receipt_id = request.match_info["peer_id"], request.match_info["receipt_id"]
+    try:
+        answer = await request.app[NODE].network.evidence(peer_id, receipt_id)
+    except RemoteError as exc:
+        raise APIError(404, str(exc), code="receipt_not_found") from exc
+    except P2PError as exc:
+        raise APIError(502, f"cannot fetch the evidence from {peer_id}: {exc}", code="peer_failed") from exc
+    return web.Response(body=answer.model_dump_json(), content_type="application/json")
