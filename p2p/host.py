@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ADDR_TTL_S = 600  # how long the peerstore keeps a learned address (refreshed by each record)
 DIAL_TIMEOUT_S = 5.0
+OPEN_ATTEMPTS = 2
 
 Handler = Callable[[FramedStream], Awaitable[None]]
 RejectHook = Callable[[str, str], None]  # (protocol, reason) of a dropped message
@@ -107,15 +108,23 @@ class Host:
         return info.peer_id.to_base58()
 
     async def open(self, peer_id: str, protocol: str, max_bytes: int) -> FramedStream:
-        """A new stream to ``peer_id`` speaking ``protocol`` (dials first if needed)."""
-        try:
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
-        except trio.TooSlowError as exc:
-            raise StreamTimeout(f"opening {protocol} to {peer_id} timed out") from exc
-        except (*_library_errors(), ExceptionGroup) as exc:
-            raise StreamFailed(f"cannot open {protocol} to {peer_id}: {exc}") from exc
-        return FramedStream(stream, max_bytes)
+        """A new stream to ``peer_id`` speaking ``protocol`` (dials first if needed).
+
+        One retry: when two peers dial each other at once, py-libp2p keeps one connection and
+        closes the other, and a stream opened on the loser fails its protocol negotiation
+        (seen in the tests). Nothing was sent yet, so a second try is safe."""
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+                return FramedStream(stream, max_bytes)
+            except trio.TooSlowError as exc:
+                raise StreamTimeout(f"opening {protocol} to {peer_id} timed out") from exc
+            except (*_library_errors(), ExceptionGroup) as exc:
+                if attempt + 1 == OPEN_ATTEMPTS:
+                    raise StreamFailed(f"cannot open {protocol} to {peer_id}: {exc}") from exc
+                log.debug("opening %s to %s failed (%s); once more", protocol, peer_id, exc)
+        raise AssertionError("unreachable")
 
     def handle(self, protocol: str, handler: Handler, max_bytes: int) -> None:
         """Serve ``protocol`` with ``handler``; nothing a peer sends can make it raise."""

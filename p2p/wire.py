@@ -122,20 +122,23 @@ class FramedStream:
         payload = message.model_dump_json().encode()
         if len(payload) > self.max_bytes:
             raise MessageTooLarge(f"message of {len(payload)} bytes exceeds the cap of {self.max_bytes}")
-        with _translated(timeout, "write"):
+        # Shielded (bounded by its own deadline): a write cancelled halfway leaves half an
+        # encrypted frame on the connection, which breaks every stream on it, not just this one.
+        with trio.CancelScope(shield=True), _translated(timeout, "write"):
             await self.stream.write(frame(payload))
 
     async def close(self) -> None:
-        """Close, or reset if closing fails: a stream is never left half open."""
+        """Close, or reset if closing fails: a stream is never left half open. Shielded like
+        ``write``: a close also writes to the shared connection."""
         try:
-            with trio.fail_after(DEFAULT_TIMEOUT_S):
+            with trio.CancelScope(shield=True), trio.fail_after(DEFAULT_TIMEOUT_S):
                 await self.stream.close()
         except (BaseLibp2pError, OSError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
             await self.reset()
 
     async def reset(self) -> None:
         try:
-            with trio.move_on_after(DEFAULT_TIMEOUT_S):
+            with trio.CancelScope(shield=True), trio.move_on_after(DEFAULT_TIMEOUT_S):
                 await self.stream.reset()
         except (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # already broken: nothing left to release
