@@ -8,7 +8,11 @@ and the last ones kill nodes on purpose.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,19 +20,39 @@ import urllib.request
 from pathlib import Path
 
 import httpx
+import multiaddr
 import openai
 import pytest
 import trio
+from libp2p import create_yamux_muxer_option, new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.network.exceptions import SwarmDialAllFailedError
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
+from p2p.errors import StreamFailed
 from p2p.host import Host
+from p2p.wire import (
+    CAPS_MAX_BYTES,
+    CAPS_PROTOCOL,
+    EVIDENCE_PROTOCOL,
+    INFER_PROTOCOL,
+    VERIFY_PROTOCOL,
+    Capability,
+    CapsExchange,
+    SignedCapability,
+    encode_varint,
+    frame,
+)
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.p2p.cluster import Cluster, NodeProcess, warm_store
+from tests.p2p.cluster import LOOPBACK, REPO_ROOT, Cluster, NodeProcess, warm_store
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey, peer_id_from_public_key
 from verify.receipts import Receipt, verify_receipt
 
 DISCOVERY_TIMEOUT_S = 20.0
 PROMPT = "hello world"
+PROTOCOLS = (CAPS_PROTOCOL, INFER_PROTOCOL, VERIFY_PROTOCOL, EVIDENCE_PROTOCOL)
 
 
 @pytest.fixture(scope="module")
@@ -159,19 +183,163 @@ def test_verify_and_evidence_over_the_network(mesh, tiny_model):
 
 
 def _local_verdict(answer: AnswerFile, tiny_model: Path, signer: NodeProcess) -> dict:
-    """``proofmesh verify`` run here, on the same model (a subprocess: the verifier's own CLI)."""
-    import subprocess
-    import sys
-
-    from tests.p2p.cluster import REPO_ROOT
-
+    """``proofmesh verify`` run here, on the same model (the verifier's own CLI, in the signer's
+    store so the library is already compiled)."""
     path = signer.log.parent / f"answer-{answer.receipt.receipt_id}.json"
     path.write_text(answer.model_dump_json())
-    env = {"PROOFMESH_HOME": str(signer.log.parent), "PATH": "/usr/bin:/bin"}
-    import os
-
     done = subprocess.run([sys.executable, "-m", "node.cli", "verify", str(path), "--model", str(tiny_model),
-                           "--device", "cpu"], cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=300)
+                           "--device", "cpu"], cwd=REPO_ROOT, env={**os.environ, "PROOFMESH_HOME": str(signer.log.parent)},
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, 1), done.stderr
     return json.loads(done.stdout)
+
+
+# ---------------------------------------------------------------------- hostile peers
+
+
+def _rejections(node: NodeProcess) -> dict[tuple[str, str], float]:
+    with urllib.request.urlopen(node.url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    found = re.findall(r'proofmesh_p2p_rejected_messages_total\{protocol="([^"]+)",reason="([^"]+)"\} ([0-9.e+]+)', text)
+    return {(p, r): float(v) for p, r, v in found}
+
+
+async def _attack(target: NodeProcess) -> None:
+    """Open every protocol of ``target`` over a valid Noise connection and send it garbage."""
+    key = NodeKey.generate()
+    host = Host(key, lambda protocol, reason: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.run, [LOOPBACK])
+        await host.connect(target.addrs[0])
+        for protocol in PROTOCOLS:
+            for raw in (frame(b"not json at all"), encode_varint(1 << 30) + b"x", b"\xff" * 6,
+                        frame(b'{"unexpected": 1}')):
+                stream = await host.open(target.peer_id, protocol, CAPS_MAX_BYTES)
+                await stream.stream.write(raw)
+                with pytest.raises(StreamFailed):  # the node resets the stream, it sends nothing back
+                    await stream.read_frame(timeout=5)
+        # Capability records: one signed by the wrong key (posing as another peer), one expired.
+        victim, now = NodeKey.generate(), time.time()
+        forged = Capability(peer_id=victim.node_id, models=[], load=0, addrs=[], issued=now, expires=now + 30)
+        expired = Capability(peer_id=key.node_id, models=[], load=0, addrs=host.addrs, issued=now - 60, expires=now - 30)
+        message = CapsExchange(records=[SignedCapability(record=forged, signature=key.sign_base64(forged.signing_bytes())),
+                                        SignedCapability(record=expired, signature=key.sign_base64(expired.signing_bytes()))])
+        stream = await host.open(target.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
+        await stream.write(message)
+        reply = await stream.read(CapsExchange)  # the node still answers with its own table
+        assert target.peer_id in {r.record.peer_id for r in reply.records}
+        nursery.cancel_scope.cancel()
+
+
+def test_garbage_to_every_protocol_is_dropped_and_counted(mesh, tiny_model):
+    gateway, servers = mesh
+    target = servers[0]
+    before = _rejections(target)
+    trio.run(_attack, target)
+    after = _rejections(target)
+    for protocol in PROTOCOLS:
+        assert after.get((protocol, "malformed"), 0) - before.get((protocol, "malformed"), 0) >= 3
+        assert after.get((protocol, "oversized"), 0) - before.get((protocol, "oversized"), 0) >= 1
+    assert after.get((CAPS_PROTOCOL, "bad_signature"), 0) - before.get((CAPS_PROTOCOL, "bad_signature"), 0) >= 2
+    known = {p["peer_id"] for p in target.get("/v1/peers")["data"]}
+    assert known == {n.peer_id for n in (gateway, *servers) if n is not target}  # nothing forged got in
+    status, _, body = _completion(target, tiny_model.name)
+    assert status == 200, body  # and it keeps serving
+
+
+def test_plaintext_dial_is_refused(mesh):
+    _, servers = mesh
+
+    async def dial_in_plaintext() -> None:
+        key_pair = create_new_key_pair(NodeKey.generate().seed)
+        host = new_host(key_pair=key_pair, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)},
+                        muxer_opt=create_yamux_muxer_option())
+        async with host.run([multiaddr.Multiaddr(LOOPBACK)]):
+            with trio.fail_after(15):
+                await host.connect(info_from_p2p_addr(multiaddr.Multiaddr(servers[0].addrs[0])))
+
+    # The node offers no security protocol the dialler speaks, so the dial fails (a Noise dial
+    # to the same node works: see the test above).
+    with pytest.raises(ExceptionGroup) as refused:
+        trio.run(dial_in_plaintext)
+    assert refused.group_contains(SwarmDialAllFailedError)
+    assert servers[0].get("/health")["status"] == "ok"
+
+
+# ---------------------------------------------------------------------- failures
+
+
+def test_peer_killed_before_its_first_token_is_retried_elsewhere(mesh, tiny_model):
+    """Every server is frozen, so the gateway's first choice cannot answer; that one is then
+    killed (SIGKILL) while the gateway waits for it, the others thawed: the request completes."""
+    gateway, servers = mesh
+    result: dict = {}
+    for s in servers:
+        s.kill(signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=lambda: result.update(answer=_completion(gateway, tiny_model.name)))
+        caller.start()
+        chosen = _wait_for_in_flight(gateway)
+        victim = next(s for s in servers if s.peer_id == chosen)
+        victim.kill(signal.SIGKILL)
+    finally:
+        for s in servers:
+            s.kill(signal.SIGCONT)
+    caller.join(60)
+    status, headers, body = result["answer"]
+    assert status == 200, body
+    assert headers["X-ProofMesh-Peer"] != victim.peer_id
+    _check_proof(body["proofmesh"], headers["X-ProofMesh-Peer"])
+    assert _metric(gateway, 'proofmesh_p2p_forwarded_requests_total{outcome="retried"}') >= 1
+    victim.process.wait(10)
+    servers.remove(victim)
+
+
+def _metric(node: NodeProcess, series: str) -> float:
+    with urllib.request.urlopen(node.url + "/metrics", timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def _wait_for_in_flight(gateway: NodeProcess, timeout: float = 4.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = [p["peer_id"] for p in gateway.get("/v1/peers")["data"] if p["in_flight"]]
+        if busy:
+            return busy[0]
+        time.sleep(0.02)
+    raise AssertionError("the gateway did not forward the request")
+
+
+def test_peer_killed_mid_stream_ends_the_stream_cleanly(mesh, tiny_model):
+    gateway, servers = mesh
+    body = {"model": tiny_model.name, "prompt": PROMPT, "max_tokens": 200, "temperature": 1.0, "stream": True,
+            "seed": _seed_that_runs_long(servers[0], tiny_model.name)}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", gateway.url + "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            serving = next(s for s in servers if s.peer_id == response.headers["X-ProofMesh-Peer"])
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            serving.kill(signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+    assert "choices" in json.loads(first[6:])
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][6:])["error"]
+    assert error["code"] == "peer_failed" and serving.peer_id in error["message"]
+    serving.process.wait(10)
+
+    status, headers, answer = _completion(gateway, tiny_model.name)
+    assert status == 200 and headers["X-ProofMesh-Peer"] != serving.peer_id  # the next one goes elsewhere
+    _check_proof(answer["proofmesh"], headers["X-ProofMesh-Peer"])
+
+
+def _seed_that_runs_long(node: NodeProcess, model: str) -> int:
+    """A seed whose answer does not stop early (a random model may draw its end token)."""
+    for seed in range(20):
+        status, _, body = _completion(node, model, max_tokens=200, temperature=1.0, seed=seed)
+        if body["choices"][0]["finish_reason"] == "length":
+            return seed
+    raise AssertionError("every seed stopped early")
