@@ -8,7 +8,8 @@ translated once, where a stream is read or opened (``p2p/wire.py``, ``p2p/host.p
     │   ├── MalformedMessage   not a varint, not JSON, or not the schema
     │   └── BadSignature       a signed record whose signature does not match its peer id
     ├── StreamFailed           the stream broke, timed out, or the peer could not be dialled
-    │   └── StreamTimeout      a read or write did not finish in time
+    │   ├── StreamTimeout      a read or write did not finish in time
+    │   └── StreamEnded        the peer closed the stream cleanly, between two messages
     ├── RemoteError            the peer answered with an error of its own
     └── NoPeerAvailable        no known peer serves the model (or every one failed)
 """
@@ -44,6 +45,10 @@ class StreamFailed(P2PError):
 
 class StreamTimeout(StreamFailed):
     """A read or write ran past its deadline."""
+
+
+class StreamEnded(StreamFailed):
+    """The peer closed the stream where a new message could have started (a clean end)."""
 
 
 class RemoteError(P2PError):

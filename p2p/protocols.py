@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from typing import AsyncIterator, Callable, Protocol, Union
 
 from p2p.bridge import TrioThread
-from p2p.errors import BadSignature, RemoteError, WireError
+from p2p.errors import BadSignature, RemoteError, StreamEnded, StreamFailed, WireError
 from p2p.host import Host
 from p2p.peers import PeerTable
 from p2p.wire import (
@@ -58,6 +59,11 @@ log = logging.getLogger(__name__)
 # (minutes for a long one on a CPU). A dead peer is noticed at once (the stream resets); this
 # only bounds a peer that stays connected but stalls.
 INFER_TOKEN_TIMEOUT_S = 300.0
+# A served infer stream waits this long for the next request before the server closes it; the
+# asking side reuses an idle stream only for a shorter while, so it rarely finds one closed.
+INFER_IDLE_TIMEOUT_S = 60.0
+INFER_REUSE_S = 30.0
+MAX_IDLE_STREAMS = 8  # per peer: about the concurrency one node forwards to one peer
 # Teacher-forced re-execution of a long answer on a CPU takes a while.
 VERIFY_TIMEOUT_S = 300.0
 
@@ -90,6 +96,7 @@ class Protocols:
         self.own_record = own_record
         self.on_reject = on_reject
         self.on_new_peer: Callable[[str], None] = lambda peer_id: None
+        self._idle: dict[str, list[tuple[FramedStream, float]]] = defaultdict(list)  # reusable infer streams
         host.handle(CAPS_PROTOCOL, self._serve_caps, CAPS_MAX_BYTES)
         host.handle(INFER_PROTOCOL, self._serve_infer, INFER_MAX_BYTES)
         host.handle(VERIFY_PROTOCOL, self._serve_verify, EVIDENCE_MAX_BYTES)
@@ -140,22 +147,61 @@ class Protocols:
 
     # -- inference -------------------------------------------------------------------------
     async def _serve_infer(self, stream: FramedStream) -> None:
-        request = await stream.read(InferRequest)
-        async for part in self.bridge.iterate_asyncio(self.local.infer, request):
-            await stream.write(part)
+        """Answer requests one after another until the asking peer closes the stream."""
+        while True:
+            try:
+                request = await stream.read(InferRequest, timeout=INFER_IDLE_TIMEOUT_S)
+            except StreamEnded:
+                return
+            async for part in self.bridge.iterate_asyncio(self.local.infer, request):
+                await stream.write(part)
 
     async def infer(self, peer_id: str, request: InferRequest) -> AsyncIterator[InferPart]:
-        """Forward ``request`` to ``peer_id`` and yield its answer's parts as they come."""
-        stream = await self.host.open(peer_id, INFER_PROTOCOL, INFER_MAX_BYTES)
-        finished = False
+        """Forward ``request`` to ``peer_id`` and yield its answer's parts as they come.
+
+        Streams are reused (a new one costs a protocol negotiation, ~4 ms on loopback): a stream
+        whose answer ended cleanly goes back to an idle pool. An idle stream may have been closed
+        by the peer meanwhile; if it fails before the first part, a fresh one is tried."""
+        stream, first = await self._send_infer(peer_id, request)
+        finished = isinstance(first, InferEnd)
         try:
-            await stream.write(request)
+            yield first
             while not finished:
                 part = await stream.read(INFER_FRAME, timeout=INFER_TOKEN_TIMEOUT_S)
                 finished = isinstance(part, InferEnd)
                 yield part
         finally:
-            await (stream.close() if finished else stream.reset())
+            if finished:
+                await self._release(peer_id, stream)
+            else:
+                await stream.reset()
+
+    async def _send_infer(self, peer_id: str, request: InferRequest) -> tuple[FramedStream, InferPart]:
+        """A stream carrying ``request`` and the first part of its answer."""
+        while idle := self._idle[peer_id]:
+            stream, since = idle.pop()
+            if time.monotonic() - since > INFER_REUSE_S:
+                await stream.close()
+                continue
+            try:
+                await stream.write(request)
+                return stream, await stream.read(INFER_FRAME, timeout=INFER_TOKEN_TIMEOUT_S)
+            except StreamFailed:
+                await stream.reset()  # closed while idle: try the next one, or a new one
+        stream = await self.host.open(peer_id, INFER_PROTOCOL, INFER_MAX_BYTES)
+        try:
+            await stream.write(request)
+            return stream, await stream.read(INFER_FRAME, timeout=INFER_TOKEN_TIMEOUT_S)
+        except BaseException:
+            await stream.reset()
+            raise
+
+    async def _release(self, peer_id: str, stream: FramedStream) -> None:
+        idle = self._idle[peer_id]
+        if len(idle) < MAX_IDLE_STREAMS:
+            idle.append((stream, time.monotonic()))
+        else:
+            await stream.close()
 
     # -- verification and evidence ---------------------------------------------------------
     async def _serve_verify(self, stream: FramedStream) -> None:

@@ -24,7 +24,7 @@ from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from p2p.errors import BadSignature, MalformedMessage, MessageTooLarge, StreamFailed, StreamTimeout
+from p2p.errors import BadSignature, MalformedMessage, MessageTooLarge, StreamEnded, StreamFailed, StreamTimeout
 from verify.canonical import canonical_json
 from verify.errors import IdentityError
 from verify.evidence import AnswerFile, Fingerprint
@@ -99,7 +99,16 @@ class FramedStream:
         raise MalformedMessage("length prefix is not a varint of at most 5 bytes")
 
     async def read_frame(self, timeout: float = DEFAULT_TIMEOUT_S) -> bytes:
+        """The next frame's payload; ``StreamEnded`` if the peer closed the stream before it."""
         with _translated(timeout, "read"):
+            if not self._buffer:
+                try:
+                    chunk = await self.stream.read(_READ_CHUNK)
+                except EOFError:  # libp2p's StreamEOF
+                    chunk = b""
+                if not chunk:
+                    raise StreamEnded("the peer closed the stream")
+                self._buffer += chunk
             length = await self._read_length()
             if length > self.max_bytes:
                 raise MessageTooLarge(f"frame of {length} bytes exceeds the cap of {self.max_bytes}")

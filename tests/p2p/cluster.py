@@ -63,8 +63,8 @@ class NodeProcess:
 class Cluster:
     """Starts nodes and ends them all on ``close``."""
 
-    def __init__(self, root: Path, warm_home: Path):
-        self.root, self.warm_home = root, warm_home
+    def __init__(self, root: Path, warm_home: Path, *, echo_logs: bool = True):
+        self.root, self.warm_home, self.echo_logs = root, warm_home, echo_logs
         self.nodes: list[NodeProcess] = []
 
     def start(self, name: str, models: list[str], *, bootstrap: list[str] = (), extra: list[str] = ()) -> NodeProcess:
@@ -114,5 +114,5 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 node.kill(signal.SIGKILL)
                 node.process.wait()
-        for node in self.nodes:  # shown by pytest when a test failed
+        for node in self.nodes if self.echo_logs else ():  # pytest shows them when a test failed
             print(f"---- {node.name} {node.peer_id}\n{node.stderr()[-4000:]}")
