@@ -8,7 +8,7 @@ the ones a direct client would get, receipt included (about a millisecond of ext
 Re-checks run the verifier on the engine's thread, between batch steps.
 
 Using peers: ``forward_to_peers`` (middleware) sends a generation request for a model this node
-does not serve to the network and relays the answer; ``/v1/models`` adds the network's models
+does not serve, or serves but is too full to admit, to the network and relays the answer; ``/v1/models`` adds the network's models
 (``network_cards``); three routes report and reach peers:
 
     GET  /v1/peers                                 known peers: capabilities, load, last seen
@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from node.engine import FINGERPRINT_K
-from node.errors import ConfigError
+from node.errors import ConfigError, EngineBusyError
 from node.loaded_model import LoadedModel
 from node.openai_protocol import ModelCard
 from node.service import NODE, APIError, Node, parse_body
@@ -149,15 +149,25 @@ def _model_of(raw: bytes) -> str | None:
 
 @web.middleware
 async def forward_to_peers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Send a request for a model served elsewhere to the best peer, and relay its answer."""
+    """Send a request to the best peer when its model is served elsewhere, or served here but
+    full (the engine refused it: nothing was sent yet), and relay the peer's answer."""
     node = request.app[NODE]
     if (node.network is None or request.method != "POST" or request.path not in INFER_PATHS
             or FORWARDED_HEADER in request.headers):
         return await handler(request)
     raw = await request.read()
     model = _model_of(raw)
-    if model is None or node.serves(model) or not node.network.serves(model):
+    if model is None or not node.network.serves(model):
         return await handler(request)
+    if node.serves(model):
+        try:
+            return await handler(request)
+        except EngineBusyError:
+            log.info("full: forwarding a request for %s to a peer", model)
+    return await _relay(request, node, model, raw)
+
+
+async def _relay(request: web.Request, node: Node, model: str, raw: bytes) -> web.StreamResponse:
     try:
         answer = await node.network.forward(model, request.path, raw.decode("utf-8", errors="replace"))
     except NoPeerAvailable as exc:

@@ -68,7 +68,8 @@ def mesh(tmp_path_factory, tiny_model):
     cluster = Cluster(tmp_path_factory.mktemp("nodes"), warm)
     try:
         gateway = cluster.wait_ready(cluster.start("gateway", []))
-        servers = [cluster.start(n, [str(tiny_model)], bootstrap=[gateway.addrs[0]]) for n in ("b", "c", "d")]
+        servers = [cluster.start(n, [str(tiny_model)], bootstrap=[gateway.addrs[0]], extra=extra)
+                   for n, extra in (("b", []), ("c", []), ("d", ["--max-queue", "1"]))]  # d fills up at once
         for s in servers:
             cluster.wait_ready(s)
         yield gateway, servers
@@ -264,6 +265,27 @@ def test_plaintext_dial_is_refused(mesh):
         trio.run(dial_in_plaintext)
     assert refused.group_contains(SwarmDialAllFailedError)
     assert servers[0].get("/health")["status"] == "ok"
+
+
+def test_a_full_node_forwards_to_a_peer(mesh, tiny_model):
+    """d admits one waiting request: of a burst sent to it, those it cannot queue go to peers."""
+    _, servers = mesh
+    full = servers[2]
+
+    def ask(i: int) -> tuple[int, dict, dict]:
+        return _completion(full, tiny_model.name, max_tokens=64, temperature=1.0, seed=i)
+
+    results: list = [None] * 8
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i))) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(status == 200 for status, _, _ in results), results
+    forwarded = [headers["X-ProofMesh-Peer"] for _, headers, _ in results if "X-ProofMesh-Peer" in headers]
+    assert forwarded and full.peer_id not in forwarded
+    for _, headers, body in results:
+        _check_proof(body["proofmesh"], headers.get("X-ProofMesh-Peer", full.peer_id))
 
 
 # ---------------------------------------------------------------------- failures
