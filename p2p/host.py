@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Sequence
 import multiaddr
 import trio
 from libp2p import create_yamux_muxer_option, new_host
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 ADDR_TTL_S = 600  # how long the peerstore keeps a learned address (refreshed by each record)
 DIAL_TIMEOUT_S = 5.0
 OPEN_ATTEMPTS = 2
+CLOSE_TIMEOUT_S = 2.0
 
 Handler = Callable[[FramedStream], Awaitable[None]]
 RejectHook = Callable[[str, str], None]  # (protocol, reason) of a dropped message
@@ -48,6 +49,31 @@ RejectHook = Callable[[str, str], None]  # (protocol, reason) of a dropped messa
 
 def _library_errors() -> tuple[type[BaseException], ...]:
     return (BaseLibp2pError, OSError, EOFError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _Disconnections(INotifee):
+    """Tells the host's owner when a connection to a peer closes (the other events: nothing)."""
+
+    def __init__(self, on_disconnect: Callable[[str], None]):
+        self.on_disconnect = on_disconnect
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self.on_disconnect(conn.muxed_conn.peer_id.to_base58())
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
 
 
 class Host:
@@ -65,6 +91,8 @@ class Host:
         self.peer_id = self._host.get_id().to_base58()
         assert self.peer_id == key.node_id, "the libp2p identity must be the receipt-signing key"
         self._on_reject = on_reject
+        self.on_disconnect: Callable[[str], None] = lambda peer_id: None
+        self._host.get_network().register_notifee(_Disconnections(lambda peer_id: self.on_disconnect(peer_id)))
 
     @property
     def addrs(self) -> list[str]:
@@ -79,7 +107,11 @@ class Host:
             raise P2PError(f"not a multiaddr: {exc}") from exc
         async with self._host.run(addrs):
             task_status.started()
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:  # close connections for real, so peers notice at once (not at their timeouts)
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
+                    await self._host.close()
 
     def connected_peers(self) -> set[str]:
         return {p.to_base58() for p in self._host.get_connected_peers()}

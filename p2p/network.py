@@ -5,7 +5,8 @@ Everything libp2p runs on the bridge's trio thread (``p2p/bridge.py``); the meth
 asyncio coroutines that hand the work over. Discovery runs there on its own: dial the bootstrap
 peers, then exchange capability tables with every known peer every ``EXCHANGE_INTERVAL_S``, and
 at once whenever a new peer turns up (so news spreads in a few round trips, not intervals). A
-peer that cannot be reached is forgotten; a record that is not refreshed expires.
+peer that cannot be reached is forgotten (a closed connection triggers a round at once, so a
+peer that goes away is dropped within a round trip); a record that is not refreshed expires.
 
 Failover (``forward``): peers are tried best first (``p2p/peers.py``). A peer that fails before
 the answer starts, or answers 429/503 (full), is skipped and the next one tried. Once a stream's
@@ -79,6 +80,7 @@ class PeerNetwork:
         self.protocols = Protocols(self.host, self.table, self.bridge, self.local, self.own_record, self.metrics.reject)
         self._wake: trio.Event | None = None
         self.protocols.on_new_peer = self._on_new_peer
+        self.host.on_disconnect = self._on_disconnect
 
     @property
     def peer_id(self) -> str:
@@ -119,6 +121,11 @@ class PeerNetwork:
     def _on_new_peer(self, peer_id: str) -> None:
         log.info("new peer %s", peer_id)
         if self._wake is not None:
+            self._wake.set()
+
+    def _on_disconnect(self, peer_id: str) -> None:
+        """A connection closed: check on that peer now (a round re-dials it, or forgets it)."""
+        if self._wake is not None and peer_id in self.table.peer_ids():
             self._wake.set()
 
     async def _discover(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from p2p.errors import BadSignature, MessageTooLarge, NoPeerAvailable
 from p2p.network import NetworkConfig, PeerNetwork
-from p2p.wire import Capability, InferData, InferEnd, InferHead, InferRequest, ModelOffer, SignedCapability
+from p2p.wire import Capability, InferData, InferEnd, InferHead, InferRequest, ModelOffer, SignedCapability, encode_varint, frame, FramedStream
 from verify.identity import NodeKey
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -92,3 +93,26 @@ def test_records_are_signed_by_their_peer():
         signed.check(now=now + 60)  # expired
     with pytest.raises(ValueError):
         SignedCapability.sign(record, other)
+
+
+def test_p2p_never_imports_the_node():
+    import subprocess
+    import sys
+
+    code = "import sys, p2p; print(sorted({m.split('.')[0] for m in sys.modules} & {'node', 'aiohttp'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
+
+
+def test_frames_and_their_caps():
+    assert encode_varint(0) == b"\x00" and encode_varint(300) == b"\xac\x02"
+    record = Capability(peer_id=NodeKey.generate().node_id, models=[], load=0, addrs=[], issued=1.0, expires=2.0)
+    payload = record.model_dump_json().encode()
+    assert frame(payload) == encode_varint(len(payload)) + payload
+    with pytest.raises(MessageTooLarge):
+        asyncio.run(_write_capped(record))
+
+
+async def _write_capped(record: Capability) -> None:
+    await FramedStream(stream=None, max_bytes=10).write(record)  # refused before touching the stream
