@@ -21,9 +21,10 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 
 from node.engine import FINGERPRINT_K
@@ -57,9 +58,9 @@ class _RecordingBackend:
 
     def __init__(self, model: LoadedModel):
         self.model, self.model_id, self.vocab_size = model, model.model_id, model.vocab_size
-        self.logits = None
+        self.logits: np.ndarray | None = None
 
-    def score(self, token_ids, from_position: int = 0):
+    def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
         self.logits = self.model.score(token_ids, from_position)
         return self.logits
 

@@ -47,8 +47,9 @@ Handler = Callable[[FramedStream], Awaitable[None]]
 RejectHook = Callable[[str, str], None]  # (protocol, reason) of a dropped message
 
 
-def _library_errors() -> tuple[type[BaseException], ...]:
-    return (BaseLibp2pError, OSError, EOFError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError)
+# What py-libp2p, multiaddr and trio raise when a dial, an address or a stream goes wrong.
+_LIBRARY_ERRORS = (BaseLibp2pError, OSError, EOFError, ValueError, KeyError, trio.BrokenResourceError,
+                   trio.ClosedResourceError)
 
 
 class _Disconnections(INotifee):
@@ -121,21 +122,21 @@ class Host:
         try:
             parsed = [multiaddr.Multiaddr(a).decapsulate_code(multiaddr.protocols.P_P2P) for a in addrs]
             self._host.get_peerstore().add_addrs(ID.from_base58(peer_id), parsed, ADDR_TTL_S)
-        except (*_library_errors(), KeyError) as exc:
+        except _LIBRARY_ERRORS as exc:
             raise MalformedMessage(f"unusable address for {peer_id}: {exc}") from exc
 
     async def connect(self, addr: str) -> str:
         """Dial a full multiaddr (with ``/p2p/<id>``); returns the peer id."""
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        except (*_library_errors(), KeyError) as exc:
+        except _LIBRARY_ERRORS as exc:
             raise P2PError(f"{addr!r} is not a multiaddr ending in /p2p/<peer id>: {exc}") from exc
         try:
             with trio.fail_after(DIAL_TIMEOUT_S):
                 await self._host.connect(info)
         except trio.TooSlowError as exc:
             raise StreamTimeout(f"dialling {addr} timed out") from exc
-        except (*_library_errors(), ExceptionGroup) as exc:
+        except (*_LIBRARY_ERRORS, ExceptionGroup) as exc:
             raise StreamFailed(f"cannot dial {addr}: {exc}") from exc
         return info.peer_id.to_base58()
 
@@ -152,7 +153,7 @@ class Host:
                 return FramedStream(stream, max_bytes)
             except trio.TooSlowError as exc:
                 raise StreamTimeout(f"opening {protocol} to {peer_id} timed out") from exc
-            except (*_library_errors(), ExceptionGroup) as exc:
+            except (*_LIBRARY_ERRORS, ExceptionGroup) as exc:
                 if attempt + 1 == OPEN_ATTEMPTS:
                     raise StreamFailed(f"cannot open {protocol} to {peer_id}: {exc}") from exc
                 log.debug("opening %s to %s failed (%s); once more", protocol, peer_id, exc)

@@ -22,6 +22,9 @@ from p2p.wire import Capability, ModelOffer, SignedCapability
 LATENCY_SMOOTHING = 0.3  # weight of a new round trip in the moving average
 FAILURE_PENALTY = 8  # a failure counts like this many queued requests
 LATENCY_UNIT_S = 0.01  # 10 ms of round trip counts like one queued request
+# Records are cheap to make (any key signs its own), so the table is bounded: past this, new
+# peers wait until known ones expire or go away.
+MAX_PEERS = 1024
 
 
 @dataclass
@@ -62,6 +65,8 @@ class PeerTable:
             self._gone.pop(record.peer_id, None)
             known = self._peers.get(record.peer_id)
             if known is None:
+                if len(self._peers) >= MAX_PEERS:
+                    return False
                 self._peers[record.peer_id] = PeerState(signed, now)
                 return True
             if record.issued > known.record.issued:  # fresher news of it, possibly second-hand

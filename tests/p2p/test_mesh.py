@@ -119,6 +119,11 @@ def test_nodes_discover_each_other_from_one_bootstrap_address(mesh, tiny_model):
     models = gateway.get("/v1/models")["data"]
     assert [m["id"] for m in models] == [tiny_model.name]
     assert set(models[0]["peers"]) == {s.peer_id for s in servers}
+    listed = subprocess.run([sys.executable, "-m", "node.cli", "peers", "--node", gateway.url], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert f"node {gateway.peer_id}: 3 peer(s)" in listed.stdout
+    assert all(s.peer_id in listed.stdout for s in servers) and tiny_model.name in listed.stdout
 
 
 def test_gateway_answers_through_a_peer(mesh, tiny_model):
