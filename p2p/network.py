@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 RECORD_TTL_S = 30.0  # a peer silent for this long (6 missed rounds) is dropped
 EXCHANGE_INTERVAL_S = 5.0
+REISSUE_S = RECORD_TTL_S / 3
 MAX_ATTEMPTS = 3  # peers tried per forwarded request
 BUSY_STATUSES = (429, 503)  # the peer is full or shutting down: another one may take it
 SSE_CONTENT_TYPE = "text/event-stream"
@@ -79,6 +80,7 @@ class PeerNetwork:
         self.host = Host(self.key, self.metrics.reject)
         self.protocols = Protocols(self.host, self.table, self.bridge, self.local, self.own_record, self.metrics.reject)
         self._wake: trio.Event | None = None
+        self._own: tuple[tuple, SignedCapability] | None = None  # (what it says, the signed record)
         self.protocols.on_new_peer = self._on_new_peer
         self.host.on_disconnect = self._on_disconnect
 
@@ -112,11 +114,16 @@ class PeerNetwork:
 
     # -- discovery (trio) ------------------------------------------------------------------
     def own_record(self) -> SignedCapability:
+        """This node's signed record: re-issued when what it says changes or a third of its life
+        has passed, otherwise the same one (peers then skip it without a signature check)."""
         offers, load, http = self.local.offers()
+        content = (offers, load, http, self.addrs)
         now = time.time()
-        record = Capability(peer_id=self.peer_id, models=offers, load=load, http=http, addrs=self.addrs,
-                            issued=now, expires=now + RECORD_TTL_S)
-        return SignedCapability.sign(record, self.key)
+        if self._own is None or self._own[0] != content or now - self._own[1].record.issued > REISSUE_S:
+            record = Capability(peer_id=self.peer_id, models=offers, load=load, http=http, addrs=self.addrs,
+                                issued=now, expires=now + RECORD_TTL_S)
+            self._own = (content, SignedCapability.sign(record, self.key))
+        return self._own[1]
 
     def _on_new_peer(self, peer_id: str) -> None:
         log.info("new peer %s", peer_id)
@@ -129,17 +136,24 @@ class PeerNetwork:
             self._wake.set()
 
     async def _discover(self) -> None:
+        """Rounds of exchanges: with every peer when there is news (a new peer, a lost
+        connection), else only with those not heard from since the last round (an exchange
+        updates both sides, so the peer that dialled us spares us dialling it)."""
+        news = True
         while True:
             if not self.table.peer_ids():
                 await self._bootstrap()
             for gone in self.table.expire():
                 log.info("peer %s expired", gone)
+            quiet_since = time.time() - (0 if news else EXCHANGE_INTERVAL_S)
             async with trio.open_nursery() as nursery:
-                for peer_id in self.table.peer_ids():
-                    nursery.start_soon(self._exchange, peer_id)
+                for state in self.table.snapshot():
+                    if state.last_seen <= quiet_since:
+                        nursery.start_soon(self._exchange, state.record.peer_id)
             self.metrics.peers.set(len(self.table.peer_ids()))
             with trio.move_on_after(EXCHANGE_INTERVAL_S):
                 await self._wake.wait()
+            news = self._wake.is_set()
             self._wake = trio.Event()
 
     async def _bootstrap(self) -> None:

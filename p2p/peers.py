@@ -73,6 +73,13 @@ class PeerTable:
                 known.signed = signed
             return False
 
+    def is_news(self, record: Capability) -> bool:
+        """Whether ``merge`` would take ``record`` (cheap: no signature check)."""
+        with self._lock:
+            known = self._peers.get(record.peer_id)
+            return (record.peer_id != self.own_id and record.issued > self._gone.get(record.peer_id, -1.0)
+                    and (known is None or record.issued > known.record.issued))
+
     def seen(self, peer_id: str, round_trip_s: float | None = None) -> None:
         """A successful exchange with ``peer_id``."""
         with self._lock:

@@ -107,8 +107,11 @@ class Protocols:
         return CapsExchange(records=[self.own_record(), *self.table.records()])
 
     def _merge(self, message: CapsExchange, sender: str) -> None:
-        """Take every valid record; a bad one is counted and skipped, not the whole message."""
+        """Take every valid record; a bad one is counted and skipped, not the whole message.
+        Records already known (most of every table) are skipped before their signature check."""
         for signed in message.records:
+            if not self.table.is_news(signed.record):
+                continue
             try:
                 signed.check()
             except BadSignature as exc:
