@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
@@ -177,8 +178,9 @@ async def _relay(request: web.Request, node: Node, model: str, raw: bytes) -> we
                                   headers={"Content-Type": answer.head.content_type, PEER_HEADER: answer.peer_id})
     await response.prepare(request)
     try:
-        async for data in answer.body:
-            await response.write(data.encode())
+        async with aclosing(answer.body) as body:  # a client that leaves cancels the peer's answer now
+            async for data in body:
+                await response.write(data.encode())
     except P2PError as exc:  # only a stream can fail here: its headers are out, report in-band
         log.warning("peer %s failed mid-stream: %s", answer.peer_id, exc)
         error = APIError(502, f"the serving peer {answer.peer_id} failed mid-stream: {exc}", code="peer_failed")
