@@ -1,7 +1,7 @@
 """The four ProofMesh protocols, both sides of each, on the trio thread.
 
     /proofmesh/caps/1      dialler sends its capability table, listener answers with its own
-    /proofmesh/infer/1     InferRequest -> InferHead, InferData..., InferEnd
+    /proofmesh/infer/1     InferRequest -> InferAccepted, InferHead, InferData..., InferEnd (repeatable)
     /proofmesh/verify/1    VerifyRequest -> Reply(attestation)
     /proofmesh/evidence/1  EvidenceRequest -> Reply(answer)
 
@@ -26,7 +26,7 @@ from collections import defaultdict
 from typing import AsyncIterator, Callable, Protocol, Union
 
 from p2p.bridge import TrioThread
-from p2p.errors import BadSignature, RemoteError, StreamEnded, StreamFailed, WireError
+from p2p.errors import BadSignature, MalformedMessage, RemoteError, StreamEnded, StreamFailed, WireError
 from p2p.host import Host
 from p2p.peers import PeerTable
 from p2p.wire import (
@@ -42,6 +42,7 @@ from p2p.wire import (
     CapsExchange,
     EvidenceRequest,
     FramedStream,
+    InferAccepted,
     InferData,
     InferEnd,
     InferHead,
@@ -55,9 +56,11 @@ from verify.evidence import AnswerFile
 
 log = logging.getLogger(__name__)
 
-# A forwarded answer waits for the model: a non-streamed answer arrives whole after generation
-# (minutes for a long one on a CPU). A dead peer is noticed at once (the stream resets); this
-# only bounds a peer that stays connected but stalls.
+# A peer acknowledges a request at once; no acknowledgement in this long: it is dead or stalled.
+INFER_ACCEPT_TIMEOUT_S = 5.0
+# Then the answer waits for the model: a non-streamed answer arrives whole after generation
+# (minutes for a long one on a CPU). A dead peer is noticed at once (the stream resets) or by its
+# missing acknowledgement; this only bounds a peer that acknowledged and then stalled.
 INFER_TOKEN_TIMEOUT_S = 300.0
 # A served infer stream waits this long for the next request before the server closes it; the
 # asking side reuses an idle stream only for a shorter while, so it rarely finds one closed.
@@ -156,6 +159,7 @@ class Protocols:
                 request = await stream.read(InferRequest, timeout=INFER_IDLE_TIMEOUT_S)
             except StreamEnded:
                 return
+            await stream.write(InferAccepted())
             async for part in self.bridge.iterate_asyncio(self.local.infer, request):
                 await stream.write(part)
 
@@ -187,14 +191,30 @@ class Protocols:
                 await stream.close()
                 continue
             try:
-                await stream.write(request)
-                return stream, await stream.read(INFER_FRAME, timeout=INFER_TOKEN_TIMEOUT_S)
+                await self._request(stream, request)
             except StreamFailed:
-                await stream.reset()  # closed while idle: try the next one, or a new one
+                await stream.reset()  # closed (or dead) while idle: the next one, or a new one
+                continue
+            return stream, await self._first_part(stream)
         stream = await self.host.open(peer_id, INFER_PROTOCOL, INFER_MAX_BYTES)
+        await self._request(stream, request)
+        return stream, await self._first_part(stream)
+
+    @staticmethod
+    async def _request(stream: FramedStream, request: InferRequest) -> None:
+        """Send ``request`` and wait (briefly) for the peer's acknowledgement."""
         try:
             await stream.write(request)
-            return stream, await stream.read(INFER_FRAME, timeout=INFER_TOKEN_TIMEOUT_S)
+            if not isinstance(await stream.read(INFER_FRAME, timeout=INFER_ACCEPT_TIMEOUT_S), InferAccepted):
+                raise MalformedMessage("an answer must start with its acknowledgement")
+        except BaseException:
+            await stream.reset()
+            raise
+
+    @staticmethod
+    async def _first_part(stream: FramedStream) -> InferPart:
+        try:
+            return await stream.read(INFER_FRAME, timeout=INFER_TOKEN_TIMEOUT_S)
         except BaseException:
             await stream.reset()
             raise

@@ -248,6 +248,13 @@ class InferRequest(Message):
     body: Annotated[str, Field(max_length=INFER_MAX_BYTES // 2)]
 
 
+class InferAccepted(Message):
+    """Sent as soon as a request is read, before any model work: lets the asking peer tell a
+    dead or stalled peer (no ack within seconds) from a slow answer (which may take minutes)."""
+
+    kind: Literal["accepted"] = "accepted"
+
+
 class InferHead(Message):
     """The serving peer's HTTP status and content type: sent once the answer has started."""
 
@@ -265,7 +272,7 @@ class InferEnd(Message):
     kind: Literal["end"] = "end"
 
 
-InferFrame = Annotated[Union[InferHead, InferData, InferEnd], Field(discriminator="kind")]
+InferFrame = Annotated[Union[InferAccepted, InferHead, InferData, InferEnd], Field(discriminator="kind")]
 INFER_FRAME = TypeAdapter(InferFrame)
 
 
