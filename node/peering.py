@@ -121,13 +121,16 @@ class NodeServices:
 def attach(app: web.Application, node: Node, config: NetworkConfig, api_key: str | None) -> None:
     """Join the network with the app: start on startup, leave on cleanup, add the peer routes."""
     services = NodeServices(node, api_key)
-    node.network = PeerNetwork(node.key, config, services, node.metrics.registry)
+    try:
+        node.network = PeerNetwork(node.key, config, services, node.metrics.registry)
+    except P2PError as exc:
+        raise ConfigError(str(exc)) from exc
 
     async def start(_: web.Application) -> None:
         try:
             await node.network.start()
         except P2PError as exc:
-            raise ConfigError(f"cannot join the p2p network on {', '.join(config.listen)}: {exc}") from exc
+            raise ConfigError(f"cannot join the p2p network: {exc}") from exc
 
     async def stop(_: web.Application) -> None:
         await node.network.stop()

@@ -28,7 +28,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
@@ -50,6 +50,21 @@ RejectHook = Callable[[str, str], None]  # (protocol, reason) of a dropped messa
 # What py-libp2p, multiaddr and trio raise when a dial, an address or a stream goes wrong.
 _LIBRARY_ERRORS = (BaseLibp2pError, OSError, EOFError, ValueError, KeyError, trio.BrokenResourceError,
                    trio.ClosedResourceError)
+
+
+def peer_info(addr: str) -> PeerInfo:
+    """A full multiaddr (``.../p2p/<peer id>``) parsed, or ``P2PError`` saying why not."""
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except _LIBRARY_ERRORS as exc:
+        raise P2PError(f"{addr!r} is not a multiaddr ending in /p2p/<peer id>: {exc}") from exc
+
+
+def check_listen_addr(addr: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(addr)
+    except _LIBRARY_ERRORS as exc:
+        raise P2PError(f"{addr!r} is not a multiaddr: {exc}") from exc
 
 
 class _Disconnections(INotifee):
@@ -102,11 +117,9 @@ class Host:
 
     async def run(self, listen: Sequence[str], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``listen`` until cancelled; reports ready (via ``task_status``) once bound."""
-        try:
-            addrs = [multiaddr.Multiaddr(a) for a in listen]
-        except (ValueError, BaseLibp2pError) as exc:
-            raise P2PError(f"not a multiaddr: {exc}") from exc
-        async with self._host.run(addrs):
+        async with self._host.run([check_listen_addr(a) for a in listen]):
+            if not self._host.get_addrs():  # py-libp2p logs a failed listen and carries on
+                raise P2PError(f"could not listen on any of {', '.join(listen)} (see the log above)")
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -127,10 +140,7 @@ class Host:
 
     async def connect(self, addr: str) -> str:
         """Dial a full multiaddr (with ``/p2p/<id>``); returns the peer id."""
-        try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        except _LIBRARY_ERRORS as exc:
-            raise P2PError(f"{addr!r} is not a multiaddr ending in /p2p/<peer id>: {exc}") from exc
+        info = peer_info(addr)
         try:
             with trio.fail_after(DIAL_TIMEOUT_S):
                 await self._host.connect(info)

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from p2p.bridge import TrioThread
 from p2p.errors import MalformedMessage, NoPeerAvailable, P2PError, StreamFailed, WireError
-from p2p.host import Host
+from p2p.host import Host, check_listen_addr, peer_info
 from p2p.metrics import P2PMetrics
 from p2p.peers import PeerState, PeerTable
 from p2p.protocols import LocalNode, Protocols
@@ -75,6 +75,11 @@ class PeerNetwork:
     bridge: TrioThread = field(default_factory=TrioThread)
 
     def __post_init__(self) -> None:
+        """Raises ``P2PError`` for an address that is not a multiaddr (before anything starts)."""
+        for addr in self.config.listen:
+            check_listen_addr(addr)
+        for addr in self.config.bootstrap:
+            peer_info(addr)
         self.metrics = P2PMetrics(self.registry)
         self.table = PeerTable(self.key.node_id)
         self.host = Host(self.key, self.metrics.reject)
@@ -98,6 +103,9 @@ class PeerNetwork:
         await self.bridge.start()
         try:
             await self.bridge.start_service(self._serve)
+        except Exception as exc:  # noqa: BLE001 - libp2p's, often in trio's exception groups
+            await self.bridge.stop()
+            raise P2PError(f"cannot listen on {', '.join(self.config.listen)}: {_leaves(exc)}") from exc
         except BaseException:
             await self.bridge.stop()
             raise
@@ -270,6 +278,13 @@ class PeerNetwork:
     async def evidence(self, peer_id: str, receipt_id: str) -> AnswerFile:
         """The answer file behind ``receipt_id``, from the peer that signed it."""
         return await self.bridge.call(self.protocols.evidence, peer_id, receipt_id)
+
+
+def _leaves(exc: BaseException) -> str:
+    """The messages at the bottom of (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_leaves(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def _replay(chunks: list[str]) -> AsyncIterator[str]:

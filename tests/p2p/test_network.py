@@ -4,6 +4,7 @@ discovery through a bootstrap peer, forwarding with failover, signed records, wi
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -116,3 +117,19 @@ def test_frames_and_their_caps():
 
 async def _write_capped(record: Capability) -> None:
     await FramedStream(stream=None, max_bytes=10).write(record)  # refused before touching the stream
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--p2p-listen", "/ip4/127.0.0.1/tcp/notaport"], "is not a multiaddr"),
+    (["--p2p-listen", "/ip4/192.0.2.1/tcp/0"], "could not listen"),  # not an address of this machine
+    (["--p2p-listen", LOOPBACK, "--bootstrap", "garbage"], "ending in /p2p/<peer id>"),
+    ([], "need --p2p-listen"),
+])
+def test_run_refuses_unusable_p2p_settings(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "node.cli", "run", "--model", "none", "--port", "0", *args],
+                          cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PROOFMESH_HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
