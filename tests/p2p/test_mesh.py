@@ -230,6 +230,11 @@ async def _attack(target: NodeProcess) -> None:
         expired = Capability(peer_id=key.node_id, models=[], load=0, addrs=host.addrs, issued=now - 60, expires=now - 30)
         message = CapsExchange(records=[SignedCapability(record=forged, signature=key.sign_base64(forged.signing_bytes())),
                                         SignedCapability(record=expired, signature=key.sign_base64(expired.signing_bytes()))])
+        unsigned = {"records": [{"record": json.loads(forged.model_dump_json())}]}  # no signature at all
+        stream = await host.open(target.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
+        await stream.stream.write(frame(json.dumps(unsigned).encode()))
+        with pytest.raises(StreamFailed):
+            await stream.read_frame(timeout=5)
         stream = await host.open(target.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
         await stream.write(message)
         reply = await stream.read(CapsExchange)  # the node still answers with its own table
@@ -246,6 +251,7 @@ def test_garbage_to_every_protocol_is_dropped_and_counted(mesh, tiny_model):
     for protocol in PROTOCOLS:
         assert after.get((protocol, "malformed"), 0) - before.get((protocol, "malformed"), 0) >= 3
         assert after.get((protocol, "oversized"), 0) - before.get((protocol, "oversized"), 0) >= 1
+    assert after.get((CAPS_PROTOCOL, "malformed"), 0) - before.get((CAPS_PROTOCOL, "malformed"), 0) >= 4  # + unsigned
     assert after.get((CAPS_PROTOCOL, "bad_signature"), 0) - before.get((CAPS_PROTOCOL, "bad_signature"), 0) >= 2
     known = {p["peer_id"] for p in target.get("/v1/peers")["data"]}
     assert known == {n.peer_id for n in (gateway, *servers) if n is not target}  # nothing forged got in
