@@ -140,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--nodes", type=int, nargs="+", default=[5, 10])
+    parser.add_argument("--nodes", type=int, nargs="*", default=[5, 10], help="mesh sizes to time discovery for (none: skip)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-p2p-") as tmp:

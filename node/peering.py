@@ -34,7 +34,7 @@ from node.loaded_model import LoadedModel
 from node.openai_protocol import ModelCard
 from node.service import NODE, APIError, Node, parse_body
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError
-from p2p.network import NetworkConfig, PeerNetwork
+from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
 from p2p.wire import Attestation, InferData, InferEnd, InferHead, InferRequest, ModelOffer
 from verify.evidence import AnswerFile, Fingerprint
@@ -82,15 +82,20 @@ class NodeServices:
 
     async def infer(self, request: InferRequest) -> AsyncIterator[InferPart]:
         if self.node.url is None:
-            yield InferHead(status=503, content_type="application/json")
-            yield InferEnd()
+            yield InferHead(status=503, content_type="application/json", end=True)
             return
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         url = self.node.url.replace("//0.0.0.0:", "//127.0.0.1:") + request.path
         headers = {**self._headers, "Content-Type": "application/json"}
         async with self._session.post(url, data=request.body.encode(), headers=headers) as response:
-            yield InferHead(status=response.status, content_type=response.headers.get("Content-Type", "application/json"))
+            content_type = response.headers.get("Content-Type", "application/json")
+            if not content_type.startswith(SSE_CONTENT_TYPE):  # whole at once: all in the head
+                body = await response.read()
+                yield InferHead(status=response.status, content_type=content_type,
+                                data=body.decode("utf-8", errors="replace"), end=True)
+                return
+            yield InferHead(status=response.status, content_type=content_type)
             text = codecs.getincrementaldecoder("utf-8")()  # a chunk may end inside a character
             async for chunk in response.content.iter_any():
                 if data := text.decode(chunk):

@@ -226,7 +226,10 @@ class PeerNetwork:
                 raise MalformedMessage("an answer must start with its head")
             if head.status in BUSY_STATUSES:
                 return None
-            answer = Forwarded(peer_id, head, self._relay(peer_id, parts, release))
+            if head.end:  # the whole answer came in its head
+                self.table.seen(peer_id)
+                return Forwarded(peer_id, head, _replay([head.data]))
+            answer = Forwarded(peer_id, head, self._relay(peer_id, head.data, parts, release))
             if not answer.streaming:  # collect it now: a failure is still retryable
                 whole = [chunk async for chunk in answer.body]
                 answer.body = _replay(whole)
@@ -243,9 +246,13 @@ class PeerNetwork:
                 await parts.aclose()
                 release()
 
-    async def _relay(self, peer_id: str, parts: AsyncIterator, release: Callable[[], None]) -> AsyncIterator[str]:
-        """The body's data until the end; a peer that fails now is penalised for next time."""
+    async def _relay(self, peer_id: str, first: str, parts: AsyncIterator,
+                     release: Callable[[], None]) -> AsyncIterator[str]:
+        """The body's data (``first``: what came in the head) until the end; a peer that fails
+        now is penalised for next time."""
         try:
+            if first:
+                yield first
             async for part in parts:
                 if isinstance(part, InferEnd):
                     self.table.seen(peer_id)

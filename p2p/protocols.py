@@ -170,12 +170,12 @@ class Protocols:
         whose answer ended cleanly goes back to an idle pool. An idle stream may have been closed
         by the peer meanwhile; if it fails before the first part, a fresh one is tried."""
         stream, first = await self._send_infer(peer_id, request)
-        finished = isinstance(first, InferEnd)
+        finished = _is_last(first)
         try:
             yield first
             while not finished:
                 part = await stream.read(INFER_FRAME, timeout=INFER_TOKEN_TIMEOUT_S)
-                finished = isinstance(part, InferEnd)
+                finished = _is_last(part)
                 yield part
         finally:
             if finished:
@@ -265,3 +265,6 @@ class Protocols:
             raise RemoteError(f"{peer_id} sent no answer file of its own for {receipt_id}")
         return reply.answer
 
+
+def _is_last(part: InferPart) -> bool:
+    return isinstance(part, InferEnd) or (isinstance(part, InferHead) and part.end)

@@ -256,11 +256,15 @@ class InferAccepted(Message):
 
 
 class InferHead(Message):
-    """The serving peer's HTTP status and content type: sent once the answer has started."""
+    """The serving peer's HTTP status and content type, sent once the answer has started. An
+    answer that is whole at once (not a stream) travels in its head (``data``, ``end``): one
+    frame instead of three, which is most of what a hop costs on top of the network."""
 
     kind: Literal["head"] = "head"
     status: Annotated[int, Field(ge=100, le=599)]
     content_type: Annotated[str, Field(max_length=200)]
+    data: Annotated[str, Field(max_length=INFER_MAX_BYTES // 2)] = ""
+    end: bool = False
 
 
 class InferData(Message):
