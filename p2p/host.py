@@ -16,6 +16,7 @@ counts wire violations, logs the rest and always releases the stream.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Awaitable, Callable, Sequence
 
 import multiaddr
@@ -35,6 +36,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from p2p.errors import MalformedMessage, P2PError, StreamFailed, StreamTimeout, WireError
 from p2p.wire import FramedStream
 from verify.identity import NodeKey
+
+if sys.version_info < (3, 11):  # a builtin since 3.11; before, trio brings the backport
+    from exceptiongroup import ExceptionGroup
 
 log = logging.getLogger(__name__)
 

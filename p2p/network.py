@@ -289,7 +289,7 @@ class PeerNetwork:
 
 def _leaves(exc: BaseException) -> str:
     """The messages at the bottom of (possibly nested) exception groups."""
-    if isinstance(exc, BaseExceptionGroup):
+    if isinstance(getattr(exc, "exceptions", None), (list, tuple)):  # an exception group
         return "; ".join(_leaves(e) for e in exc.exceptions)
     return f"{type(exc).__name__}: {exc}"
 

@@ -1,7 +1,8 @@
 """The four ProofMesh protocols, both sides of each, on the trio thread.
 
     /proofmesh/caps/1      dialler sends its capability table, listener answers with its own
-    /proofmesh/infer/1     InferRequest -> InferAccepted, InferHead, InferData..., InferEnd (repeatable)
+    /proofmesh/infer/1     InferRequest -> InferAccepted, then InferHead holding a whole answer,
+                           or InferHead, InferData..., InferEnd for a stream (repeatable)
     /proofmesh/verify/1    VerifyRequest -> Reply(attestation)
     /proofmesh/evidence/1  EvidenceRequest -> Reply(answer)
 
