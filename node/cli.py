@@ -211,7 +211,7 @@ def _network_config(args: argparse.Namespace):
         if args.bootstrap or args.model == ["none"]:
             raise ProofMeshNodeError("--bootstrap and --model none need --p2p-listen MULTIADDR")
         return None
-    return NetworkConfig(listen=args.p2p_listen, bootstrap=args.bootstrap or [])
+    return NetworkConfig(listen=args.p2p_listen, bootstrap=args.bootstrap or [], announce=args.p2p_announce or [])
 
 
 def _cmd_peers(args: argparse.Namespace) -> int:
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "new ones get 429 (default 64)")
     p.add_argument("--p2p-listen", action="append", metavar="MULTIADDR",
                    help="join the p2p network, listening here (e.g. /ip4/0.0.0.0/tcp/4001; repeatable)")
+    p.add_argument("--p2p-announce", action="append", metavar="MULTIADDR",
+                   help="where peers should dial this node, when not where it listens (0.0.0.0, NAT; repeatable)")
     p.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="peers to join through (with /p2p/<peer id>)")
     _add_weights_option(p)
     p.set_defaults(func=_cmd_run)

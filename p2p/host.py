@@ -99,7 +99,9 @@ class _Disconnections(INotifee):
 class Host:
     """A libp2p host with the node's key, Noise + yamux, run inside the bridge's trio thread."""
 
-    def __init__(self, key: NodeKey, on_reject: RejectHook):
+    def __init__(self, key: NodeKey, on_reject: RejectHook, announce: Sequence[str] = ()):
+        """``announce``: the addresses to tell peers instead of the listening ones (a node that
+        listens on 0.0.0.0 or behind NAT must say where it can be reached)."""
         key_pair = create_new_key_pair(key.seed)
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         self._host: IHost = new_host(
@@ -107,6 +109,7 @@ class Host:
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt=create_yamux_muxer_option(),
             connection_config=ConnectionConfig(max_connections_per_peer=1),
+            announce_addrs=[check_listen_addr(a) for a in announce] or None,
         )
         self.peer_id = self._host.get_id().to_base58()
         assert self.peer_id == key.node_id, "the libp2p identity must be the receipt-signing key"
@@ -122,8 +125,11 @@ class Host:
     async def run(self, listen: Sequence[str], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen on ``listen`` until cancelled; reports ready (via ``task_status``) once bound."""
         async with self._host.run([check_listen_addr(a) for a in listen]):
-            if not self._host.get_addrs():  # py-libp2p logs a failed listen and carries on
+            if not self._host.get_transport_addrs():  # py-libp2p logs a failed listen and carries on
                 raise P2PError(f"could not listen on any of {', '.join(listen)} (see the log above)")
+            if any("/ip4/0.0.0.0/" in a or "/ip6/::/" in a for a in self.addrs):
+                log.warning("announcing an unspecified address (%s): peers on other machines cannot dial it; "
+                            "pass the reachable one with --p2p-announce", ", ".join(self.addrs))
             task_status.started()
             try:
                 await trio.sleep_forever()

@@ -49,6 +49,7 @@ SSE_CONTENT_TYPE = "text/event-stream"
 class NetworkConfig:
     listen: Sequence[str]
     bootstrap: Sequence[str] = ()
+    announce: Sequence[str] = ()  # where peers should dial this node (default: where it listens)
 
 
 @dataclass
@@ -76,13 +77,13 @@ class PeerNetwork:
 
     def __post_init__(self) -> None:
         """Raises ``P2PError`` for an address that is not a multiaddr (before anything starts)."""
-        for addr in self.config.listen:
+        for addr in (*self.config.listen, *self.config.announce):
             check_listen_addr(addr)
         for addr in self.config.bootstrap:
             peer_info(addr)
         self.metrics = P2PMetrics(self.registry)
         self.table = PeerTable(self.key.node_id)
-        self.host = Host(self.key, self.metrics.reject)
+        self.host = Host(self.key, self.metrics.reject, self.config.announce)
         self.protocols = Protocols(self.host, self.table, self.bridge, self.local, self.own_record, self.metrics.reject)
         self._wake: trio.Event | None = None
         self._own: tuple[tuple, SignedCapability] | None = None  # (what it says, the signed record)

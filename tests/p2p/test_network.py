@@ -133,3 +133,18 @@ def test_run_refuses_unusable_p2p_settings(tmp_path, args, message):
                           cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PROOFMESH_HOME": str(tmp_path)},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_announced_addresses_replace_the_listening_ones():
+    async def body() -> None:
+        key = NodeKey.generate()
+        net = PeerNetwork(key, NetworkConfig(["/ip4/0.0.0.0/tcp/0"], announce=["/ip4/203.0.113.7/tcp/4001"]),
+                          FakeNode([]), CollectorRegistry())
+        await net.start()
+        try:
+            assert net.addrs == [f"/ip4/203.0.113.7/tcp/4001/p2p/{key.node_id}"]
+            assert net.own_record().record.addrs == net.addrs
+        finally:
+            await net.stop()
+
+    asyncio.run(body())
