@@ -72,7 +72,7 @@ def test_discovery_and_forwarding_in_process():
                 answer = await a.forward("m", "/v1/completions", "{}")
                 assert answer.peer_id == b.peer_id
                 assert [x async for x in answer.body] == ["from b"]
-            await _until(lambda: c.peer_id not in a.table.candidates("m"), timeout=15)  # next discovery round
+            await _until(lambda: c.peer_id not in a.table.candidates("m"), timeout=30)  # next discovery round
         finally:
             for net in (a, b, c):
                 await net.stop()
