@@ -49,10 +49,10 @@ def compiled_kernel(qt: QuantizedTensor):
     dev = tvm.cpu()
     parts = [tvm.runtime.tensor(qt.split()[s], dev) for s in qt.format.param_suffixes()]
 
-    def run(x: np.ndarray) -> np.ndarray:
-        out = tvm.runtime.tensor(np.zeros((x.shape[0], rows), np.float32), dev)
-        lib["kernel"](tvm.runtime.tensor(x, dev), *parts, out)
-        return out.numpy()
+    def run(x: np.ndarray) -> np.ndarray:  # (n, cols) as (1, n, cols)
+        out = tvm.runtime.tensor(np.zeros((1, x.shape[0], rows), np.float32), dev)
+        lib["kernel"](tvm.runtime.tensor(x[None], dev), *parts, out)
+        return out.numpy()[0]
 
     return run
 

@@ -139,7 +139,8 @@ def _tile_q8(qs, scale):
 
 
 def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
-    """The scheduled CPU kernel ``(x (n, k_in) f32, *split arrays, out (n, n_out) f32)``."""
+    """The scheduled CPU kernel ``(x (b, s, k_in) f32, *split arrays, out (b, s, n_out) f32)``: 3-D like
+    the model's activations, so no reshape runs around each call (each costs VM time in decode)."""
     fmt = FORMATS[ggml_type]
     assert n_out % ROWS == 0 and k_in % BLOCK == 0, f"{n_out}x{k_in} does not tile into {ROWS} rows and {BLOCK}-blocks"
     shapes = fmt.param_shapes(n_out, k_in)
@@ -151,23 +152,27 @@ def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
         def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer(s_shape, s_dtype),
                    m: T.Buffer(s_shape, s_dtype), var_out: T.handle):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-            n = T.int64()
-            x = T.match_buffer(var_x, (n, k_in), "float32")
-            out = T.match_buffer(var_out, (n, n_out), "float32")
-            _matmul_cpu(x, out, n, n_out, k_in, _dot_q4(x, qs), _f32(d), _f32(m), _tile_q4(qs, _f32(d), _f32(m)))
+            b, s = T.int64(), T.int64()
+            x3 = T.match_buffer(var_x, (b, s, k_in), "float32")
+            out3 = T.match_buffer(var_out, (b, s, n_out), "float32")
+            x = T.decl_buffer((b * s, k_in), "float32", data=x3.data)  # the same memory, rows flattened
+            out = T.decl_buffer((b * s, n_out), "float32", data=out3.data)
+            _matmul_cpu(x, out, b * s, n_out, k_in, _dot_q4(x, qs), _f32(d), _f32(m), _tile_q4(qs, _f32(d), _f32(m)))
 
         return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
     @T.prim_func(s_tir=True)
     def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer(s_shape, s_dtype), var_out: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, (n, k_in), "float32")
-        out = T.match_buffer(var_out, (n, n_out), "float32")
+        b, s = T.int64(), T.int64()
+        x3 = T.match_buffer(var_x, (b, s, k_in), "float32")
+        out3 = T.match_buffer(var_out, (b, s, n_out), "float32")
+        x = T.decl_buffer((b * s, k_in), "float32", data=x3.data)  # the same memory, rows flattened
+        out = T.decl_buffer((b * s, n_out), "float32", data=out3.data)
         if fmt.bits == 4:  # Q4_0: q - 8, i.e. m = -8 d
-            _matmul_cpu(x, out, n, n_out, k_in, _dot_q4(x, qs), _f32(d), _minus_8(d), _tile_q4(qs, _f32(d), _minus_8(d)))
+            _matmul_cpu(x, out, b * s, n_out, k_in, _dot_q4(x, qs), _f32(d), _minus_8(d), _tile_q4(qs, _f32(d), _minus_8(d)))
         else:
-            _matmul_cpu(x, out, n, n_out, k_in, _dot_q8(x, qs), _f32(d), None, _tile_q8(qs, _f32(d)))
+            _matmul_cpu(x, out, b * s, n_out, k_in, _dot_q8(x, qs), _f32(d), None, _tile_q8(qs, _f32(d)))
 
     return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
