@@ -5,6 +5,7 @@
     proofmesh generate PROMPT [--chat] ...  stream a continuation to stdout
     proofmesh verify FILE [--model M]       re-check an answer file; exit 0 pass, 1 fraud
     proofmesh run [--model M ...] [--port P] serve the OpenAI-style HTTP API until SIGINT/SIGTERM
+    proofmesh posp --reward R --cost C --penalty S   the least audit rate that makes cheating not pay
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from compiled_models.registry import DEFAULT_MODEL, REGISTRY
 from node.errors import ProofMeshNodeError
 from node.targets import DEVICE_CHOICES
+from verify.audit_policy import VERIFY_COST_RATIO
 
 if TYPE_CHECKING:
     from verify.identity import NodeKey
@@ -193,6 +195,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_posp(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from verify.audit_policy import GameParams, plan_audits
+
+    try:
+        game = GameParams(reward=args.reward, cost=args.cost, penalty=args.penalty, collusion=args.collusion,
+                          validators=args.validators, detection=args.detection, verify_cost_ratio=args.verify_cost_ratio)
+    except ValidationError as exc:
+        raise ProofMeshNodeError("; ".join(f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in exc.errors())) from None
+    plan = plan_audits(game)
+    if args.json:
+        print(plan.model_dump_json(indent=1))
+        return 0
+    print(f"catch probability per audit q = D (1 - r^k) = {plan.catch_probability:.4g}")
+    if plan.min_audit_rate is None:
+        print(f"no audit rate up to 1 makes cheating unprofitable: C = {game.cost:g} > q (R + S) = "
+              f"{plan.catch_probability * (game.reward + game.penalty):.4g}; raise the stake or the validators")
+        return 0
+    print(f"least audit rate p = C / (q (R + S)) = {plan.min_audit_rate:.4g} ({plan.min_audit_rate:.2%} of answers)")
+    print(f"audit overhead at that rate: {plan.audit_overhead:.3%} of all compute "
+          f"({game.validators} validator(s), each re-check {game.verify_cost_ratio:g} of a generation)")
+    return 0
+
+
 def _add_weights_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["native", "fp32"], default="native",
                    help="native: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized in memory and compute on them "
@@ -254,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "new ones get 429 (default 64)")
     _add_weights_option(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("posp", help="proof-of-sampling: the least audit rate at which cheating does not pay")
+    p.add_argument("--reward", type=float, required=True, help="R: paid per answer, forfeited when caught")
+    p.add_argument("--cost", type=float, required=True, help="C: compute cost of an answer (what cheating saves)")
+    p.add_argument("--penalty", type=float, required=True, help="S: stake slashed when caught")
+    p.add_argument("--collusion", type=float, default=0.0, help="r: share of validators colluding with cheaters")
+    p.add_argument("--validators", type=int, default=1, help="k: validators per audit (default 1)")
+    p.add_argument("--detection", type=float, default=1.0, help="D: chance a re-execution flags a cheat (default 1)")
+    p.add_argument("--verify-cost-ratio", type=float, default=VERIFY_COST_RATIO, help="one re-check's cost against "
+                   f"generation (default: {VERIFY_COST_RATIO}, measured on the default model)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_posp)
     return parser
 
 
