@@ -195,6 +195,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verifier(args: argparse.Namespace) -> int:
+    from node import model_store
+    from node.loaded_model import load_model
+    from node.server import serve_until_signalled
+    from node.sidecar import Sidecar, make_sidecar_app
+    from verify.ledger import Ledger
+
+    if not 0.0 <= args.audit_rate <= 1.0:
+        raise ProofMeshNodeError("--audit-rate is a probability in [0, 1]")
+    key, key_path = _node_key(args.key)
+    _progress(f"verifier id {key.node_id} (key {key_path})")
+    models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in args.model or []]
+    ledger = Ledger(Path(args.ledger) if args.ledger else model_store.store_root() / "ledger.sqlite")
+    sidecar = Sidecar(args.upstream, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate)
+
+    def ready(url: str) -> None:
+        _progress(f"proxying {url}/v1 -> {args.upstream}, auditing {args.audit_rate:.1%} of answers on "
+                  f"{', '.join(m.name for m in models) or 'no local model (audits end as errors)'} (Ctrl-C to stop)")
+
+    try:
+        asyncio.run(serve_until_signalled(make_sidecar_app(sidecar), args.host, args.port, ready))
+    except OSError as exc:
+        raise ProofMeshNodeError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    finally:
+        ledger.close()
+    _progress("stopped")
+    return 0
+
+
 def _cmd_posp(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -281,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "new ones get 429 (default 64)")
     _add_weights_option(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("verifier", help="an OpenAI-compatible proxy in front of a node that audits a share of its answers")
+    p.add_argument("--upstream", required=True, help="the node's URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--audit-rate", type=float, default=0.05, help="share of answers re-executed (default 0.05; "
+                   "see proofmesh posp)")
+    p.add_argument("--model", action="append", help="model(s) to re-execute audits on, held locally (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100, help="0 picks a free port")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--key", default=None, help="key that signs verdicts (default: node_key.pem in the model store)")
+    p.add_argument("--ledger", default=None, help="SQLite ledger (default: ledger.sqlite in the model store)")
+    _add_weights_option(p)
+    p.set_defaults(func=_cmd_verifier)
 
     p = sub.add_parser("posp", help="proof-of-sampling: the least audit rate at which cheating does not pay")
     p.add_argument("--reward", type=float, required=True, help="R: paid per answer, forfeited when caught")

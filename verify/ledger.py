@@ -138,16 +138,17 @@ class Ledger:
                        (v.receipt_id, signed.verifier_id, v.verdict, signed.model_dump_json(), now))
 
     def close_audit(self, receipt_id: str, state: AuditState, *, now: float | None = None) -> None:
-        """Settle an audit and move the audited peer's reputation, in one transaction."""
+        """Settle an audit and move the audited peer's reputation, in one transaction (only the
+        first settling of an audit moves it)."""
         if state == "pending":
             raise ValueError("an audit closes as pass, fraud or error")
         now = time.time() if now is None else now
         with self._transaction() as db:
-            row = db.execute("SELECT node_id FROM audits WHERE receipt_id = ?", (receipt_id,)).fetchone()
+            row = db.execute("SELECT node_id, state FROM audits WHERE receipt_id = ?", (receipt_id,)).fetchone()
             if row is None:
                 raise KeyError(receipt_id)
             db.execute("UPDATE audits SET state = ?, updated = ? WHERE receipt_id = ?", (state, now, receipt_id))
-            if state == "error":
+            if state == "error" or row[1] != "pending":  # an audit moves reputation once
                 return
             current = self._reputation(db, row[0], now)
             if current.convicted:
