@@ -211,7 +211,7 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
     sidecar = Sidecar(args.upstream, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate)
 
     def ready(url: str) -> None:
-        _progress(f"proxying {url}/v1 -> {args.upstream}, auditing {args.audit_rate:.1%} of answers on "
+        _progress(f"proxying {url}/v1 -> {', '.join(args.upstream)}, auditing {args.audit_rate:.1%} of answers on "
                   f"{', '.join(m.name for m in models) or 'no local model (audits end as errors)'} (Ctrl-C to stop)")
 
     try:
@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("verifier", help="an OpenAI-compatible proxy in front of a node that audits a share of its answers")
-    p.add_argument("--upstream", required=True, help="the node's URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--upstream", action="append", required=True, help="a node's URL, e.g. http://127.0.0.1:8000 "
+                   "(repeat for several: requests are routed by reputation, never to a convicted node)")
     p.add_argument("--audit-rate", type=float, default=0.05, help="share of answers re-executed (default 0.05; "
                    "see proofmesh posp)")
     p.add_argument("--model", action="append", help="model(s) to re-execute audits on, held locally (repeatable)")

@@ -45,19 +45,19 @@ class Impostor(LoadedModel):
 def models(tmp_path_factory, store):
     honest_dir = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("honest") / "tiny")
     other_dir = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("other") / "tiny", seed=1)  # same shape, other weights
-    honest, auditor, other = (load_model(str(folder), device="cpu", limits=LIMITS, root=store)
-                              for folder in (honest_dir, honest_dir, other_dir))
+    honest, honest2, auditor, other = (load_model(str(folder), device="cpu", limits=LIMITS, root=store)
+                                       for folder in (honest_dir, honest_dir, honest_dir, other_dir))
     cheat = Impostor(**{f.name: getattr(other, f.name) for f in dataclasses.fields(other)}, claimed_model_id=honest.model_id)
-    return SimpleNamespace(honest=honest, auditor=auditor, cheat=cheat)
+    return SimpleNamespace(honest=honest, honest2=honest2, auditor=auditor, cheat=cheat)
 
 
-def node_serving(model, tmp_path):
-    evidence = EvidenceStore(tmp_path / "evidence.sqlite")
+def node_serving(model, tmp_path, name: str = "node"):
+    evidence = EvidenceStore(tmp_path / name / "evidence.sqlite")
     return evidence, serving(make_app([model], NodeKey.generate(), evidence))
 
 
 def sidecar_for(upstream: str, auditor, tmp_path, rate: float):
-    sidecar = Sidecar(upstream, Ledger(tmp_path / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor}, audit_rate=rate)
+    sidecar = Sidecar([upstream] if isinstance(upstream, str) else upstream, Ledger(tmp_path / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor}, audit_rate=rate)
     return sidecar, serving(make_sidecar_app(sidecar))
 
 
@@ -152,3 +152,39 @@ def test_clients_submit_answer_files(models, tmp_path):
             bad = httpx.post(f"{url}/v1/audits", content=b'{"receipt": 1}')
             assert bad.status_code == 400 and "answer file" in bad.json()["error"]["message"]
     evidence.close()
+
+
+def test_redundant_execution_agrees_across_honest_nodes_and_exposes_a_liar(models, tmp_path):
+    stores_a, node_a = node_serving(models.honest, tmp_path, "a")
+    stores_b, node_b = node_serving(models.honest2, tmp_path, "b")
+    stores_c, node_c = node_serving(models.cheat, tmp_path, "c")
+    ask = {"model": "tiny", "messages": HELLO, "max_tokens": 10, "temperature": 0.9}
+    with node_a as a, node_b as b, node_c as c:
+        _, app = sidecar_for([a, b], models.auditor, tmp_path / "s1", rate=0.0)
+        with app as url:
+            out = httpx.post(f"{url}/v1/chat/completions", json=ask, headers={"X-ProofMesh-Redundancy": "2"}, timeout=60)
+            assert out.status_code == 200, out.text
+            agreed = out.json()["proofmesh_redundancy"]
+            assert agreed["agreed"] and len({x["node_id"] for x in agreed["answers"]}) == 2
+            receipts = [x["proofmesh"][0]["receipt"] for x in agreed["answers"]]
+            assert receipts[0]["output_hash"] == receipts[1]["output_hash"] and receipts[0]["seed"] == receipts[1]["seed"]
+            too_many = httpx.post(f"{url}/v1/chat/completions", json={**ask, "proofmesh": {"redundancy": 3}}, timeout=60)
+            assert too_many.status_code == 503 and too_many.json()["error"]["code"] == "not_enough_nodes"
+            for bad in ({**ask, "proofmesh": {"redundancy": "two"}}, {**ask, "stream": True, "proofmesh": {"redundancy": 2}}):
+                r = httpx.post(f"{url}/v1/chat/completions", json=bad, timeout=60)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_redundancy"
+
+        sidecar, app = sidecar_for([a, c], models.auditor, tmp_path / "s2", rate=0.0)
+        with app as url:
+            out = httpx.post(f"{url}/v1/chat/completions", json={**ask, "proofmesh": {"redundancy": 2}}, timeout=60)
+            assert out.status_code == 502 and out.json()["error"]["code"] == "redundancy_disagreement"
+            audits = settled(url, 2)  # the disagreement escalated to audits of both answers
+            by_state = {x["state"]: x["node_id"] for x in audits}
+            liar = httpx.get(f"{c}/health").json()["node_id"]
+            assert by_state == {"fraud": liar, "pass": httpx.get(f"{a}/health").json()["node_id"]}
+            assert sidecar.ledger.convicted() == {liar}
+            served_by = {httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": f"n{i}", "max_tokens": 3},
+                                    timeout=60).json()["proofmesh"]["receipt"]["node_id"] for i in range(6)}
+            assert served_by == {by_state["pass"]}  # no request goes to the convicted node any more
+    for store_ in (stores_a, stores_b, stores_c):
+        store_.close()
