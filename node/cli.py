@@ -7,6 +7,7 @@
     proofmesh run [--model M ...] [--port P] serve the OpenAI-style HTTP API until SIGINT/SIGTERM
         [--p2p-listen MULTIADDR] [--bootstrap MULTIADDR ...]   ... and join the p2p network
     proofmesh peers [--node URL]            list the peers a running node knows
+    proofmesh posp --reward R --cost C --penalty S   the least audit rate that makes cheating not pay
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from compiled_models.registry import DEFAULT_MODEL, REGISTRY
 from node.errors import ProofMeshNodeError
 from node.targets import DEVICE_CHOICES
+from verify.audit_policy import VERIFY_COST_RATIO
 
 if TYPE_CHECKING:
     from verify.identity import NodeKey
@@ -236,6 +238,60 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verifier(args: argparse.Namespace) -> int:
+    from node import model_store
+    from node.loaded_model import load_model
+    from node.server import serve_until_signalled
+    from node.sidecar import Sidecar, make_sidecar_app
+    from verify.ledger import Ledger
+
+    if not 0.0 <= args.audit_rate <= 1.0:
+        raise ProofMeshNodeError("--audit-rate is a probability in [0, 1]")
+    key, key_path = _node_key(args.key)
+    _progress(f"verifier id {key.node_id} (key {key_path})")
+    models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in args.model or []]
+    ledger = Ledger(Path(args.ledger) if args.ledger else model_store.store_root() / "ledger.sqlite")
+    sidecar = Sidecar(args.upstream, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate)
+
+    def ready(url: str) -> None:
+        _progress(f"proxying {url}/v1 -> {', '.join(args.upstream)}, auditing {args.audit_rate:.1%} of answers on "
+                  f"{', '.join(m.name for m in models) or 'no local model (audits end as errors)'} (Ctrl-C to stop)")
+
+    try:
+        asyncio.run(serve_until_signalled(make_sidecar_app(sidecar), args.host, args.port, ready))
+    except OSError as exc:
+        raise ProofMeshNodeError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+    finally:
+        ledger.close()
+    _progress("stopped")
+    return 0
+
+
+def _cmd_posp(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from verify.audit_policy import GameParams, plan_audits
+
+    try:
+        game = GameParams(reward=args.reward, cost=args.cost, penalty=args.penalty, collusion=args.collusion,
+                          validators=args.validators, detection=args.detection, verify_cost_ratio=args.verify_cost_ratio)
+    except ValidationError as exc:
+        raise ProofMeshNodeError("; ".join(f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in exc.errors())) from None
+    plan = plan_audits(game)
+    if args.json:
+        print(plan.model_dump_json(indent=1))
+        return 0
+    print(f"catch probability per audit q = D (1 - r^k) = {plan.catch_probability:.4g}")
+    if plan.min_audit_rate is None:
+        print(f"no audit rate up to 1 makes cheating unprofitable: C = {game.cost:g} > q (R + S) = "
+              f"{plan.catch_probability * (game.reward + game.penalty):.4g}; raise the stake or the validators")
+        return 0
+    print(f"least audit rate p = C / (q (R + S)) = {plan.min_audit_rate:.4g} ({plan.min_audit_rate:.2%} of answers)")
+    print(f"audit overhead at that rate: {plan.audit_overhead:.3%} of all compute "
+          f"({game.validators} validator(s), each re-check {game.verify_cost_ratio:g} of a generation)")
+    return 0
+
+
 def _add_weights_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["native", "fp32"], default="native",
                    help="native: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized in memory and compute on them "
@@ -307,6 +363,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", default="http://127.0.0.1:8000", help="the node's HTTP URL")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     p.set_defaults(func=_cmd_peers)
+
+    p = sub.add_parser("verifier", help="an OpenAI-compatible proxy in front of a node that audits a share of its answers")
+    p.add_argument("--upstream", action="append", required=True, help="a node's URL, e.g. http://127.0.0.1:8000 "
+                   "(repeat for several: requests are routed by reputation, never to a convicted node)")
+    p.add_argument("--audit-rate", type=float, default=0.05, help="share of answers re-executed (default 0.05; "
+                   "see proofmesh posp)")
+    p.add_argument("--model", action="append", help="model(s) to re-execute audits on, held locally (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100, help="0 picks a free port")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--key", default=None, help="key that signs verdicts (default: node_key.pem in the model store)")
+    p.add_argument("--ledger", default=None, help="SQLite ledger (default: ledger.sqlite in the model store)")
+    _add_weights_option(p)
+    p.set_defaults(func=_cmd_verifier)
+
+    p = sub.add_parser("posp", help="proof-of-sampling: the least audit rate at which cheating does not pay")
+    p.add_argument("--reward", type=float, required=True, help="R: paid per answer, forfeited when caught")
+    p.add_argument("--cost", type=float, required=True, help="C: compute cost of an answer (what cheating saves)")
+    p.add_argument("--penalty", type=float, required=True, help="S: stake slashed when caught")
+    p.add_argument("--collusion", type=float, default=0.0, help="r: share of validators colluding with cheaters")
+    p.add_argument("--validators", type=int, default=1, help="k: validators per audit (default 1)")
+    p.add_argument("--detection", type=float, default=1.0, help="D: chance a re-execution flags a cheat (default 1)")
+    p.add_argument("--verify-cost-ratio", type=float, default=VERIFY_COST_RATIO, help="one re-check's cost against "
+                   f"generation (default: {VERIFY_COST_RATIO}, measured on the default model)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_posp)
     return parser
 
 

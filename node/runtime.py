@@ -71,6 +71,12 @@ class ModelRuntime:
         """Bytes of parameters on the device: what one decode step streams from memory."""
         return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in self._params)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the paged KV cache reserves: K and V (fp32) for every slot of every layer."""
+        cfg = self.cfg
+        return self.limits.max_total_tokens * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+
     @staticmethod
     def _upload(library: CompiledLibrary, params: dict[str, np.ndarray], device: DeviceTarget) -> list:
         tensors = []

@@ -176,7 +176,8 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
         await runner.cleanup()
         raise
     bound = runner.addresses[0][1]
-    app[NODE].url = f"http://{host}:{bound}"
+    if NODE in app:  # a node's app (not, say, the verifier sidecar's): peers reach it here
+        app[NODE].url = f"http://{host}:{bound}"
     return runner, bound
 
 

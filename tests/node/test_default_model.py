@@ -14,20 +14,31 @@ import numpy as np
 import pytest
 
 from compiled_models.registry import DEFAULT_MODEL
+from node.answers import answer_file
 from node.engine import Engine, GenerationRequest
 from node.loaded_model import load_model
 from node.models.llama.checkpoint import load_checkpoint
 from node.models.llama.reference import NumpyLlama
+from tests.node.engine_helpers import generate
+from verify.evidence import AnswerFile
+from verify.identity import NodeKey
 from verify.sampling import SamplingParams
+from verify.verifier import verify_answer
 
 pytestmark = pytest.mark.slow
 
 FRANCE = "What is the capital of France?"
+PROMPTS = [FRANCE, "Write a haiku about rain.", "List three prime numbers.", "Why is the sea salty?"]
 
 
 @pytest.fixture(scope="module")
 def default_model():
-    return load_model(DEFAULT_MODEL, device="cpu")
+    return load_model(DEFAULT_MODEL, device="cpu")  # native: the Q4_1/Q8_0 blocks stay quantized
+
+
+@pytest.fixture(scope="module")
+def default_model_fp32():
+    return load_model(DEFAULT_MODEL, device="cpu", weights="fp32")
 
 
 def greedy(model, prompt_ids, max_tokens):
@@ -68,3 +79,22 @@ def test_greedy_tokens_match_numpy_reference(default_model, chat, text):
     ckpt = load_checkpoint(default_model.path)
     ref = NumpyLlama.from_checkpoint(ckpt, dtype=np.float32).greedy(ids, n_new, eos_ids=tok.eos_token_ids)
     assert ours == ref
+
+
+def test_native_and_fp32_paths_answer_alike_and_check_each_other(default_model, default_model_fp32):
+    """One model_id, two honest backends: the same greedy answers, and each one's answers pass
+    the verifier running on the other."""
+    native, fp32 = default_model, default_model_fp32
+    assert native.model_id == fp32.model_id and native.backend.endswith("/native") and native.backend != fp32.backend
+    assert native.runtime.weight_bytes < fp32.runtime.weight_bytes / 4
+    for prompt in PROMPTS:
+        a = generate(native, prompt, temperature=0.0, max_tokens=24)
+        b = generate(fp32, prompt, temperature=0.0, max_tokens=24)
+        assert a.output_ids == b.output_ids, prompt
+    key = NodeKey.generate()
+    for maker, checker in ((native, fp32), (fp32, native)):
+        for prompt, temperature in zip(PROMPTS, (0.0, 0.8, 1.0, 0.0)):
+            result = generate(maker, prompt, temperature=temperature, max_tokens=32, seed=7)
+            answer = answer_file(result, key, model_id=maker.model_id, backend=maker.backend)
+            verdict = verify_answer(AnswerFile.model_validate_json(answer.model_dump_json()), checker)
+            assert verdict.verdict == "pass", (maker.backend, prompt, verdict)

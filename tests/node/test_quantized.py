@@ -4,7 +4,6 @@ the verifier running on the other (both are honest backends of one ``model_id``)
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 
@@ -14,16 +13,15 @@ import tvm
 
 from node.answers import answer_file
 from node.compiler import compile_model
-from node.engine import Engine, GenerationRequest
 from node.loaded_model import load_checkpoint_cached, load_model, model_parameters
 from node.models.quant.blocks import FORMATS, QuantizedTensor, quantize
 from node.models.quant.kernels import FUSED_MAX_TOKENS, quant_matmul_cpu
 from node.runtime import CacheLimits
 from node.targets import cuda_target_for_arch
+from tests.node.engine_helpers import generate
 from tests.models_fixtures import make_tiny_gguf
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey
-from verify.sampling import SamplingParams
 from verify.verifier import verify_answer
 
 LIMITS = CacheLimits(max_batch_size=4, max_total_tokens=1024, prefill_chunk=64)
@@ -49,10 +47,10 @@ def compiled_kernel(qt: QuantizedTensor):
     dev = tvm.cpu()
     parts = [tvm.runtime.tensor(qt.split()[s], dev) for s in qt.format.param_suffixes()]
 
-    def run(x: np.ndarray) -> np.ndarray:
-        out = tvm.runtime.tensor(np.zeros((x.shape[0], rows), np.float32), dev)
-        lib["kernel"](tvm.runtime.tensor(x, dev), *parts, out)
-        return out.numpy()
+    def run(x: np.ndarray) -> np.ndarray:  # (n, cols) as (1, n, cols)
+        out = tvm.runtime.tensor(np.zeros((1, x.shape[0], rows), np.float32), dev)
+        lib["kernel"](tvm.runtime.tensor(x[None], dev), *parts, out)
+        return out.numpy()[0]
 
     return run
 
@@ -67,7 +65,7 @@ def test_kernels_dequantize_as_gguf_does(ggml_type):
     run = compiled_kernel(qt)
     tiled = run(eye).T  # n = cols > FUSED_MAX_TOKENS: the tiled nest
     fused = np.concatenate([run(eye[i:i + 1]) for i in range(qt.shape[1])]).T
-    assert qt.shape[1] > FUSED_MAX_TOKENS
+    assert qt.shape[1] > FUSED_MAX_TOKENS[qt.format.bits]
     np.testing.assert_array_max_ulp(tiled, expected, maxulp=1)
     np.testing.assert_array_max_ulp(fused, expected, maxulp=1)
 
@@ -91,20 +89,6 @@ def test_split_arrays_are_the_blocks_bytes():
     block = qt.blocks[11, 20:40]  # row 11 (tile 1, row 3 in it), second block
     assert block[0:2].view(np.float16)[0] == parts["scales"][1, 1, 3] and block[2:4].view(np.float16)[0] == parts["mins"][1, 1, 3]
     assert bytes(block[4:]) == bytes(parts["qweight"][1, 1, 3])
-
-
-def generate(model, prompt: str, temperature: float):
-    params = SamplingParams(max_tokens=24, seed=11, temperature=temperature)
-    ids = model.tokenizer.encode_chat([{"role": "user", "content": prompt}])
-
-    async def go():
-        engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=512)
-        try:
-            return await engine.complete(GenerationRequest(tuple(ids), params))
-        finally:
-            await engine.close()
-
-    return asyncio.run(go())
 
 
 @pytest.fixture(scope="module", params=[("Q4_0",), ("Q4_1",), ("Q8_0",), ("Q4_0", "Q4_1", "Q8_0")], ids="+".join)
@@ -145,7 +129,7 @@ def test_answers_cross_verify_between_paths(both_paths):
     _, native, fp32 = both_paths
     for maker, checker in ((native, fp32), (fp32, native)):
         for temperature in (0.0, 0.9):
-            result = generate(maker, "Tell me a story", temperature)
+            result = generate(maker, "Tell me a story", temperature=temperature, max_tokens=24, seed=11)
             answer = answer_file(result, KEY, model_id=maker.model_id, backend=maker.backend)
             verdict = verify_answer(AnswerFile.model_validate_json(answer.model_dump_json()), checker)
             assert verdict.verdict == "pass", verdict

@@ -3,14 +3,13 @@ pass; edited tokens, wrong seeds, another model, altered prompts and forged rece
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 
 from node.answers import answer_file
-from node.engine import Engine, GenerationRequest
 from node.loaded_model import load_model
 from node.runtime import CacheLimits
+from tests.node.engine_helpers import generate
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from verify.evidence import AnswerFile, sign_answer
 from verify.identity import NodeKey
@@ -29,20 +28,6 @@ def models(tmp_path_factory, store):
 
 
 KEY = NodeKey.generate()
-
-
-def generate(model, prompt_text, **sampling):
-    params = SamplingParams(**{"max_tokens": 16, "seed": 5, **sampling})
-    ids = model.tokenizer.encode_chat([{"role": "user", "content": prompt_text}])
-
-    async def go():
-        engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=512)
-        try:
-            return await engine.complete(GenerationRequest(tuple(ids), params))
-        finally:
-            await engine.close()
-
-    return asyncio.run(go())
 
 
 def signed_claim(model_id: str, prompt_ids, output_ids, params: SamplingParams, fingerprints) -> AnswerFile:

@@ -16,20 +16,16 @@ from .kernels import quant_matmul_cpu, quant_matmul_te, quant_take_te
 
 
 def quant_matmul(x: Tensor, ggml_type: str, params: list[Tensor], target: Target) -> Tensor:
-    """``x (..., k) @ dequantize(params).T`` -> ``(..., n_out)`` in fp32."""
-    *lead, k_in = x.shape
+    """``x (b, s, k) @ dequantize(params).T`` -> ``(b, s, n_out)`` in fp32."""
+    batch, seq, k_in = x.shape
     n_out = params[1].shape[0] * TILE_ROWS  # scales: (tiles, blocks, rows in tile)
-    rows = 1
-    for dim in lead:
-        rows = rows * dim
-    flat = op.reshape(x, (rows, k_in))
     name = f"{ggml_type.lower()}_matmul"
     if target.kind.name == "llvm":
         kernel = quant_matmul_cpu(ggml_type, int(n_out), int(k_in))
-        out = op.tensor_ir_op(kernel, name, args=[flat, *params], out=Tensor.placeholder((rows, n_out), "float32"))
-    else:
-        out = op.tensor_expr_op(lambda a, *p: quant_matmul_te(a, ggml_type, *p), name, args=[flat, *params])
-    return op.reshape(out, (*lead, n_out))
+        return op.tensor_ir_op(kernel, name, args=[x, *params], out=Tensor.placeholder((batch, seq, n_out), "float32"))
+    flat = op.reshape(x, (batch * seq, k_in))
+    out = op.tensor_expr_op(lambda a, *p: quant_matmul_te(a, ggml_type, *p), name, args=[flat, *params])
+    return op.reshape(out, (batch, seq, n_out))
 
 
 class _QuantParams(nn.Module):

@@ -1,0 +1,374 @@
+"""The verifier sidecar: an OpenAI-compatible proxy in front of a node that audits what passes.
+
+Clients talk to the sidecar exactly as to a node; requests go upstream and answers come back
+unchanged, receipts included. After an answer is complete the sidecar fetches the evidence
+behind every receipt in it (always, so the serving node sees the same traffic for audited and
+unaudited answers), then audits a fraction ``audit_rate`` of them. Whether a receipt is audited
+is ``HMAC(secret, receipt_id) < audit_rate``: the secret is drawn at start and never leaves the
+sidecar, and the receipt id is fixed by the node's signature before the decision, so the node
+can neither predict nor steer it. An audit re-executes the answer by teacher forcing on a local
+copy of the model (``verify.verifier``), signs the verdict with the sidecar's key, and records
+audit, verdict and, on fraud, a fraud proof in the ledger (``verify.ledger``), where reputation
+moves. Re-checks on other peers over the network are the p2p layer's job.
+
+With several ``upstreams`` the sidecar routes each request to one of them, weighted by
+reputation and never to a node the ledger has convicted; a request may ask for redundant
+execution (``"proofmesh": {"redundancy": n}`` in the body or the header
+``X-ProofMesh-Redundancy: n``): the same request, with the same seed, goes to ``n`` distinct
+nodes, and the answer comes back only if all agree within the verifier's tolerances
+(``verify.redundancy``), with every node's receipt; otherwise an OpenAI-shaped error names the
+disagreement and every answer is audited, so the one that lied is convicted.
+
+Routes: the proxied ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``; ``POST
+/v1/audits`` (an answer file: audited now, the record returned); ``GET /v1/audits/{receipt_id}``;
+``GET /v1/audits?node_id=&state=&limit=``; ``GET /health``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import random
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import ValidationError
+
+from verify.evidence import AnswerFile
+from verify.fraud import make_fraud_proof, sign_verdict
+from verify.identity import NodeKey
+from verify.ledger import AuditRecord, Ledger
+from verify.redundancy import disagreement
+from verify.verifier import ScoringBackend, verify_answer
+
+log = logging.getLogger("proofmesh.sidecar")
+
+PROXIED_POSTS = ("/v1/chat/completions", "/v1/completions")
+UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=10)
+SIDECAR = web.AppKey("sidecar", "Sidecar")
+REDUNDANCY_HEADER = "X-ProofMesh-Redundancy"
+
+
+@dataclass
+class Upstream:
+    url: str
+    node_id: str | None = None  # from its /health, once it answered
+
+
+class SidecarError(Exception):
+    """A request the sidecar answers with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def audit_draw(secret: bytes, receipt_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the secret and the receipt id: audit iff below the rate."""
+    digest = hmac.new(secret, receipt_id.encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def receipt_ids_in(body: Any) -> Iterator[str]:
+    """Every ``proofmesh.receipt.receipt_id`` in a response body or stream chunk."""
+    if isinstance(body, dict):
+        proof = body.get("proofmesh")
+        if isinstance(proof, dict) and isinstance(proof.get("receipt"), dict) and "receipt_id" in proof["receipt"]:
+            yield str(proof["receipt"]["receipt_id"])
+        for key, value in body.items():
+            if key != "proofmesh":
+                yield from receipt_ids_in(value)
+    elif isinstance(body, list):
+        for item in body:
+            yield from receipt_ids_in(item)
+
+
+class Sidecar:
+    """Proxy, routing, audit decisions, audits, ledger. ``backends``: model_id -> a local scoring backend."""
+
+    def __init__(self, upstreams: Sequence[str], ledger: Ledger, key: NodeKey, backends: dict[str, ScoringBackend], *,
+                 audit_rate: float, secret: bytes | None = None):
+        if not 0.0 <= audit_rate <= 1.0:
+            raise ValueError("the audit rate is a probability in [0, 1]")
+        if not upstreams:
+            raise ValueError("the sidecar needs at least one upstream node")
+        self.upstreams = [Upstream(url.rstrip("/")) for url in upstreams]
+        self.ledger = ledger
+        self.key = key
+        self.backends = backends
+        self.audit_rate = audit_rate
+        self._secret = secret or secrets.token_bytes(32)
+        self._model_lock = asyncio.Lock()  # one runtime per model, not thread-safe: audits take turns
+        self._tasks: set[asyncio.Task] = set()
+        self.session: aiohttp.ClientSession | None = None
+
+    async def identify(self) -> None:
+        """Learn each upstream's node id (its /health), for routing by reputation and conviction."""
+        for up in self.upstreams:
+            if up.node_id is None:
+                try:
+                    async with self.session.get(f"{up.url}/health") as resp:
+                        up.node_id = (await resp.json())["node_id"]
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
+                    log.warning("upstream %s: no node id yet (%s)", up.url, exc)
+
+    def pick(self, n: int) -> list[Upstream]:
+        """``n`` distinct upstreams, never a convicted node, likelier the better their reputation."""
+        convicted = self.ledger.convicted()
+        routable = [up for up in self.upstreams if up.node_id not in convicted]
+        if len(routable) < n:
+            raise SidecarError(503, f"{n} node(s) needed, {len(routable)} routable (of {len(self.upstreams)}; "
+                               f"{len(self.upstreams) - len(routable)} convicted of fraud)", "not_enough_nodes")
+        def weight(up: Upstream) -> float:
+            return self.ledger.reputation(up.node_id).score if up.node_id else 0.5
+
+        return sorted(routable, key=lambda up: -weight(up) * random.random())[:n]
+
+    def chosen(self, receipt_id: str) -> bool:
+        return audit_draw(self._secret, receipt_id) < self.audit_rate
+
+    async def evidence(self, up: Upstream, receipt_id: str) -> AnswerFile | None:
+        try:
+            async with self.session.get(f"{up.url}/v1/receipts/{receipt_id}") as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    log.warning("evidence for %s: %s answered %d", receipt_id, up.url, resp.status)
+                    return None
+            return AnswerFile.model_validate_json(body)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValidationError) as exc:
+            log.warning("evidence for %s from %s unusable: %s", receipt_id, up.url, exc)
+            return None
+
+    async def after_answer(self, up: Upstream, receipt_ids: Sequence[str]) -> None:
+        """Fetch every receipt's evidence; audit the chosen ones."""
+        for receipt_id in receipt_ids:
+            answer = await self.evidence(up, receipt_id)
+            if answer is not None and self.chosen(receipt_id):
+                await self.audit(answer)
+
+    def spawn(self, coroutine) -> None:
+        """Run ``coroutine`` after the response (audits must not delay the client)."""
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def audit_all(self, answers: Sequence[AnswerFile]) -> None:
+        for answer in answers:
+            await self.audit(answer)
+
+    async def audit(self, answer: AnswerFile) -> AuditRecord:
+        """Re-execute ``answer`` locally, record the signed verdict and, on fraud, the fraud proof."""
+        receipt = answer.receipt
+        await asyncio.to_thread(self.ledger.open_audit, receipt.receipt_id, receipt.node_id, receipt.model_id)
+        backend = self.backends.get(receipt.model_id)
+        if backend is None:
+            await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, "error")
+            log.warning("audit %s: no local backend for model_id %s", receipt.receipt_id, receipt.model_id)
+        else:
+            async with self._model_lock:
+                verdict = await asyncio.to_thread(verify_answer, answer, backend)
+            await asyncio.to_thread(self.ledger.add_verdict, sign_verdict(verdict, self.key))
+            if verdict.verdict == "fraud":
+                await asyncio.to_thread(self.ledger.add_fraud_proof, make_fraud_proof(answer, verdict, self.key))
+            await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, verdict.verdict)
+        return self.ledger.audit(receipt.receipt_id)
+
+    async def drain(self) -> None:
+        """Wait for the audits already started (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _error(status: int, message: str, code: str) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "upstream_error"
+    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status)
+
+
+def _redundancy(request: web.Request, body: dict) -> int:
+    asked = request.headers.get(REDUNDANCY_HEADER)
+    extension = body.pop("proofmesh", None)
+    if asked is None and isinstance(extension, dict):
+        asked = extension.get("redundancy")
+    if asked is None:
+        return 1
+    if isinstance(asked, str) and asked.strip().isdigit():
+        asked = int(asked)
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+        raise SidecarError(400, f"redundancy must be a positive integer, got {asked!r}", "invalid_redundancy")
+    return asked
+
+
+async def proxy_post(request: web.Request) -> web.StreamResponse:
+    """Forward a completion request and its answer back unchanged, streamed or not; or, with
+    redundancy n, the same request to n nodes and their agreed answer."""
+    sidecar = request.app[SIDECAR]
+    raw = await request.read()
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+    try:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise SidecarError(400, "the request body is not JSON", "invalid_json") from None
+        n = _redundancy(request, body) if isinstance(body, dict) else 1
+        if n > 1:
+            return await _redundant(request, sidecar, body, n, headers)
+        await sidecar.identify()
+        (up,) = sidecar.pick(1)
+        return await _forward(request, sidecar, up, json.dumps(body).encode() if isinstance(body, dict) else raw, headers)
+    except SidecarError as exc:
+        return _error(exc.status, str(exc), exc.code)
+
+
+async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: bytes, headers: dict) -> web.StreamResponse:
+    try:
+        upstream = await sidecar.session.post(f"{up.url}{request.path}", data=body, headers=headers)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise SidecarError(502, f"upstream node {up.url} unreachable: {exc}", "upstream_unreachable") from exc
+    async with upstream:
+        content_type = upstream.headers.get("Content-Type", "application/json")
+        if not content_type.startswith("text/event-stream"):
+            data = await upstream.read()
+            if upstream.status == 200:
+                sidecar.spawn(sidecar.after_answer(up, list(dict.fromkeys(receipt_ids_in(json.loads(data))))))
+            return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
+        response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        found: list[str] = []
+        try:
+            async for line in upstream.content:  # SSE: one "data: {...}" per line
+                if line.startswith(b"data: {"):
+                    found.extend(receipt_ids_in(json.loads(line[6:])))
+                await response.write(line)
+            await response.write_eof()
+        except ConnectionResetError:  # the client may hang up once it has read [DONE]
+            log.debug("client left before the end of the stream")
+        finally:  # the receipts seen are audited whatever the client did (a stream may repeat one)
+            sidecar.spawn(sidecar.after_answer(up, list(dict.fromkeys(found))))
+        return response
+
+
+async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int, headers: dict) -> web.Response:
+    """The same request, with one seed, on ``n`` distinct nodes; their answers must agree."""
+    if body.get("stream"):
+        raise SidecarError(400, "redundant execution returns one agreed answer: set stream to false", "invalid_redundancy")
+    body.setdefault("seed", secrets.randbelow(2**31))
+    await sidecar.identify()
+    chosen = sidecar.pick(n)
+    payload = json.dumps(body).encode()
+
+    async def ask(up: Upstream) -> tuple[dict, list[AnswerFile]]:
+        try:
+            async with sidecar.session.post(f"{up.url}{request.path}", data=payload, headers=headers) as resp:
+                out = await resp.json(content_type=None)
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise SidecarError(502, f"node {up.node_id or up.url} failed: {exc}", "upstream_unreachable") from exc
+        if status != 200:
+            message = out.get("error", {}).get("message", str(out)) if isinstance(out, dict) else str(out)
+            raise SidecarError(status if status < 500 else 502, f"node {up.node_id or up.url}: {message}", "upstream_error")
+        answers = [await sidecar.evidence(up, rid) for rid in dict.fromkeys(receipt_ids_in(out))]
+        if not answers or any(a is None for a in answers):
+            raise SidecarError(502, f"node {up.node_id or up.url} gave no usable evidence for its answer", "upstream_error")
+        return out, answers
+
+    results = await asyncio.gather(*(ask(up) for up in chosen))
+    (first, first_answers), rest = results[0], results[1:]
+    for up, (_, answers) in zip(chosen[1:], rest):
+        problem = (f"{len(first_answers)} vs {len(answers)} answers" if len(answers) != len(first_answers) else
+                   next((d for a, b in zip(first_answers, answers) if (d := disagreement(a, b))), None))
+        if problem:
+            sidecar.spawn(sidecar.audit_all([a for _, group in results for a in group]))  # escalate: who lied?
+            raise SidecarError(502, f"nodes {chosen[0].node_id} and {up.node_id} disagree: {problem}", "redundancy_disagreement")
+    first["proofmesh_redundancy"] = {
+        "agreed": True,
+        "answers": [{"node_id": up.node_id, "proofmesh": [a.model_dump(include={"receipt", "signature", "public_key"})
+                                                           for a in answers]} for up, (_, answers) in zip(chosen, results)],
+    }
+    for up, (_, answers) in zip(chosen, results):
+        sidecar.spawn(sidecar.after_answer(up, [a.receipt.receipt_id for a in answers]))
+    return web.json_response(first)
+
+
+async def proxy_models(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    try:
+        await sidecar.identify()
+        (up,) = sidecar.pick(1)
+        async with sidecar.session.get(f"{up.url}/v1/models", headers=headers) as upstream:
+            return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
+    except SidecarError as exc:
+        return _error(exc.status, str(exc), exc.code)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return _error(502, f"upstream node unreachable: {exc}", "upstream_unreachable")
+
+
+async def submit_audit(request: web.Request) -> web.Response:
+    """POST /v1/audits: an answer file, audited now."""
+    try:
+        answer = AnswerFile.model_validate_json(await request.read())
+    except ValidationError as exc:
+        return _error(400, f"not an answer file: {exc.errors()[0]['msg']} at {'.'.join(map(str, exc.errors()[0]['loc']))}",
+                      "invalid_answer_file")
+    record = await request.app[SIDECAR].audit(answer)
+    return web.Response(body=record.model_dump_json(), content_type="application/json")
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    record = request.app[SIDECAR].ledger.audit(request.match_info["receipt_id"])
+    if record is None:
+        return _error(404, f"no audit of receipt {request.match_info['receipt_id']!r}", "audit_not_found")
+    return web.Response(body=record.model_dump_json(), content_type="application/json")
+
+
+async def list_audits(request: web.Request) -> web.Response:
+    q = request.query
+    state = q.get("state")
+    if state not in (None, "pending", "pass", "fraud", "error"):
+        return _error(400, "state is one of pending, pass, fraud, error", "invalid_state")
+    try:
+        limit = int(q.get("limit", 100))
+    except ValueError:
+        return _error(400, "limit is an integer", "invalid_limit")
+    records = request.app[SIDECAR].ledger.audits(node_id=q.get("node_id"), state=state, limit=max(1, min(limit, 1000)))
+    return web.json_response({"object": "list", "data": [json.loads(r.model_dump_json()) for r in records]})
+
+
+async def health(request: web.Request) -> web.Response:
+    sidecar = request.app[SIDECAR]
+    return web.json_response({"status": "ok", "upstreams": [{"url": up.url, "node_id": up.node_id} for up in sidecar.upstreams],
+                              "convicted": sorted(sidecar.ledger.convicted()), "audit_rate": sidecar.audit_rate,
+                              "verifier_id": sidecar.key.node_id, "models": sorted(sidecar.backends)})
+
+
+def make_sidecar_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application(client_max_size=16 << 20)  # answer files of long answers
+    app[SIDECAR] = sidecar
+    for path in PROXIED_POSTS:
+        app.router.add_post(path, proxy_post)
+    app.router.add_get("/v1/models", proxy_models)
+    app.router.add_post("/v1/audits", submit_audit)
+    app.router.add_get("/v1/audits", list_audits)
+    app.router.add_get("/v1/audits/{receipt_id}", get_audit)
+    app.router.add_get("/health", health)
+
+    async def open_session(_: web.Application) -> None:
+        sidecar.session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT)
+
+    async def close_session(_: web.Application) -> None:
+        await sidecar.drain()
+        await sidecar.session.close()
+
+    app.on_startup.append(open_session)
+    app.on_cleanup.append(close_session)
+    return app
+
+
+__all__ = ["Sidecar", "audit_draw", "make_sidecar_app", "receipt_ids_in"]

@@ -1,0 +1,23 @@
+"""Generate one chat answer on a loaded model through the real engine (tests share this)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from node.engine import Engine, GenerationRequest
+from verify.sampling import SamplingParams
+
+
+def generate(model, prompt_text: str, **sampling):
+    """The engine's result for ``prompt_text`` as a chat turn; sampling defaults: 16 tokens, seed 5."""
+    params = SamplingParams(**{"max_tokens": 16, "seed": 5, **sampling})
+    ids = model.tokenizer.encode_chat([{"role": "user", "content": prompt_text}])
+
+    async def go():
+        engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=512)
+        try:
+            return await engine.complete(GenerationRequest(tuple(ids), params))
+        finally:
+            await engine.close()
+
+    return asyncio.run(go())
