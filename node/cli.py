@@ -247,11 +247,14 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.audit_rate <= 1.0:
         raise ProofMeshNodeError("--audit-rate is a probability in [0, 1]")
+    if args.validators < 0:
+        raise ProofMeshNodeError("--validators is a count of peers, 0 or more")
     key, key_path = _node_key(args.key)
     _progress(f"verifier id {key.node_id} (key {key_path})")
     models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in args.model or []]
     ledger = Ledger(Path(args.ledger) if args.ledger else model_store.store_root() / "ledger.sqlite")
-    sidecar = Sidecar(args.upstream, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate)
+    sidecar = Sidecar(args.upstream, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate,
+                      validators=args.validators)
 
     def ready(url: str) -> None:
         _progress(f"proxying {url}/v1 -> {', '.join(args.upstream)}, auditing {args.audit_rate:.1%} of answers on "
@@ -370,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-rate", type=float, default=0.05, help="share of answers re-executed (default 0.05; "
                    "see proofmesh posp)")
     p.add_argument("--model", action="append", help="model(s) to re-execute audits on, held locally (repeatable)")
+    p.add_argument("--validators", type=int, default=0, help="also re-check each audit on this many peers, through "
+                   "the upstream's p2p network (POST /v1/peers/verify); their verdicts are held to the outcome")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100, help="0 picks a free port")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)

@@ -12,7 +12,7 @@ does not serve, or serves but is too full to admit, to the network and relays th
 (``network_cards``); three routes report and reach peers:
 
     GET  /v1/peers                                 known peers: capabilities, load, last seen
-    POST /v1/peers/verify                          an answer file -> a peer's signed attestation
+    POST /v1/peers/verify[?exclude=ID,...]         an answer file -> a peer's signed attestation
     GET  /v1/peers/{peer_id}/receipts/{receipt_id} an answer file, fetched from its signer
 """
 
@@ -229,8 +229,9 @@ async def list_peers(request: web.Request) -> web.Response:
 @routes.post("/v1/peers/verify")
 async def verify_on_peer(request: web.Request) -> web.Response:
     answer = await parse_body(request, AnswerFile)
+    exclude = {peer for peer in request.query.get("exclude", "").split(",") if peer}  # validators the caller has
     try:
-        attestation = await request.app[NODE].network.verify(answer)
+        attestation = await request.app[NODE].network.verify(answer, exclude)
     except NoPeerAvailable as exc:
         raise APIError(503, str(exc), code="no_peer_available") from exc
     return web.Response(body=attestation.model_dump_json(), content_type="application/json")

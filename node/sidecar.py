@@ -9,7 +9,11 @@ sidecar, and the receipt id is fixed by the node's signature before the decision
 can neither predict nor steer it. An audit re-executes the answer by teacher forcing on a local
 copy of the model (``verify.verifier``), signs the verdict with the sidecar's key, and records
 audit, verdict and, on fraud, a fraud proof in the ledger (``verify.ledger``), where reputation
-moves. Re-checks on other peers over the network are the p2p layer's job.
+moves. With ``validators = k`` each audit is also re-executed on ``k`` peers of the network,
+asked through an upstream node's ``POST /v1/peers/verify`` (which excludes the signer and the
+peers already asked); each answers with its own signed verdict and fingerprints, and a validator
+whose verdict goes against the outcome loses reputation, so a lazy one (yes to everything) is
+caught the first time it passes a cheat.
 
 With several ``upstreams`` the sidecar routes each request to one of them, weighted by
 reputation and never to a node the ledger has convicted; a request may ask for redundant
@@ -42,7 +46,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from verify.evidence import AnswerFile
-from verify.fraud import make_fraud_proof, sign_verdict
+from p2p.wire import Attestation
+from verify.fraud import FraudProof, SignedVerdict, sign_verdict
 from verify.identity import NodeKey
 from verify.ledger import AuditRecord, Ledger
 from verify.redundancy import disagreement
@@ -94,7 +99,7 @@ class Sidecar:
     """Proxy, routing, audit decisions, audits, ledger. ``backends``: model_id -> a local scoring backend."""
 
     def __init__(self, upstreams: Sequence[str], ledger: Ledger, key: NodeKey, backends: dict[str, ScoringBackend], *,
-                 audit_rate: float, secret: bytes | None = None):
+                 audit_rate: float, validators: int = 0, secret: bytes | None = None):
         if not 0.0 <= audit_rate <= 1.0:
             raise ValueError("the audit rate is a probability in [0, 1]")
         if not upstreams:
@@ -104,6 +109,7 @@ class Sidecar:
         self.key = key
         self.backends = backends
         self.audit_rate = audit_rate
+        self.validators = validators  # peers asked through an upstream's /v1/peers/verify per audit
         self._secret = secret or secrets.token_bytes(32)
         self._model_lock = asyncio.Lock()  # one runtime per model, not thread-safe: audits take turns
         self._tasks: set[asyncio.Task] = set()
@@ -151,7 +157,7 @@ class Sidecar:
         for receipt_id in receipt_ids:
             answer = await self.evidence(up, receipt_id)
             if answer is not None and self.chosen(receipt_id):
-                await self.audit(answer)
+                await self.audit(answer, up)
 
     def spawn(self, coroutine) -> None:
         """Run ``coroutine`` after the response (audits must not delay the client)."""
@@ -163,27 +169,80 @@ class Sidecar:
         for answer in answers:
             await self.audit(answer)
 
-    async def audit(self, answer: AnswerFile) -> AuditRecord:
-        """Re-execute ``answer`` locally, record the signed verdict and, on fraud, the fraud proof."""
+    async def audit(self, answer: AnswerFile, up: Upstream | None = None) -> AuditRecord:
+        """Re-execute ``answer`` locally and/or on ``validators`` peers (through ``up``, a node of
+        the network), record every signed verdict, settle the outcome, and hold validators to it:
+        the local verdict decides when there is one, else the peers' majority (a tie is
+        escalated to as many peers again, and stays an error if still tied). A validator whose
+        verdict went against the outcome — a lazy one says pass to everything — loses reputation."""
         receipt = answer.receipt
         await asyncio.to_thread(self.ledger.open_audit, receipt.receipt_id, receipt.node_id, receipt.model_id)
+        local = None
         backend = self.backends.get(receipt.model_id)
-        if backend is None:
-            await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, "error")
-            log.warning("audit %s: no local backend for model_id %s", receipt.receipt_id, receipt.model_id)
-        else:
+        if backend is not None:
             async with self._model_lock:
-                verdict = await asyncio.to_thread(verify_answer, answer, backend)
-            await asyncio.to_thread(self.ledger.add_verdict, sign_verdict(verdict, self.key))
-            if verdict.verdict == "fraud":
-                await asyncio.to_thread(self.ledger.add_fraud_proof, make_fraud_proof(answer, verdict, self.key))
-            await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, verdict.verdict)
+                local = sign_verdict(await asyncio.to_thread(verify_answer, answer, backend), self.key)
+            await asyncio.to_thread(self.ledger.add_verdict, local)
+        remote: list[SignedVerdict] = []
+        if self.validators:
+            up = up or self.pick(1)[0]
+            remote = await self.attestations(answer, up, self.validators, exclude=set())
+            if local is None and _tied(remote):
+                remote += await self.attestations(answer, up, len(remote), exclude={v.verifier_id for v in remote})
+            for verdict in remote:
+                await asyncio.to_thread(self.ledger.add_verdict, verdict)
+        outcome = local.verdict.verdict if local else _majority(remote)
+        if outcome is None:
+            log.warning("audit %s: no verdict (no local model%s)", receipt.receipt_id, ", peers tied" if remote else "")
+            await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, "error")
+            return self.ledger.audit(receipt.receipt_id)
+        for verdict in remote:
+            await asyncio.to_thread(self.ledger.record_validator, verdict.verifier_id, agreed=verdict.verdict.verdict == outcome)
+        if outcome == "fraud":
+            evidence = local or next(v for v in remote if v.verdict.verdict == "fraud")
+            await asyncio.to_thread(self.ledger.add_fraud_proof, FraudProof(answer=answer, verdict=evidence))
+        await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, outcome)
         return self.ledger.audit(receipt.receipt_id)
+
+    async def attestations(self, answer: AnswerFile, up: Upstream, k: int, exclude: set[str]) -> list[SignedVerdict]:
+        """Up to ``k`` signed verdicts from distinct peers, each checked: both its signatures, and
+        that it is about this receipt (a peer's own fingerprints come with it, signed)."""
+        found: list[SignedVerdict] = []
+        for _ in range(k):
+            query = f"?exclude={','.join(sorted(exclude))}" if exclude else ""
+            try:
+                async with self.session.post(f"{up.url}/v1/peers/verify{query}", data=answer.model_dump_json(),
+                                             headers={"Content-Type": "application/json"}) as resp:
+                    body, status = await resp.read(), resp.status
+                if status != 200:
+                    log.info("no more validators through %s (%d)", up.url, status)
+                    break
+                attestation = Attestation.model_validate_json(body)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValidationError) as exc:
+                log.warning("validator through %s unusable: %s", up.url, exc)
+                break
+            verdict = attestation.verdict
+            exclude.add(verdict.verifier_id)
+            if attestation.is_valid() and verdict.verdict.receipt_id == answer.receipt.receipt_id:
+                found.append(verdict)
+            else:
+                log.warning("attestation from %s is badly signed or about another receipt: ignored", verdict.verifier_id)
+        return found
 
     async def drain(self) -> None:
         """Wait for the audits already started (tests, shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _majority(verdicts: Sequence[SignedVerdict]) -> str | None:
+    passes = sum(v.verdict.verdict == "pass" for v in verdicts)
+    frauds = len(verdicts) - passes
+    return None if passes == frauds else ("pass" if passes > frauds else "fraud")
+
+
+def _tied(verdicts: Sequence[SignedVerdict]) -> bool:
+    return bool(verdicts) and _majority(verdicts) is None
 
 
 def _error(status: int, message: str, code: str) -> web.Response:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Collection, Sequence
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -271,11 +271,12 @@ class PeerNetwork:
             release()
 
     # -- verification and evidence (asyncio) -----------------------------------------------
-    async def verify(self, answer: AnswerFile) -> Attestation:
-        """A signed re-check of ``answer`` by a peer that serves its model (not its signer)."""
+    async def verify(self, answer: AnswerFile, exclude: Collection[str] = ()) -> Attestation:
+        """A signed re-check of ``answer`` by a peer that serves its model (not its signer, nor
+        any peer in ``exclude``: a verifier asking for several validators names those it has)."""
         problems = []
         for peer_id in self.table.candidates(answer.receipt.model_id):
-            if peer_id == answer.receipt.node_id:
+            if peer_id == answer.receipt.node_id or peer_id in exclude:
                 continue
             try:
                 return await self.bridge.call(self.protocols.verify, peer_id, answer)

@@ -148,19 +148,26 @@ class Ledger:
             if row is None:
                 raise KeyError(receipt_id)
             db.execute("UPDATE audits SET state = ?, updated = ? WHERE receipt_id = ?", (state, now, receipt_id))
-            if state == "error" or row[1] != "pending":  # an audit moves reputation once
-                return
-            current = self._reputation(db, row[0], now)
-            if current.convicted:
-                return
-            passed = state == "pass"
-            score = current.score + (1 - current.score) * GAIN if passed else current.score * (1 - LOSS)
-            db.execute(
-                "INSERT INTO reputation (node_id, score, updated, passes, failures) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (node_id) DO UPDATE SET score = excluded.score, updated = excluded.updated, "
-                "passes = passes + excluded.passes, failures = failures + excluded.failures",
-                (row[0], score, now, int(passed), int(not passed)),
-            )
+            if state != "error" and row[1] == "pending":  # an audit moves reputation once
+                self._move(db, row[0], passed=state == "pass", now=now)
+
+    def record_validator(self, node_id: str, *, agreed: bool, now: float | None = None) -> None:
+        """A validator's verdict agreed with the audit's outcome or not (a lazy or lying validator
+        loses reputation as a cheating node does)."""
+        with self._transaction() as db:
+            self._move(db, node_id, passed=agreed, now=time.time() if now is None else now)
+
+    def _move(self, db: sqlite3.Connection, node_id: str, *, passed: bool, now: float) -> None:
+        current = self._reputation(db, node_id, now)
+        if current.convicted:
+            return
+        score = current.score + (1 - current.score) * GAIN if passed else current.score * (1 - LOSS)
+        db.execute(
+            "INSERT INTO reputation (node_id, score, updated, passes, failures) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (node_id) DO UPDATE SET score = excluded.score, updated = excluded.updated, "
+            "passes = passes + excluded.passes, failures = failures + excluded.failures",
+            (node_id, score, now, int(passed), int(not passed)),
+        )
 
     def add_fraud_proof(self, proof: FraudProof, *, now: float | None = None) -> None:
         """Record an upheld fraud proof and convict the node that signed the answer."""

@@ -67,8 +67,10 @@ class Cluster:
         self.root, self.warm_home, self.echo_logs = root, warm_home, echo_logs
         self.nodes: list[NodeProcess] = []
 
-    def start(self, name: str, models: list[str], *, bootstrap: list[str] = (), extra: list[str] = ()) -> NodeProcess:
-        """Start a node (``models`` empty: a gateway); returns at once, see ``wait_ready``."""
+    def start(self, name: str, models: list[str], *, bootstrap: list[str] = (), extra: list[str] = (),
+              module: str = "node.cli") -> NodeProcess:
+        """Start a node (``models`` empty: a gateway) with ``module``'s command line (a test's
+        dishonest node wraps the real one); returns at once, see ``wait_ready``."""
         home = self.root / name
         home.mkdir(parents=True)
         for d in SHARED_DIRS:
@@ -76,7 +78,7 @@ class Cluster:
             (home / d).symlink_to(self.warm_home / d)
         key_path = home / "node_key.pem"
         key = NodeKey.load_or_create(key_path)
-        args = [sys.executable, "-m", "node.cli", "run", "--port", "0", "--device", "cpu", "--key", str(key_path),
+        args = [sys.executable, "-m", module, "run", "--port", "0", "--device", "cpu", "--key", str(key_path),
                 "--p2p-listen", LOOPBACK, *extra]
         for m in models or ["none"]:
             args += ["--model", m]

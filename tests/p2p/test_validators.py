@@ -1,0 +1,90 @@
+"""Audits re-checked by peers of the network through the sidecar: real nodes in subprocesses on
+127.0.0.1 (a server, an honest validator, a lazy validator that says pass to everything), the
+sidecar in-process with the same tiny model. A forged answer is convicted, the honest validator
+agrees, and the lazy one is caught the first time it passes a cheat."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import httpx
+import pytest
+
+from node.loaded_model import load_model
+from node.runtime import CacheLimits
+from node.sidecar import Sidecar, make_sidecar_app
+from tests.models_fixtures import make_tiny_hf_checkpoint
+from tests.node.http_fixtures import serving
+from tests.p2p.cluster import Cluster, warm_store
+from verify.evidence import AnswerFile, sign_answer
+from verify.identity import NodeKey
+from verify.ledger import Ledger
+
+DISCOVERY_TIMEOUT_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    tiny = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf"))
+    warm = tmp_path_factory.mktemp("warm")
+    warm_store(warm, tiny)
+    cluster = Cluster(tmp_path_factory.mktemp("nodes"), warm)
+    try:
+        server = cluster.wait_ready(cluster.start("server", [str(tiny)]))
+        honest = cluster.start("honest", [str(tiny)], bootstrap=[server.addrs[0]])
+        lazy = cluster.start("lazy", [str(tiny)], bootstrap=[server.addrs[0]], module="tests.p2p.lazy_validator")
+        for node in (honest, lazy):
+            cluster.wait_ready(node)
+        deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+        while {p["peer_id"] for p in server.get("/v1/peers")["data"] if p["models"]} != {honest.peer_id, lazy.peer_id}:
+            assert time.monotonic() < deadline, "the validators did not show up at the server"
+            time.sleep(0.2)
+        auditor = load_model(str(tiny), device="cpu", limits=CacheLimits(max_batch_size=4, max_total_tokens=1024,
+                                                                         prefill_chunk=64), root=warm)
+        yield server, honest, lazy, auditor
+    finally:
+        cluster.close()
+
+
+def honest_answer(server) -> AnswerFile:
+    body = json.dumps({"model": server.get("/v1/models")["data"][0]["id"],
+                       "prompt": "hello world", "max_tokens": 8, "seed": 3}).encode()
+    request = urllib.request.Request(f"{server.url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        receipt_id = json.load(response)["proofmesh"]["receipt"]["receipt_id"]
+    with urllib.request.urlopen(f"{server.url}/v1/receipts/{receipt_id}", timeout=30) as response:
+        return AnswerFile.model_validate_json(response.read())
+
+
+def forged(answer: AnswerFile) -> AnswerFile:
+    """The same answer with one token changed, validly signed by another key: a lie to catch."""
+    ev, r = answer.evidence, answer.receipt
+    output = list(ev.output_ids)
+    output[2] = (output[2] + 1) % 256
+    return sign_answer(NodeKey.generate(), model_id=r.model_id, backend=r.backend, prompt_ids=ev.prompt_ids,
+                       output_ids=output, params=ev.sampling, fingerprints=[(f.ids, f.logits) for f in ev.fingerprints],
+                       finish_reason=r.finish_reason)
+
+
+def test_peers_recheck_audits_and_a_lazy_validator_is_caught(network, tmp_path):
+    server, honest, lazy, auditor = network
+    sidecar = Sidecar([server.url], Ledger(tmp_path / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor},
+                      audit_rate=0.0, validators=2)
+    with serving(make_sidecar_app(sidecar)) as url:
+        good = honest_answer(server)
+        record = httpx.post(f"{url}/v1/audits", content=good.model_dump_json(), timeout=120).json()
+        assert record["state"] == "pass"
+        by_verifier = {v["verifier_id"]: v["verdict"]["verdict"] for v in record["verdicts"]}
+        assert by_verifier == {sidecar.key.node_id: "pass", honest.peer_id: "pass", lazy.peer_id: "pass"}
+
+        lie = forged(good)
+        record = httpx.post(f"{url}/v1/audits", content=lie.model_dump_json(), timeout=120).json()
+        assert record["state"] == "fraud"
+        by_verifier = {v["verifier_id"]: v["verdict"]["verdict"] for v in record["verdicts"]}
+        assert by_verifier == {sidecar.key.node_id: "fraud", honest.peer_id: "fraud", lazy.peer_id: "pass"}
+        assert sidecar.ledger.convicted() == {lie.receipt.node_id}
+        lazy_rep, honest_rep = sidecar.ledger.reputation(lazy.peer_id), sidecar.ledger.reputation(honest.peer_id)
+        assert (lazy_rep.passes, lazy_rep.failures) == (1, 1) and (honest_rep.passes, honest_rep.failures) == (2, 0)
+        assert lazy_rep.score < honest_rep.score
