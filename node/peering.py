@@ -13,6 +13,7 @@ does not serve, or serves but is too full to admit, to the network and relays th
 
     GET  /v1/peers                                 known peers: capabilities, load, last seen
     POST /v1/peers/verify[?exclude=ID,...]         an answer file -> a peer's signed attestation
+    POST /v1/fraud-proofs                          a fraud proof: re-checked here if possible, then spread
     GET  /v1/peers/{peer_id}/receipts/{receipt_id} an answer file, fetched from its signer
 """
 
@@ -36,9 +37,9 @@ from node.service import NODE, APIError, Node, parse_body
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
-from p2p.wire import Attestation, InferData, InferEnd, InferHead, InferRequest, ModelOffer
+from p2p.wire import Attestation, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
 from verify.evidence import AnswerFile, Fingerprint
-from verify.fraud import sign_verdict
+from verify.fraud import FraudProof, check_fraud_proof, sign_verdict
 from verify.sampling import top_k_fingerprint
 from verify.verifier import verify_answer
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "X-ProofMesh-Forwarded"  # marks loopback requests from a peer: never forwarded again
 PEER_HEADER = "X-ProofMesh-Peer"  # on a forwarded answer: the peer that served it
+FRAUD_QUORUM = 1  # vouchers from model-serving peers a node that cannot re-check a fraud proof needs
 INFER_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -73,6 +75,7 @@ class NodeServices:
         self.node = node
         self._headers = {FORWARDED_HEADER: "1", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self._session: aiohttp.ClientSession | None = None
+        self._fraud_seen: set[tuple[str, tuple[str, ...]]] = set()
 
     def offers(self) -> tuple[list[ModelOffer], int, str | None]:
         models = [ModelOffer(name=s.name, model_id=s.loaded.model_id, backend=s.loaded.backend,
@@ -117,6 +120,42 @@ class NodeServices:
 
     async def evidence(self, receipt_id: str) -> AnswerFile | None:
         return self.node.store.get(receipt_id)
+
+    async def fraud(self, notice: FraudNotice, sender: str) -> FraudNotice | None:
+        """Act on a fraud proof, and say what to pass on (None: nothing).
+
+        A node that serves the accused answer's model re-checks the proof itself
+        (``check_fraud_proof``: the verdict inside is never trusted) and, if it holds, convicts
+        the signer and adds its own signed verdict as a voucher. A node that cannot re-check it
+        convicts once ``FRAUD_QUORUM`` peers it knows to serve that model have vouched, and passes
+        the notice on either way, so that peers that can re-check it see it. Each distinct notice
+        (proof and vouchers) is handled once, which ends the flood."""
+        proof = notice.proof
+        receipt = proof.answer.receipt
+        key = (receipt.receipt_id, tuple(sorted(v.verifier_id for v in notice.vouchers)))
+        if key in self._fraud_seen:
+            return None
+        self._fraud_seen.add(key)
+        network = self.node.network
+        if receipt.node_id in network.table.convicted():
+            return None
+        served = next((s for s in self.node.models.values() if s.loaded.model_id == receipt.model_id), None)
+        if served is not None:
+            check = await served.engine.run_exclusive(check_fraud_proof, proof, served.loaded)
+            if not check.upheld:
+                log.warning("fraud proof against %s from %s does not hold: %s", receipt.node_id, sender, check.reasons)
+                return None
+            network.table.convict(receipt.node_id)
+            log.warning("convicted %s of fraud (re-checked proof for receipt %s)", receipt.node_id, receipt.receipt_id)
+            voucher = sign_verdict(check.recomputed, self.node.key)
+            return notice.model_copy(update={"vouchers": [*notice.vouchers, voucher]})
+        serving = {p.record.peer_id for p in network.peers() if p.serves(receipt.model_id)}
+        vouched = {v.verifier_id for v in notice.vouchers if v.verifier_id in serving and v.signature_is_valid()
+                   and v.verdict.verdict == "fraud" and v.verdict.receipt_id == receipt.receipt_id}
+        if len(vouched) >= FRAUD_QUORUM:
+            network.table.convict(receipt.node_id)
+            log.warning("convicted %s of fraud (vouched for by %s)", receipt.node_id, ", ".join(sorted(vouched)))
+        return notice
 
     async def close(self) -> None:
         if self._session is not None:
@@ -211,6 +250,7 @@ routes = web.RouteTableDef()
 @routes.get("/v1/peers")
 async def list_peers(request: web.Request) -> web.Response:
     network = request.app[NODE].network
+    convicted = network.table.convicted()
     peers = [{
         "peer_id": p.record.peer_id,
         "models": [m.model_dump() for m in p.record.models],
@@ -222,8 +262,9 @@ async def list_peers(request: web.Request) -> web.Response:
         "latency_ms": None if p.latency_s is None else round(p.latency_s * 1000, 2),
         "failures": p.failures,
         "expires": p.record.expires,
+        "convicted": p.record.peer_id in convicted,
     } for p in sorted(network.peers(), key=lambda p: p.record.peer_id)]
-    return web.json_response({"object": "list", "peer_id": network.peer_id, "data": peers})
+    return web.json_response({"object": "list", "peer_id": network.peer_id, "data": peers, "convicted": sorted(convicted)})
 
 
 @routes.post("/v1/peers/verify")
@@ -235,6 +276,19 @@ async def verify_on_peer(request: web.Request) -> web.Response:
     except NoPeerAvailable as exc:
         raise APIError(503, str(exc), code="no_peer_available") from exc
     return web.Response(body=attestation.model_dump_json(), content_type="application/json")
+
+
+@routes.post("/v1/fraud-proofs")
+async def submit_fraud_proof(request: web.Request) -> web.Response:
+    """A fraud proof (a verifier sidecar's): acted on as a notice from this node itself, then
+    spread over ``/proofmesh/fraud/1``."""
+    proof = await parse_body(request, FraudProof)
+    network = request.app[NODE].network
+    onward = await network.local.fraud(FraudNotice(proof=proof), network.peer_id)
+    relayed = await network.spread_fraud(onward) if onward is not None else 0
+    accused = proof.answer.receipt.node_id
+    return web.json_response({"accused": accused, "convicted": accused in network.table.convicted(), "relayed_to": relayed},
+                             status=202)
 
 
 @routes.get("/v1/peers/{peer_id}/receipts/{receipt_id}")

@@ -13,7 +13,8 @@ moves. With ``validators = k`` each audit is also re-executed on ``k`` peers of 
 asked through an upstream node's ``POST /v1/peers/verify`` (which excludes the signer and the
 peers already asked); each answers with its own signed verdict and fingerprints, and a validator
 whose verdict goes against the outcome loses reputation, so a lazy one (yes to everything) is
-caught the first time it passes a cheat.
+caught the first time it passes a cheat. A fraud proof goes to an upstream node's ``POST
+/v1/fraud-proofs``, from where the network re-checks and spreads it (``/proofmesh/fraud/1``).
 
 With several ``upstreams`` the sidecar routes each request to one of them, weighted by
 reputation and never to a node the ledger has convicted; a request may ask for redundant
@@ -81,18 +82,19 @@ def audit_draw(secret: bytes, receipt_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def receipt_ids_in(body: Any) -> Iterator[str]:
-    """Every ``proofmesh.receipt.receipt_id`` in a response body or stream chunk."""
+def receipts_in(body: Any) -> Iterator[tuple[str, str]]:
+    """``(receipt_id, node_id)`` of every ``proofmesh.receipt`` in a response body or stream chunk."""
     if isinstance(body, dict):
         proof = body.get("proofmesh")
-        if isinstance(proof, dict) and isinstance(proof.get("receipt"), dict) and "receipt_id" in proof["receipt"]:
-            yield str(proof["receipt"]["receipt_id"])
+        receipt = proof.get("receipt") if isinstance(proof, dict) else None
+        if isinstance(receipt, dict) and "receipt_id" in receipt:
+            yield str(receipt["receipt_id"]), str(receipt.get("node_id", ""))
         for key, value in body.items():
             if key != "proofmesh":
-                yield from receipt_ids_in(value)
+                yield from receipts_in(value)
     elif isinstance(body, list):
         for item in body:
-            yield from receipt_ids_in(item)
+            yield from receipts_in(item)
 
 
 class Sidecar:
@@ -140,22 +142,27 @@ class Sidecar:
     def chosen(self, receipt_id: str) -> bool:
         return audit_draw(self._secret, receipt_id) < self.audit_rate
 
-    async def evidence(self, up: Upstream, receipt_id: str) -> AnswerFile | None:
-        try:
-            async with self.session.get(f"{up.url}/v1/receipts/{receipt_id}") as resp:
-                body = await resp.read()
-                if resp.status != 200:
-                    log.warning("evidence for %s: %s answered %d", receipt_id, up.url, resp.status)
-                    return None
-            return AnswerFile.model_validate_json(body)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValidationError) as exc:
-            log.warning("evidence for %s from %s unusable: %s", receipt_id, up.url, exc)
-            return None
+    async def evidence(self, up: Upstream, receipt_id: str, node_id: str) -> AnswerFile | None:
+        """The answer file behind a receipt: from ``up`` if it signed it, else through ``up`` from
+        the peer that did (a gateway relays other nodes' answers; their evidence stays with them)."""
+        for path in (f"/v1/receipts/{receipt_id}", f"/v1/peers/{node_id}/receipts/{receipt_id}"):
+            try:
+                async with self.session.get(f"{up.url}{path}") as resp:
+                    body, status = await resp.read(), resp.status
+                if status == 200:
+                    return AnswerFile.model_validate_json(body)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValidationError) as exc:
+                log.warning("evidence for %s through %s unusable: %s", receipt_id, up.url, exc)
+                return None
+            if up.node_id == node_id or not node_id:
+                break
+        log.warning("no evidence for %s through %s (%d)", receipt_id, up.url, status)
+        return None
 
-    async def after_answer(self, up: Upstream, receipt_ids: Sequence[str]) -> None:
+    async def after_answer(self, up: Upstream, receipts: Sequence[tuple[str, str]]) -> None:
         """Fetch every receipt's evidence; audit the chosen ones."""
-        for receipt_id in receipt_ids:
-            answer = await self.evidence(up, receipt_id)
+        for receipt_id, node_id in dict.fromkeys(receipts):  # a stream may repeat a receipt
+            answer = await self.evidence(up, receipt_id, node_id)
             if answer is not None and self.chosen(receipt_id):
                 await self.audit(answer, up)
 
@@ -199,10 +206,22 @@ class Sidecar:
         for verdict in remote:
             await asyncio.to_thread(self.ledger.record_validator, verdict.verifier_id, agreed=verdict.verdict.verdict == outcome)
         if outcome == "fraud":
-            evidence = local or next(v for v in remote if v.verdict.verdict == "fraud")
-            await asyncio.to_thread(self.ledger.add_fraud_proof, FraudProof(answer=answer, verdict=evidence))
+            proof = FraudProof(answer=answer, verdict=local or next(v for v in remote if v.verdict.verdict == "fraud"))
+            await asyncio.to_thread(self.ledger.add_fraud_proof, proof)
+            await self.publish(proof, up or self.pick(1)[0])
         await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, outcome)
         return self.ledger.audit(receipt.receipt_id)
+
+    async def publish(self, proof: FraudProof, up: Upstream) -> None:
+        """Hand a fraud proof to a node of the network (``POST /v1/fraud-proofs``), which re-checks
+        it where it can and spreads it; peers that uphold it stop routing to the convicted node."""
+        try:
+            async with self.session.post(f"{up.url}/v1/fraud-proofs", data=proof.model_dump_json(),
+                                         headers={"Content-Type": "application/json"}) as resp:
+                if resp.status != 202:
+                    log.warning("fraud proof not taken by %s (%d): %s", up.url, resp.status, (await resp.text())[:200])
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("fraud proof not delivered to %s: %s", up.url, exc)
 
     async def attestations(self, answer: AnswerFile, up: Upstream, k: int, exclude: set[str]) -> list[SignedVerdict]:
         """Up to ``k`` signed verdicts from distinct peers, each checked: both its signatures, and
@@ -295,21 +314,21 @@ async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: b
         if not content_type.startswith("text/event-stream"):
             data = await upstream.read()
             if upstream.status == 200:
-                sidecar.spawn(sidecar.after_answer(up, list(dict.fromkeys(receipt_ids_in(json.loads(data))))))
+                sidecar.spawn(sidecar.after_answer(up, list(receipts_in(json.loads(data)))))
             return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
         response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
         await response.prepare(request)
-        found: list[str] = []
+        found: list[tuple[str, str]] = []
         try:
             async for line in upstream.content:  # SSE: one "data: {...}" per line
                 if line.startswith(b"data: {"):
-                    found.extend(receipt_ids_in(json.loads(line[6:])))
+                    found.extend(receipts_in(json.loads(line[6:])))
                 await response.write(line)
             await response.write_eof()
         except ConnectionResetError:  # the client may hang up once it has read [DONE]
             log.debug("client left before the end of the stream")
-        finally:  # the receipts seen are audited whatever the client did (a stream may repeat one)
-            sidecar.spawn(sidecar.after_answer(up, list(dict.fromkeys(found))))
+        finally:  # the receipts seen are audited whatever the client did
+            sidecar.spawn(sidecar.after_answer(up, found))
         return response
 
 
@@ -332,7 +351,7 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
         if status != 200:
             message = out.get("error", {}).get("message", str(out)) if isinstance(out, dict) else str(out)
             raise SidecarError(status if status < 500 else 502, f"node {up.node_id or up.url}: {message}", "upstream_error")
-        answers = [await sidecar.evidence(up, rid) for rid in dict.fromkeys(receipt_ids_in(out))]
+        answers = [await sidecar.evidence(up, rid, node) for rid, node in dict.fromkeys(receipts_in(out))]
         if not answers or any(a is None for a in answers):
             raise SidecarError(502, f"node {up.node_id or up.url} gave no usable evidence for its answer", "upstream_error")
         return out, answers
@@ -351,7 +370,7 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
                                                            for a in answers]} for up, (_, answers) in zip(chosen, results)],
     }
     for up, (_, answers) in zip(chosen, results):
-        sidecar.spawn(sidecar.after_answer(up, [a.receipt.receipt_id for a in answers]))
+        sidecar.spawn(sidecar.after_answer(up, [(a.receipt.receipt_id, a.receipt.node_id) for a in answers]))
     return web.json_response(first)
 
 
@@ -430,4 +449,4 @@ def make_sidecar_app(sidecar: Sidecar) -> web.Application:
     return app
 
 
-__all__ = ["Sidecar", "audit_draw", "make_sidecar_app", "receipt_ids_in"]
+__all__ = ["Sidecar", "audit_draw", "make_sidecar_app", "receipts_in"]

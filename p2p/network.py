@@ -31,7 +31,7 @@ from p2p.host import Host, check_listen_addr, peer_info
 from p2p.metrics import P2PMetrics
 from p2p.peers import PeerState, PeerTable
 from p2p.protocols import LocalNode, Protocols
-from p2p.wire import Attestation, Capability, InferData, InferEnd, InferHead, InferPath, InferRequest, SignedCapability
+from p2p.wire import Attestation, Capability, FraudNotice, InferData, InferEnd, InferHead, InferPath, InferRequest, SignedCapability
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey
 
@@ -287,6 +287,10 @@ class PeerNetwork:
     async def evidence(self, peer_id: str, receipt_id: str) -> AnswerFile:
         """The answer file behind ``receipt_id``, from the peer that signed it."""
         return await self.bridge.call(self.protocols.evidence, peer_id, receipt_id)
+
+    async def spread_fraud(self, notice: FraudNotice) -> int:
+        """Start a fraud notice on its way to every known peer; returns how many took it."""
+        return await self.bridge.call(self.protocols.spread_fraud, notice, set())
 
 
 def _leaves(exc: BaseException) -> str:

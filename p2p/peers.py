@@ -52,6 +52,7 @@ class PeerTable:
     own_id: str
     _peers: dict[str, PeerState] = field(default_factory=dict)
     _gone: dict[str, float] = field(default_factory=dict)  # peer id -> issued of its last record
+    _convicted: set[str] = field(default_factory=set)  # by an upheld fraud proof: never routed to again
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def merge(self, signed: SignedCapability, now: float | None = None) -> bool:
@@ -117,10 +118,18 @@ class PeerTable:
             if peer_id in self._peers:
                 self._peers[peer_id].in_flight += delta
 
-    def candidates(self, model: str) -> list[str]:
-        """Peers that serve ``model`` (a name or a model_id), best first."""
+    def convict(self, peer_id: str) -> None:
         with self._lock:
-            serving = [s for s in self._peers.values() if s.serves(model)]
+            self._convicted.add(peer_id)
+
+    def convicted(self) -> set[str]:
+        with self._lock:
+            return set(self._convicted)
+
+    def candidates(self, model: str) -> list[str]:
+        """Peers that serve ``model`` (a name or a model_id), best first; never a convicted one."""
+        with self._lock:
+            serving = [s for s in self._peers.values() if s.serves(model) and s.record.peer_id not in self._convicted]
             return [s.record.peer_id for s in sorted(serving, key=PeerState.cost)]
 
     def records(self) -> list[SignedCapability]:

@@ -1,10 +1,13 @@
-"""The four ProofMesh protocols, both sides of each, on the trio thread.
+"""The five ProofMesh protocols, both sides of each, on the trio thread.
 
     /proofmesh/caps/1      dialler sends its capability table, listener answers with its own
     /proofmesh/infer/1     InferRequest -> InferAccepted, then InferHead holding a whole answer,
                            or InferHead, InferData..., InferEnd for a stream (repeatable)
     /proofmesh/verify/1    VerifyRequest -> Reply(attestation)
     /proofmesh/evidence/1  EvidenceRequest -> Reply(answer)
+    /proofmesh/fraud/1     FraudNotice, one way: the node decides (``LocalNode.fraud``) and the
+                           notice it returns goes on to every other known peer (a flood; each
+                           node relays a given notice once)
 
 Discovery is this own exchange protocol, not GossipSub: a newcomer needs the whole table at
 once (gossip delivers only what is published after it subscribes), and py-libp2p 0.8.1's
@@ -27,7 +30,7 @@ from collections import defaultdict
 from typing import AsyncIterator, Callable, Protocol, Union
 
 from p2p.bridge import TrioThread
-from p2p.errors import BadSignature, MalformedMessage, RemoteError, StreamEnded, StreamFailed, WireError
+from p2p.errors import BadSignature, MalformedMessage, P2PError, RemoteError, StreamEnded, StreamFailed, WireError
 from p2p.host import Host
 from p2p.peers import PeerTable
 from p2p.wire import (
@@ -35,6 +38,7 @@ from p2p.wire import (
     CAPS_PROTOCOL,
     EVIDENCE_MAX_BYTES,
     EVIDENCE_PROTOCOL,
+    FRAUD_PROTOCOL,
     INFER_FRAME,
     INFER_MAX_BYTES,
     INFER_PROTOCOL,
@@ -43,6 +47,7 @@ from p2p.wire import (
     CapsExchange,
     EvidenceRequest,
     FramedStream,
+    FraudNotice,
     InferAccepted,
     InferData,
     InferEnd,
@@ -90,9 +95,12 @@ class LocalNode(Protocol):
     async def evidence(self, receipt_id: str) -> AnswerFile | None:
         """The answer file behind one of this node's receipts, while it is retained."""
 
+    async def fraud(self, notice: FraudNotice, sender: str) -> FraudNotice | None:
+        """Act on a fraud notice from ``sender``; returns the notice to pass on, or None."""
+
 
 class Protocols:
-    """Handlers and clients of the four protocols for one host."""
+    """Handlers and clients of the five protocols for one host."""
 
     def __init__(self, host: Host, table: PeerTable, bridge: TrioThread, local: LocalNode,
                  own_record: Callable[[], SignedCapability], on_reject: Callable[[str, str], None]):
@@ -105,6 +113,7 @@ class Protocols:
         host.handle(INFER_PROTOCOL, self._serve_infer, INFER_MAX_BYTES)
         host.handle(VERIFY_PROTOCOL, self._serve_verify, EVIDENCE_MAX_BYTES)
         host.handle(EVIDENCE_PROTOCOL, self._serve_evidence, EVIDENCE_MAX_BYTES)
+        host.handle(FRAUD_PROTOCOL, self._serve_fraud, EVIDENCE_MAX_BYTES)
 
     # -- capabilities ----------------------------------------------------------------------
     def _table_message(self) -> CapsExchange:
@@ -240,6 +249,29 @@ class Protocols:
         request = await stream.read(EvidenceRequest)
         answer = await self.bridge.call_asyncio(self.local.evidence, request.receipt_id)
         await stream.write(Reply(answer=answer) if answer else Reply(error=f"no receipt {request.receipt_id} here"))
+
+    async def _serve_fraud(self, stream: FramedStream) -> None:
+        notice = await stream.read(FraudNotice)
+        sender = stream.remote_peer
+        await stream.close()
+        onward = await self.bridge.call_asyncio(self.local.fraud, notice, sender)
+        if onward is not None:  # back to the sender too when this node added its voucher: that is news to it
+            await self.spread_fraud(onward, skip=set() if onward.vouchers != notice.vouchers else {sender})
+
+    async def spread_fraud(self, notice: FraudNotice, skip: set[str]) -> int:
+        """Send ``notice`` to every known peer but those in ``skip``; returns how many took it."""
+        sent = 0
+        for peer_id in self.table.peer_ids():
+            if peer_id in skip:
+                continue
+            try:
+                stream = await self.host.open(peer_id, FRAUD_PROTOCOL, EVIDENCE_MAX_BYTES)
+                await stream.write(notice)
+                await stream.close()
+                sent += 1
+            except P2PError as exc:
+                log.info("fraud notice not delivered to %s: %s", peer_id, exc)
+        return sent
 
     async def _ask(self, peer_id: str, protocol: str, request: VerifyRequest | EvidenceRequest, timeout: float) -> Reply:
         stream = await self.host.open(peer_id, protocol, EVIDENCE_MAX_BYTES)

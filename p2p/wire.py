@@ -28,13 +28,14 @@ from p2p.errors import BadSignature, MalformedMessage, MessageTooLarge, StreamEn
 from verify.canonical import canonical_json
 from verify.errors import IdentityError
 from verify.evidence import AnswerFile, Fingerprint
-from verify.fraud import SignedVerdict
+from verify.fraud import FraudProof, SignedVerdict
 from verify.identity import NodeKey, public_key_from_peer_id, verify_signed_by
 
 CAPS_PROTOCOL = "/proofmesh/caps/1"
 INFER_PROTOCOL = "/proofmesh/infer/1"
 VERIFY_PROTOCOL = "/proofmesh/verify/1"
 EVIDENCE_PROTOCOL = "/proofmesh/evidence/1"
+FRAUD_PROTOCOL = "/proofmesh/fraud/1"
 
 # Caps per protocol: a capability table of 256 peers is ~200 KB; an HTTP request body is capped
 # at 1 MiB by the node (and JSON-quoted here); an answer file of a long answer (fingerprints of
@@ -317,6 +318,15 @@ class EvidenceRequest(Message):
     """``/proofmesh/evidence/1``: the answer file behind one of the listener's receipts."""
 
     receipt_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
+class FraudNotice(Message):
+    """``/proofmesh/fraud/1`` (one way): a fraud proof spreading through the network, with the
+    signed fraud verdicts of the peers that re-checked and upheld it on its way (its vouchers),
+    which is what lets a node that cannot re-check it (no copy of the model) act on it."""
+
+    proof: FraudProof
+    vouchers: Annotated[list[SignedVerdict], Field(max_length=32)] = []
 
 
 class Reply(Message):

@@ -1,0 +1,81 @@
+"""A fraud proof spreads through the network and routing turns away from the convicted node: real
+nodes in subprocesses on 127.0.0.1 (a gateway, an honest server, an impostor serving another
+model under the honest model_id), the verifier sidecar in-process auditing every answer."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+import urllib.request
+
+
+from node.loaded_model import load_model
+from node.runtime import CacheLimits
+from node.sidecar import Sidecar, make_sidecar_app
+from tests.models_fixtures import make_tiny_hf_checkpoint
+from tests.node.http_fixtures import serving
+from tests.p2p.cluster import Cluster, NodeProcess, warm_store
+from verify.fraud import check_fraud_proof
+from verify.identity import NodeKey
+from verify.ledger import Ledger
+
+TIMEOUT_S = 60.0
+
+
+def complete(url: str, model: str, seed: int) -> dict:
+    body = json.dumps({"model": model, "prompt": "hello world", "max_tokens": 6, "seed": seed}).encode()
+    request = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def convicted_at(node: NodeProcess) -> set[str]:
+    return set(node.get("/v1/peers")["convicted"])
+
+
+def test_a_fraud_proof_spreads_and_the_network_stops_routing_to_the_cheat(tmp_path_factory, monkeypatch):
+    root = tmp_path_factory.mktemp("fraud")
+    honest_dir = make_tiny_hf_checkpoint(root / "honest" / "tiny")
+    other_dir = make_tiny_hf_checkpoint(root / "other" / "tiny", seed=1)  # same name and shape, other weights
+    warm = root / "warm"
+    warm.mkdir()
+    warm_store(warm, honest_dir)
+    auditor = load_model(str(honest_dir), device="cpu", limits=CacheLimits(max_batch_size=4, max_total_tokens=1024,
+                                                                             prefill_chunk=64), root=warm)
+    cluster = Cluster(root / "nodes", warm)
+    try:
+        gateway = cluster.wait_ready(cluster.start("gateway", []))
+        honest = cluster.start("honest", [str(honest_dir)], bootstrap=[gateway.addrs[0]])
+        monkeypatch.setenv("PROOFMESH_TEST_CLAIMED_MODEL_ID", auditor.model_id)
+        cheat = cluster.start("cheat", [str(other_dir)], bootstrap=[gateway.addrs[0]], module="tests.p2p.impostor")
+        for node in (honest, cheat):
+            cluster.wait_ready(node)
+        wait_for(lambda: set(gateway.get("/v1/models")["data"][0].get("peers", [])) == {honest.peer_id, cheat.peer_id}
+                 if gateway.get("/v1/models")["data"] else False, "both servers at the gateway")
+
+        sidecar = Sidecar([gateway.url], Ledger(root / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor},
+                          audit_rate=1.0)
+        with serving(make_sidecar_app(sidecar)) as url:
+            with ThreadPoolExecutor(4) as pool:  # concurrent: the gateway spreads load over both servers
+                served_by = [a["proofmesh"]["receipt"]["node_id"] for a in pool.map(lambda seed: complete(url, "tiny", seed), range(8))]
+            assert cheat.peer_id in served_by
+            wait_for(lambda: sidecar.ledger.convicted() == {cheat.peer_id}, "the sidecar's audit to convict the cheat")
+            wait_for(lambda: cheat.peer_id in convicted_at(gateway) and cheat.peer_id in convicted_at(honest),
+                     "the fraud proof to reach the gateway and the honest server")
+            assert convicted_at(gateway) == convicted_at(honest) == {cheat.peer_id}  # the honest node never
+            for audit in sidecar.ledger.audits(node_id=honest.peer_id):
+                assert audit.state in ("pass", "pending")
+            proof = sidecar.ledger.fraud_proof(next(a.receipt_id for a in sidecar.ledger.audits(state="fraud")))
+            assert check_fraud_proof(proof, auditor).upheld
+            after = {complete(gateway.url, "tiny", 100 + seed)["proofmesh"]["receipt"]["node_id"] for seed in range(6)}
+            assert after == {honest.peer_id}  # no request is routed to the convicted node any more
+    finally:
+        cluster.close()
