@@ -37,9 +37,10 @@ from node.service import NODE, APIError, Node, parse_body
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
-from p2p.wire import Attestation, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
+from p2p.wire import FRAUD_PROTOCOL, Attestation, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
 from verify.evidence import AnswerFile, Fingerprint
 from verify.fraud import FraudProof, check_fraud_proof, sign_verdict
+from verify.receipts import verify_receipt
 from verify.sampling import top_k_fingerprint
 from verify.verifier import verify_answer
 
@@ -137,6 +138,9 @@ class NodeServices:
             return None
         self._fraud_seen.add(key)
         network = self.node.network
+        if not _signed_accusation(proof):
+            network.metrics.reject(FRAUD_PROTOCOL, "bad_signature")
+            return None
         if receipt.node_id in network.table.convicted():
             return None
         served = next((s for s in self.node.models.values() if s.loaded.model_id == receipt.model_id), None)
@@ -160,6 +164,15 @@ class NodeServices:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _signed_accusation(proof: FraudProof) -> bool:
+    """The cheap part of a fraud proof, checked before any model work or relaying: a fraud verdict
+    signed by its verifier, on this answer, which the accused node signed."""
+    verdict, answer = proof.verdict, proof.answer
+    return (verdict.signature_is_valid() and verdict.verdict.verdict == "fraud"
+            and verdict.verdict.receipt_id == answer.receipt.receipt_id
+            and verify_receipt(answer.receipt, answer.signature, bytes.fromhex(answer.public_key)))
 
 
 def attach(app: web.Application, node: Node, config: NetworkConfig, api_key: str | None) -> None:
@@ -283,6 +296,9 @@ async def submit_fraud_proof(request: web.Request) -> web.Response:
     """A fraud proof (a verifier sidecar's): acted on as a notice from this node itself, then
     spread over ``/proofmesh/fraud/1``."""
     proof = await parse_body(request, FraudProof)
+    if not _signed_accusation(proof):
+        raise APIError(400, "not a signed accusation: the verdict must be a fraud verdict on this answer, signed by its "
+                       "verifier, and the answer signed by the accused node", param="verdict", code="invalid_fraud_proof")
     network = request.app[NODE].network
     onward = await network.local.fraud(FraudNotice(proof=proof), network.peer_id)
     relayed = await network.spread_fraud(onward) if onward is not None else 0

@@ -37,8 +37,10 @@ from p2p.wire import (
     CAPS_PROTOCOL,
     EVIDENCE_PROTOCOL,
     INFER_PROTOCOL,
+    FRAUD_PROTOCOL,
     VERIFY_PROTOCOL,
     Capability,
+    FraudNotice,
     CapsExchange,
     SignedCapability,
     encode_varint,
@@ -46,13 +48,16 @@ from p2p.wire import (
 )
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.p2p.cluster import LOOPBACK, REPO_ROOT, Cluster, NodeProcess, warm_store
+from tests.verify.test_evidence_store import make_answer
 from verify.evidence import AnswerFile
+from verify.fraud import FraudProof, sign_verdict
+from verify.verifier import Verdict
 from verify.identity import NodeKey, peer_id_from_public_key
 from verify.receipts import Receipt, verify_receipt
 
 DISCOVERY_TIMEOUT_S = 20.0
 PROMPT = "hello world"
-PROTOCOLS = (CAPS_PROTOCOL, INFER_PROTOCOL, VERIFY_PROTOCOL, EVIDENCE_PROTOCOL)
+PROTOCOLS = (CAPS_PROTOCOL, INFER_PROTOCOL, VERIFY_PROTOCOL, EVIDENCE_PROTOCOL, FRAUD_PROTOCOL)
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +240,14 @@ async def _attack(target: NodeProcess) -> None:
         await stream.stream.write(frame(json.dumps(unsigned).encode()))
         with pytest.raises(StreamFailed):
             await stream.read_frame(timeout=5)
+        # A fraud notice whose verdict is signed by another key than its verifier's: dropped, not relayed.
+        answer = make_answer(4, seed=9)
+        verdict = Verdict(receipt_id=answer.receipt.receipt_id, verdict="fraud", reasons=["made up"], failures=[])
+        honest_looking = sign_verdict(verdict, key)
+        posing = honest_looking.model_copy(update={"verifier_id": victim.node_id, "public_key": victim.public_key.hex()})
+        stream = await host.open(target.peer_id, FRAUD_PROTOCOL, CAPS_MAX_BYTES)
+        await stream.write(FraudNotice(proof=FraudProof(answer=answer, verdict=posing)))
+        await stream.close()
         stream = await host.open(target.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
         await stream.write(message)
         reply = await stream.read(CapsExchange)  # the node still answers with its own table
@@ -253,6 +266,11 @@ def test_garbage_to_every_protocol_is_dropped_and_counted(mesh, tiny_model):
         assert after.get((protocol, "oversized"), 0) - before.get((protocol, "oversized"), 0) >= 1
     assert after.get((CAPS_PROTOCOL, "malformed"), 0) - before.get((CAPS_PROTOCOL, "malformed"), 0) >= 4  # + unsigned
     assert after.get((CAPS_PROTOCOL, "bad_signature"), 0) - before.get((CAPS_PROTOCOL, "bad_signature"), 0) >= 2
+    deadline = time.monotonic() + 10  # the fraud notice is judged after its stream closed
+    while _rejections(target).get((FRAUD_PROTOCOL, "bad_signature"), 0) - before.get((FRAUD_PROTOCOL, "bad_signature"), 0) < 1:
+        assert time.monotonic() < deadline, "the badly signed fraud notice was not counted"
+        time.sleep(0.1)
+    assert not target.get("/v1/peers")["convicted"]
     known = {p["peer_id"] for p in target.get("/v1/peers")["data"]}
     assert known == {n.peer_id for n in (gateway, *servers) if n is not target}  # nothing forged got in
     status, _, body = _completion(target, tiny_model.name)
