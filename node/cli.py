@@ -241,31 +241,56 @@ def _cmd_peers(args: argparse.Namespace) -> int:
 def _cmd_verifier(args: argparse.Namespace) -> int:
     from node import model_store
     from node.loaded_model import load_model
-    from node.server import serve_until_signalled
+    from node.server import make_app, serve_until_signalled, start_server
     from node.sidecar import Sidecar, make_sidecar_app
+    from p2p.network import NetworkConfig
+    from verify.evidence_store import EvidenceStore
     from verify.ledger import Ledger
 
     if not 0.0 <= args.audit_rate <= 1.0:
         raise ProofMeshNodeError("--audit-rate is a probability in [0, 1]")
     if args.validators < 0:
         raise ProofMeshNodeError("--validators is a count of peers, 0 or more")
+    if bool(args.upstream) == bool(args.bootstrap):
+        raise ProofMeshNodeError("give the nodes to proxy as --upstream URL ..., or join the network with --bootstrap MULTIADDR")
     key, key_path = _node_key(args.key)
     _progress(f"verifier id {key.node_id} (key {key_path})")
     models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in args.model or []]
-    ledger = Ledger(Path(args.ledger) if args.ledger else model_store.store_root() / "ledger.sqlite")
-    sidecar = Sidecar(args.upstream, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate,
-                      validators=args.validators)
+    root = model_store.store_root()
+    ledger = Ledger(Path(args.ledger) if args.ledger else root / "ledger.sqlite")
+    gateway_store = EvidenceStore(root / "verifier-gateway.sqlite") if args.bootstrap else None
 
-    def ready(url: str) -> None:
-        _progress(f"proxying {url}/v1 -> {', '.join(args.upstream)}, auditing {args.audit_rate:.1%} of answers on "
-                  f"{', '.join(m.name for m in models) or 'no local model (audits end as errors)'} (Ctrl-C to stop)")
+    async def serve() -> None:
+        """With --bootstrap, a gateway node (no model, the verifier's key) joins the network on
+        loopback and is the sidecar's one upstream: routing, validators and fraud gossip are its."""
+        upstreams, gateway = list(args.upstream or []), None
+        if args.bootstrap:
+            config = NetworkConfig(listen=args.p2p_listen or ["/ip4/127.0.0.1/tcp/0"], bootstrap=args.bootstrap)
+            gateway, port = await start_server(make_app([], key, gateway_store, network=config), "127.0.0.1", 0)
+            upstreams = [f"http://127.0.0.1:{port}"]
+        sidecar = Sidecar(upstreams, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate,
+                          validators=args.validators)
+
+        def ready(url: str) -> None:
+            target = f"the network via {', '.join(args.bootstrap)}" if args.bootstrap else ", ".join(upstreams)
+            _progress(f"proxying {url}/v1 -> {target}, auditing {args.audit_rate:.1%} of answers on "
+                      f"{', '.join(m.name for m in models) or 'no local model'}"
+                      f"{f' and {args.validators} peer(s)' if args.validators else ''} (Ctrl-C to stop)")
+
+        try:
+            await serve_until_signalled(make_sidecar_app(sidecar), args.host, args.port, ready)
+        finally:
+            if gateway is not None:
+                await gateway.cleanup()
 
     try:
-        asyncio.run(serve_until_signalled(make_sidecar_app(sidecar), args.host, args.port, ready))
+        asyncio.run(serve())
     except OSError as exc:
         raise ProofMeshNodeError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     finally:
         ledger.close()
+        if gateway_store is not None:
+            gateway_store.close()
     _progress("stopped")
     return 0
 
@@ -368,8 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_peers)
 
     p = sub.add_parser("verifier", help="an OpenAI-compatible proxy in front of a node that audits a share of its answers")
-    p.add_argument("--upstream", action="append", required=True, help="a node's URL, e.g. http://127.0.0.1:8000 "
+    p.add_argument("--upstream", action="append", help="a node's URL, e.g. http://127.0.0.1:8000 "
                    "(repeat for several: requests are routed by reputation, never to a convicted node)")
+    p.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="instead of --upstream: join the p2p network "
+                   "through these peers (an embedded gateway routes requests to the peers serving the model)")
+    p.add_argument("--p2p-listen", action="append", metavar="MULTIADDR", help="with --bootstrap: where the embedded "
+                   "gateway listens (default /ip4/127.0.0.1/tcp/0)")
     p.add_argument("--audit-rate", type=float, default=0.05, help="share of answers re-executed (default 0.05; "
                    "see proofmesh posp)")
     p.add_argument("--model", action="append", help="model(s) to re-execute audits on, held locally (repeatable)")

@@ -6,6 +6,11 @@ agrees, and the lazy one is caught the first time it passes a cheat."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -17,7 +22,7 @@ from node.runtime import CacheLimits
 from node.sidecar import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.http_fixtures import serving
-from tests.p2p.cluster import Cluster, warm_store
+from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, Cluster, warm_store
 from verify.evidence import AnswerFile, sign_answer
 from verify.identity import NodeKey
 from verify.ledger import Ledger
@@ -43,7 +48,7 @@ def network(tmp_path_factory):
             time.sleep(0.2)
         auditor = load_model(str(tiny), device="cpu", limits=CacheLimits(max_batch_size=4, max_total_tokens=1024,
                                                                          prefill_chunk=64), root=warm)
-        yield server, honest, lazy, auditor
+        yield server, honest, lazy, auditor, warm
     finally:
         cluster.close()
 
@@ -69,7 +74,7 @@ def forged(answer: AnswerFile) -> AnswerFile:
 
 
 def test_peers_recheck_audits_and_a_lazy_validator_is_caught(network, tmp_path):
-    server, honest, lazy, auditor = network
+    server, honest, lazy, auditor, _ = network
     sidecar = Sidecar([server.url], Ledger(tmp_path / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor},
                       audit_rate=0.0, validators=2)
     with serving(make_sidecar_app(sidecar)) as url:
@@ -88,3 +93,47 @@ def test_peers_recheck_audits_and_a_lazy_validator_is_caught(network, tmp_path):
         lazy_rep, honest_rep = sidecar.ledger.reputation(lazy.peer_id), sidecar.ledger.reputation(honest.peer_id)
         assert (lazy_rep.passes, lazy_rep.failures) == (1, 1) and (honest_rep.passes, honest_rep.failures) == (2, 0)
         assert lazy_rep.score < honest_rep.score
+
+
+def test_the_verifier_joins_the_network_itself(network, tmp_path):
+    """``proofmesh verifier --bootstrap``: an embedded gateway routes through the network, and the
+    answers it relays are audited like any others."""
+    server, honest, lazy, auditor, warm = network
+    home = tmp_path / "home"
+    home.mkdir()
+    for d in SHARED_DIRS:
+        (home / d).symlink_to(warm / d)
+    log = tmp_path / "verifier.log"
+    with open(log, "wb") as out:
+        verifier = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "verifier", "--bootstrap", server.addrs[0], "--model", str(auditor.path),
+             "--device", "cpu", "--audit-rate", "1", "--port", "0"],
+            cwd=REPO_ROOT, env={**os.environ, "PROOFMESH_HOME": str(home)}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not (found := re.search(r"proxying (http://[0-9.:]+)/v1", log.read_text(errors="replace"))):
+            assert verifier.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        url = found.group(1)
+        deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+        while not httpx.get(f"{url}/v1/models", timeout=10).json().get("data"):  # the gateway found the servers
+            assert time.monotonic() < deadline, "the verifier's gateway found no model in the network"
+            time.sleep(0.3)
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        out = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 5, "seed": 1},
+                         timeout=60).json()
+        receipt = out["proofmesh"]["receipt"]
+        assert receipt["node_id"] in {server.peer_id, honest.peer_id, lazy.peer_id}
+        deadline = time.monotonic() + 60
+        while (record := httpx.get(f"{url}/v1/audits/{receipt['receipt_id']}", timeout=10)).status_code != 200 \
+                or record.json()["state"] == "pending":
+            assert time.monotonic() < deadline, "the relayed answer was not audited"
+            time.sleep(0.3)
+        assert record.json()["state"] == "pass"
+    finally:
+        verifier.send_signal(signal.SIGTERM)
+        try:
+            verifier.wait(15)
+        except subprocess.TimeoutExpired:
+            verifier.kill()
+            verifier.wait()
