@@ -41,6 +41,18 @@ class _Failed:
     error: BaseException
 
 
+async def _drain(get: Callable[[], Awaitable[Any]]) -> AsyncIterator[Any]:
+    """The items another thread posts, through ``get`` (either loop's queue), until it posts
+    ``_End``; a posted ``_Failed`` raises its error here."""
+    while True:
+        item = await get()
+        if isinstance(item, _End):
+            return
+        if isinstance(item, _Failed):
+            raise item.error
+        yield item
+
+
 class TrioThread:
     """A trio event loop in a daemon thread, with a nursery that tasks from asyncio run in."""
 
@@ -127,12 +139,7 @@ class TrioThread:
 
         self._into_trio(self._start_task, runner, post)
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _End):
-                    return
-                if isinstance(item, _Failed):
-                    raise item.error
+            async for item in _drain(queue.get):
                 yield item
         finally:
             self._into_trio(scope.cancel, quiet=True)
@@ -197,12 +204,7 @@ class TrioThread:
         future: Future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
         try:
             async with receive:
-                while True:
-                    item = await receive.receive()
-                    if isinstance(item, _End):
-                        return
-                    if isinstance(item, _Failed):
-                        raise item.error
+                async for item in _drain(receive.receive):
                     yield item
         finally:
             future.cancel()  # thread-safe; a no-op once the pump is done
