@@ -18,6 +18,7 @@ non-streamed answer is collected whole before it is returned, so any failure in 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Collection, Sequence
@@ -43,6 +44,7 @@ REISSUE_S = RECORD_TTL_S / 3
 MAX_ATTEMPTS = 3  # peers tried per forwarded request
 BUSY_STATUSES = (429, 503)  # the peer is full or shutting down: another one may take it
 SSE_CONTENT_TYPE = "text/event-stream"
+_VALIDATOR_DRAW = random.SystemRandom()
 
 
 @dataclass(frozen=True)
@@ -272,10 +274,12 @@ class PeerNetwork:
 
     # -- verification and evidence (asyncio) -----------------------------------------------
     async def verify(self, answer: AnswerFile, exclude: Collection[str] = ()) -> Attestation:
-        """A signed re-check of ``answer`` by a peer that serves its model (not its signer, nor
-        any peer in ``exclude``: a verifier asking for several validators names those it has)."""
+        """A signed re-check of ``answer`` by a random peer that serves its model (not its signer,
+        nor any peer in ``exclude``: a verifier asking for several validators names those it has)."""
         problems = []
-        for peer_id in self.table.candidates(answer.receipt.model_id):
+        candidates = self.table.candidates(answer.receipt.model_id)
+        _VALIDATOR_DRAW.shuffle(candidates)  # validators at random: an accused node cannot predict them
+        for peer_id in candidates:
             if peer_id == answer.receipt.node_id or peer_id in exclude:
                 continue
             try:
