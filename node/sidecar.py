@@ -46,11 +46,12 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from verify.evidence import AnswerFile
+from node.service import APIError
 from p2p.wire import Attestation
+from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, SignedVerdict, sign_verdict
 from verify.identity import NodeKey
-from verify.ledger import AuditRecord, Ledger
+from verify.ledger import NEUTRAL, AuditRecord, Ledger
 from verify.redundancy import disagreement
 from verify.verifier import ScoringBackend, verify_answer
 
@@ -66,14 +67,6 @@ REDUNDANCY_HEADER = "X-ProofMesh-Redundancy"
 class Upstream:
     url: str
     node_id: str | None = None  # from its /health, once it answered
-
-
-class SidecarError(Exception):
-    """A request the sidecar answers with an OpenAI-shaped error."""
-
-    def __init__(self, status: int, message: str, code: str):
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 def audit_draw(secret: bytes, receipt_id: str) -> float:
@@ -132,10 +125,11 @@ class Sidecar:
         convicted = self.ledger.convicted()
         routable = [up for up in self.upstreams if up.node_id not in convicted]
         if len(routable) < n:
-            raise SidecarError(503, f"{n} node(s) needed, {len(routable)} routable (of {len(self.upstreams)}; "
-                               f"{len(self.upstreams) - len(routable)} convicted of fraud)", "not_enough_nodes")
+            raise APIError(503, f"{n} node(s) needed, {len(routable)} routable (of {len(self.upstreams)}; "
+                           f"{len(self.upstreams) - len(routable)} convicted of fraud)", code="not_enough_nodes")
+
         def weight(up: Upstream) -> float:
-            return self.ledger.reputation(up.node_id).score if up.node_id else 0.5
+            return self.ledger.reputation(up.node_id).score if up.node_id else NEUTRAL
 
         return sorted(routable, key=lambda up: -weight(up) * random.random())[:n]
 
@@ -161,9 +155,13 @@ class Sidecar:
 
     async def after_answer(self, up: Upstream, receipts: Sequence[tuple[str, str]]) -> None:
         """Fetch every receipt's evidence; audit the chosen ones."""
-        for receipt_id, node_id in dict.fromkeys(receipts):  # a stream may repeat a receipt
-            answer = await self.evidence(up, receipt_id, node_id)
-            if answer is not None and self.chosen(receipt_id):
+        answers = [answer for receipt_id, node_id in dict.fromkeys(receipts)  # a stream may repeat a receipt
+                   if (answer := await self.evidence(up, receipt_id, node_id)) is not None]
+        await self.audit_chosen(up, answers)
+
+    async def audit_chosen(self, up: Upstream, answers: Sequence[AnswerFile]) -> None:
+        for answer in answers:
+            if self.chosen(answer.receipt.receipt_id):
                 await self.audit(answer, up)
 
     def spawn(self, coroutine) -> None:
@@ -264,11 +262,6 @@ def _tied(verdicts: Sequence[SignedVerdict]) -> bool:
     return bool(verdicts) and _majority(verdicts) is None
 
 
-def _error(status: int, message: str, code: str) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "upstream_error"
-    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}}, status=status)
-
-
 def _redundancy(request: web.Request, body: dict) -> int:
     asked = request.headers.get(REDUNDANCY_HEADER)
     extension = body.pop("proofmesh", None)
@@ -279,7 +272,7 @@ def _redundancy(request: web.Request, body: dict) -> int:
     if isinstance(asked, str) and asked.strip().isdigit():
         asked = int(asked)
     if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
-        raise SidecarError(400, f"redundancy must be a positive integer, got {asked!r}", "invalid_redundancy")
+        raise APIError(400, f"redundancy must be a positive integer, got {asked!r}", code="invalid_redundancy")
     return asked
 
 
@@ -293,22 +286,22 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
         try:
             body = json.loads(raw)
         except ValueError:
-            raise SidecarError(400, "the request body is not JSON", "invalid_json") from None
+            raise APIError(400, "the request body is not JSON", code="invalid_json") from None
         n = _redundancy(request, body) if isinstance(body, dict) else 1
         if n > 1:
             return await _redundant(request, sidecar, body, n, headers)
         await sidecar.identify()
         (up,) = sidecar.pick(1)
         return await _forward(request, sidecar, up, json.dumps(body).encode() if isinstance(body, dict) else raw, headers)
-    except SidecarError as exc:
-        return _error(exc.status, str(exc), exc.code)
+    except APIError as exc:
+        return exc.response()
 
 
 async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: bytes, headers: dict) -> web.StreamResponse:
     try:
         upstream = await sidecar.session.post(f"{up.url}{request.path}", data=body, headers=headers)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise SidecarError(502, f"upstream node {up.url} unreachable: {exc}", "upstream_unreachable") from exc
+        raise APIError(502, f"upstream node {up.url} unreachable: {exc}", code="upstream_unreachable") from exc
     async with upstream:
         content_type = upstream.headers.get("Content-Type", "application/json")
         if not content_type.startswith("text/event-stream"):
@@ -335,7 +328,7 @@ async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: b
 async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int, headers: dict) -> web.Response:
     """The same request, with one seed, on ``n`` distinct nodes; their answers must agree."""
     if body.get("stream"):
-        raise SidecarError(400, "redundant execution returns one agreed answer: set stream to false", "invalid_redundancy")
+        raise APIError(400, "redundant execution returns one agreed answer: set stream to false", code="invalid_redundancy")
     body.setdefault("seed", secrets.randbelow(2**31))
     await sidecar.identify()
     chosen = sidecar.pick(n)
@@ -347,13 +340,13 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
                 out = await resp.json(content_type=None)
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise SidecarError(502, f"node {up.node_id or up.url} failed: {exc}", "upstream_unreachable") from exc
+            raise APIError(502, f"node {up.node_id or up.url} failed: {exc}", code="upstream_unreachable") from exc
         if status != 200:
             message = out.get("error", {}).get("message", str(out)) if isinstance(out, dict) else str(out)
-            raise SidecarError(status if status < 500 else 502, f"node {up.node_id or up.url}: {message}", "upstream_error")
+            raise APIError(status if status < 500 else 502, f"node {up.node_id or up.url}: {message}", code="upstream_error")
         answers = [await sidecar.evidence(up, rid, node) for rid, node in dict.fromkeys(receipts_in(out))]
         if not answers or any(a is None for a in answers):
-            raise SidecarError(502, f"node {up.node_id or up.url} gave no usable evidence for its answer", "upstream_error")
+            raise APIError(502, f"node {up.node_id or up.url} gave no usable evidence for its answer", code="upstream_error")
         return out, answers
 
     results = await asyncio.gather(*(ask(up) for up in chosen))
@@ -363,14 +356,14 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
                    next((d for a, b in zip(first_answers, answers) if (d := disagreement(a, b))), None))
         if problem:
             sidecar.spawn(sidecar.audit_all([a for _, group in results for a in group]))  # escalate: who lied?
-            raise SidecarError(502, f"nodes {chosen[0].node_id} and {up.node_id} disagree: {problem}", "redundancy_disagreement")
+            raise APIError(502, f"nodes {chosen[0].node_id} and {up.node_id} disagree: {problem}", code="redundancy_disagreement")
     first["proofmesh_redundancy"] = {
         "agreed": True,
         "answers": [{"node_id": up.node_id, "proofmesh": [a.model_dump(include={"receipt", "signature", "public_key"})
                                                            for a in answers]} for up, (_, answers) in zip(chosen, results)],
     }
-    for up, (_, answers) in zip(chosen, results):
-        sidecar.spawn(sidecar.after_answer(up, [(a.receipt.receipt_id, a.receipt.node_id) for a in answers]))
+    for up, (_, answers) in zip(chosen, results):  # their evidence is in hand already
+        sidecar.spawn(sidecar.audit_chosen(up, answers))
     return web.json_response(first)
 
 
@@ -382,10 +375,10 @@ async def proxy_models(request: web.Request) -> web.Response:
         (up,) = sidecar.pick(1)
         async with sidecar.session.get(f"{up.url}/v1/models", headers=headers) as upstream:
             return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
-    except SidecarError as exc:
-        return _error(exc.status, str(exc), exc.code)
+    except APIError as exc:
+        return exc.response()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return _error(502, f"upstream node unreachable: {exc}", "upstream_unreachable")
+        return APIError(502, f"upstream node unreachable: {exc}", code="upstream_unreachable").response()
 
 
 async def submit_audit(request: web.Request) -> web.Response:
@@ -393,8 +386,9 @@ async def submit_audit(request: web.Request) -> web.Response:
     try:
         answer = AnswerFile.model_validate_json(await request.read())
     except ValidationError as exc:
-        return _error(400, f"not an answer file: {exc.errors()[0]['msg']} at {'.'.join(map(str, exc.errors()[0]['loc']))}",
-                      "invalid_answer_file")
+        first = exc.errors()[0]
+        return APIError(400, f"not an answer file: {first['msg']} at {'.'.join(map(str, first['loc']))}",
+                        code="invalid_answer_file").response()
     record = await request.app[SIDECAR].audit(answer)
     return web.Response(body=record.model_dump_json(), content_type="application/json")
 
@@ -402,7 +396,7 @@ async def submit_audit(request: web.Request) -> web.Response:
 async def get_audit(request: web.Request) -> web.Response:
     record = request.app[SIDECAR].ledger.audit(request.match_info["receipt_id"])
     if record is None:
-        return _error(404, f"no audit of receipt {request.match_info['receipt_id']!r}", "audit_not_found")
+        return APIError(404, f"no audit of receipt {request.match_info['receipt_id']!r}", code="audit_not_found").response()
     return web.Response(body=record.model_dump_json(), content_type="application/json")
 
 
@@ -410,11 +404,11 @@ async def list_audits(request: web.Request) -> web.Response:
     q = request.query
     state = q.get("state")
     if state not in (None, "pending", "pass", "fraud", "error"):
-        return _error(400, "state is one of pending, pass, fraud, error", "invalid_state")
+        return APIError(400, "state is one of pending, pass, fraud, error", code="invalid_state").response()
     try:
         limit = int(q.get("limit", 100))
     except ValueError:
-        return _error(400, "limit is an integer", "invalid_limit")
+        return APIError(400, "limit is an integer", code="invalid_limit").response()
     records = request.app[SIDECAR].ledger.audits(node_id=q.get("node_id"), state=state, limit=max(1, min(limit, 1000)))
     return web.json_response({"object": "list", "data": [json.loads(r.model_dump_json()) for r in records]})
 
