@@ -320,7 +320,13 @@ def _cmd_posp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for TVM's pool (default: every core this "
+                   "process may use, from its affinity mask; TVM_NUM_THREADS is honoured when set)")
+
+
 def _add_weights_option(p: argparse.ArgumentParser) -> None:
+    _add_threads_option(p)
     p.add_argument("--weights", choices=["native", "fp32"], default="native",
                    help="native: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized in memory and compute on them "
                    "(default); fp32: dequantize at load. Same model_id either way")
@@ -431,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[proofmesh] %(message)s", stream=sys.stderr)
     try:
+        if hasattr(args, "threads"):  # commands that run TVM: size its pool before any work
+            from node.targets import configure_threads
+
+            _progress(f"{configure_threads(args.threads)} CPU threads for TVM")
         return args.func(args)
     except ProofMeshNodeError as exc:
         print(f"proofmesh: error: {exc}", file=sys.stderr)
