@@ -13,7 +13,13 @@ Cheats, by what they save or fake:
 - a truncated prompt; fabricated tokens; one edited token in a long answer (fingerprints
   recomputed by a real prefill so they match);
 - tokens drawn with another seed, or by plain multinomial sampling that ignores the seed;
-- receipts forged with another key, or replayed over another request's evidence.
+- a short answer re-signed as complete (asked for 2 tokens, claimed under the client's
+  max_tokens with finish "stop"): the finish rules catch it without model work;
+- receipts forged with another key, or replayed over another request's evidence: not the
+  node's answer at all, so ``unattributable`` (never evidence against it);
+- fingerprints emptied and re-signed: ``malformed`` before any model work.
+
+``EXPECTED`` says which verdict each cheat must get (``fraud`` unless named there).
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ from gguf import quants
 
 from bench.harness import Generator
 from node.compiler import compile_model
-from node.engine import FINGERPRINT_K, GenerationRequest
+from node.engine import GenerationRequest
 from node.loaded_model import LoadedModel, load_checkpoint_cached
 from node.models.llama.model import fuse_hf_weights
 from node.runtime import ModelRuntime
-from verify.evidence import AnswerFile, sign_answer
+from verify.evidence import FINGERPRINT_K, AnswerFile, sign_answer
 from verify.identity import NodeKey
 from verify.sampling import SamplingParams, process_logits, top_k_fingerprint
 
@@ -98,10 +104,13 @@ def cheap_generator(model: LoadedModel, transform: Callable[[Weights], Weights],
 
 # -- signing whatever a cheat produced --------------------------------------------------------
 def claim(key: NodeKey, model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int], params: SamplingParams,
-          fingerprints: FingerprintRows) -> AnswerFile:
-    """A validly signed, internally consistent answer file for any claimed tokens."""
+          fingerprints: FingerprintRows, finish_reason: str | None = None) -> AnswerFile:
+    """A validly signed, internally consistent answer file for any claimed tokens (finish: what
+    an honest node would say for these tokens, unless given)."""
+    if finish_reason is None:
+        finish_reason = "stop" if output_ids[-1] in model.eos_token_ids else "length"
     return sign_answer(key, model_id=model.model_id, backend=model.backend, prompt_ids=prompt_ids, output_ids=output_ids,
-                       params=params, fingerprints=fingerprints, finish_reason="length")
+                       params=params, fingerprints=fingerprints, finish_reason=finish_reason)
 
 
 def real_fingerprints(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> FingerprintRows:
@@ -232,6 +241,21 @@ def _replayed_receipt(ctx: CheatContext, requests: Sequence[GenerationRequest]) 
     return [a.model_copy(update={"evidence": answers[(i + 1) % len(answers)].evidence}) for i, a in enumerate(answers)]
 
 
+def _truncated_resigned(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """Two greedy tokens asked of the honest node, re-signed under the client's parameters as a
+    complete answer (finish "stop"): a truncation that every model check passes."""
+    short = honest_answers(ctx, [GenerationRequest(r.prompt_ids, r.params.model_copy(update={"temperature": 0.0, "max_tokens": 2}))
+                                 for r in requests])
+    return [claim(ctx.key, ctx.model, r.prompt_ids, a.evidence.output_ids, r.params.model_copy(update={"temperature": 0.0}),
+                  _fingerprints_of(a), finish_reason="stop") for r, a in zip(requests, short)]
+
+
+def _emptied_fingerprints(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """An answer re-signed with every fingerprint emptied (the fingerprint check has nothing to compare)."""
+    return [claim(ctx.key, ctx.model, a.evidence.prompt_ids, a.evidence.output_ids, a.evidence.sampling,
+                  [([], [])] * len(a.evidence.output_ids)) for a in _cheap_model(ctx, requests)]
+
+
 CHEATS: dict[str, Cheat] = {
     "fp16-weights": _weights_cheat(round_fp16),
     "int8-weights": _weights_cheat(round_int8),
@@ -244,8 +268,13 @@ CHEATS: dict[str, Cheat] = {
     "edited-token": _edited_token,
     "wrong-seed": _wrong_seed,
     "seed-ignored": _seed_ignored,
+    "truncated-resigned": _truncated_resigned,
+    "emptied-fingerprints": _emptied_fingerprints,
     "forged-receipt": _forged_receipt,
     "replayed-receipt": _replayed_receipt,
 }
+# The verdict each cheat must get when it is not "fraud": answers that are not the node's own
+# prove nothing against it; malformed evidence is refused before any model work.
+EXPECTED = {"forged-receipt": "unattributable", "replayed-receipt": "unattributable", "emptied-fingerprints": "malformed"}
 # Cheats that only differ from honest work where the model is unsure (need T > 0 to mean anything).
 SAMPLING_CHEATS = {"wrong-seed", "seed-ignored"}

@@ -9,4 +9,5 @@ from verify.identity import NodeKey
 
 def answer_file(result: GenerationResult, key: NodeKey, *, model_id: str, backend: str) -> AnswerFile:
     return sign_answer(key, model_id=model_id, backend=backend, prompt_ids=result.prompt_ids, output_ids=result.output_ids,
-                       params=result.params, fingerprints=result.fingerprints, finish_reason=result.finish_reason)
+                       params=result.params, fingerprints=result.fingerprints, finish_reason=result.finish_reason,
+                       seed_source=result.seed_source)

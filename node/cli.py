@@ -129,19 +129,41 @@ def _node_key(path: str | Path | None) -> tuple[NodeKey, Path]:
         raise ProofMeshNodeError(f"cannot use the key file {key_path}: {exc}") from exc
 
 
+def _read_response(path: str) -> dict | list[dict]:
+    """A response as the client received it: one JSON document, or a stream's SSE text."""
+    import json
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        if text.lstrip().startswith("data:"):
+            return [json.loads(line[5:]) for line in text.splitlines()
+                    if line.startswith("data:") and line[5:].strip() not in ("", "[DONE]")]
+        return json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ProofMeshNodeError(f"cannot read the response {path}: {exc}") from exc
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
-    """Re-check an answer file (exit 0 pass, 1 fraud) or a fraud proof (exit 1 upheld, 0 not)."""
+    """Re-check an answer file (exit 0 pass, 1 fraud or not the request's answer, 2 unusable) or a
+    fraud proof (exit 1 upheld, 0 not)."""
+    import json
+
     from pydantic import BaseModel, ValidationError
 
     from node.loaded_model import load_model
+    from verify.binding import bind_answers
     from verify.evidence import AnswerFile
     from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof
-    from verify.verifier import verify_answer
+    from verify.verifier import WrongModelError, verify_answer
 
+    if (args.request is None) != (args.response is None):
+        raise ProofMeshNodeError("--request and --response go together: the client's request body and what it received")
     try:
         raw = open(args.file, "rb").read()
-    except OSError as exc:
-        raise ProofMeshNodeError(f"cannot read {args.file}: {exc}") from exc
+        request = json.loads(Path(args.request).read_text(encoding="utf-8")) if args.request else None
+    except (OSError, ValueError) as exc:
+        raise ProofMeshNodeError(f"cannot read the input: {exc}") from exc
+    response = _read_response(args.response) if args.response else None
     document: BaseModel | None = None
     problems = []
     for schema in (AnswerFile, FraudProof):
@@ -158,13 +180,29 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         check = check_fraud_proof(document, model)
         print(check.model_dump_json(indent=1))
         return 1 if check.upheld else 0
-    verdict = verify_answer(document, model)
+    try:
+        verdict = verify_answer(document, model)
+    except WrongModelError as exc:
+        raise ProofMeshNodeError(str(exc)) from None
     print(verdict.model_dump_json(indent=1))
+    code = {"pass": 0, "fraud": 1}.get(verdict.verdict, 2)
+    if code == 2:
+        _progress(f"unusable answer file ({verdict.verdict}): {'; '.join(verdict.reasons)}")
     if verdict.verdict == "fraud" and args.proof_out:
         key, _ = _node_key(args.key)
         Path(args.proof_out).write_text(make_fraud_proof(document, verdict, key).model_dump_json())
         _progress(f"fraud proof signed by {key.node_id} written to {args.proof_out}")
-    return 0 if verdict.verdict == "pass" else 1
+    if request is not None:
+        if not isinstance(request, dict) or not isinstance(response, (dict, list)):
+            raise ProofMeshNodeError("--request must hold a JSON object, --response a JSON object or an SSE stream")
+        endpoint = "chat" if "messages" in request else "completions"
+        report = bind_answers(endpoint, request, response, {document.receipt.receipt_id: document}, model.tokenizer,
+                              max_context=model.max_context)
+        print(json.dumps({"bound": report.ok, "problems": report.problems}, indent=1))
+        if not report.ok:
+            _progress(f"the answer is not the request's: {report.summary()}")
+            code = max(code, 1)
+    return code
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -173,6 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from node.server import make_app, serve_until_signalled
     from node.service import DEFAULT_MAX_QUEUE, NODE
     from verify.evidence_store import EvidenceStore
+    from verify.ledger import Ledger
 
     root = model_store.store_root()
     key, key_path = _node_key(args.key)
@@ -182,6 +221,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     store = EvidenceStore(root / "evidence.sqlite")
     api_keys = list(args.api_key or [])
     network = _network_config(args)
+    ledger = Ledger(root / "node-ledger.sqlite") if network is not None else None  # convictions and their proofs
 
     def ready(url: str) -> None:
         served = ", ".join(m.name for m in models) or "no model (gateway)"
@@ -195,12 +235,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         app = make_app(models, key, store, api_keys=api_keys, max_queue=args.max_queue or DEFAULT_MAX_QUEUE,
-                       network=network)
+                       network=network, ledger=ledger, fraud_quorum=args.fraud_quorum)
         asyncio.run(serve_until_signalled(app, args.host, args.port, ready))
     except OSError as exc:  # the address is taken or cannot be bound
         raise ProofMeshNodeError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
     finally:
         store.close()
+        if ledger is not None:
+            ledger.close()
     _progress("stopped")
     return 0
 
@@ -368,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-check an answer file (or a fraud proof) by teacher-forced re-execution")
     p.add_argument("file", help="answer file (JSON: receipt, signature, public key, evidence) or fraud proof")
     p.add_argument("--proof-out", help="on a fraud verdict, write a fraud proof signed with this node's key here")
+    p.add_argument("--request", help="the client's request body (JSON): also check that the answer is this request's "
+                   "(prompt rendering, sampling parameters, text and finish received); needs --response")
+    p.add_argument("--response", help="what the client received: the JSON response, or the stream's SSE text")
     p.add_argument("--key", type=Path, help="key file that signs fraud proofs (default <store>/node_key.pem)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model the answer claims, held locally")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -390,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p2p-announce", action="append", metavar="MULTIADDR",
                    help="where peers should dial this node, when not where it listens (0.0.0.0, NAT; repeatable)")
     p.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="peers to join through (with /p2p/<peer id>)")
+    p.add_argument("--fraud-quorum", type=int, default=2, help="for a model this node does not serve: convict on a "
+                   "fraud proof once this many peers whose service it has observed vouch for it (0: never; default 2). "
+                   "For a model it serves it always re-checks the proof itself")
     _add_weights_option(p)
     p.set_defaults(func=_cmd_run)
 

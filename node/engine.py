@@ -31,13 +31,14 @@ from node.errors import ContextLengthError, EngineBusyError, RequestError
 from node.runtime import ModelRuntime
 from node.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.canonical import request_hash as compute_request_hash
+from verify.evidence import FINGERPRINT_K
+from verify.receipts import SeedSource
 from verify.sampling import SamplingParams, StopChecker, sample_token, top_k_fingerprint
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_K = 8
 FinishReason = Literal["stop", "length"]
 
 
@@ -45,6 +46,7 @@ FinishReason = Literal["stop", "length"]
 class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    seed_source: SeedSource = "node"  # who chose params.seed (committed in the receipt)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class GenerationResult:
     finish_reason: FinishReason
     request_hash: str
     params: SamplingParams
+    seed_source: SeedSource
     fingerprints: list[tuple[list[int], list[float]]]  # per output position: top-k ids, logits
     logprobs: list[float]
     time_to_first_token: float
@@ -182,6 +185,7 @@ class Engine:
             finish_reason=seq.finish_reason,
             request_hash=seq.request_hash,
             params=seq.request.params,
+            seed_source=seq.request.seed_source,
             fingerprints=list(seq.fingerprints),
             logprobs=list(seq.logprobs),
             time_to_first_token=(seq.first_token_at or seq.created) - seq.created,

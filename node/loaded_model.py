@@ -57,6 +57,14 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.tokenizer.eos_token_ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids``, special tokens skipped: the verifier's stop-string rule."""
+        return self.tokenizer.decode(token_ids)
+
     def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
         """Teacher-forced logits from ``from_position`` on: makes a LoadedModel a verifier backend."""
         return self.runtime.score(token_ids, from_position)

@@ -21,7 +21,9 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from node.engine import FINGERPRINT_K, FinishReason, TokenEvent
+from node.engine import FinishReason, TokenEvent
+from verify.binding import Endpoint, default_max_tokens, requested_max_tokens, requested_sampling, template_message
+from verify.evidence import FINGERPRINT_K
 from verify.receipts import Receipt
 from verify.sampling import SamplingParams
 
@@ -29,10 +31,6 @@ log = logging.getLogger(__name__)
 
 MAX_CHOICES = 16  # prompts x n per request: one request must not fill the batch alone
 MAX_TOP_LOGPROBS = FINGERPRINT_K  # top logprobs come from the committed top-k fingerprints
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
-# Chat has no documented default ("up to the context"); KV pages are reserved for the whole
-# budget at admission, so an unbounded default would let one chat hold most of the cache.
-DEFAULT_CHAT_MAX_TOKENS = 512
 U64 = 2**64
 # Below this a temperature is greedy in all but name, and logits / T can overflow float64 (a
 # failed sampling step would fail the whole batch): 0 is how to ask for greedy.
@@ -121,46 +119,31 @@ class SamplingRequest(OpenAIRequest):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+    endpoint: ClassVar[Endpoint]
 
     def max_tokens_for(self, prompt_tokens: int, max_context: int) -> int:
-        """The request's token budget, or this endpoint's default for a prompt of that length."""
-        return self.requested_max_tokens() or self.default_max_tokens(prompt_tokens, max_context)
-
-    @abstractmethod
-    def default_max_tokens(self, prompt_tokens: int, max_context: int) -> int:
-        """The budget when the request names none (each endpoint follows OpenAI's default)."""
+        """The request's token budget, or this endpoint's default for a prompt of that length
+        (``verify.binding``: the same rule a client's binding check expects)."""
+        return requested_max_tokens(self.model_dump()) or default_max_tokens(self.endpoint, prompt_tokens, max_context)
 
     @abstractmethod
     def top_logprobs_count(self) -> int | None:
         """How many top logprobs each token gets; ``None``: no logprobs at all."""
 
     def to_sampling_params(self, *, max_tokens: int, seed: int) -> SamplingParams:
-        """The engine's parameters for one choice (raises pydantic's ValidationError)."""
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            max_tokens=max_tokens,
-            seed=seed,
-            stop=stop,
-        )
+        """The engine's parameters for one choice (raises pydantic's ValidationError); the one
+        mapping from a request to parameters, shared with the binding check."""
+        return requested_sampling(self.model_dump(), max_tokens=max_tokens, seed=seed)
 
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions. ``prompt``: a string, token ids, or a batch of either."""
 
     unsupported: ClassVar[tuple[str, ...]] = ("suffix", "echo", "logit_bias")
+    endpoint: ClassVar[Endpoint] = "completions"
 
     prompt: str | list[str] | TokenIds | list[TokenIds]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-
-    def default_max_tokens(self, prompt_tokens: int, max_context: int) -> int:
-        return DEFAULT_COMPLETION_MAX_TOKENS
 
     def top_logprobs_count(self) -> int | None:
         return self.logprobs
@@ -198,30 +181,20 @@ class ChatMessage(OpenAIRequest):
     name: str | None = None
 
     def for_template(self) -> dict[str, str]:
-        """The plain {role, content} dict a chat template renders ("developer" is OpenAI's new
-        name for "system"; text parts are joined)."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """The plain {role, content} dict a chat template renders (``verify.binding``)."""
+        return template_message(self.model_dump())
 
 
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
     unsupported: ClassVar[tuple[str, ...]] = ("tools", "functions", "response_format", "logit_bias", "audio")
+    endpoint: ClassVar[Endpoint] = "chat"
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-
-    def requested_max_tokens(self) -> int | None:
-        """``max_completion_tokens`` (OpenAI's current name) wins over the older ``max_tokens``."""
-        return self.max_completion_tokens or self.max_tokens
-
-    def default_max_tokens(self, prompt_tokens: int, max_context: int) -> int:
-        """Up to ``DEFAULT_CHAT_MAX_TOKENS``, less when the context is nearly full (at least 1, so
-        a prompt that fills the context gets the engine's context-length error)."""
-        return max(1, min(DEFAULT_CHAT_MAX_TOKENS, max_context - prompt_tokens))
 
     def top_logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

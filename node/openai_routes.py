@@ -90,7 +90,7 @@ def _generation_requests(served: ServedModel, body: SamplingRequest, prompts: li
         for j in range(body.choices_per_prompt):
             seed = (body.seed + j) % U64 if body.seed is not None else secrets.randbits(64)
             params = body.to_sampling_params(max_tokens=max_tokens, seed=seed)
-            requests.append(GenerationRequest(tuple(ids), params))
+            requests.append(GenerationRequest(tuple(ids), params, "client" if body.seed is not None else "node"))
     return requests
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+from collections import OrderedDict
 from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -29,7 +30,6 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from node.engine import FINGERPRINT_K
 from node.errors import ConfigError, EngineBusyError
 from node.loaded_model import LoadedModel
 from node.openai_protocol import ModelCard
@@ -38,9 +38,9 @@ from p2p.errors import NoPeerAvailable, P2PError, RemoteError
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
 from p2p.wire import FRAUD_PROTOCOL, Attestation, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
-from verify.evidence import AnswerFile, Fingerprint
-from verify.fraud import FraudProof, check_fraud_proof, sign_verdict
-from verify.receipts import verify_receipt
+from verify.evidence import FINGERPRINT_K, AnswerFile, Fingerprint
+from verify.fraud import FraudProof, accusation_problems, check_fraud_proof, sign_verdict
+from verify.ledger import Ledger
 from verify.sampling import top_k_fingerprint
 from verify.verifier import verify_answer
 
@@ -48,10 +48,14 @@ log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "X-ProofMesh-Forwarded"  # marks loopback requests from a peer: never forwarded again
 PEER_HEADER = "X-ProofMesh-Peer"  # on a forwarded answer: the peer that served it
-FRAUD_QUORUM = 1  # vouchers from model-serving peers a node that cannot re-check a fraud proof needs
+# Distinct observed serving peers whose vouchers convict on a node that cannot re-check a proof
+# (0: such a node never convicts); see NodeServices.fraud.
+DEFAULT_FRAUD_QUORUM = 2
+FRAUD_MEMORY = 4096  # receipts whose fraud notices are remembered (dedupe), oldest forgotten first
 INFER_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SERVICES = web.AppKey("services", "NodeServices")
 
 
 # ---------------------------------------------------------------------- serving peers
@@ -62,6 +66,7 @@ class _RecordingBackend:
 
     def __init__(self, model: LoadedModel):
         self.model, self.model_id, self.vocab_size = model, model.model_id, model.vocab_size
+        self.eos_token_ids, self.decode = model.eos_token_ids, model.decode
         self.logits: np.ndarray | None = None
 
     def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
@@ -72,11 +77,13 @@ class _RecordingBackend:
 class NodeServices:
     """What this node does for its peers (``p2p.protocols.LocalNode``)."""
 
-    def __init__(self, node: Node, api_key: str | None):
+    def __init__(self, node: Node, api_key: str | None, ledger: Ledger, fraud_quorum: int = DEFAULT_FRAUD_QUORUM):
         self.node = node
+        self.ledger = ledger
+        self.fraud_quorum = fraud_quorum
         self._headers = {FORWARDED_HEADER: "1", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self._session: aiohttp.ClientSession | None = None
-        self._fraud_seen: set[tuple[str, tuple[str, ...]]] = set()
+        self._fraud_seen: OrderedDict[str, set[str]] = OrderedDict()  # receipt id -> fraud vouchers seen
 
     def offers(self) -> tuple[list[ModelOffer], int, str | None]:
         models = [ModelOffer(name=s.name, model_id=s.loaded.model_id, backend=s.loaded.backend,
@@ -125,63 +132,82 @@ class NodeServices:
     async def fraud(self, notice: FraudNotice, sender: str) -> FraudNotice | None:
         """Act on a fraud proof, and say what to pass on (None: nothing).
 
-        A node that serves the accused answer's model re-checks the proof itself
-        (``check_fraud_proof``: the verdict inside is never trusted) and, if it holds, convicts
-        the signer and adds its own signed verdict as a voucher. A node that cannot re-check it
-        convicts once ``FRAUD_QUORUM`` peers it knows to serve that model have vouched, and passes
-        the notice on either way, so that peers that can re-check it see it. Each distinct notice
-        (proof and vouchers) is handled once, which ends the flood."""
+        Conviction policy (DESIGN.md): a node that serves the accused answer's model re-checks the
+        proof itself, once per receipt (``check_fraud_proof``: the verdict inside is never
+        trusted; evidence that is not the accused node's own never convicts), and, if it holds,
+        convicts the signer and adds its own signed verdict as a voucher. A node without the model
+        convicts only when at least ``fraud_quorum`` distinct peers whose service it has itself
+        observed (they answered requests it forwarded) vouch, or when the accusation is signed
+        with its own key (a verifier sidecar and its embedded gateway are one party); a quorum of
+        0 means never. It passes the notice on whenever it learnt a new voucher, so peers that can
+        re-check it see it, and drops it otherwise, which ends the flood. Receipts are remembered
+        in a bounded table (``FRAUD_MEMORY``); convictions and their proofs persist in the ledger."""
         proof = notice.proof
         receipt = proof.answer.receipt
-        key = (receipt.receipt_id, tuple(sorted(v.verifier_id for v in notice.vouchers)))
-        if key in self._fraud_seen:
-            return None
-        self._fraud_seen.add(key)
         network = self.node.network
-        if not _signed_accusation(proof):
+        if accusation_problems(proof):
             network.metrics.reject(FRAUD_PROTOCOL, "bad_signature")
             return None
         if receipt.node_id in network.table.convicted():
             return None
         served = next((s for s in self.node.models.values() if s.loaded.model_id == receipt.model_id), None)
         if served is not None:
+            if receipt.receipt_id in self._fraud_seen:
+                return None  # re-checked already: one model run per receipt, whatever the vouchers
+            self._remember(receipt.receipt_id, set())
             check = await served.engine.run_exclusive(check_fraud_proof, proof, served.loaded)
             if not check.upheld:
                 log.warning("fraud proof against %s from %s does not hold: %s", receipt.node_id, sender, check.reasons)
                 return None
-            network.table.convict(receipt.node_id)
-            log.warning("convicted %s of fraud (re-checked proof for receipt %s)", receipt.node_id, receipt.receipt_id)
+            self._convict(proof, "re-checked the proof on the model")
             voucher = sign_verdict(check.recomputed, self.node.key)
             return notice.model_copy(update={"vouchers": [*notice.vouchers, voucher]})
-        serving = {p.record.peer_id for p in network.peers() if p.serves(receipt.model_id)}
-        vouched = {v.verifier_id for v in notice.vouchers if v.verifier_id in serving and v.signature_is_valid()
-                   and v.verdict.verdict == "fraud" and v.verdict.receipt_id == receipt.receipt_id}
-        if len(vouched) >= FRAUD_QUORUM:
-            network.table.convict(receipt.node_id)
-            log.warning("convicted %s of fraud (vouched for by %s)", receipt.node_id, ", ".join(sorted(vouched)))
+        signed = {v.verifier_id for v in (proof.verdict, *notice.vouchers) if v.signature_is_valid()
+                  and v.verdict.verdict == "fraud" and v.verdict.receipt_id == receipt.receipt_id}
+        known = self._fraud_seen.get(receipt.receipt_id)
+        if known is not None and signed <= known:
+            return None  # nothing new about this receipt
+        vouched = self._remember(receipt.receipt_id, signed)
+        observed = network.table.observed(receipt.model_id)
+        trusted = {v for v in vouched if v in observed}
+        if self.node.key.node_id in vouched:
+            self._convict(proof, "the accusation is signed with this node's own key")
+        elif self.fraud_quorum and len(trusted) >= self.fraud_quorum:
+            self._convict(proof, f"vouched for by {len(trusted)} observed serving peers: {', '.join(sorted(trusted))}")
         return notice
+
+    def _remember(self, receipt_id: str, vouchers: set[str]) -> set[str]:
+        """The vouchers known for a receipt, ``vouchers`` added; the oldest receipt is forgotten
+        past ``FRAUD_MEMORY`` (a flood of distinct proofs cannot grow memory)."""
+        known = self._fraud_seen.pop(receipt_id, set()) | vouchers
+        self._fraud_seen[receipt_id] = known
+        while len(self._fraud_seen) > FRAUD_MEMORY:
+            self._fraud_seen.popitem(last=False)
+        return known
+
+    def _convict(self, proof: FraudProof, why: str) -> None:
+        receipt = proof.answer.receipt
+        self.ledger.add_fraud_proof(proof)  # persisted first: a conviction survives a restart
+        self.node.network.table.convict(receipt.node_id)
+        log.warning("convicted %s of fraud (receipt %s): %s", receipt.node_id, receipt.receipt_id, why)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
 
-def _signed_accusation(proof: FraudProof) -> bool:
-    """The cheap part of a fraud proof, checked before any model work or relaying: a fraud verdict
-    signed by its verifier, on this answer, which the accused node signed."""
-    verdict, answer = proof.verdict, proof.answer
-    return (verdict.signature_is_valid() and verdict.verdict.verdict == "fraud"
-            and verdict.verdict.receipt_id == answer.receipt.receipt_id
-            and verify_receipt(answer.receipt, answer.signature, bytes.fromhex(answer.public_key)))
-
-
-def attach(app: web.Application, node: Node, config: NetworkConfig, api_key: str | None) -> None:
-    """Join the network with the app: start on startup, leave on cleanup, add the peer routes."""
-    services = NodeServices(node, api_key)
+def attach(app: web.Application, node: Node, config: NetworkConfig, api_key: str | None, ledger: Ledger,
+           fraud_quorum: int = DEFAULT_FRAUD_QUORUM) -> None:
+    """Join the network with the app: start on startup, leave on cleanup, add the peer routes.
+    Convictions in ``ledger`` (from earlier runs) hold from the start."""
+    services = NodeServices(node, api_key, ledger, fraud_quorum)
+    app[SERVICES] = services
     try:
         node.network = PeerNetwork(node.key, config, services, node.metrics.registry)
     except P2PError as exc:
         raise ConfigError(str(exc)) from exc
+    for convicted in ledger.convicted():
+        node.network.table.convict(convicted)
 
     async def start(_: web.Application) -> None:
         try:
@@ -296,15 +322,25 @@ async def submit_fraud_proof(request: web.Request) -> web.Response:
     """A fraud proof (a verifier sidecar's): acted on as a notice from this node itself, then
     spread over ``/proofmesh/fraud/1``."""
     proof = await parse_body(request, FraudProof)
-    if not _signed_accusation(proof):
-        raise APIError(400, "not a signed accusation: the verdict must be a fraud verdict on this answer, signed by its "
-                       "verifier, and the answer signed by the accused node", param="verdict", code="invalid_fraud_proof")
+    if problems := accusation_problems(proof):
+        raise APIError(400, f"not an accusation against the node: {'; '.join(problems)}", param="verdict",
+                       code="invalid_fraud_proof")
     network = request.app[NODE].network
     onward = await network.local.fraud(FraudNotice(proof=proof), network.peer_id)
     relayed = await network.spread_fraud(onward) if onward is not None else 0
     accused = proof.answer.receipt.node_id
     return web.json_response({"accused": accused, "convicted": accused in network.table.convicted(), "relayed_to": relayed},
                              status=202)
+
+
+@routes.get("/v1/fraud-proofs/{receipt_id}")
+async def get_fraud_proof(request: web.Request) -> web.Response:
+    """The proof a conviction rests on, so anyone holding the model can re-check why."""
+    receipt_id = request.match_info["receipt_id"]
+    proof = request.app[SERVICES].ledger.fraud_proof(receipt_id)
+    if proof is None:
+        raise APIError(404, f"no fraud proof for receipt {receipt_id!r} here", param="receipt_id", code="fraud_proof_not_found")
+    return web.Response(body=proof.model_dump_json(), content_type="application/json")
 
 
 @routes.get("/v1/peers/{peer_id}/receipts/{receipt_id}")

@@ -23,6 +23,7 @@ import hmac
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
 from aiohttp import web
@@ -35,6 +36,7 @@ from node.service import DEFAULT_MAX_QUEUE, NODE, APIError, Node, api_error_of
 from p2p.network import NetworkConfig
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
+from verify.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +135,14 @@ def make_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = MAX_BODY_BYTES,
     network: NetworkConfig | None = None,
+    ledger: Ledger | None = None,
+    fraud_quorum: int = peering.DEFAULT_FRAUD_QUORUM,
 ) -> web.Application:
     """The node's app. Each model gets its own engine (which owns that model's runtime: do not
     serve one ``LoadedModel`` from two apps at once); engines close on app cleanup, the store
     stays the caller's to close. With ``network`` the node joins the p2p network on startup
-    (``node/peering.py``); then it may serve no model itself (a gateway)."""
+    (``node/peering.py``); then it may serve no model itself (a gateway). Its convictions and
+    their fraud proofs go to ``ledger`` (kept across restarts; without one, in memory)."""
     if not models and network is None:
         raise ConfigError("make_app needs at least one model (or a p2p network to forward to)")
     node = Node(models, key, store, max_queue=max_queue)
@@ -145,7 +150,8 @@ def make_app(
                           client_max_size=max_body_bytes)
     app[NODE] = node
     if network is not None:
-        peering.attach(app, node, network, api_keys[0] if api_keys else None)
+        peering.attach(app, node, network, api_keys[0] if api_keys else None,
+                       ledger if ledger is not None else Ledger(Path(":memory:")), fraud_quorum)
     app.router.add_routes(openai_routes.routes)
     app.router.add_get("/v1/receipts/{receipt_id}", get_receipt)
     app.router.add_get("/health", health)

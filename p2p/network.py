@@ -231,6 +231,8 @@ class PeerNetwork:
                 return None
             if head.end:  # the whole answer came in its head
                 self.table.seen(peer_id)
+                if head.status == 200:
+                    self.table.answered(peer_id)
                 return Forwarded(peer_id, head, _replay([head.data]))
             answer = Forwarded(peer_id, head, self._relay(peer_id, head.data, parts, release))
             if not answer.streaming:  # collect it now: a failure is still retryable
@@ -259,6 +261,7 @@ class PeerNetwork:
             async for part in parts:
                 if isinstance(part, InferEnd):
                     self.table.seen(peer_id)
+                    self.table.answered(peer_id)
                     return
                 if not isinstance(part, InferData):
                     raise MalformedMessage("a second head in one answer")

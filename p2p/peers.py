@@ -34,6 +34,7 @@ class PeerState:
     latency_s: float | None = None
     failures: int = 0  # consecutive
     in_flight: int = 0  # requests this node has forwarded to it and not yet finished
+    answered: int = 0  # requests this node forwarded to it that it answered to the end: observed service
 
     @property
     def record(self) -> Capability:
@@ -113,6 +114,18 @@ class PeerTable:
                 del self._peers[p]
             return dead
 
+    def answered(self, peer_id: str) -> None:
+        """``peer_id`` answered a request this node forwarded to it, to the end."""
+        with self._lock:
+            if peer_id in self._peers:
+                self._peers[peer_id].answered += 1
+
+    def observed(self, model: str) -> set[str]:
+        """Peers serving ``model`` whose service this node has seen itself (not merely their own
+        claim to serve it), never a convicted one: whose fraud vouchers a gateway counts."""
+        with self._lock:
+            return {p for p, s in self._peers.items() if s.answered and s.serves(model) and p not in self._convicted}
+
     def add_in_flight(self, peer_id: str, delta: int) -> None:
         with self._lock:
             if peer_id in self._peers:
@@ -143,7 +156,7 @@ class PeerTable:
     def snapshot(self) -> list[PeerState]:
         """Copies, for reporting (GET /v1/peers)."""
         with self._lock:
-            return [PeerState(s.signed, s.last_seen, s.latency_s, s.failures, s.in_flight) for s in self._peers.values()]
+            return [PeerState(s.signed, s.last_seen, s.latency_s, s.failures, s.in_flight, s.answered) for s in self._peers.values()]
 
     def offers(self) -> dict[str, tuple[ModelOffer, list[str]]]:
         """Every model reachable through a peer: name -> (offer, serving peer ids)."""

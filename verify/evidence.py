@@ -7,17 +7,24 @@ file cannot exhaust a verifier; ``version`` lets the format evolve.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from verify.canonical import request_hash
+from verify.canonical import canonical_hash, request_hash
 from verify.identity import NodeKey
-from verify.receipts import Receipt, make_receipt
+from verify.receipts import Receipt, SeedSource, make_receipt
 from verify.sampling import SamplingParams
 
 MAX_TOKENS = 65536  # prompt or output ids per answer
 MAX_TOP_K = 32
+# The protocol's fingerprint width: every output position commits exactly this many (token id,
+# logit) pairs (fewer only when the vocabulary is smaller). Fixed, so a node cannot commit
+# fewer and dodge the fingerprint check.
+FINGERPRINT_K = 8
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # JSON may spell NaN; evidence may not
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class Fingerprint(BaseModel):
@@ -25,8 +32,8 @@ class Fingerprint(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ids: list[int] = Field(max_length=MAX_TOP_K)
-    logits: list[float] = Field(max_length=MAX_TOP_K)
+    ids: list[TokenId] = Field(max_length=MAX_TOP_K)
+    logits: list[FiniteFloat] = Field(max_length=MAX_TOP_K)
 
     @model_validator(mode="after")
     def _same_length(self) -> "Fingerprint":
@@ -38,10 +45,31 @@ class Fingerprint(BaseModel):
 class Evidence(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    prompt_ids: list[int] = Field(min_length=1, max_length=MAX_TOKENS)
-    output_ids: list[int] = Field(min_length=1, max_length=MAX_TOKENS)
+    prompt_ids: list[TokenId] = Field(min_length=1, max_length=MAX_TOKENS)
+    output_ids: list[TokenId] = Field(min_length=1, max_length=MAX_TOKENS)
     sampling: SamplingParams
     fingerprints: list[Fingerprint] = Field(max_length=MAX_TOKENS)
+
+    def digest(self) -> str:
+        """sha256 of the canonical evidence: what a receipt's ``evidence_hash`` commits to, so every
+        byte of the evidence is the signer's (altered evidence under an honest receipt is nobody's)."""
+        return canonical_hash(self.model_dump(mode="json"))
+
+    def shape_problems(self, vocab_size: int | None = None) -> list[str]:
+        """What makes this evidence unusable before any model work: one fingerprint of exactly
+        ``FINGERPRINT_K`` distinct ids per output token, every id inside the vocabulary (when known)."""
+        problems = []
+        if len(self.fingerprints) != len(self.output_ids):
+            problems.append(f"{len(self.fingerprints)} fingerprints for {len(self.output_ids)} output tokens")
+        width = FINGERPRINT_K if vocab_size is None else min(FINGERPRINT_K, vocab_size)
+        bad = [t for t, f in enumerate(self.fingerprints) if len(f.ids) != width or len(set(f.ids)) != len(f.ids)]
+        if bad:
+            problems.append(f"fingerprints must hold {width} distinct token ids (position {bad[0]} and {len(bad) - 1} more do not)")
+        if vocab_size is not None:
+            ids = [*self.prompt_ids, *self.output_ids, *(i for f in self.fingerprints for i in f.ids)]
+            if max(ids) >= vocab_size:
+                problems.append(f"token id {max(ids)} outside the vocabulary of {vocab_size}")
+        return problems
 
 
 class AnswerFile(BaseModel):
@@ -66,14 +94,17 @@ def sign_answer(
     params: SamplingParams,
     fingerprints: Sequence[tuple[Sequence[int], Sequence[float]]],
     finish_reason: Literal["stop", "length"],
+    seed_source: SeedSource = "node",
 ) -> AnswerFile:
     """Commit to an answer: the signed receipt (request hash computed here from the model, the
-    prompt ids and every sampling parameter) and the evidence behind it, as one answer file."""
+    prompt ids and every sampling parameter; evidence hash over all of the evidence) and the
+    evidence behind it, as one answer file."""
     prompt_ids, output_ids = list(prompt_ids), list(output_ids)
-    receipt, signature = make_receipt(
-        key, model_id=model_id, backend=backend, request_hash=request_hash(model_id, prompt_ids, params.to_canonical_dict()),
-        seed=params.seed, prompt_ids=prompt_ids, output_ids=output_ids, fingerprints=fingerprints, finish_reason=finish_reason,
-    )
     evidence = Evidence(prompt_ids=prompt_ids, output_ids=output_ids, sampling=params,
                         fingerprints=[Fingerprint(ids=list(i), logits=list(v)) for i, v in fingerprints])
+    receipt, signature = make_receipt(
+        key, model_id=model_id, backend=backend, request_hash=request_hash(model_id, prompt_ids, params.to_canonical_dict()),
+        seed=params.seed, seed_source=seed_source, prompt_ids=prompt_ids, output_ids=output_ids, fingerprints=fingerprints,
+        finish_reason=finish_reason, evidence_hash=evidence.digest(),
+    )
     return AnswerFile(receipt=receipt, signature=signature, public_key=key.public_key.hex(), evidence=evidence)

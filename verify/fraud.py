@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from verify.canonical import canonical_json
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey, verify_signed_by
-from verify.verifier import ScoringBackend, Tolerances, Verdict, verify_answer
+from verify.verifier import ScoringBackend, Tolerances, Verdict, attribution_problems, verify_answer
 
 
 class SignedVerdict(BaseModel):
@@ -66,13 +66,10 @@ class FraudProofCheck(BaseModel):
     recomputed: Verdict | None = None
 
 
-def check_fraud_proof(proof: FraudProof, backend: ScoringBackend, tol: Tolerances = Tolerances()) -> FraudProofCheck:
-    """Re-check an accusation from scratch on ``backend``.
-
-    Upheld only if the verdict is validly signed, names this answer, and the answer fails our
-    own verification. A commitment failure (bad node signature, hashes that do not match)
-    counts only while the node's signature holds: otherwise anyone could forge the "answer".
-    """
+def accusation_problems(proof: FraudProof) -> list[str]:
+    """The cheap part of a fraud proof, checked before any model work or relaying: a fraud
+    verdict, signed by its verifier, on this very answer, which is the accused node's own
+    (signed by it, evidence hashing to what it signed). Empty: worth a re-check."""
     reasons = []
     if not proof.verdict.signature_is_valid():
         reasons.append("the verdict's signature does not verify for its verifier id")
@@ -80,15 +77,24 @@ def check_fraud_proof(proof: FraudProof, backend: ScoringBackend, tol: Tolerance
         reasons.append("the verdict is not a fraud verdict")
     if proof.verdict.verdict.receipt_id != proof.answer.receipt.receipt_id:
         reasons.append("the verdict names another receipt")
+    reasons += [f"no evidence against the accused node: {why}" for why in attribution_problems(proof.answer)]
+    return reasons
+
+
+def check_fraud_proof(proof: FraudProof, backend: ScoringBackend, tol: Tolerances = Tolerances()) -> FraudProofCheck:
+    """Re-check an accusation from scratch on ``backend``.
+
+    Upheld only if the accusation is well formed (``accusation_problems``) and our own
+    verification of the answer, which is the node's own, finds fraud: a model check or a finish
+    rule failing on evidence the node signed. Evidence that is not the node's (``unattributable``)
+    or merely malformed never convicts anyone; the verdict's content is never trusted."""
+    reasons = accusation_problems(proof)
     if proof.answer.receipt.model_id != backend.model_id:
         reasons.append("the answer is for another model than the one checking it: cannot judge")
     if reasons:
         return FraudProofCheck(upheld=False, reasons=reasons)
     recomputed = verify_answer(proof.answer, backend, tol)
     if recomputed.verdict != "fraud":
-        return FraudProofCheck(upheld=False, reasons=["the answer passes verification here"], recomputed=recomputed)
-    if any(r.startswith("signature") for r in recomputed.reasons):
-        return FraudProofCheck(
-            upheld=False, reasons=["the answer is not signed by the accused node: no evidence against it"], recomputed=recomputed
-        )
+        return FraudProofCheck(upheld=False, reasons=[f"the answer re-checks as {recomputed.verdict} here", *recomputed.reasons],
+                               recomputed=recomputed)
     return FraudProofCheck(upheld=True, reasons=recomputed.reasons, recomputed=recomputed)

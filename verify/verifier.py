@@ -9,8 +9,19 @@ every output position. Then, at each position t:
 2. fingerprint: the committed top-k logits must match the verifier's logits at those ids within
    ``tau``: catches another model, dtype or quantization, skipped layers.
 
-Before any model work, the commitments must hold together: the signature (and node id = key),
-model_id, request_hash, seed, output_hash, token counts and fingerprint_root.
+Before any model work the answer must be the node's, in this order:
+
+- ``unattributable``: the receipt's signature does not verify for its node id, or the evidence
+  does not hash to the signed ``evidence_hash``. Such an answer proves nothing against the node
+  named in it (anyone holding an honest receipt could otherwise alter its evidence and frame
+  the node): never a conviction, never a reputation loss for it.
+- ``malformed``: the node signed evidence that breaks the protocol's shape or its own
+  commitments (fingerprints not exactly k distinct in-vocabulary ids, request_hash, output_hash,
+  counts or fingerprint_root that do not follow from the evidence). A failed audit for the
+  node that served it, but not a fraud proof: nothing about the model was checked.
+- then the finish rules (``verify.finish``) and the two model checks; a failure of any of
+  these on the node's own signed evidence is ``fraud``, what ``check_fraud_proof`` upholds.
+
 ``eps`` and ``tau`` come from the calibration table (see ``Tolerances``).
 """
 
@@ -24,7 +35,9 @@ import numpy as np
 from pydantic import BaseModel
 
 from verify.canonical import output_hash, request_hash
+from verify.errors import VerifyError
 from verify.evidence import AnswerFile
+from verify.finish import finish_failures
 from verify.receipts import fingerprint_root, verify_receipt
 from verify.sampling import SamplingParams, decision_scores, token_margin
 
@@ -33,13 +46,22 @@ MARGIN_CLIP = 1e9
 
 
 class ScoringBackend(Protocol):
-    """What the verifier needs from a model runtime (node/ implements it)."""
+    """What the verifier needs from a model runtime (node/ implements it). The end-of-sequence
+    ids and the decoding come from the tokenizer, which ``model_id`` covers."""
 
     model_id: str
     vocab_size: int
+    eos_token_ids: Sequence[int]
 
     def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
         """Logits (n - from_position, vocab); row i predicts token ``from_position + i + 1``."""
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` with special tokens skipped (for stop strings)."""
+
+
+class WrongModelError(VerifyError, ValueError):
+    """The answer is for another model than the backend runs: no verdict can be given here."""
 
 
 @dataclass(frozen=True)
@@ -56,26 +78,37 @@ class Tolerances:
 
 class PositionFailure(BaseModel):
     position: int
-    check: Literal["sampling", "fingerprint"]
-    value: float  # the margin (sampling) or the logit difference (fingerprint)
+    check: Literal["sampling", "fingerprint", "finish"]
+    value: float  # the margin (sampling), the logit difference (fingerprint), 0 (finish: see reasons)
+
+
+VerdictKind = Literal["pass", "fraud", "unattributable", "malformed"]
 
 
 class Verdict(BaseModel):
     receipt_id: str
-    verdict: Literal["pass", "fraud"]
+    verdict: VerdictKind
     reasons: list[str]
     failures: list[PositionFailure]
     min_margin: float | None = None  # smallest sampling margin seen, logit units
     max_logit_diff: float | None = None  # largest fingerprint difference seen
 
 
-def _commitment_problems(answer: AnswerFile, model_id: str) -> list[str]:
-    r, ev = answer.receipt, answer.evidence
-    problems = []
+def attribution_problems(answer: AnswerFile) -> list[str]:
+    """Why this answer file is not the named node's own (empty: it is): the signature, and the
+    evidence hashing to the signed ``evidence_hash``. Needs no model."""
+    r = answer.receipt
     if not verify_receipt(r, answer.signature, bytes.fromhex(answer.public_key)):
-        problems.append("signature does not verify for the receipt's node id")
-    if r.model_id != model_id:
-        problems.append(f"receipt is for model {r.model_id[:16]}…, the verifier runs {model_id[:16]}…")
+        return ["the receipt's signature does not verify for its node id"]
+    if answer.evidence.digest() != r.evidence_hash:
+        return ["the evidence does not hash to the receipt's evidence_hash: it is not what the node signed"]
+    return []
+
+
+def commitment_problems(answer: AnswerFile, vocab_size: int | None = None) -> list[str]:
+    """Where the node's signed evidence breaks the protocol's shape or its own receipt."""
+    r, ev = answer.receipt, answer.evidence
+    problems = ev.shape_problems(vocab_size)
     if r.request_hash != request_hash(r.model_id, ev.prompt_ids, ev.sampling.to_canonical_dict()):
         problems.append("request_hash does not match the evidence's prompt and sampling parameters")
     if r.seed != ev.sampling.seed:
@@ -84,9 +117,7 @@ def _commitment_problems(answer: AnswerFile, model_id: str) -> list[str]:
         problems.append("output_hash does not match the evidence's output ids")
     if (r.n_prompt_tokens, r.n_output_tokens) != (len(ev.prompt_ids), len(ev.output_ids)):
         problems.append("token counts differ from the evidence")
-    if len(ev.fingerprints) != len(ev.output_ids):
-        problems.append("one fingerprint per output token is required")
-    elif r.fingerprint_root != fingerprint_root([(f.ids, f.logits) for f in ev.fingerprints]):
+    if len(ev.fingerprints) == len(ev.output_ids) and r.fingerprint_root != fingerprint_root([(f.ids, f.logits) for f in ev.fingerprints]):
         problems.append("fingerprint_root does not match the evidence's fingerprints")
     return problems
 
@@ -128,27 +159,32 @@ def check_positions(answer: AnswerFile, backend: ScoringBackend, eps: float) -> 
     margins, diffs = [], []
     for t, (claimed, row, fp) in enumerate(zip(ev.output_ids, logits, ev.fingerprints)):
         margins.append(_sampling_margin(row, ev.sampling, rh, t, ev.output_ids[:t], claimed, eps))
-        diffs.append(float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))) if fp.ids else 0.0)
+        diffs.append(float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))))  # shape checked: k ids each
     return PositionChecks(np.asarray(margins), np.asarray(diffs))
 
 
 def verify_answer(answer: AnswerFile, backend: ScoringBackend, tol: Tolerances = Tolerances()) -> Verdict:
-    """Check an answer file end to end; ``fraud`` names every failed check and position."""
+    """Check an answer file end to end (see the module docstring for the order of the checks);
+    ``fraud`` names every failed check and position. Raises ``WrongModelError`` for an answer of
+    another model than ``backend`` runs."""
     r, ev = answer.receipt, answer.evidence
-    problems = _commitment_problems(answer, backend.model_id)
-    if problems:
-        return Verdict(receipt_id=r.receipt_id, verdict="fraud", reasons=problems, failures=[])
-    if max(ev.prompt_ids + ev.output_ids) >= backend.vocab_size or min(ev.prompt_ids + ev.output_ids) < 0:
-        return Verdict(receipt_id=r.receipt_id, verdict="fraud", reasons=["token id outside the vocabulary"], failures=[])
+    if r.model_id != backend.model_id:
+        raise WrongModelError(f"the answer is for model {r.model_id[:16]}…, this verifier runs {backend.model_id[:16]}…")
+    if problems := attribution_problems(answer):
+        return Verdict(receipt_id=r.receipt_id, verdict="unattributable", reasons=problems, failures=[])
+    if problems := commitment_problems(answer, backend.vocab_size):
+        return Verdict(receipt_id=r.receipt_id, verdict="malformed", reasons=problems, failures=[])
 
+    finish = finish_failures(ev.output_ids, ev.sampling, r.finish_reason, backend.eos_token_ids, backend.decode)
     checks = check_positions(answer, backend, tol.eps)
-    failures = [PositionFailure(position=t, check="sampling", value=m) for t, m in enumerate(checks.margins.tolist()) if m < -tol.eps]
+    failures = [PositionFailure(position=t, check="finish", value=0.0) for t, _ in finish]
+    failures += [PositionFailure(position=t, check="sampling", value=m) for t, m in enumerate(checks.margins.tolist()) if m < -tol.eps]
     failures += [PositionFailure(position=t, check="fingerprint", value=d) for t, d in enumerate(checks.logit_diffs.tolist()) if d > tol.tau]
     failures.sort(key=lambda f: (f.position, f.check))
     return Verdict(
         receipt_id=r.receipt_id,
         verdict="fraud" if failures else "pass",
-        reasons=sorted({f"{f.check} check failed" for f in failures}),
+        reasons=sorted({f"{f.check} check failed" for f in failures} | {why for _, why in finish}),
         failures=failures,
         min_margin=float(checks.margins.min()),
         max_logit_diff=float(checks.logit_diffs.max()),

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bench.cheats import CHEATS, SAMPLING_CHEATS, CheatContext
+from bench.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext
 from bench.harness import Generator, request_mix
 from node.loaded_model import load_model
 from node.runtime import CacheLimits
@@ -48,7 +48,7 @@ TINY_UNDETECTABLE = {"fp16-weights"}
 def test_every_cheat_is_flagged(ctx, name):
     answers = CHEATS[name](ctx, requests_for(ctx, name))
     verdicts = [verify_answer(a, ctx.model) for a in answers]
-    missed = [(a.evidence.output_ids, v) for a, v in zip(answers, verdicts) if v.verdict != "fraud"]
+    missed = [(a.evidence.output_ids, v) for a, v in zip(answers, verdicts) if v.verdict != EXPECTED.get(name, "fraud")]
     assert not missed, missed
 
 
@@ -69,8 +69,19 @@ def test_fraud_proofs_are_rechecked_from_scratch(ctx):
     # A verdict altered after signing, or a "proof" over an answer the node never signed.
     altered = proof.model_copy(update={"verdict": proof.verdict.model_copy(update={"verdict": proof.verdict.verdict.model_copy(update={"failures": []})})})
     assert "signature" in check_fraud_proof(altered, ctx.model).reasons[0]
+    # A truncated answer re-signed as complete: the finish rules convict it, without model doubt.
+    truncated = CHEATS["truncated-resigned"](ctx, requests_for(ctx, "truncated-resigned", 1))[0]
+    assert check_fraud_proof(make_fraud_proof(truncated, verify_answer(truncated, ctx.model), verifier_key), ctx.model).upheld
+    # Framing: a "proof" over an answer the node never signed, and an honest receipt with one
+    # output id altered in its evidence, each under a fraud verdict from a fresh key.
     unsigned = CHEATS["forged-receipt"](ctx, requests_for(ctx, "forged-receipt", 1))[0]
-    not_theirs = make_fraud_proof(unsigned, verify_answer(unsigned, ctx.model), verifier_key)
-    assert not check_fraud_proof(not_theirs, ctx.model).upheld
+    ev = honest.evidence
+    altered_evidence = honest.model_copy(update={"evidence": ev.model_copy(update={"output_ids": [*ev.output_ids[:-1], 7]})})
+    for answer in (unsigned, altered_evidence):
+        assert verify_answer(answer, ctx.model).verdict == "unattributable"
+        lie = verify_answer(answer, ctx.model).model_copy(update={"verdict": "fraud"})
+        framing = FraudProof(answer=answer, verdict=sign_verdict(lie, NodeKey.generate()))
+        check = check_fraud_proof(framing, ctx.model)
+        assert not check.upheld and "no evidence against the accused node" in check.reasons[0]
     with pytest.raises(ValueError):
         make_fraud_proof(honest, verify_answer(honest, ctx.model), verifier_key)

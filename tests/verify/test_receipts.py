@@ -20,7 +20,8 @@ FPS = [([5, 3, 9], [2.5, 1.25, -0.5]), ([7, 1, 2], [3.0, 2.0, 1.0]), ([2, 8, 4],
 def signed(key=None, **over):
     key = key or NodeKey.generate()
     kwargs = dict(model_id="a" * 64, backend="tvm/llvm/znver3/fp32", request_hash="b" * 64, seed=42,
-                  prompt_ids=[1, 2, 3], output_ids=[5, 7, 2], fingerprints=FPS, finish_reason="stop")
+                  prompt_ids=[1, 2, 3], output_ids=[5, 7, 2], fingerprints=FPS, finish_reason="stop",
+                  seed_source="client", evidence_hash="c" * 64)
     kwargs.update(over)
     return key, *make_receipt(key, **kwargs)
 

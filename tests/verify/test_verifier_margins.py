@@ -22,6 +22,7 @@ class FixedLogits:
     """A scoring backend whose next-token logits are the same row at every position."""
 
     model_id = MODEL_ID
+    eos_token_ids = ()
 
     def __init__(self, row: np.ndarray):
         self.row = row.astype(np.float32)
@@ -29,6 +30,9 @@ class FixedLogits:
 
     def score(self, token_ids, from_position: int = 0) -> np.ndarray:
         return np.tile(self.row, (len(token_ids) - from_position, 1))
+
+    def decode(self, token_ids) -> str:
+        return " ".join(map(str, token_ids))
 
 
 def answer(params: SamplingParams, token: int, fingerprint) -> AnswerFile:
@@ -52,7 +56,7 @@ def test_a_token_rounded_just_outside_top_k_passes():
     verifier_row = node.copy()
     verifier_row[2] -= 4e-6  # the verifier's rounding puts token 3 ahead of token 2
     tol = Tolerances(eps=1e-4, tau=1e-4)
-    a = answer(params, 2, top_k_fingerprint(verifier_row.astype(np.float32), 4))
+    a = answer(params, 2, top_k_fingerprint(verifier_row.astype(np.float32), 8))
     verdict = verify_answer(a, FixedLogits(verifier_row), tol)
     assert verdict.verdict == "pass", verdict
     # The case is real: without the slack the verifier's top-3 excludes the token.
@@ -64,7 +68,7 @@ def test_a_token_clearly_outside_top_k_is_fraud():
     node, params = boundary_case(delta=2e-6)
     verifier_row = node.copy()
     verifier_row[2] -= 0.5  # far more than honest hardware differs
-    a = answer(params, 2, top_k_fingerprint(verifier_row.astype(np.float32), 4))
+    a = answer(params, 2, top_k_fingerprint(verifier_row.astype(np.float32), 8))
     verdict = verify_answer(a, FixedLogits(verifier_row), Tolerances(eps=1e-4, tau=1.0))
     assert verdict.verdict == "fraud" and verdict.reasons == ["sampling check failed"]
     assert verdict.failures[0].value < -1e-4

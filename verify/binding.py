@@ -1,0 +1,249 @@
+"""Binding: is the answer a client received the answer to *its* request? (DESIGN.md, "Who signed what")
+
+A receipt proves what a node computed, not that it answered the client's request: an operator
+between the client and its own honest node can swap the prompt, the sampling parameters or the
+text, and re-sign. This check needs no model weights, only the tokenizer and chat template,
+so any client (or the verifier sidecar, on every answer) can run it. Given the client's request
+body, the response it received (one JSON document, or a stream's chunks) and the answer file
+behind each receipt in it, it checks per choice that:
+
+1. the response's receipt is the answer file's (same receipt, signature and key), and the answer
+   file is the node's own (signature, evidence hashing to the signed ``evidence_hash``);
+2. the evidence's prompt ids are exactly the model's rendering of the client's messages or prompt
+   (the README's tokenization rule);
+3. every sampling parameter equals what the request asked for (defaults where it is silent;
+   choice j of n uses seed + j), and the seed's source is the one the request implies;
+4. the finish obeys the finish rules (``verify.finish``) and the text and finish_reason the client
+   got are what the output ids decode to under them;
+5. logprobs, when asked for, agree with the committed fingerprints (same differences between
+   the top tokens' values, one entry per output token).
+
+The HTTP body is not signed, so a mismatch is refused and counted by the party that saw the
+request; it is not a network conviction (a finish-rule failure is also fraud an audit proves).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Protocol, Sequence
+
+from verify.evidence import AnswerFile
+from verify.finish import finish_failures, visible_text
+from verify.sampling import SamplingParams
+from verify.verifier import attribution_problems
+
+Endpoint = Literal["chat", "completions"]
+U64 = 2**64
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+# Chat has no documented default ("up to the context"); KV pages are reserved for the whole
+# budget at admission, so an unbounded default would let one chat hold most of the cache.
+DEFAULT_CHAT_MAX_TOKENS = 512
+LOGPROB_TOLERANCE = 1e-4  # log-softmax differences vs committed logit differences (float32 inputs)
+
+
+class Tokenization(Protocol):
+    """What binding needs of a model: its tokenizer and chat template (node's TextTokenizer)."""
+
+    eos_token_ids: Sequence[int]
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+
+    def encode_prompt(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def template_message(message: Mapping[str, Any]) -> dict[str, str]:
+    """The plain {role, content} dict a chat template renders from an OpenAI message
+    ("developer" is OpenAI's new name for "system"; text parts are joined)."""
+    content = message.get("content")
+    text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content or [])
+    role = message.get("role")
+    return {"role": "system" if role == "developer" else role, "content": text}
+
+
+def default_max_tokens(endpoint: Endpoint, prompt_tokens: int, max_context: int) -> int:
+    """The budget of a request that names none: OpenAI's 16 for completions; for chat up to
+    ``DEFAULT_CHAT_MAX_TOKENS``, less when the context is nearly full (at least 1, so a prompt
+    that fills the context gets the engine's context-length error)."""
+    if endpoint == "completions":
+        return DEFAULT_COMPLETION_MAX_TOKENS
+    return max(1, min(DEFAULT_CHAT_MAX_TOKENS, max_context - prompt_tokens))
+
+
+def requested_max_tokens(body: Mapping[str, Any]) -> int | None:
+    """``max_completion_tokens`` (OpenAI's current chat name) wins over ``max_tokens``."""
+    return body.get("max_completion_tokens") or body.get("max_tokens")
+
+
+def requested_sampling(body: Mapping[str, Any], *, max_tokens: int, seed: int) -> SamplingParams:
+    """The sampling parameters a request body asks for, OpenAI's defaults where it is silent:
+    the one mapping the node serves with and the binding check expects."""
+    stop = body.get("stop")
+    return SamplingParams(
+        temperature=1.0 if body.get("temperature") is None else body["temperature"],
+        top_p=1.0 if body.get("top_p") is None else body["top_p"],
+        top_k=body.get("top_k") or 0,
+        presence_penalty=body.get("presence_penalty") or 0.0,
+        frequency_penalty=body.get("frequency_penalty") or 0.0,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+    )
+
+
+def choice_seed(body: Mapping[str, Any], index: int) -> int | None:
+    """Choice ``j`` of ``n`` samples with ``seed + j`` (None: the request gave no seed)."""
+    seed = body.get("seed")
+    return None if seed is None else (int(seed) + index % (body.get("n") or 1)) % U64
+
+
+@dataclass
+class ReceivedChoice:
+    """What the client got for one choice."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    proofmesh: dict | None = None
+    logprobs: list[dict] = field(default_factory=list)  # one per token, as the endpoint renders them
+
+
+@dataclass
+class BindingReport:
+    """Per choice index, what does not bind (empty lists: the answer is the request's)."""
+
+    problems: dict[int, list[str]]
+    receipts: dict[int, str]  # choice index -> receipt id
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.problems.values())
+
+    def summary(self) -> str:
+        return "; ".join(f"choice {i}: {', '.join(p)}" for i, p in sorted(self.problems.items()) if p)
+
+
+def received_choices(response: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[int, ReceivedChoice]:
+    """The choices of a JSON response, or reassembled from a stream's chunks (text joined, the
+    chunk with a choice's finish_reason carries its receipt)."""
+    chunks = [response] if isinstance(response, Mapping) else list(response)
+    choices: dict[int, ReceivedChoice] = {}
+    for chunk in chunks:
+        for c in chunk.get("choices") or []:
+            got = choices.setdefault(int(c.get("index", 0)), ReceivedChoice(int(c.get("index", 0))))
+            message = c.get("message") or c.get("delta") or {}
+            got.text += c.get("text") or message.get("content") or ""
+            if c.get("finish_reason"):
+                got.finish_reason = c["finish_reason"]
+                got.proofmesh = c.get("proofmesh") or chunk.get("proofmesh")
+            if c.get("logprobs"):
+                got.logprobs.append(c["logprobs"])
+    return choices
+
+
+def _prompts(endpoint: Endpoint, body: Mapping[str, Any], tok: Tokenization) -> list[list[int]]:
+    if endpoint == "chat":
+        return [tok.encode_chat([template_message(m) for m in body.get("messages") or []])]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [tok.encode_prompt(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [tok.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompt or []]
+
+
+def _logprob_problems(endpoint: Endpoint, got: ReceivedChoice, answer: AnswerFile, top_n: int) -> list[str]:
+    """The logprobs received against the committed fingerprints: one entry per output token,
+    and every value's distance to the best one equal to the committed logits' distance."""
+    ev = answer.evidence
+    if endpoint == "chat":
+        entries = [e for block in got.logprobs for e in block.get("content") or []]
+        tops = [[t["logprob"] for t in e.get("top_logprobs") or []] for e in entries]
+        picked = [e["logprob"] for e in entries]
+    else:
+        entries = [lp for block in got.logprobs for lp in block.get("token_logprobs") or []]
+        picked = entries
+        tops = [list(d.values()) for block in got.logprobs for d in block.get("top_logprobs") or []]
+    if len(picked) != len(ev.output_ids):
+        return [f"{len(picked)} logprobs for {len(ev.output_ids)} output tokens"]
+    if not top_n:  # no top entries: the best token's value, the reference point, is not shown
+        return []
+    for t, (fp, token, value, top) in enumerate(zip(ev.fingerprints, ev.output_ids, picked, tops)):
+        best = max(top, default=value)  # the committed top-1 is always listed first
+        expected = dict(zip(fp.ids, (v - fp.logits[0] for v in fp.logits)))
+        if token in expected and not math.isclose(value - best, expected[token], abs_tol=LOGPROB_TOLERANCE):
+            return [f"the logprob of token {t} disagrees with the committed fingerprint"]
+        if any(not math.isclose(v, value, abs_tol=LOGPROB_TOLERANCE)  # completions also list the sampled token
+               and not any(math.isclose(v - best, e, abs_tol=LOGPROB_TOLERANCE) for e in expected.values()) for v in top):
+            return [f"a top logprob of token {t} is not among the committed fingerprint's"]
+    return []
+
+
+def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                 answers: Mapping[str, AnswerFile], tok: Tokenization, *, model_id: str | None = None,
+                 max_context: int | None = None, require_client_seed: bool = False) -> BindingReport:
+    """Check every choice of ``response`` against the request ``body`` and the answer files
+    (by receipt id); see the module docstring. ``model_id``: the model the client asked for, when
+    known; ``max_context``: the serving model's context, to check a chat's default budget."""
+    prompts = _prompts(endpoint, body, tok)
+    per_prompt = body.get("n") or 1
+    received = received_choices(response)
+    problems: dict[int, list[str]] = {}
+    receipts: dict[int, str] = {}
+    for index in range(len(prompts) * per_prompt):
+        found = problems.setdefault(index, [])
+        got = received.get(index)
+        receipt = ((got.proofmesh or {}).get("receipt") or {}) if got else {}
+        answer = answers.get(str(receipt.get("receipt_id")))
+        if got is None or answer is None:
+            found.append("no answer" if got is None else "no answer file for its receipt")
+            continue
+        receipts[index] = answer.receipt.receipt_id
+        r, ev = answer.receipt, answer.evidence
+        if (receipt != r.model_dump(mode="json") or got.proofmesh.get("signature") != answer.signature
+                or got.proofmesh.get("public_key") != answer.public_key):
+            found.append("the answer file is not the one named by the served receipt")
+            continue
+        if attribution := attribution_problems(answer):
+            found.extend(attribution)
+            continue
+        if model_id is not None and r.model_id != model_id:
+            found.append("the receipt names another model than the one asked for")
+        prompt = prompts[index // per_prompt]
+        if ev.prompt_ids != prompt:
+            found.append("the prompt ids are not the rendering of the request's prompt")
+        asked = requested_max_tokens(body)
+        if asked is None and max_context is None:  # unknown context: the default is at most the cap
+            max_tokens_ok = ev.sampling.max_tokens <= default_max_tokens(endpoint, len(prompt), 2**31)
+            asked = ev.sampling.max_tokens
+        else:
+            asked = asked or default_max_tokens(endpoint, len(prompt), max_context)
+            max_tokens_ok = ev.sampling.max_tokens == asked
+        seed = choice_seed(body, index)
+        expected = requested_sampling(body, max_tokens=asked, seed=ev.sampling.seed if seed is None else seed)
+        mismatched = [name for name in SamplingParams.model_fields
+                      if getattr(expected, name) != getattr(ev.sampling, name) and name != "max_tokens"]
+        if not max_tokens_ok:
+            mismatched.append("max_tokens")
+        if mismatched:
+            found.append(f"sampling parameters differ from the request's: {', '.join(sorted(mismatched))}")
+        if r.seed_source != ("node" if seed is None else "client"):
+            found.append(f"the receipt says the seed came from the {r.seed_source}")
+        if seed is None and require_client_seed:
+            found.append("the request set no seed and client seeds are required")
+        for position, why in finish_failures(ev.output_ids, ev.sampling, r.finish_reason, tok.eos_token_ids, tok.decode):
+            found.append(f"{why} (output position {position})")
+        if got.finish_reason != r.finish_reason:
+            found.append(f"finish_reason {got.finish_reason!r} received, {r.finish_reason!r} committed")
+        if got.text != visible_text(ev.output_ids, ev.sampling, tok.eos_token_ids, tok.decode):
+            found.append("the text received is not what the committed output ids decode to")
+        if got.logprobs:
+            top_n = (body.get("top_logprobs") or 0) if endpoint == "chat" else (body.get("logprobs") or 0)
+            found.extend(_logprob_problems(endpoint, got, answer, top_n))
+    return BindingReport(problems=problems, receipts=receipts)
+
+
+__all__ = ["BindingReport", "Endpoint", "Tokenization", "bind_answers", "choice_seed", "default_max_tokens",
+           "received_choices", "requested_max_tokens", "requested_sampling", "template_message"]
