@@ -280,6 +280,37 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upstream_models(args: argparse.Namespace) -> list:
+    """The models the upstream nodes serve, loaded here as ``proofmesh run`` would (pulled when
+    in the registry), each checked to be the same model_id; an error names what is missing."""
+    import json
+    import urllib.request
+
+    from node.loaded_model import load_model
+
+    served: dict[str, str] = {}
+    for url in args.upstream:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=30) as response:
+                served.update({m["id"]: m["model_id"] for m in json.load(response)["models"]})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ProofMeshNodeError(f"cannot ask {url} which model it serves ({exc}); give it with --model") from exc
+    if not served:
+        raise ProofMeshNodeError("the upstream serves no model itself; give the model to verify with --model")
+    models = []
+    for name, model_id in sorted(served.items()):
+        try:
+            model = load_model(name, device=args.device, weights=args.weights, progress=_progress)
+        except ProofMeshNodeError as exc:
+            raise ProofMeshNodeError(f"the upstream serves {name!r}, which this machine cannot load ({exc}); "
+                                     "give its path with --model") from exc
+        if model.model_id != model_id:
+            raise ProofMeshNodeError(f"the upstream's {name!r} is model {model_id[:16]}…, the local one is "
+                                     f"{model.model_id[:16]}…: give the matching model with --model")
+        models.append(model)
+    return models
+
+
 def _cmd_verifier(args: argparse.Namespace) -> int:
     from node import model_store
     from node.loaded_model import load_model
@@ -293,11 +324,19 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
         raise ProofMeshNodeError("--audit-rate is a probability in [0, 1]")
     if args.validators < 0:
         raise ProofMeshNodeError("--validators is a count of peers, 0 or more")
-    if bool(args.upstream) == bool(args.bootstrap):
+    if not args.upstream and not args.bootstrap:
         raise ProofMeshNodeError("give the nodes to proxy as --upstream URL ..., or join the network with --bootstrap MULTIADDR")
+    if args.validators and not args.bootstrap:
+        raise ProofMeshNodeError("--validators needs --bootstrap: validators are drawn from the verifier's own view of the "
+                                 "network, never through a node it audits")
+    if not args.model and not args.upstream:
+        raise ProofMeshNodeError("give the model to verify with --model (with --bootstrap alone there is no upstream to ask)")
     key, key_path = _node_key(args.key)
     _progress(f"verifier id {key.node_id} (key {key_path})")
-    models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in args.model or []]
+    if args.model:
+        models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in args.model]
+    else:
+        models = _upstream_models(args)
     root = model_store.store_root()
     ledger = Ledger(Path(args.ledger) if args.ledger else root / "ledger.sqlite")
     gateway_store = EvidenceStore(root / "verifier-gateway.sqlite") if args.bootstrap else None
@@ -305,13 +344,17 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
     async def serve() -> None:
         """With --bootstrap, a gateway node (no model, the verifier's key) joins the network on
         loopback and is the sidecar's one upstream: routing, validators and fraud gossip are its."""
-        upstreams, gateway = list(args.upstream or []), None
+        upstreams, gateway, gateway_url = list(args.upstream or []), None, None
         if args.bootstrap:
             config = NetworkConfig(listen=args.p2p_listen or ["/ip4/127.0.0.1/tcp/0"], bootstrap=args.bootstrap)
-            gateway, port = await start_server(make_app([], key, gateway_store, network=config), "127.0.0.1", 0)
-            upstreams = [f"http://127.0.0.1:{port}"]
-        sidecar = Sidecar(upstreams, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate,
-                          validators=args.validators)
+            gateway, port = await start_server(make_app([], key, gateway_store, network=config, ledger=ledger), "127.0.0.1", 0)
+            gateway_url = f"http://127.0.0.1:{port}"
+            upstreams = upstreams or [gateway_url]
+        try:
+            sidecar = Sidecar(upstreams, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate,
+                              validators=args.validators, validator_gateway=gateway_url)
+        except ValueError as exc:
+            raise ProofMeshNodeError(str(exc)) from None
 
         def ready(url: str) -> None:
             target = f"the network via {', '.join(args.bootstrap)}" if args.bootstrap else ", ".join(upstreams)
@@ -320,7 +363,7 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
                       f"{f' and {args.validators} peer(s)' if args.validators else ''} (Ctrl-C to stop)")
 
         try:
-            await serve_until_signalled(make_sidecar_app(sidecar), args.host, args.port, ready)
+            await serve_until_signalled(make_sidecar_app(sidecar, args.api_key or ()), args.host, args.port, ready)
         finally:
             if gateway is not None:
                 await gateway.cleanup()
@@ -449,20 +492,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verifier", help="an OpenAI-compatible proxy in front of a node that audits a share of its answers")
     p.add_argument("--upstream", action="append", help="a node's URL, e.g. http://127.0.0.1:8000 "
                    "(repeat for several: requests are routed by reputation, never to a convicted node)")
-    p.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="instead of --upstream: join the p2p network "
-                   "through these peers (an embedded gateway routes requests to the peers serving the model)")
+    p.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="join the p2p network through these peers: "
+                   "an embedded gateway with the verifier's key draws validators and spreads fraud proofs, and is the "
+                   "upstream when no --upstream is given")
     p.add_argument("--p2p-listen", action="append", metavar="MULTIADDR", help="with --bootstrap: where the embedded "
                    "gateway listens (default /ip4/127.0.0.1/tcp/0)")
     p.add_argument("--audit-rate", type=float, default=0.05, help="share of answers re-executed (default 0.05; "
                    "see proofmesh posp)")
-    p.add_argument("--model", action="append", help="model(s) to re-execute audits on, held locally (repeatable)")
-    p.add_argument("--validators", type=int, default=0, help="also re-check each audit on this many peers, through "
-                   "the upstream's p2p network (POST /v1/peers/verify); their verdicts are held to the outcome")
+    p.add_argument("--model", action="append", help="model(s) to re-execute audits on, held locally (repeatable; "
+                   "default: the model(s) the upstream serves, pulled and loaded here)")
+    p.add_argument("--validators", type=int, default=0, help="also re-check each audit on this many peers, drawn at random by "
+                   "the verifier's own gateway (needs --bootstrap); their verdicts are held to the outcome")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100, help="0 picks a free port")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--key", default=None, help="key that signs verdicts (default: node_key.pem in the model store)")
     p.add_argument("--ledger", default=None, help="SQLite ledger (default: ledger.sqlite in the model store)")
+    p.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 (repeatable); "
+                   "clients' keys are passed on to the upstream")
     _add_weights_option(p)
     p.set_defaults(func=_cmd_verifier)
 

@@ -24,7 +24,7 @@ import json
 import logging
 from collections import OrderedDict
 from contextlib import aclosing
-from typing import AsyncIterator, Awaitable, Callable, Sequence
+from typing import AsyncIterator, Sequence
 
 import aiohttp
 import numpy as np
@@ -33,7 +33,7 @@ from aiohttp import web
 from node.errors import ConfigError, EngineBusyError
 from node.loaded_model import LoadedModel
 from node.openai_protocol import ModelCard
-from node.service import NODE, APIError, Node, parse_body
+from node.service import NODE, APIError, Handler, Node, parse_body
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
@@ -54,7 +54,6 @@ DEFAULT_FRAUD_QUORUM = 2
 FRAUD_MEMORY = 4096  # receipts whose fraud notices are remembered (dedupe), oldest forgotten first
 INFER_PATHS = ("/v1/completions", "/v1/chat/completions")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICES = web.AppKey("services", "NodeServices")
 
 

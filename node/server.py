@@ -19,12 +19,11 @@ whose traceback goes to the log, never to the client. With API keys set, ``/v1/*
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -32,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from node import openai_routes, peering
 from node.errors import ConfigError
 from node.loaded_model import LoadedModel
-from node.service import DEFAULT_MAX_QUEUE, NODE, APIError, Node, api_error_of
+from node.service import DEFAULT_MAX_QUEUE, NODE, APIError, Handler, Node, api_error_of, require_api_key
 from p2p.network import NetworkConfig
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -46,7 +45,6 @@ MAX_BODY_BYTES = 1 << 20
 # On SIGINT/SIGTERM, answers in flight get this long to finish before they are cancelled.
 SHUTDOWN_GRACE_S = 10.0
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # ---------------------------------------------------------------------- middleware
@@ -67,21 +65,6 @@ async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.Str
         response = api_error_of(exc, node.shutting_down).response()
     node.metrics.observe_request(_route_label(request), response.status, time.perf_counter() - start)
     return response
-
-
-def _auth(api_keys: Sequence[str]) -> Callable:
-    keys = [k.encode() for k in api_keys]
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if keys and request.path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            # compare_digest against every key: no timing hint about which prefix matched
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
-                raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
-        return await handler(request)
-
-    return check
 
 
 # ---------------------------------------------------------------------- receipts, health, metrics
@@ -146,7 +129,7 @@ def make_app(
     if not models and network is None:
         raise ConfigError("make_app needs at least one model (or a p2p network to forward to)")
     node = Node(models, key, store, max_queue=max_queue)
-    app = web.Application(middlewares=[_errors_and_metrics, _auth(api_keys), peering.forward_to_peers],
+    app = web.Application(middlewares=[_errors_and_metrics, require_api_key(api_keys), peering.forward_to_peers],
                           client_max_size=max_body_bytes)
     app[NODE] = node
     if network is not None:

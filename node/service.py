@@ -9,12 +9,13 @@ answer without a receipt.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # a full queue drains within about a batch's worth of answers
 DEFAULT_MAX_QUEUE = 64
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 
@@ -91,6 +94,22 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     return model.model_validate(data)  # ValidationError -> 400 in the middleware
+
+
+def require_api_key(api_keys: Sequence[str]) -> Callable:
+    """Middleware: with keys set, every /v1 route needs ``Authorization: Bearer KEY`` (the node's and the sidecar's)."""
+    keys = [k.encode() for k in api_keys]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if keys and request.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest against every key: no timing hint about which prefix matched
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
+                raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        return await handler(request)
+
+    return check
 
 
 # ---------------------------------------------------------------------- node state

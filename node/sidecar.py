@@ -40,18 +40,19 @@ import random
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.service import APIError
+from node.service import APIError, api_error_of, require_api_key
 from p2p.wire import Attestation
+from verify.binding import Endpoint, Tokenization, bind_answers
 from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, SignedVerdict, sign_verdict
 from verify.identity import NodeKey
-from verify.ledger import NEUTRAL, AuditRecord, Ledger
+from verify.ledger import AUDIT_STATES, NEUTRAL, AuditRecord, AuditState, Ledger
 from verify.redundancy import disagreement
 from verify.verifier import ScoringBackend, verify_answer
 
@@ -61,6 +62,8 @@ PROXIED_POSTS = ("/v1/chat/completions", "/v1/completions")
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=10)
 SIDECAR = web.AppKey("sidecar", "Sidecar")
 REDUNDANCY_HEADER = "X-ProofMesh-Redundancy"
+# How long the evidence behind a served receipt may take to arrive (retried): past it, withheld.
+EVIDENCE_DEADLINE_S = 5.0
 
 
 @dataclass
@@ -90,24 +93,43 @@ def receipts_in(body: Any) -> Iterator[tuple[str, str]]:
             yield from receipts_in(item)
 
 
-class Sidecar:
-    """Proxy, routing, audit decisions, audits, ledger. ``backends``: model_id -> a local scoring backend."""
+class AuditModel(ScoringBackend, Protocol):
+    """A model the sidecar holds: it re-executes audits and binds answers to requests with its
+    tokenizer (node's ``LoadedModel``)."""
 
-    def __init__(self, upstreams: Sequence[str], ledger: Ledger, key: NodeKey, backends: dict[str, ScoringBackend], *,
-                 audit_rate: float, validators: int = 0, secret: bytes | None = None):
+    tokenizer: Tokenization
+    max_context: int
+
+
+class Sidecar:
+    """Proxy, routing, audit decisions, binding, audits, ledger. ``backends``: model_id -> a model
+    held here. ``validator_gateway``: the URL of the sidecar's own gateway into the network
+    (``--bootstrap``), from whose peer table validators are drawn; never an audited upstream."""
+
+    def __init__(self, upstreams: Sequence[str], ledger: Ledger, key: NodeKey, backends: dict[str, AuditModel], *,
+                 audit_rate: float, validators: int = 0, secret: bytes | None = None, validator_gateway: str | None = None,
+                 evidence_deadline_s: float = EVIDENCE_DEADLINE_S):
         if not 0.0 <= audit_rate <= 1.0:
             raise ValueError("the audit rate is a probability in [0, 1]")
         if not upstreams:
             raise ValueError("the sidecar needs at least one upstream node")
+        if not backends:
+            raise ValueError("the sidecar needs the model it verifies: it binds every answer with its tokenizer")
+        if validators and validator_gateway is None:
+            raise ValueError("validators are drawn from the sidecar's own gateway into the network (--bootstrap), "
+                             "never through a node it audits")
         self.upstreams = [Upstream(url.rstrip("/")) for url in upstreams]
         self.ledger = ledger
         self.key = key
         self.backends = backends
         self.audit_rate = audit_rate
-        self.validators = validators  # peers asked through an upstream's /v1/peers/verify per audit
+        self.validators = validators
+        self.validator_gateway = validator_gateway.rstrip("/") if validator_gateway else None
+        self.evidence_deadline_s = evidence_deadline_s
         self._secret = secret or secrets.token_bytes(32)
         self._model_lock = asyncio.Lock()  # one runtime per model, not thread-safe: audits take turns
         self._tasks: set[asyncio.Task] = set()
+        self._cards: dict[str, dict] = {}  # model name -> the upstreams' model card (model_id, max_context)
         self.session: aiohttp.ClientSession | None = None
 
     async def identify(self) -> None:
@@ -136,33 +158,80 @@ class Sidecar:
     def chosen(self, receipt_id: str) -> bool:
         return audit_draw(self._secret, receipt_id) < self.audit_rate
 
+    async def card(self, up: Upstream, name: str, headers: dict) -> dict:
+        """The model card the upstream gives for ``name`` (its model_id and context), cached."""
+        if name not in self._cards:
+            try:
+                async with self.session.get(f"{up.url}/v1/models", headers=headers) as resp:
+                    for card in (await resp.json()).get("data", []):
+                        self._cards[card["id"]] = card
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, AttributeError) as exc:
+                log.warning("no model list from %s: %s", up.url, exc)
+        return self._cards.get(name, {})
+
     async def evidence(self, up: Upstream, receipt_id: str, node_id: str) -> AnswerFile | None:
         """The answer file behind a receipt: from ``up`` if it signed it, else through ``up`` from
-        the peer that did (a gateway relays other nodes' answers; their evidence stays with them)."""
-        for path in (f"/v1/receipts/{receipt_id}", f"/v1/peers/{node_id}/receipts/{receipt_id}"):
-            try:
-                async with self.session.get(f"{up.url}{path}") as resp:
-                    body, status = await resp.read(), resp.status
-                if status == 200:
-                    return AnswerFile.model_validate_json(body)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValidationError) as exc:
-                log.warning("evidence for %s through %s unusable: %s", receipt_id, up.url, exc)
+        the peer that did (a gateway relays other nodes' answers; their evidence stays with them).
+        Retried until ``evidence_deadline_s``: None then means it was withheld."""
+        deadline = asyncio.get_running_loop().time() + self.evidence_deadline_s
+        delay = 0.05
+        while True:
+            for path in (f"/v1/receipts/{receipt_id}", f"/v1/peers/{node_id}/receipts/{receipt_id}"):
+                try:
+                    async with self.session.get(f"{up.url}{path}", timeout=aiohttp.ClientTimeout(total=self.evidence_deadline_s)) as resp:
+                        body, status = await resp.read(), resp.status
+                    if status == 200:
+                        return AnswerFile.model_validate_json(body)
+                    log.info("no evidence for %s at %s%s (%d)", receipt_id, up.url, path, status)
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValidationError) as exc:
+                    log.warning("evidence for %s through %s unusable: %s", receipt_id, up.url, str(exc)[:200])
+                if up.node_id == node_id or not node_id:
+                    break
+            if asyncio.get_running_loop().time() + delay > deadline:
                 return None
-            if up.node_id == node_id or not node_id:
-                break
-        log.warning("no evidence for %s through %s (%d)", receipt_id, up.url, status)
-        return None
+            await asyncio.sleep(delay)
+            delay *= 2
 
-    async def after_answer(self, up: Upstream, receipts: Sequence[tuple[str, str]]) -> None:
-        """Fetch every receipt's evidence; audit the chosen ones."""
-        answers = [answer for receipt_id, node_id in dict.fromkeys(receipts)  # a stream may repeat a receipt
-                   if (answer := await self.evidence(up, receipt_id, node_id)) is not None]
-        await self.audit_chosen(up, answers)
+    async def check_answer(self, up: Upstream, endpoint: Endpoint, body: dict, response: dict | list[dict],
+                           headers: dict) -> tuple[list[AnswerFile], str | None]:
+        """Fetch the evidence of every receipt in ``response`` and bind the answer to ``body``;
+        returns the answer files and, when the answer must be refused, why. A withheld answer
+        file is a failed audit (``withheld``); an answer that is not the request's, or a receipt
+        served before, is refused and counted against its node in the ledger."""
+        receipts = dict.fromkeys(receipts_in(response))  # a response repeats the first choice's receipt
+        answers: dict[str, AnswerFile] = {}
+        for receipt_id, node_id in receipts:
+            answer = await self.evidence(up, receipt_id, node_id)
+            if answer is None or answer.receipt.receipt_id != receipt_id:
+                await asyncio.to_thread(self._close_now, receipt_id, node_id, "withheld")
+                return [], f"node {node_id} withheld the evidence of receipt {receipt_id}"
+            answers[receipt_id] = answer
+        name = body.get("model")
+        card = await self.card(up, name, headers) if isinstance(name, str) else {}
+        model = self.backends.get(card.get("model_id", ""))
+        if model is None:
+            return [], f"this verifier holds no model {name!r} to check its answers with"
+        report = await asyncio.to_thread(bind_answers, endpoint, body, response, answers, model.tokenizer,
+                                         model_id=card.get("model_id"), max_context=card.get("max_context"))
+        node_ids = {a.receipt.node_id for a in answers.values()} or {up.node_id or up.url}
+        if not report.ok:
+            for node_id in node_ids:
+                await asyncio.to_thread(self.ledger.record_refusal, next(iter(answers), ""), node_id, report.summary())
+            return [], f"the answer of node {', '.join(sorted(node_ids))} is not the answer to this request: {report.summary()}"
+        for receipt_id, node_id in receipts:
+            if not await asyncio.to_thread(self.ledger.first_sight, receipt_id, node_id):
+                await asyncio.to_thread(self.ledger.record_refusal, receipt_id, node_id, "receipt served before")
+                return [], f"node {node_id} served receipt {receipt_id} before: a replay"
+        return list(answers.values()), None
 
-    async def audit_chosen(self, up: Upstream, answers: Sequence[AnswerFile]) -> None:
+    def _close_now(self, receipt_id: str, node_id: str, state: AuditState, model_id: str = "") -> None:
+        self.ledger.open_audit(receipt_id, node_id, model_id)
+        self.ledger.close_audit(receipt_id, state)
+
+    async def audit_chosen(self, answers: Sequence[AnswerFile]) -> None:
         for answer in answers:
             if self.chosen(answer.receipt.receipt_id):
-                await self.audit(answer, up)
+                await self.audit(answer)
 
     def spawn(self, coroutine) -> None:
         """Run ``coroutine`` after the response (audits must not delay the client)."""
@@ -174,28 +243,34 @@ class Sidecar:
         for answer in answers:
             await self.audit(answer)
 
-    async def audit(self, answer: AnswerFile, up: Upstream | None = None) -> AuditRecord:
-        """Re-execute ``answer`` locally and/or on ``validators`` peers (through ``up``, a node of
-        the network), record every signed verdict, settle the outcome, and hold validators to it:
-        the local verdict decides when there is one, else the peers' majority (a tie is
-        escalated to as many peers again, and stays an error if still tied). A validator whose
-        verdict went against the outcome — a lazy one says pass to everything — loses reputation."""
+    async def audit(self, answer: AnswerFile) -> AuditRecord:
+        """Re-execute ``answer`` locally and, with ``validators``, on that many peers drawn by the
+        sidecar's own gateway; record every signed verdict, settle the outcome, and hold
+        validators to it. The local verdict decides when there is one, else the peers' majority
+        (a tie is escalated to as many peers again, and stays an error if still tied). A validator
+        whose verdict went against the outcome — a lazy one says pass to everything — loses
+        reputation. Every audit ends in a state, never pending: an answer that is not the node's
+        own is ``unattributable`` (nothing moves), broken evidence it signed is ``malformed``."""
         receipt = answer.receipt
         await asyncio.to_thread(self.ledger.open_audit, receipt.receipt_id, receipt.node_id, receipt.model_id)
         local = None
         backend = self.backends.get(receipt.model_id)
-        if backend is not None:
-            async with self._model_lock:
-                local = sign_verdict(await asyncio.to_thread(verify_answer, answer, backend), self.key)
-            await asyncio.to_thread(self.ledger.add_verdict, local)
-        remote: list[SignedVerdict] = []
-        if self.validators:
-            up = up or self.pick(1)[0]
-            remote = await self.attestations(answer, up, self.validators, exclude=set())
-            if local is None and _tied(remote):
-                remote += await self.attestations(answer, up, len(remote), exclude={v.verifier_id for v in remote})
-            for verdict in remote:
-                await asyncio.to_thread(self.ledger.add_verdict, verdict)
+        try:
+            if backend is not None:
+                async with self._model_lock:
+                    local = sign_verdict(await asyncio.to_thread(verify_answer, answer, backend), self.key)
+                await asyncio.to_thread(self.ledger.add_verdict, local)
+            remote: list[SignedVerdict] = []
+            if self.validators and (local is None or local.verdict.verdict in ("pass", "fraud")):
+                remote = await self.attestations(answer, self.validators, exclude=set())
+                if local is None and _tied(remote):
+                    remote += await self.attestations(answer, len(remote), exclude={v.verifier_id for v in remote})
+                for verdict in remote:
+                    await asyncio.to_thread(self.ledger.add_verdict, verdict)
+        except Exception:  # noqa: BLE001 - whatever failed, the audit must not stay pending
+            log.exception("audit %s failed", receipt.receipt_id)
+            await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, "error")
+            return self.ledger.audit(receipt.receipt_id)
         outcome = local.verdict.verdict if local else _majority(remote)
         if outcome is None:
             log.warning("audit %s: no verdict (no local model%s)", receipt.receipt_id, ", peers tied" if remote else "")
@@ -206,37 +281,43 @@ class Sidecar:
         if outcome == "fraud":
             proof = FraudProof(answer=answer, verdict=local or next(v for v in remote if v.verdict.verdict == "fraud"))
             await asyncio.to_thread(self.ledger.add_fraud_proof, proof)
-            await self.publish(proof, up or self.pick(1)[0])
+            await self.publish(proof)
         await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, outcome)
         return self.ledger.audit(receipt.receipt_id)
 
-    async def publish(self, proof: FraudProof, up: Upstream) -> None:
-        """Hand a fraud proof to a node of the network (``POST /v1/fraud-proofs``), which re-checks
-        it where it can and spreads it; peers that uphold it stop routing to the convicted node."""
-        try:
-            async with self.session.post(f"{up.url}/v1/fraud-proofs", data=proof.model_dump_json(),
-                                         headers={"Content-Type": "application/json"}) as resp:
-                if resp.status != 202:
-                    log.warning("fraud proof not taken by %s (%d): %s", up.url, resp.status, (await resp.text())[:200])
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            log.warning("fraud proof not delivered to %s: %s", up.url, exc)
-
-    async def attestations(self, answer: AnswerFile, up: Upstream, k: int, exclude: set[str]) -> list[SignedVerdict]:
-        """Up to ``k`` signed verdicts from distinct peers, each checked: both its signatures, and
-        that it is about this receipt (a peer's own fingerprints come with it, signed)."""
-        found: list[SignedVerdict] = []
-        for _ in range(k):
-            query = f"?exclude={','.join(sorted(exclude))}" if exclude else ""
+    async def publish(self, proof: FraudProof) -> None:
+        """Hand a fraud proof to the network (``POST /v1/fraud-proofs``): through the sidecar's own
+        gateway when it has one, else to every upstream but the accused. Nodes that serve the
+        model re-check it and spread it; the sidecar's own gateway convicts on its key's verdict."""
+        accused = proof.answer.receipt.node_id
+        targets = [self.validator_gateway] if self.validator_gateway else [up.url for up in self.upstreams if up.node_id != accused]
+        for url in targets:
             try:
-                async with self.session.post(f"{up.url}/v1/peers/verify{query}", data=answer.model_dump_json(),
+                async with self.session.post(f"{url}/v1/fraud-proofs", data=proof.model_dump_json(),
+                                             headers={"Content-Type": "application/json"}) as resp:
+                    if resp.status != 202:
+                        log.warning("fraud proof not taken by %s (%d): %s", url, resp.status, (await resp.text())[:200])
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("fraud proof not delivered to %s: %s", url, exc)
+
+    async def attestations(self, answer: AnswerFile, k: int, exclude: set[str]) -> list[SignedVerdict]:
+        """Up to ``k`` signed verdicts from distinct peers, drawn at random by the sidecar's own
+        gateway (never the signer), each checked: both its signatures, and that it is about this
+        receipt (a peer's own fingerprints come with it, signed)."""
+        found: list[SignedVerdict] = []
+        exclude.add(answer.receipt.node_id)
+        for _ in range(k):
+            query = f"?exclude={','.join(sorted(exclude))}"
+            try:
+                async with self.session.post(f"{self.validator_gateway}/v1/peers/verify{query}", data=answer.model_dump_json(),
                                              headers={"Content-Type": "application/json"}) as resp:
                     body, status = await resp.read(), resp.status
                 if status != 200:
-                    log.info("no more validators through %s (%d)", up.url, status)
+                    log.info("no more validators through %s (%d)", self.validator_gateway, status)
                     break
                 attestation = Attestation.model_validate_json(body)
             except (aiohttp.ClientError, asyncio.TimeoutError, ValidationError) as exc:
-                log.warning("validator through %s unusable: %s", up.url, exc)
+                log.warning("validator through %s unusable: %s", self.validator_gateway, exc)
                 break
             verdict = attestation.verdict
             exclude.add(verdict.verifier_id)
@@ -254,7 +335,7 @@ class Sidecar:
 
 def _majority(verdicts: Sequence[SignedVerdict]) -> str | None:
     passes = sum(v.verdict.verdict == "pass" for v in verdicts)
-    frauds = len(verdicts) - passes
+    frauds = sum(v.verdict.verdict == "fraud" for v in verdicts)
     return None if passes == frauds else ("pass" if passes > frauds else "fraud")
 
 
@@ -276,52 +357,73 @@ def _redundancy(request: web.Request, body: dict) -> int:
     return asked
 
 
+def _endpoint(path: str) -> Endpoint:
+    return "chat" if path.endswith("/chat/completions") else "completions"
+
+
 async def proxy_post(request: web.Request) -> web.StreamResponse:
-    """Forward a completion request and its answer back unchanged, streamed or not; or, with
-    redundancy n, the same request to n nodes and their agreed answer."""
+    """Forward a completion request with a seed the sidecar drew when the client gave none (a node
+    that picks its own seed can grind it), bind the answer to the request before the client
+    sees its end, and audit a share; or, with redundancy n, the same request to n nodes."""
     sidecar = request.app[SIDECAR]
     raw = await request.read()
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
     try:
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise APIError(400, "the request body is not JSON", code="invalid_json") from None
-        n = _redundancy(request, body) if isinstance(body, dict) else 1
-        if n > 1:
-            return await _redundant(request, sidecar, body, n, headers)
-        await sidecar.identify()
-        (up,) = sidecar.pick(1)
-        return await _forward(request, sidecar, up, json.dumps(body).encode() if isinstance(body, dict) else raw, headers)
-    except APIError as exc:
-        return exc.response()
+        body = json.loads(raw)
+    except ValueError:
+        raise APIError(400, "the request body is not JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    n = _redundancy(request, body)
+    if body.get("seed") is None:
+        body["seed"] = secrets.randbits(63)  # the sidecar's CSPRNG: committed as a client seed
+    if n > 1:
+        return await _redundant(request, sidecar, body, n, headers)
+    await sidecar.identify()
+    (up,) = sidecar.pick(1)
+    return await _forward(request, sidecar, up, body, headers)
 
 
-async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: bytes, headers: dict) -> web.StreamResponse:
+async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: dict, headers: dict) -> web.StreamResponse:
+    endpoint = _endpoint(request.path)
     try:
-        upstream = await sidecar.session.post(f"{up.url}{request.path}", data=body, headers=headers)
+        upstream = await sidecar.session.post(f"{up.url}{request.path}", data=json.dumps(body).encode(), headers=headers)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise APIError(502, f"upstream node {up.url} unreachable: {exc}", code="upstream_unreachable") from exc
     async with upstream:
         content_type = upstream.headers.get("Content-Type", "application/json")
         if not content_type.startswith("text/event-stream"):
             data = await upstream.read()
-            if upstream.status == 200:
-                sidecar.spawn(sidecar.after_answer(up, list(receipts_in(json.loads(data)))))
+            if upstream.status != 200:
+                return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
+            try:
+                response = json.loads(data)
+            except ValueError:
+                raise APIError(502, f"upstream node {up.node_id or up.url} answered no JSON", code="upstream_error") from None
+            answers, refused = await sidecar.check_answer(up, endpoint, body, response, headers)
+            if refused:
+                raise APIError(502, refused, code="answer_refused")
+            sidecar.spawn(sidecar.audit_chosen(answers))
             return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
         response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
         await response.prepare(request)
-        found: list[tuple[str, str]] = []
+        chunks: list[dict] = []
         try:
-            async for line in upstream.content:  # SSE: one "data: {...}" per line
+            async for line in upstream.content:  # SSE: one "data: {...}" per line; [DONE] only once bound
+                if line.startswith(b"data: [DONE]"):
+                    break
                 if line.startswith(b"data: {"):
-                    found.extend(receipts_in(json.loads(line[6:])))
+                    chunks.append(json.loads(line[6:]))
                 await response.write(line)
+            answers, refused = await sidecar.check_answer(up, endpoint, body, chunks, headers)
+            if refused:
+                error = APIError(502, refused, code="answer_refused").body().model_dump_json()
+                await response.write(f"data: {error}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
-        except ConnectionResetError:  # the client may hang up once it has read [DONE]
+            sidecar.spawn(sidecar.audit_chosen(answers))
+        except ConnectionResetError:  # the client left: what it received is not checked
             log.debug("client left before the end of the stream")
-        finally:  # the receipts seen are audited whatever the client did
-            sidecar.spawn(sidecar.after_answer(up, found))
         return response
 
 
@@ -329,7 +431,6 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
     """The same request, with one seed, on ``n`` distinct nodes; their answers must agree."""
     if body.get("stream"):
         raise APIError(400, "redundant execution returns one agreed answer: set stream to false", code="invalid_redundancy")
-    body.setdefault("seed", secrets.randbelow(2**31))
     await sidecar.identify()
     chosen = sidecar.pick(n)
     payload = json.dumps(body).encode()
@@ -344,9 +445,9 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
         if status != 200:
             message = out.get("error", {}).get("message", str(out)) if isinstance(out, dict) else str(out)
             raise APIError(status if status < 500 else 502, f"node {up.node_id or up.url}: {message}", code="upstream_error")
-        answers = [await sidecar.evidence(up, rid, node) for rid, node in dict.fromkeys(receipts_in(out))]
-        if not answers or any(a is None for a in answers):
-            raise APIError(502, f"node {up.node_id or up.url} gave no usable evidence for its answer", code="upstream_error")
+        answers, refused = await sidecar.check_answer(up, _endpoint(request.path), body, out, headers)
+        if refused:
+            raise APIError(502, refused, code="answer_refused")
         return out, answers
 
     results = await asyncio.gather(*(ask(up) for up in chosen))
@@ -362,34 +463,36 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
         "answers": [{"node_id": up.node_id, "proofmesh": [a.model_dump(include={"receipt", "signature", "public_key"})
                                                            for a in answers]} for up, (_, answers) in zip(chosen, results)],
     }
-    for up, (_, answers) in zip(chosen, results):  # their evidence is in hand already
-        sidecar.spawn(sidecar.audit_chosen(up, answers))
+    for _, answers in results:  # their evidence is in hand already
+        sidecar.spawn(sidecar.audit_chosen(answers))
     return web.json_response(first)
 
 
 async def proxy_models(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
     headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    await sidecar.identify()
+    (up,) = sidecar.pick(1)
     try:
-        await sidecar.identify()
-        (up,) = sidecar.pick(1)
         async with sidecar.session.get(f"{up.url}/v1/models", headers=headers) as upstream:
             return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
-    except APIError as exc:
-        return exc.response()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return APIError(502, f"upstream node unreachable: {exc}", code="upstream_unreachable").response()
+        raise APIError(502, f"upstream node unreachable: {exc}", code="upstream_unreachable") from exc
 
 
 async def submit_audit(request: web.Request) -> web.Response:
     """POST /v1/audits: an answer file, audited now."""
+    sidecar = request.app[SIDECAR]
     try:
         answer = AnswerFile.model_validate_json(await request.read())
     except ValidationError as exc:
         first = exc.errors()[0]
-        return APIError(400, f"not an answer file: {first['msg']} at {'.'.join(map(str, first['loc']))}",
-                        code="invalid_answer_file").response()
-    record = await request.app[SIDECAR].audit(answer)
+        raise APIError(400, f"not an answer file: {first['msg']} at {'.'.join(map(str, first['loc']))}",
+                       code="invalid_answer_file") from None
+    if answer.receipt.model_id not in sidecar.backends:
+        raise APIError(400, f"this verifier holds no model {answer.receipt.model_id[:16]}… to audit the answer on",
+                       code="model_not_held")
+    record = await sidecar.audit(answer)
     return web.Response(body=record.model_dump_json(), content_type="application/json")
 
 
@@ -403,8 +506,8 @@ async def get_audit(request: web.Request) -> web.Response:
 async def list_audits(request: web.Request) -> web.Response:
     q = request.query
     state = q.get("state")
-    if state not in (None, "pending", "pass", "fraud", "error"):
-        return APIError(400, "state is one of pending, pass, fraud, error", code="invalid_state").response()
+    if state is not None and state not in AUDIT_STATES:
+        return APIError(400, f"state is one of {', '.join(AUDIT_STATES)}", code="invalid_state").response()
     try:
         limit = int(q.get("limit", 100))
     except ValueError:
@@ -420,8 +523,18 @@ async def health(request: web.Request) -> web.Response:
                               "verifier_id": sidecar.key.node_id, "models": sorted(sidecar.backends)})
 
 
-def make_sidecar_app(sidecar: Sidecar) -> web.Application:
-    app = web.Application(client_max_size=16 << 20)  # answer files of long answers
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure as an OpenAI-shaped error (the node's one mapping), never a plain-text 500."""
+    try:
+        return await handler(request)
+    except Exception as exc:  # noqa: BLE001 - the boundary
+        return api_error_of(exc).response()
+
+
+def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = ()) -> web.Application:
+    """The sidecar's app; with ``api_keys`` every /v1 route needs one (audits and proofs included)."""
+    app = web.Application(client_max_size=16 << 20, middlewares=[_errors, require_api_key(api_keys)])  # long answer files
     app[SIDECAR] = sidecar
     for path in PROXIED_POSTS:
         app.router.add_post(path, proxy_post)

@@ -9,8 +9,12 @@ Reputation rule (what routing reads; ``score`` in [0, 1], unknown peers start at
 - between events the score relaxes toward ``NEUTRAL`` with a half-life of ``HALF_LIFE_S`` (a
   day): old evidence counts less, for good and for bad;
 - a passed audit moves it a share ``GAIN`` of the way to 1;
-- a failed audit that is not (yet) a proven fraud (validators disagree, a timeout) moves it a
-  share ``LOSS`` of the way to 0 — it recovers by the decay and by later passes;
+- a failed audit that is not a proven fraud — evidence withheld or substituted (``withheld``),
+  evidence the node signed but that breaks the protocol (``malformed``) — and an answer refused
+  to a client because it was not the answer to the client's request (``record_refusal``) each
+  move it a share ``LOSS`` of the way to 0 — it recovers by the decay and by later passes;
+- an audit of evidence that is not the node's own (``unattributable``: someone else's alteration)
+  or that could not be decided (``error``) moves nothing: nobody can be framed;
 - an upheld fraud proof convicts the peer: score 0 for good, never decaying. A new identity
   starts again at ``NEUTRAL``, which is why a stake, not reputation, is what a cheat forfeits.
 """
@@ -34,14 +38,17 @@ HALF_LIFE_S = 24 * 3600.0
 GAIN = 0.1
 LOSS = 0.3
 
-AuditState = Literal["pending", "pass", "fraud", "error"]
+AuditState = Literal["pending", "pass", "fraud", "withheld", "malformed", "unattributable", "error"]
+AUDIT_STATES = AuditState.__args__
+FAILED_STATES = ("fraud", "withheld", "malformed")  # the node's own failures: its reputation falls
+NEUTRAL_STATES = ("unattributable", "error")  # nothing is known against the node
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audits (
     receipt_id TEXT PRIMARY KEY,
     node_id TEXT NOT NULL,
     model_id TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'pass', 'fraud', 'error')),
+    state TEXT NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
@@ -59,6 +66,17 @@ CREATE TABLE IF NOT EXISTS fraud_proofs (
     receipt_id TEXT PRIMARY KEY,
     node_id TEXT NOT NULL,
     body TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refusals (
+    receipt_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receipts_seen (
+    receipt_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS reputation (
@@ -105,8 +123,43 @@ class Ledger:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a committed record survives more than the process
+        self._migrate_audit_states()
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+
+    def _migrate_audit_states(self) -> None:
+        """Ledgers written before audits could end withheld, malformed or unattributable held a
+        CHECK on the state column: copy their audits into a table without it."""
+        row = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audits'").fetchone()
+        if row is None or "CHECK" not in row[0]:
+            return
+        create = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS audits"):_SCHEMA.index(");") + 2]
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("ALTER TABLE audits RENAME TO audits_before_states")
+        self._db.execute(create)
+        self._db.execute("INSERT INTO audits SELECT * FROM audits_before_states")
+        self._db.execute("DROP TABLE audits_before_states")
+        self._db.execute("COMMIT")
+
+    def first_sight(self, receipt_id: str, node_id: str, *, now: float | None = None) -> bool:
+        """Remember a receipt served to a client; False if it was served before (a replay)."""
+        with self._transaction() as db:
+            cursor = db.execute("INSERT OR IGNORE INTO receipts_seen VALUES (?, ?, ?)",
+                                (receipt_id, node_id, time.time() if now is None else now))
+            return cursor.rowcount == 1
+
+    def record_refusal(self, receipt_id: str, node_id: str, reason: str, *, now: float | None = None) -> None:
+        """An answer refused to a client (not the answer to its request, a replayed receipt): kept
+        with its reason, and the node's reputation falls as for a failed audit. Not a conviction:
+        the HTTP body the mismatch is about is not signed."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute("INSERT INTO refusals VALUES (?, ?, ?, ?)", (receipt_id, node_id, reason, now))
+            self._move(db, node_id, passed=False, now=now)
+
+    def refusals(self, node_id: str) -> list[str]:
+        with self._lock:
+            return [r for (r,) in self._db.execute("SELECT reason FROM refusals WHERE node_id = ? ORDER BY created", (node_id,))]
 
     def close(self) -> None:
         with self._lock:
@@ -140,15 +193,15 @@ class Ledger:
     def close_audit(self, receipt_id: str, state: AuditState, *, now: float | None = None) -> None:
         """Settle an audit and move the audited peer's reputation, in one transaction (only the
         first settling of an audit moves it)."""
-        if state == "pending":
-            raise ValueError("an audit closes as pass, fraud or error")
+        if state not in AUDIT_STATES or state == "pending":
+            raise ValueError(f"an audit closes as one of {', '.join(AUDIT_STATES[1:])}")
         now = time.time() if now is None else now
         with self._transaction() as db:
             row = db.execute("SELECT node_id, state FROM audits WHERE receipt_id = ?", (receipt_id,)).fetchone()
             if row is None:
                 raise KeyError(receipt_id)
             db.execute("UPDATE audits SET state = ?, updated = ? WHERE receipt_id = ?", (state, now, receipt_id))
-            if state != "error" and row[1] == "pending":  # an audit moves reputation once
+            if state not in NEUTRAL_STATES and row[1] == "pending":  # an audit moves reputation once
                 self._move(db, row[0], passed=state == "pass", now=now)
 
     def record_validator(self, node_id: str, *, agreed: bool, now: float | None = None) -> None:
@@ -230,4 +283,4 @@ class Ledger:
         ]
 
 
-__all__ = ["GAIN", "HALF_LIFE_S", "LOSS", "NEUTRAL", "AuditRecord", "AuditState", "Ledger", "PeerReputation", "decayed"]
+__all__ = ["AUDIT_STATES", "FAILED_STATES", "GAIN", "HALF_LIFE_S", "LOSS", "NEUTRAL", "AuditRecord", "AuditState", "Ledger", "PeerReputation", "decayed"]
