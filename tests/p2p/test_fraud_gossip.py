@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 
+import httpx
 
 from node.loaded_model import load_model
 from node.runtime import CacheLimits
@@ -16,9 +17,11 @@ from node.sidecar import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.http_fixtures import serving
 from tests.p2p.cluster import Cluster, NodeProcess, warm_store
-from verify.fraud import check_fraud_proof
+from verify.evidence import AnswerFile
+from verify.fraud import FraudProof, check_fraud_proof, sign_verdict
 from verify.identity import NodeKey
 from verify.ledger import Ledger
+from verify.verifier import Verdict
 
 TIMEOUT_S = 60.0
 
@@ -52,7 +55,9 @@ def test_a_fraud_proof_spreads_and_the_network_stops_routing_to_the_cheat(tmp_pa
                                                                              prefill_chunk=64), root=warm)
     cluster = Cluster(root / "nodes", warm)
     try:
-        gateway = cluster.wait_ready(cluster.start("gateway", []))
+        # Without the model the gateway convicts only on vouchers of peers it saw serve (quorum 1 here:
+        # one honest server can re-check; the default of 2 needs two).
+        gateway = cluster.wait_ready(cluster.start("gateway", [], extra=["--fraud-quorum", "1"]))
         honest = cluster.start("honest", [str(honest_dir)], bootstrap=[gateway.addrs[0]])
         monkeypatch.setenv("PROOFMESH_TEST_CLAIMED_MODEL_ID", auditor.model_id)
         cheat = cluster.start("cheat", [str(other_dir)], bootstrap=[gateway.addrs[0]], module="tests.p2p.impostor")
@@ -75,6 +80,24 @@ def test_a_fraud_proof_spreads_and_the_network_stops_routing_to_the_cheat(tmp_pa
                 assert audit.state in ("pass", "pending")
             proof = sidecar.ledger.fraud_proof(next(a.receipt_id for a in sidecar.ledger.audits(state="fraud")))
             assert check_fraud_proof(proof, auditor).upheld
+            # The conviction's proof is served (anyone can re-check it) and kept on disk across restarts.
+            # (the first proof to arrive convicts; later ones against a convicted node are dropped)
+            served = [r for a in sidecar.ledger.audits(state="fraud")
+                      if (r := httpx.get(f"{honest.url}/v1/fraud-proofs/{a.receipt_id}")).status_code == 200]
+            assert served and check_fraud_proof(FraudProof.model_validate_json(served[0].content), auditor).upheld
+            on_disk = Ledger(cluster.root / "honest" / "node-ledger.sqlite")
+            assert on_disk.convicted() == {cheat.peer_id}
+            on_disk.close()
+            # Framing the honest node with one of its receipts, evidence altered, a fresh key's verdict: refused.
+            mine = complete(honest.url, "tiny", 999)["proofmesh"]["receipt"]["receipt_id"]
+            genuine = AnswerFile.model_validate_json(httpx.get(f"{honest.url}/v1/receipts/{mine}").content)
+            ev = genuine.evidence
+            altered = genuine.model_copy(update={"evidence": ev.model_copy(update={"output_ids": [*ev.output_ids[:-1], 5]})})
+            lie = Verdict(receipt_id=mine, verdict="fraud", reasons=["output_hash does not match"], failures=[])
+            framing = FraudProof(answer=altered, verdict=sign_verdict(lie, NodeKey.generate()))
+            for target in (gateway, cheat):
+                posted = httpx.post(f"{target.url}/v1/fraud-proofs", content=framing.model_dump_json(), timeout=30)
+                assert posted.status_code == 400 and posted.json()["error"]["code"] == "invalid_fraud_proof"
             after = {complete(gateway.url, "tiny", 100 + seed)["proofmesh"]["receipt"]["node_id"] for seed in range(6)}
             assert after == {honest.peer_id}  # no request is routed to the convicted node any more
     finally:

@@ -19,11 +19,14 @@ import pytest
 
 from node.loaded_model import load_model
 from node.runtime import CacheLimits
+from node.server import make_app
 from node.sidecar import Sidecar, make_sidecar_app
+from p2p.network import NetworkConfig
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.http_fixtures import serving
 from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, Cluster, warm_store
 from verify.evidence import AnswerFile, sign_answer
+from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 from verify.ledger import Ledger
 
@@ -74,9 +77,24 @@ def forged(answer: AnswerFile) -> AnswerFile:
 
 
 def test_peers_recheck_audits_and_a_lazy_validator_is_caught(network, tmp_path):
+    """Validators are drawn by the sidecar's own gateway (its key, no model), never by the node
+    under audit: here the server signed the audited answers, and is never asked."""
     server, honest, lazy, auditor, _ = network
-    sidecar = Sidecar([server.url], Ledger(tmp_path / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor},
-                      audit_rate=0.0, validators=2)
+    key = NodeKey.generate()
+    gateway_store = EvidenceStore(tmp_path / "gateway.sqlite")
+    gateway = make_app([], key, gateway_store, network=NetworkConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[server.addrs[0]]))
+    with serving(gateway) as gateway_url:
+        deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+        while len([p for p in httpx.get(f"{gateway_url}/v1/peers").json()["data"] if p["models"]]) < 3:
+            assert time.monotonic() < deadline, "the sidecar's gateway did not find the serving peers"
+            time.sleep(0.2)
+        sidecar = Sidecar([server.url], Ledger(tmp_path / "ledger.sqlite"), key, {auditor.model_id: auditor},
+                          audit_rate=0.0, validators=2, validator_gateway=gateway_url)
+        _audits_with_validators(sidecar, server, honest, lazy)
+    gateway_store.close()
+
+
+def _audits_with_validators(sidecar, server, honest, lazy) -> None:
     with serving(make_sidecar_app(sidecar)) as url:
         good = honest_answer(server)
         record = httpx.post(f"{url}/v1/audits", content=good.model_dump_json(), timeout=120).json()
