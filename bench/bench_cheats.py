@@ -7,7 +7,12 @@ the median over answers of its largest fingerprint difference and of its most ne
 sampling lead, against tau and eps. An honest row is the
 control: it must show zero detections.
 
-    python -m bench.bench_cheats [--answers 24] [--tokens 64]
+Binding cheats (an operator between the client and its honest node: the prompt swapped, the
+text swapped, the parameters swapped) are checked by ``verify.binding`` from the request and the
+response alone, before any model work; the same run times the binding check against the
+generation time of the answers it checks (what the verifier sidecar adds to every answer).
+
+    python -m bench.bench_cheats [--answers 24] [--tokens 64] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cheats import CHEATS, SAMPLING_CHEATS, CheatContext, cheap_generator, honest_answers, skip_layers
+from bench.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, cheap_generator, honest_answers, skip_layers
 from bench.harness import request_mix
 from compiled_models.registry import DEFAULT_MODEL
 from node import model_store
+from node.engine import GenerationRequest
 from node.loaded_model import load_model
+from verify.binding import bind_answers, requested_sampling
+from verify.finish import visible_text
 from verify.identity import NodeKey
 from verify.verifier import Tolerances, verify_answer
 
@@ -69,7 +77,9 @@ def main() -> None:
         results[name] = {
             "answers": len(answers),
             "mean_tokens": float(np.mean(lengths)),
-            "flagged": float(np.mean([v.verdict == "fraud" for v in verdicts])),
+            "flagged": float(np.mean([v.verdict != "pass" for v in verdicts])),
+            "as_expected": float(np.mean([v.verdict == EXPECTED.get(name, "fraud" if name != "honest" else "pass") for v in verdicts])),
+            "verdicts": {k: sum(v.verdict == k for v in verdicts) for k in ("pass", "fraud", "malformed", "unattributable")},
             # Share of all positions that fail a check: per-answer detection at length L is
             # about 1 - (1 - rate)^L when positions fail independently.
             "positions_flagged": float(sum(len({f.position for f in v.failures}) for v in verdicts) / max(sum(lengths), 1)),
@@ -87,8 +97,60 @@ def main() -> None:
         fmt = lambda x: f"{x:>11.1e}" if x is not None else f"{'-':>11}"  # noqa: E731
         print(f"{name:<32}{r['mean_tokens']:>7.1f}" + "".join(f"{r['by_prefix'][p]:>7.0%}" for p in prefixes)
               + f"{r['positions_flagged']:>10.1%}" + fmt(r["max_diff_median"]) + fmt(r["min_lead_median"]))
+    binding = binding_rows(ctx, args.answers, args.tokens)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cheats.json").write_text(json.dumps({"tau": tol.tau, "eps": tol.eps, "results": results}, indent=1))
+    (RESULTS / "cheats.json").write_text(json.dumps({"tau": tol.tau, "eps": tol.eps, "results": results, "binding": binding}, indent=1))
+
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
+             "List three prime numbers.", "Who wrote Hamlet?", "Give me a tip for learning Python."]
+
+
+def binding_rows(ctx: CheatContext, count: int, tokens: int) -> dict:
+    """Binding cheats caught from request + response alone, and the binding check's cost per
+    answer against the generation time of those answers (same run)."""
+    model, tok = ctx.model, ctx.model.tokenizer
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": tokens,
+               "temperature": (0.0, 0.7, 1.0)[i % 3], "seed": 1000 + i} for i in range(count)]
+    requests = [GenerationRequest(tuple(tok.encode_chat(b["messages"])), requested_sampling(b, max_tokens=tokens, seed=b["seed"]),
+                                  "client") for b in bodies]
+    t = time.perf_counter()
+    answers = honest_answers(ctx, requests)  # concurrency 8, as a loaded node runs
+    generation_s = (time.perf_counter() - t) / len(answers)
+
+    def response(answer, text=None) -> dict:
+        r = answer.receipt
+        proof = {"receipt": r.model_dump(mode="json"), "signature": answer.signature, "public_key": answer.public_key}
+        shown = visible_text(answer.evidence.output_ids, answer.evidence.sampling, tok.eos_token_ids, tok.decode)
+        return {"choices": [{"index": 0, "message": {"content": shown if text is None else text},
+                             "finish_reason": r.finish_reason, "proofmesh": proof}]}
+
+    cases = {
+        "honest (control)": lambda b, a: (b, response(a)),
+        "prompt swapped": lambda b, a: ({**b, "messages": [{"role": "user", "content": "Hi"}]}, response(a)),
+        "text swapped": lambda b, a: (b, response(a, text="Something else.")),
+        "temperature swapped": lambda b, a: ({**b, "temperature": 0.9 if b["temperature"] != 0.9 else 0.1}, response(a)),
+        "max_tokens swapped": lambda b, a: ({**b, "max_tokens": tokens * 2}, response(a)),
+    }
+    rows = {}
+    for name, make in cases.items():
+        caught, seconds = [], []
+        for body, answer in zip(bodies, answers):
+            asked, got = make(body, answer)
+            t = time.perf_counter()
+            report = bind_answers("chat", asked, got, {answer.receipt.receipt_id: answer}, tok, max_context=model.max_context)
+            seconds.append(time.perf_counter() - t)
+            caught.append(not report.ok)
+        rows[name] = {"caught": float(np.mean(caught)), "ms_per_answer": 1000 * float(np.mean(seconds))}
+    mean_tokens = float(np.mean([len(a.evidence.output_ids) for a in answers]))
+    cost = rows["honest (control)"]["ms_per_answer"] / 1000 / generation_s
+    print(f"\nbinding ({len(answers)} chat answers, {mean_tokens:.0f} tokens on average, generated at concurrency 8 "
+          f"in {generation_s * 1000:.0f} ms each)")
+    print(f"{'case':<24}{'caught':>8}{'ms/answer':>11}")
+    for name, r in rows.items():
+        print(f"{name:<24}{r['caught']:>8.0%}{r['ms_per_answer']:>11.2f}")
+    print(f"binding cost: {cost:.2%} of generation time per answer (tokens until caught: 0, no model work)")
+    return {"rows": rows, "generation_ms_per_answer": generation_s * 1000, "mean_tokens": mean_tokens, "cost_share": cost}
 
 
 if __name__ == "__main__":

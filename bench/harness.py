@@ -124,6 +124,7 @@ class NumpyBackend:
     def __init__(self, model: LoadedModel, reference: NumpyLlama):
         self.model_id = model.model_id
         self.vocab_size = model.vocab_size
+        self.eos_token_ids, self.decode = model.eos_token_ids, model.decode  # the finish rules: the tokenizer's
         self._reference = reference
 
     def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:

@@ -197,7 +197,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             raise ProofMeshNodeError("--request must hold a JSON object, --response a JSON object or an SSE stream")
         endpoint = "chat" if "messages" in request else "completions"
         report = bind_answers(endpoint, request, response, {document.receipt.receipt_id: document}, model.tokenizer,
-                              max_context=model.max_context)
+                              max_context=model.max_context, require_client_seed=args.require_client_seed)
         print(json.dumps({"bound": report.ok, "problems": report.problems}, indent=1))
         if not report.ok:
             _progress(f"the answer is not the request's: {report.summary()}")
@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", help="the client's request body (JSON): also check that the answer is this request's "
                    "(prompt rendering, sampling parameters, text and finish received); needs --response")
     p.add_argument("--response", help="what the client received: the JSON response, or the stream's SSE text")
+    p.add_argument("--require-client-seed", action="store_true", help="with --request: refuse an answer whose seed the "
+                   "node chose (it could have drawn many and kept the one it liked)")
     p.add_argument("--key", type=Path, help="key file that signs fraud proofs (default <store>/node_key.pem)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model the answer claims, held locally")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)

@@ -94,6 +94,7 @@ def test_tampered_evidence_and_replays_are_nobodys(models):
 
 
 def test_proofmesh_verify_command(models, tmp_path):
+    import json
     import os
     import subprocess
     import sys
@@ -121,6 +122,30 @@ def test_proofmesh_verify_command(models, tmp_path):
     # The fraud proof written for the bad answer is re-checked from scratch: upheld (exit 1).
     upheld = verify_cli(tmp_path / "bad.proof.json")
     assert upheld.returncode == 1 and '"upheld": true' in upheld.stdout
+
+    # Malformed evidence the node signed (fingerprints emptied): a verdict and exit 2, one line why.
+    emptied = signed_claim(ours.model_id, r.prompt_ids, r.output_ids, r.params, [([], [])] * len(r.output_ids))
+    (tmp_path / "emptied.json").write_text(emptied.model_dump_json())
+    out = verify_cli(tmp_path / "emptied.json")
+    assert out.returncode == 2 and '"verdict": "malformed"' in out.stdout and "Traceback" not in out.stderr
+    assert "unusable answer file (malformed): fingerprints must hold 8 distinct token ids" in out.stderr
+    # A NaN logit (JSON writers may spell it) is refused as input, never a traceback.
+    (tmp_path / "nan.json").write_text(good.model_dump_json().replace(str(good.evidence.fingerprints[0].logits[0]), "NaN", 1))
+    nan = verify_cli(tmp_path / "nan.json")
+    assert nan.returncode == 2 and "not a valid answer file" in nan.stderr and "Traceback" not in nan.stderr
+
+    # Binding from the shell: the client's request and what it received (here rebuilt from the answer).
+    request = {"model": "tiny", "prompt": good.evidence.prompt_ids, "max_tokens": good.evidence.sampling.max_tokens,
+               "temperature": good.evidence.sampling.temperature}
+    proof = {"receipt": good.receipt.model_dump(mode="json"), "signature": good.signature, "public_key": good.public_key}
+    text = ours.tokenizer.decode([t for t in good.evidence.output_ids if t not in ours.eos_token_ids])
+    for name, shown, code in (("bound", text, 0), ("swapped", text + " and more", 1)):
+        (tmp_path / "request.json").write_text(json.dumps(request))  # no seed: the node drew it, as the receipt says
+        (tmp_path / "response.json").write_text(json.dumps({"choices": [{"index": 0, "text": shown, "proofmesh": proof,
+                                                                          "finish_reason": good.receipt.finish_reason}]}))
+        bound = verify_cli(tmp_path / "good.json", "--request", str(tmp_path / "request.json"), "--response", str(tmp_path / "response.json"))
+        assert bound.returncode == code, (name, bound.stdout, bound.stderr)
+    assert "the text received is not what the committed output ids decode to" in bound.stderr
 
     (tmp_path / "junk.json").write_text('{"version": 1}')
     junk = verify_cli(tmp_path / "junk.json")

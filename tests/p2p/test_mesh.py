@@ -184,7 +184,8 @@ def test_verify_and_evidence_over_the_network(mesh, tiny_model):
     forged = answer.model_copy(update={"evidence": answer.evidence.model_copy(
         update={"output_ids": answer.evidence.output_ids[:-1] + [(answer.evidence.output_ids[-1] + 1) % 50]})})
     status, _, attestation = _post(gateway, "/v1/peers/verify", json.loads(forged.model_dump_json()), timeout=120)
-    assert status == 200 and attestation["verdict"]["verdict"]["verdict"] == "fraud"
+    # Altered evidence under the signer's receipt is nobody's: unattributable, never fraud.
+    assert status == 200 and attestation["verdict"]["verdict"]["verdict"] == "unattributable"
     assert attestation["verdict"]["verdict"] == _local_verdict(forged, tiny_model, signer)
 
     missing = urllib.request.Request(f"{gateway.url}/v1/peers/{signer.peer_id}/receipts/{'0' * 32}")
@@ -201,7 +202,7 @@ def _local_verdict(answer: AnswerFile, tiny_model: Path, signer: NodeProcess) ->
     done = subprocess.run([sys.executable, "-m", "node.cli", "verify", str(path), "--model", str(tiny_model),
                            "--device", "cpu"], cwd=REPO_ROOT, env={**os.environ, "PROOFMESH_HOME": str(signer.log.parent)},
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode in (0, 1), done.stderr
+    assert done.returncode in (0, 1, 2), done.stderr  # 2: a verdict on input that is not the node's
     return json.loads(done.stdout)
 
 

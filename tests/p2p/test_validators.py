@@ -78,7 +78,8 @@ def forged(answer: AnswerFile) -> AnswerFile:
 
 def test_peers_recheck_audits_and_a_lazy_validator_is_caught(network, tmp_path):
     """Validators are drawn by the sidecar's own gateway (its key, no model), never by the node
-    under audit: here the server signed the audited answers, and is never asked."""
+    under audit: the server signed the good answer and is not asked about it; the lie is another
+    key's, so all three serving peers are asked about it."""
     server, honest, lazy, auditor, _ = network
     key = NodeKey.generate()
     gateway_store = EvidenceStore(tmp_path / "gateway.sqlite")
@@ -89,7 +90,7 @@ def test_peers_recheck_audits_and_a_lazy_validator_is_caught(network, tmp_path):
             assert time.monotonic() < deadline, "the sidecar's gateway did not find the serving peers"
             time.sleep(0.2)
         sidecar = Sidecar([server.url], Ledger(tmp_path / "ledger.sqlite"), key, {auditor.model_id: auditor},
-                          audit_rate=0.0, validators=2, validator_gateway=gateway_url)
+                          audit_rate=0.0, validators=3, validator_gateway=gateway_url)
         _audits_with_validators(sidecar, server, honest, lazy)
     gateway_store.close()
 
@@ -106,7 +107,8 @@ def _audits_with_validators(sidecar, server, honest, lazy) -> None:
         record = httpx.post(f"{url}/v1/audits", content=lie.model_dump_json(), timeout=120).json()
         assert record["state"] == "fraud"
         by_verifier = {v["verifier_id"]: v["verdict"]["verdict"] for v in record["verdicts"]}
-        assert by_verifier == {sidecar.key.node_id: "fraud", honest.peer_id: "fraud", lazy.peer_id: "pass"}
+        assert by_verifier == {sidecar.key.node_id: "fraud", server.peer_id: "fraud", honest.peer_id: "fraud",
+                               lazy.peer_id: "pass"}
         assert sidecar.ledger.convicted() == {lie.receipt.node_id}
         lazy_rep, honest_rep = sidecar.ledger.reputation(lazy.peer_id), sidecar.ledger.reputation(honest.peer_id)
         assert (lazy_rep.passes, lazy_rep.failures) == (1, 1) and (honest_rep.passes, honest_rep.failures) == (2, 0)
