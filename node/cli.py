@@ -101,7 +101,8 @@ async def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed)
     engine = Engine(model.runtime, tok, model.model_id, max_context=model.max_context)
     try:
-        async for event in engine.generate(GenerationRequest(tuple(prompt_ids), params)):
+        request = GenerationRequest(tuple(prompt_ids), params, "client" if args.seed is not None else "node")
+        async for event in engine.generate(request):
             sys.stdout.write(event.text)
             sys.stdout.flush()
             if event.result is not None:
