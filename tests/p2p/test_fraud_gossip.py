@@ -66,6 +66,13 @@ def test_a_fraud_proof_spreads_and_the_network_stops_routing_to_the_cheat(tmp_pa
         wait_for(lambda: set(gateway.get("/v1/models")["data"][0].get("peers", [])) == {honest.peer_id, cheat.peer_id}
                  if gateway.get("/v1/models")["data"] else False, "both servers at the gateway")
 
+        # The gateway counts vouchers only from peers it saw serve: let it see the honest one answer.
+        def honest_served() -> bool:
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda seed: complete(gateway.url, "tiny", 500 + seed), range(4)))
+            return any(a["proofmesh"]["receipt"]["node_id"] == honest.peer_id for a in answers)
+
+        wait_for(honest_served, "the gateway to see the honest server answer")
         sidecar = Sidecar([gateway.url], Ledger(root / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor},
                           audit_rate=1.0)
         with serving(make_sidecar_app(sidecar)) as url:
