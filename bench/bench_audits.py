@@ -22,8 +22,8 @@ from pathlib import Path
 
 from bench.harness import Generator, request_mix
 from compiled_models.registry import DEFAULT_MODEL
-from node.loaded_model import load_model
-from node.sidecar import audit_draw
+from node.runtime.loading import load_model
+from node.sidecar.proxy import audit_draw
 from verify.audit_policy import GameParams, audit_overhead
 from verify.identity import NodeKey
 from verify.verifier import verify_answer

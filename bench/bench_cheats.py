@@ -28,9 +28,9 @@ import numpy as np
 from bench.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, cheap_generator, honest_answers, skip_layers
 from bench.harness import request_mix
 from compiled_models.registry import DEFAULT_MODEL
-from node import model_store
-from node.engine import GenerationRequest
-from node.loaded_model import load_model
+from node.runtime import model_store
+from node.runtime.engine import GenerationRequest
+from node.runtime.loading import load_model
 from verify.binding import bind_answers, requested_sampling
 from verify.finish import visible_text
 from verify.identity import NodeKey

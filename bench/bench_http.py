@@ -30,8 +30,8 @@ from pathlib import Path
 import aiohttp
 
 from compiled_models.registry import DEFAULT_MODEL
-from node.engine import Engine, GenerationRequest
-from node.loaded_model import load_model
+from node.runtime.engine import Engine, GenerationRequest
+from node.runtime.loading import load_model
 from verify.sampling import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"

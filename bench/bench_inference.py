@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from compiled_models.registry import DEFAULT_MODEL
-from node import model_store
+from node.runtime import model_store
 from node.models.llama.checkpoint import load_checkpoint  # numpy and gguf only: no TVM in the baselines' processes
 
 RESULTS = Path(__file__).parent / "results"
@@ -71,7 +71,7 @@ def bench_tvm(weights: str, tokens: int, prefill_len: int, threads: int) -> dict
     subprocess.run([sys.executable, "-m", "node.cli", "compile", DEFAULT_MODEL, "--device", "cpu", "--weights", weights],
                    check=True, capture_output=True)
     out["cold_start_s"] = time.perf_counter() - t
-    from node.loaded_model import load_model  # TVM only in its own child: its OpenMP and llama.cpp's clash
+    from node.runtime.loading import load_model  # TVM only in its own child: its OpenMP and llama.cpp's clash
 
     rss_before = resident_mb()
     t = time.perf_counter()

@@ -29,9 +29,9 @@ import numpy as np
 
 from bench.harness import COMPLETIONS, Generator
 from compiled_models.registry import DEFAULT_MODEL
-from node.engine import FINGERPRINT_K, GenerationRequest
-from node.loaded_model import LoadedModel, load_checkpoint_cached, load_model
-from node import model_store
+from node.runtime.engine import FINGERPRINT_K, GenerationRequest
+from node.runtime.loading import LoadedModel, load_checkpoint_cached, load_model
+from node.runtime import model_store
 from verify.evidence import AnswerFile
 from verify.evidence_store import encode_answer
 from verify.identity import NodeKey

@@ -36,11 +36,11 @@ import numpy as np
 
 from bench.harness import Generator, NumpyBackend, request_mix
 from compiled_models.registry import DEFAULT_MODEL
-from node import model_store
-from node.loaded_model import LoadedModel, load_checkpoint_cached, load_model
+from node.runtime import model_store
+from node.runtime.loading import LoadedModel, load_checkpoint_cached, load_model
 from node.models.llama.reference import NumpyLlama
-from node.runtime import CacheLimits
-from node.targets import GENERIC_X86_CPU, DeviceTarget, cpu_target, detect
+from node.runtime.model_runtime import CacheLimits
+from node.compiler.targets import GENERIC_X86_CPU, DeviceTarget, cpu_target, detect
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey
 from verify.verifier import check_positions

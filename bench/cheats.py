@@ -35,10 +35,10 @@ from gguf import quants
 
 from bench.harness import Generator
 from node.compiler import compile_model
-from node.engine import GenerationRequest
-from node.loaded_model import LoadedModel, load_checkpoint_cached
+from node.runtime.engine import GenerationRequest
+from node.runtime.loading import LoadedModel, load_checkpoint_cached
 from node.models.llama.model import fuse_hf_weights
-from node.runtime import ModelRuntime
+from node.runtime.model_runtime import ModelRuntime
 from verify.evidence import FINGERPRINT_K, AnswerFile, sign_answer
 from verify.identity import NodeKey
 from verify.sampling import SamplingParams, process_logits, top_k_fingerprint

@@ -15,12 +15,12 @@ from typing import Sequence
 
 import numpy as np
 
-from node.answers import answer_file
-from node.engine import Engine, GenerationRequest
-from node.loaded_model import LoadedModel
+from node.api.answers import answer_file
+from node.runtime.engine import Engine, GenerationRequest
+from node.runtime.loading import LoadedModel
 from node.models.llama.reference import NumpyLlama
-from node.runtime import ModelRuntime
-from node.tokenizer import TextTokenizer
+from node.runtime.model_runtime import ModelRuntime
+from node.models.tokenizer import TextTokenizer
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey
 from verify.sampling import SamplingParams

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from compiled_models.registry import DEFAULT_MODEL, REGISTRY
 from node.errors import ProofMeshNodeError
-from node.targets import DEVICE_CHOICES
+from node.compiler.targets import DEVICE_CHOICES
 from verify.audit_policy import VERIFY_COST_RATIO
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def _progress(message: str) -> None:
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
-    from node import model_store
+    from node.runtime import model_store
 
     if args.model not in REGISTRY:
         raise ProofMeshNodeError(f"unknown registry model {args.model!r}; known: {', '.join(REGISTRY)}")
@@ -47,10 +47,10 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from node import model_store
+    from node.runtime import model_store
     from node.compiler import compile_model
-    from node.loaded_model import load_checkpoint_cached, manifest_of, model_parameters
-    from node.targets import DeviceTarget, cpu_target, cuda_target_for_arch, detect
+    from node.runtime.loading import load_checkpoint_cached, manifest_of, model_parameters
+    from node.compiler.targets import DeviceTarget, cpu_target, cuda_target_for_arch, detect
 
     root = model_store.store_root()
     path = model_store.resolve(args.model, root, _progress)
@@ -87,8 +87,8 @@ def _quantize_folder(source: Path, ggml_type: str, root: Path) -> Path:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from node.engine import Engine, GenerationRequest
-    from node.loaded_model import load_model
+    from node.runtime.engine import Engine, GenerationRequest
+    from node.runtime.loading import load_model
     from verify.sampling import SamplingParams
 
     model = load_model(args.model, device=args.device, weights=args.weights, progress=_progress)
@@ -119,7 +119,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
 def _node_key(path: str | Path | None) -> tuple[NodeKey, Path]:
     """The node's identity key (``<store>/node_key.pem`` unless given), created on first use."""
-    from node import model_store
+    from node.runtime import model_store
     from verify.errors import IdentityError
     from verify.identity import NodeKey
 
@@ -151,7 +151,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     from pydantic import BaseModel, ValidationError
 
-    from node.loaded_model import load_model
+    from node.runtime.loading import load_model
     from verify.binding import bind_answers
     from verify.evidence import AnswerFile
     from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof
@@ -207,10 +207,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from node import model_store
-    from node.loaded_model import load_model
-    from node.server import make_app, serve_until_signalled
-    from node.service import DEFAULT_MAX_QUEUE, NODE
+    from node.runtime import model_store
+    from node.runtime.loading import load_model
+    from node.api.app import make_app, serve_until_signalled
+    from node.api.service import DEFAULT_MAX_QUEUE, NODE
     from verify.evidence_store import EvidenceStore
     from verify.ledger import Ledger
 
@@ -287,7 +287,7 @@ def _upstream_models(args: argparse.Namespace) -> list:
     import json
     import urllib.request
 
-    from node.loaded_model import load_model
+    from node.runtime.loading import load_model
 
     served: dict[str, str] = {}
     for url in args.upstream:
@@ -313,10 +313,10 @@ def _upstream_models(args: argparse.Namespace) -> list:
 
 
 def _cmd_verifier(args: argparse.Namespace) -> int:
-    from node import model_store
-    from node.loaded_model import load_model
-    from node.server import make_app, serve_until_signalled, start_server
-    from node.sidecar import Sidecar, make_sidecar_app
+    from node.runtime import model_store
+    from node.runtime.loading import load_model
+    from node.api.app import make_app, serve_until_signalled, start_server
+    from node.sidecar.proxy import Sidecar, make_sidecar_app
     from p2p.network import NetworkConfig
     from verify.evidence_store import EvidenceStore
     from verify.ledger import Ledger
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="[proofmesh] %(message)s", stream=sys.stderr)
     try:
         if hasattr(args, "threads"):  # commands that run TVM: size its pool before any work
-            from node.targets import configure_threads
+            from node.compiler.targets import configure_threads
 
             _progress(f"{configure_threads(args.threads)} CPU threads for TVM")
         return args.func(args)

@@ -9,7 +9,7 @@
     errors.py     the exception tree; metrics.py its Prometheus series
 
 It never imports node/ (a test checks it): the node plugs in through ``LocalNode``
-(``node/peering.py`` implements it).
+(``node/api/peering.py`` implements it).
 """
 
 from p2p.errors import (

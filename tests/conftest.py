@@ -12,8 +12,8 @@ import pytest
 from node.compiler import compile_model
 from node.models.llama.checkpoint import Checkpoint, load_checkpoint
 from node.models.llama.model import fuse_hf_weights
-from node.runtime import CacheLimits, ModelRuntime
-from node.targets import detect
+from node.runtime.model_runtime import CacheLimits, ModelRuntime
+from node.compiler.targets import detect
 from tests.models_fixtures import make_tiny_hf_checkpoint
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from node.engine import Engine, GenerationRequest
+from node.runtime.engine import Engine, GenerationRequest
 from verify.sampling import SamplingParams
 
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from aiohttp import web
 
-from node.server import start_server
+from node.api.app import start_server
 
 START_TIMEOUT_S = 60
 

@@ -9,8 +9,8 @@ import pytest
 
 from bench.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext
 from bench.harness import Generator, request_mix
-from node.loaded_model import load_model
-from node.runtime import CacheLimits
+from node.runtime.loading import load_model
+from node.runtime.model_runtime import CacheLimits
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof, sign_verdict
 from verify.identity import NodeKey

@@ -13,8 +13,8 @@ import pytest
 from bench.cheats import CHEATS, CheatContext, cheap_generator, skip_layers
 from bench.harness import request_mix
 from compiled_models.registry import DEFAULT_MODEL
-from node import model_store
-from node.loaded_model import load_model
+from node.runtime import model_store
+from node.runtime.loading import load_model
 from verify.identity import NodeKey
 from verify.verifier import verify_answer
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from compiled_models.registry import DEFAULT_MODEL
-from node.answers import answer_file
-from node.engine import Engine, GenerationRequest
-from node.loaded_model import load_model
+from node.api.answers import answer_file
+from node.runtime.engine import Engine, GenerationRequest
+from node.runtime.loading import load_model
 from node.models.llama.checkpoint import load_checkpoint
 from node.models.llama.reference import NumpyLlama
 from tests.node.engine_helpers import generate

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from node.engine import Engine, GenerationRequest
+from node.runtime.engine import Engine, GenerationRequest
 from node.errors import ContextLengthError, EngineBusyError
 from node.models.llama.reference import NumpyLlama
 from verify.sampling import SamplingParams
@@ -182,7 +182,7 @@ def test_caller_going_away_frees_its_slot_at_once(tiny_ckpt, tiny_runtime):
 def test_admission_reserves_whole_kv_pages(tiny_ckpt, store, cpu):
     """Three answers of 21 tokens need 3 x 2 pages of 16: the 64-slot cache holds two at a time.
     Counting tokens (63 <= 64) instead of pages would admit all three and fill the cache mid-answer."""
-    from node.runtime import CacheLimits
+    from node.runtime.model_runtime import CacheLimits
     from tests.conftest import make_runtime
 
     runtime = make_runtime(tiny_ckpt, store, cpu, CacheLimits(max_batch_size=4, max_total_tokens=64, prefill_chunk=64))

@@ -9,10 +9,10 @@ import pytest
 
 from bench.harness import Generator, NumpyBackend, request_mix
 from compiled_models.registry import DEFAULT_MODEL
-from node.loaded_model import load_checkpoint_cached, load_model
+from node.runtime.loading import load_checkpoint_cached, load_model
 from node.models.llama.reference import NumpyLlama
-from node.runtime import CacheLimits
-from node.targets import GENERIC_X86_CPU, DeviceTarget, cpu_target
+from node.runtime.model_runtime import CacheLimits
+from node.compiler.targets import GENERIC_X86_CPU, DeviceTarget, cpu_target
 from tests.models_fixtures import make_tiny_gguf, make_tiny_hf_checkpoint
 from verify.identity import NodeKey
 from verify.verifier import verify_answer

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 
-from node.loaded_model import load_model
-from node.prepared_cache import load_prepared
-from node.runtime import CacheLimits
+from node.runtime.loading import load_model
+from node.runtime.prepared_cache import load_prepared
+from node.runtime.model_runtime import CacheLimits
 from tests.models_fixtures import make_tiny_gguf, make_tiny_hf_checkpoint
 
 LIMITS = CacheLimits(max_batch_size=2, max_total_tokens=256, prefill_chunk=64)

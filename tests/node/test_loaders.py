@@ -13,7 +13,7 @@ from node.errors import ConfigError, ModelLoadError, RequestError
 from node.models.llama.checkpoint import WeightsDigest, expected_weight_shapes, load_checkpoint
 from node.models.llama.gguf_loader import permute_qk_rows, unpermute_qk_rows
 from node.models.llama.reference import NumpyLlama, rope_inv_freq
-from node.tokenizer import TextTokenizer
+from node.models.tokenizer import TextTokenizer
 from tests.models_fixtures import (
     BOS_ID,
     CHATML_TEMPLATE,
@@ -470,7 +470,7 @@ def test_fingerprint_stable_across_loads(tmp_path):
 def smollm2_path() -> str:
     """The pulled default model (downloaded on first use), or PROOFMESH_SMOLLM2_GGUF."""
     from compiled_models.registry import DEFAULT_MODEL
-    from node import model_store
+    from node.runtime import model_store
 
     return os.environ.get("PROOFMESH_SMOLLM2_GGUF") or str(model_store.resolve(DEFAULT_MODEL))
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import tvm
 
-from node.answers import answer_file
+from node.api.answers import answer_file
 from node.compiler import compile_model
-from node.loaded_model import load_checkpoint_cached, load_model, model_parameters
+from node.runtime.loading import load_checkpoint_cached, load_model, model_parameters
 from node.models.quant.blocks import FORMATS, QuantizedTensor, quantize
 from node.models.quant.kernels import FUSED_MAX_TOKENS, quant_matmul_cpu
-from node.runtime import CacheLimits
-from node.targets import cuda_target_for_arch
+from node.runtime.model_runtime import CacheLimits
+from node.compiler.targets import cuda_target_for_arch
 from tests.node.engine_helpers import generate
 from tests.models_fixtures import make_tiny_gguf
 from verify.evidence import AnswerFile

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from node.engine import Engine, GenerationRequest
-from node.loaded_model import load_model
-from node.runtime import CacheLimits
-from node.server import make_app
+from node.runtime.engine import Engine, GenerationRequest
+from node.runtime.loading import load_model
+from node.runtime.model_runtime import CacheLimits
+from node.api.app import make_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.http_fixtures import serving
 from verify.evidence import AnswerFile

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from compiled_models.registry import DEFAULT_MODEL
-from node.loaded_model import load_model
-from node.server import make_app
+from node.runtime.loading import load_model
+from node.api.app import make_app
 from tests.node.http_fixtures import serving
 from verify.evidence import AnswerFile
 from verify.evidence_store import EvidenceStore

@@ -14,10 +14,10 @@ import httpx
 import openai
 import pytest
 
-from node.loaded_model import LoadedModel, load_model
-from node.runtime import CacheLimits
-from node.server import make_app
-from node.sidecar import Sidecar, audit_draw, make_sidecar_app
+from node.runtime.loading import LoadedModel, load_model
+from node.runtime.model_runtime import CacheLimits
+from node.api.app import make_app
+from node.sidecar.proxy import Sidecar, audit_draw, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.http_fixtures import serving
 from verify.evidence import AnswerFile

@@ -9,7 +9,7 @@ import pytest
 from node.compiler import compile_model
 from node.compiler.build import library_cache_key
 from node.errors import DeviceError
-from node.targets import cpu_target, cuda_target_for_arch, detect, host_cpu_name
+from node.compiler.targets import cpu_target, cuda_target_for_arch, detect, host_cpu_name
 from tests.models_fixtures import tiny_config
 
 

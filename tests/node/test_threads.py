@@ -9,7 +9,7 @@ import sys
 
 PROBE = """
 import threading
-from node.targets import configure_threads, tvm_pool_size, usable_cores
+from node.compiler.targets import configure_threads, tvm_pool_size, usable_cores
 configured = configure_threads({threads})
 pool = []
 worker = threading.Thread(target=lambda: pool.append(tvm_pool_size()))  # as the engine's worker thread

@@ -18,10 +18,10 @@ import openai
 import pytest
 from aiohttp import web
 
-from node.loaded_model import load_model
-from node.runtime import CacheLimits
-from node.server import make_app
-from node.sidecar import Sidecar, make_sidecar_app
+from node.runtime.loading import load_model
+from node.runtime.model_runtime import CacheLimits
+from node.api.app import make_app
+from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.http_fixtures import serving
 from tests.node.test_sidecar import settled

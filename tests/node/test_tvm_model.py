@@ -12,7 +12,7 @@ import pytest
 from node.models.llama.checkpoint import load_checkpoint
 from node.models.llama.reference import NumpyLlama
 from node.errors import ContextLengthError
-from node.runtime import CacheLimits
+from node.runtime.model_runtime import CacheLimits
 from tests.conftest import make_runtime
 from tests.models_fixtures import make_tiny_gguf, make_tiny_hf_checkpoint
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from node.answers import answer_file
-from node.loaded_model import load_model
-from node.runtime import CacheLimits
+from node.api.answers import answer_file
+from node.runtime.loading import load_model
+from node.runtime.model_runtime import CacheLimits
 from tests.node.engine_helpers import generate
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from verify.evidence import AnswerFile, sign_answer

@@ -8,7 +8,7 @@ import os
 import sys
 
 from node.cli import main
-from node.loaded_model import LoadedModel
+from node.runtime.loading import LoadedModel
 
 if __name__ == "__main__":
     LoadedModel.model_id = property(lambda self: os.environ["PROOFMESH_TEST_CLAIMED_MODEL_ID"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from node import peering
+from node.api import peering
 from node.cli import main
 from p2p.wire import Attestation
 from verify.evidence import AnswerFile

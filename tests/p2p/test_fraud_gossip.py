@@ -11,9 +11,9 @@ import urllib.request
 
 import httpx
 
-from node.loaded_model import load_model
-from node.runtime import CacheLimits
-from node.sidecar import Sidecar, make_sidecar_app
+from node.runtime.loading import load_model
+from node.runtime.model_runtime import CacheLimits
+from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.http_fixtures import serving
 from tests.p2p.cluster import Cluster, NodeProcess, warm_store

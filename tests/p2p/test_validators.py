@@ -17,10 +17,10 @@ import urllib.request
 import httpx
 import pytest
 
-from node.loaded_model import load_model
-from node.runtime import CacheLimits
-from node.server import make_app
-from node.sidecar import Sidecar, make_sidecar_app
+from node.runtime.loading import load_model
+from node.runtime.model_runtime import CacheLimits
+from node.api.app import make_app
+from node.sidecar.proxy import Sidecar, make_sidecar_app
 from p2p.network import NetworkConfig
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.http_fixtures import serving

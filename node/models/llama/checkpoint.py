@@ -25,7 +25,7 @@ import numpy as np
 
 from node.errors import ModelLoadError
 from node.models.quant.blocks import QuantizedTensor
-from node.tokenizer import TextTokenizer
+from node.models.tokenizer import TextTokenizer
 
 from .config import LlamaConfig
 

@@ -2,7 +2,7 @@
 
 Read with ``gguf.GGUFReader`` (a memory map; format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
 The config comes from the ``llama.*`` metadata, the tokenizer from ``tokenizer.ggml.*`` (see
-``node.tokenizer``). Q4_0/Q4_1/Q8_0 matrices stay in their blocks (``QuantizedTensor``, for the
+``node.models.tokenizer``). Q4_0/Q4_1/Q8_0 matrices stay in their blocks (``QuantizedTensor``, for the
 native kernels); every other tensor is read as float32 with ``gguf.quants.dequantize``.
 
 Two layout facts of llama.cpp's converter (``convert_hf_to_gguf.py``) are undone here:
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from node.errors import ConfigError, ModelLoadError
-from node.tokenizer import TextTokenizer
+from node.models.tokenizer import TextTokenizer
 
 from node.models.quant.blocks import FORMATS, QuantizedTensor
 

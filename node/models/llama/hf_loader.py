@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from node.errors import ConfigError, ModelLoadError
-from node.tokenizer import TextTokenizer
+from node.models.tokenizer import TextTokenizer
 
 from node.models.quant.blocks import BLOCK, FORMATS, QuantizedTensor, quantize
 

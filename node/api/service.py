@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Sequence
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from node.answers import answer_file
-from node.engine import Engine, GenerationRequest, GenerationResult, TokenEvent
+from node.api.answers import answer_file
+from node.runtime.engine import Engine, GenerationRequest, GenerationResult, TokenEvent
 from node.errors import ConfigError, ContextLengthError, EngineBusyError, RequestError
-from node.loaded_model import LoadedModel
-from node.metrics import NodeMetrics
-from node.openai_protocol import ErrorInfo, ErrorResponse, ProofMeshInfo
+from node.runtime.loading import LoadedModel
+from node.api.metrics import NodeMetrics
+from node.api.protocol import ErrorInfo, ErrorResponse, ProofMeshInfo
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 

@@ -28,8 +28,8 @@ from typing import Any, AsyncIterator, Callable, Literal, TypeVar
 import numpy as np
 
 from node.errors import ContextLengthError, EngineBusyError, RequestError
-from node.runtime import ModelRuntime
-from node.tokenizer import IncrementalDecoder, TextTokenizer
+from node.runtime.model_runtime import ModelRuntime
+from node.models.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.canonical import request_hash as compute_request_hash
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import SeedSource

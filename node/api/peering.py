@@ -31,9 +31,9 @@ import numpy as np
 from aiohttp import web
 
 from node.errors import ConfigError, EngineBusyError
-from node.loaded_model import LoadedModel
-from node.openai_protocol import ModelCard
-from node.service import NODE, APIError, Handler, Node, parse_body
+from node.runtime.loading import LoadedModel
+from node.api.protocol import ModelCard
+from node.api.service import NODE, APIError, Handler, Node, parse_body
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart

@@ -23,7 +23,7 @@ from node.compiler import CompiledLibrary
 from node.compiler.cpu_attention import KV_PAGE_SIZE
 from node.errors import ContextLengthError, ModelLoadError, RequestError
 from node.models.llama.config import LlamaConfig
-from node.targets import DeviceTarget
+from node.compiler.targets import DeviceTarget
 
 PAGE_SIZE = KV_PAGE_SIZE  # tokens per KV page (16): what the CPU attention kernels are built for
 DEFAULT_PREFILL_CHUNK = 512  # tokens per prefill pass; longer prompts are fed in chunks

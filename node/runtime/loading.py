@@ -14,17 +14,17 @@ from typing import Sequence
 
 import numpy as np
 
-from node import model_store
+from node.runtime import model_store
 from node.errors import ConfigError
 from node.compiler import compile_model
-from node.model_store import ModelManifest, ProgressFn
-from node.prepared_cache import load_prepared, save_prepared
+from node.runtime.model_store import ModelManifest, ProgressFn
+from node.runtime.prepared_cache import load_prepared, save_prepared
 from node.models.llama.checkpoint import Checkpoint, load_checkpoint
 from node.models.llama.config import LlamaConfig
 from node.models.llama.model import fuse_hf_weights, native_params
-from node.runtime import CacheLimits, ModelRuntime
-from node.targets import DeviceTarget, detect
-from node.tokenizer import TextTokenizer
+from node.runtime.model_runtime import CacheLimits, ModelRuntime
+from node.compiler.targets import DeviceTarget, detect
+from node.models.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from node.models.llama.checkpoint import Checkpoint
 from node.models.llama.config import LlamaConfig
 from node.models.quant.blocks import QuantizedTensor
-from node.tokenizer import TextTokenizer
+from node.models.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from node.engine import FinishReason, TokenEvent
+from node.runtime.engine import FinishReason, TokenEvent
 from verify.binding import Endpoint, default_max_tokens, requested_max_tokens, requested_sampling, template_message
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import Receipt

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.engine import GenerationResult
+from node.runtime.engine import GenerationResult
 from verify.evidence import AnswerFile, sign_answer
 from verify.identity import NodeKey
 

@@ -25,8 +25,8 @@ from typing import AsyncIterator
 from aiohttp import web
 from pydantic import BaseModel
 
-from node.engine import GenerationRequest
-from node.openai_protocol import (
+from node.runtime.engine import GenerationRequest
+from node.api.protocol import (
     U64,
     AssistantMessage,
     ChatChoice,
@@ -45,8 +45,8 @@ from node.openai_protocol import (
     SamplingRequest,
     UsageInfo,
 )
-from node.peering import network_cards
-from node.service import NODE, ChoiceEvent, ServedModel, api_error_of, parse_body
+from node.api.peering import network_cards
+from node.api.service import NODE, ChoiceEvent, ServedModel, api_error_of, parse_body
 
 routes = web.RouteTableDef()
 

@@ -46,7 +46,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.service import APIError, api_error_of, require_api_key
+from node.api.service import APIError, api_error_of, require_api_key
 from p2p.wire import Attestation
 from verify.binding import Endpoint, Tokenization, bind_answers
 from verify.evidence import AnswerFile

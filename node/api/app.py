@@ -2,13 +2,13 @@
 
 One way through the house: HTTP -> engine -> runtime. ``make_app`` takes models that are
 already loaded (so tests and benchmarks run it in-process), an identity key and an evidence
-store, and wires the route tables: OpenAI (``node/openai_routes.py``), receipts, and
+store, and wires the route tables: OpenAI (``node/api/routes.py``), receipts, and
 health/metrics. Every answer is signed as it finishes and its answer file kept in the evidence
-store (``node/service.py``), so ``GET /v1/receipts/{id}`` serves what ``proofmesh verify`` checks.
+store (``node/api/service.py``), so ``GET /v1/receipts/{id}`` serves what ``proofmesh verify`` checks.
 
     GET  /v1/models                  POST /v1/completions        POST /v1/chat/completions
     GET  /v1/receipts/{receipt_id}   GET  /health                GET  /metrics
-    GET  /v1/peers ...               (with a p2p network: node/peering.py)
+    GET  /v1/peers ...               (with a p2p network: node/api/peering.py)
 
 Errors: one middleware turns every exception into OpenAI's ``{"error": {message, type, param,
 code}}`` — node errors and HTTP errors with their own status, anything unexpected as a 500
@@ -28,10 +28,10 @@ from typing import Callable, Sequence
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from node import openai_routes, peering
+from node.api import peering, routes
 from node.errors import ConfigError
-from node.loaded_model import LoadedModel
-from node.service import DEFAULT_MAX_QUEUE, NODE, APIError, Handler, Node, api_error_of, require_api_key
+from node.runtime.loading import LoadedModel
+from node.api.service import DEFAULT_MAX_QUEUE, NODE, APIError, Handler, Node, api_error_of, require_api_key
 from p2p.network import NetworkConfig
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -124,7 +124,7 @@ def make_app(
     """The node's app. Each model gets its own engine (which owns that model's runtime: do not
     serve one ``LoadedModel`` from two apps at once); engines close on app cleanup, the store
     stays the caller's to close. With ``network`` the node joins the p2p network on startup
-    (``node/peering.py``); then it may serve no model itself (a gateway). Its convictions and
+    (``node/api/peering.py``); then it may serve no model itself (a gateway). Its convictions and
     their fraud proofs go to ``ledger`` (kept across restarts; without one, in memory)."""
     if not models and network is None:
         raise ConfigError("make_app needs at least one model (or a p2p network to forward to)")
@@ -135,7 +135,7 @@ def make_app(
     if network is not None:
         peering.attach(app, node, network, api_keys[0] if api_keys else None,
                        ledger if ledger is not None else Ledger(Path(":memory:")), fraud_quorum)
-    app.router.add_routes(openai_routes.routes)
+    app.router.add_routes(routes.routes)
     app.router.add_get("/v1/receipts/{receipt_id}", get_receipt)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -1,0 +1,4 @@
+"""The HTTP layer: OpenAI wire models (``protocol``), errors and their one mapping to statuses
+(``errors``), what every route shares (``service``: models, signing, evidence), the OpenAI routes
+(``routes``), the app with receipts, health and metrics (``app``), and the node's side of the p2p
+network (``peering``). Requests go HTTP -> ``service.Node.answers`` -> ``runtime.engine``."""

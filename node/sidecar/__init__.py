@@ -1,0 +1,3 @@
+"""The verifier sidecar: an OpenAI-compatible proxy that binds every answer to its request and
+audits a share of them (``proxy``). Loads neither TVM nor libp2p: it reaches models through
+``verify``'s protocols and the network through its own gateway's HTTP routes."""
