@@ -98,13 +98,10 @@ def _median_round(rounds: list[dict]) -> dict:
 
 async def bench_engine(model_name: str, device: str, clients: list[int], max_tokens: int, repeats: int) -> dict:
     model = load_model(model_name, device=device, progress=lambda m: None)
-    engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=model.max_context)
-    try:
+    async with Engine(model.runtime, model.tokenizer, model.model_id, max_context=model.max_context) as engine:
         await engine_round(engine, model.tokenizer, 1, 4)  # warm-up
         return {c: _median_round([await engine_round(engine, model.tokenizer, c, max_tokens) for _ in range(repeats)])
                 for c in clients}
-    finally:
-        await engine.close()
 
 
 def start_server(model_name: str, device: str) -> tuple[subprocess.Popen, str]:

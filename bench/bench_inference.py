@@ -27,7 +27,7 @@ import numpy as np
 
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
-from node.models.llama.checkpoint import load_checkpoint  # numpy and gguf only: no TVM in the baselines' processes
+from node.models.llama.load import load_checkpoint  # numpy and gguf only: no TVM in the baselines' processes
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "The history of the printing press begins in"

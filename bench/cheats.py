@@ -34,7 +34,7 @@ import numpy as np
 from gguf import quants
 
 from bench.harness import Generator
-from node.compiler import compile_model
+from node.compiler.build import compile_model
 from node.runtime.engine import GenerationRequest
 from node.runtime.loading import LoadedModel, load_checkpoint_cached
 from node.models.llama.model import fuse_hf_weights

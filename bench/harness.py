@@ -71,18 +71,16 @@ class Generator:
         """Answer every request, ``concurrency`` at a time (the engine batches them)."""
 
         async def run() -> list[AnswerFile]:
-            engine = Engine(self.runtime, self.tokenizer, self.model_id, max_context=self.max_context, max_queue=len(requests) + 1)
             gate = asyncio.Semaphore(concurrency)
+            async with Engine(self.runtime, self.tokenizer, self.model_id, max_context=self.max_context,
+                              max_queue=len(requests) + 1) as engine:
 
-            async def one(request: GenerationRequest) -> AnswerFile:
-                async with gate:
-                    result = await engine.complete(request)
-                return answer_file(result, key, model_id=self.model_id, backend=self.backend)
+                async def one(request: GenerationRequest) -> AnswerFile:
+                    async with gate:
+                        result = await engine.complete(request)
+                    return answer_file(result, key, model_id=self.model_id, backend=self.backend)
 
-            try:
                 return list(await asyncio.gather(*(one(r) for r in requests)))
-            finally:
-                await engine.close()
 
         return asyncio.run(run())
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from compiled_models.registry import DEFAULT_MODEL, REGISTRY
 from node.errors import ProofMeshNodeError
-from node.compiler.targets import DEVICE_CHOICES
+from node.compiler.devices import DEVICE_CHOICES
 from verify.audit_policy import VERIFY_COST_RATIO
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from node.runtime import model_store
-    from node.compiler import compile_model
+    from node.compiler.build import compile_model
     from node.runtime.loading import load_checkpoint_cached, manifest_of, model_parameters
     from node.compiler.targets import DeviceTarget, cpu_target, cuda_target_for_arch, detect
 
@@ -73,7 +73,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _quantize_folder(source: Path, ggml_type: str, root: Path) -> Path:
     """Quantize a Hugging Face folder into ``<store>/models/<name>-<type>`` (a new model_id)."""
-    from node.models.llama.checkpoint import load_checkpoint
+    from node.models.llama.load import load_checkpoint
     from node.models.llama.hf_loader import save_quantized
 
     if not source.is_dir():
@@ -99,8 +99,7 @@ async def _generate(args: argparse.Namespace) -> int:
         prompt_ids = tok.encode_prompt(args.prompt)
     seed = args.seed if args.seed is not None else secrets.randbits(63)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed)
-    engine = Engine(model.runtime, tok, model.model_id, max_context=model.max_context)
-    try:
+    async with Engine(model.runtime, tok, model.model_id, max_context=model.max_context) as engine:
         request = GenerationRequest(tuple(prompt_ids), params, "client" if args.seed is not None else "node")
         async for event in engine.generate(request):
             sys.stdout.write(event.text)
@@ -112,8 +111,6 @@ async def _generate(args: argparse.Namespace) -> int:
                     f"{len(r.output_ids)} tokens, finish={r.finish_reason}, seed={seed}, "
                     f"{len(r.output_ids) / max(r.duration, 1e-9):.1f} tokens/s, first token {r.time_to_first_token * 1000:.0f} ms"
                 )
-    finally:
-        await engine.close()
     return 0
 
 

@@ -6,9 +6,13 @@
     ├── ModelPullError       the default model could not be fetched or failed its checksum
     ├── CompileError         TVM could not build the library for the target
     ├── DeviceError          the requested device is not present on this machine
-    └── RequestError         a generation request the engine cannot accept
+    ├── RuntimeFault         a broken invariant of the runtime or scheduler: the node's bug (HTTP 500)
+    └── RequestError         a generation request the engine cannot accept (the client's: HTTP 4xx)
         ├── ContextLengthError   prompt + max_tokens exceed the context
         └── EngineBusyError      admission limits reached (callers retry later)
+
+Over HTTP (``node/api/errors.py``): RequestError is the client's fault (4xx); ConfigError,
+RuntimeFault and anything unexpected are the server's (500, logged with an error id).
 """
 
 
@@ -34,6 +38,11 @@ class CompileError(ProofMeshNodeError):
 
 class DeviceError(ProofMeshNodeError):
     pass
+
+
+class RuntimeFault(ProofMeshNodeError):
+    """Raised where the runtime is asked something its caller (the engine) must never ask: a
+    second sequence with one id, more sequences than the cache holds, an empty prefill."""
 
 
 class RequestError(ProofMeshNodeError, ValueError):

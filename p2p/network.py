@@ -32,7 +32,8 @@ from p2p.host import Host, check_listen_addr, peer_info
 from p2p.metrics import P2PMetrics
 from p2p.peers import PeerState, PeerTable
 from p2p.protocols import LocalNode, Protocols
-from p2p.wire import Attestation, Capability, FraudNotice, InferData, InferEnd, InferHead, InferPath, InferRequest, SignedCapability
+from p2p.wire import Capability, FraudNotice, InferData, InferEnd, InferHead, InferPath, InferRequest, SignedCapability
+from verify.attestation import Attestation
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey
 

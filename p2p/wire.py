@@ -25,9 +25,10 @@ from libp2p.exceptions import BaseLibp2pError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from p2p.errors import BadSignature, MalformedMessage, MessageTooLarge, StreamEnded, StreamFailed, StreamTimeout
+from verify.attestation import Attestation
 from verify.canonical import canonical_json
 from verify.errors import IdentityError
-from verify.evidence import AnswerFile, Fingerprint
+from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, SignedVerdict
 from verify.identity import NodeKey, public_key_from_peer_id, verify_signed_by
 
@@ -285,33 +286,6 @@ class VerifyRequest(Message):
     """``/proofmesh/verify/1``: re-check this answer file by teacher-forced re-execution."""
 
     answer: AnswerFile
-
-
-class Attestation(Message):
-    """A validator's own view of an answer: its signed verdict and the fingerprints it computed
-    itself (not a yes/no, so a lazy validator that copies the claim is caught by comparison),
-    the fingerprints signed too."""
-
-    verdict: SignedVerdict
-    fingerprints: Annotated[list[Fingerprint], Field(max_length=65536)]
-    fingerprints_signature: Base64Sig
-
-    @staticmethod
-    def fingerprint_bytes(receipt_id: str, verifier_id: str, fingerprints: list[Fingerprint]) -> bytes:
-        return canonical_json({"receipt_id": receipt_id, "verifier_id": verifier_id,
-                               "fingerprints": [f.model_dump() for f in fingerprints]})
-
-    @classmethod
-    def sign(cls, verdict: SignedVerdict, fingerprints: list[Fingerprint], key: NodeKey) -> "Attestation":
-        data = cls.fingerprint_bytes(verdict.verdict.receipt_id, key.node_id, fingerprints)
-        return cls(verdict=verdict, fingerprints=fingerprints, fingerprints_signature=key.sign_base64(data))
-
-    def is_valid(self) -> bool:
-        """Both signatures are the verifier's."""
-        v = self.verdict
-        data = self.fingerprint_bytes(v.verdict.receipt_id, v.verifier_id, list(self.fingerprints))
-        return v.signature_is_valid() and verify_signed_by(v.verifier_id, bytes.fromhex(v.public_key), data,
-                                                           self.fingerprints_signature)
 
 
 class EvidenceRequest(Message):

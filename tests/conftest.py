@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from node.compiler import compile_model
-from node.models.llama.checkpoint import Checkpoint, load_checkpoint
+from node.compiler.build import compile_model
+from node.models.llama.checkpoint import Checkpoint
+from node.models.llama.load import load_checkpoint
 from node.models.llama.model import fuse_hf_weights
 from node.runtime.model_runtime import CacheLimits, ModelRuntime
 from node.compiler.targets import detect

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from verify.canonical import canonical_hash, request_hash
 from verify.identity import NodeKey
-from verify.receipts import Receipt, SeedSource, make_receipt
+from verify.receipts import FinishReason, Receipt, SeedSource, make_receipt
 from verify.sampling import SamplingParams
 
 MAX_TOKENS = 65536  # prompt or output ids per answer
@@ -93,7 +93,7 @@ def sign_answer(
     output_ids: Sequence[int],
     params: SamplingParams,
     fingerprints: Sequence[tuple[Sequence[int], Sequence[float]]],
-    finish_reason: Literal["stop", "length"],
+    finish_reason: FinishReason,
     seed_source: SeedSource = "node",
 ) -> AnswerFile:
     """Commit to an answer: the signed receipt (request hash computed here from the model, the

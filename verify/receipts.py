@@ -26,6 +26,7 @@ from verify.merkle import fingerprint_leaf, merkle_root
 RECEIPT_VERSION = 2
 HEX64 = r"^[0-9a-f]{64}$"
 SeedSource = Literal["client", "node"]
+FinishReason = Literal["stop", "length"]
 
 
 class Receipt(BaseModel):
@@ -44,7 +45,7 @@ class Receipt(BaseModel):
     output_hash: str = Field(pattern=HEX64)
     fingerprint_root: str = Field(pattern=HEX64)
     evidence_hash: str = Field(pattern=HEX64)
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     created: int = Field(ge=0)  # unix seconds
 
     def signing_bytes(self) -> bytes:
@@ -67,7 +68,7 @@ def make_receipt(
     prompt_ids: Sequence[int],
     output_ids: Sequence[int],
     fingerprints: Sequence[tuple[Sequence[int], Sequence[float]]],
-    finish_reason: Literal["stop", "length"],
+    finish_reason: FinishReason,
     evidence_hash: str,
 ) -> tuple[Receipt, str]:
     """Build and sign a receipt; returns it with its base64 signature."""

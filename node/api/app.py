@@ -31,7 +31,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from node.api import peering, routes
 from node.errors import ConfigError
 from node.runtime.loading import LoadedModel
-from node.api.service import DEFAULT_MAX_QUEUE, NODE, APIError, Handler, Node, api_error_of, require_api_key
+from node.api.errors import APIError, Handler, errors_middleware, require_api_key
+from node.api.service import DEFAULT_MAX_QUEUE, NODE, Node
 from p2p.network import NetworkConfig
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -56,14 +57,11 @@ def _route_label(request: web.Request) -> str:
 
 
 @web.middleware
-async def _errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    node = request.app[NODE]
+async def _metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: counts every response, errors included (``errors_middleware`` sits inside)."""
     start = time.perf_counter()
-    try:
-        response = await handler(request)
-    except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
-        response = api_error_of(exc, node.shutting_down).response()
-    node.metrics.observe_request(_route_label(request), response.status, time.perf_counter() - start)
+    response = await handler(request)
+    request.app[NODE].metrics.observe_request(_route_label(request), response.status, time.perf_counter() - start)
     return response
 
 
@@ -129,7 +127,8 @@ def make_app(
     if not models and network is None:
         raise ConfigError("make_app needs at least one model (or a p2p network to forward to)")
     node = Node(models, key, store, max_queue=max_queue)
-    app = web.Application(middlewares=[_errors_and_metrics, require_api_key(api_keys), peering.forward_to_peers],
+    app = web.Application(middlewares=[_metrics, errors_middleware(lambda: node.shutting_down), require_api_key(api_keys),
+                                       peering.forward_to_peers],
                           client_max_size=max_body_bytes)
     app[NODE] = node
     if network is not None:

@@ -33,11 +33,13 @@ from aiohttp import web
 from node.errors import ConfigError, EngineBusyError
 from node.runtime.loading import LoadedModel
 from node.api.protocol import ModelCard
-from node.api.service import NODE, APIError, Handler, Node, parse_body
+from node.api.errors import APIError, Handler, parse_body
+from node.api.service import NODE, Node
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
-from p2p.wire import FRAUD_PROTOCOL, Attestation, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
+from p2p.wire import FRAUD_PROTOCOL, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
+from verify.attestation import Attestation
 from verify.evidence import FINGERPRINT_K, AnswerFile, Fingerprint
 from verify.fraud import FraudProof, accusation_problems, check_fraud_proof, sign_verdict
 from verify.ledger import Ledger

@@ -17,15 +17,17 @@ from __future__ import annotations
 import logging
 import time
 from abc import abstractmethod
-from typing import Annotated, Any, Callable, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from node.runtime.engine import FinishReason, TokenEvent
 from verify.binding import Endpoint, default_max_tokens, requested_max_tokens, requested_sampling, template_message
 from verify.evidence import FINGERPRINT_K
-from verify.receipts import Receipt
+from verify.receipts import FinishReason, Receipt
 from verify.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the wire models never load the engine (nor TVM) at run time
+    from node.runtime.engine import TokenEvent
 
 log = logging.getLogger(__name__)
 

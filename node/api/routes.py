@@ -46,7 +46,8 @@ from node.api.protocol import (
     UsageInfo,
 )
 from node.api.peering import network_cards
-from node.api.service import NODE, ChoiceEvent, ServedModel, api_error_of, parse_body
+from node.api.errors import api_error_of, parse_body
+from node.api.service import NODE, ChoiceEvent, ServedModel
 
 routes = web.RouteTableDef()
 

@@ -1,5 +1,5 @@
 """What every route of the node shares: the served models and their engines, the identity key,
-the evidence store, metrics, and the one mapping from exceptions to OpenAI-shaped errors.
+the evidence store and metrics (errors and their statuses: ``node.api.errors``).
 
 ``Node.answers`` is the single path from an HTTP request to the engine: it runs a request's
 choices, signs each answer as it finishes and keeps its evidence, so no route can hand out an
@@ -9,23 +9,21 @@ answer without a receipt.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from node.api.answers import answer_file
-from node.runtime.engine import Engine, GenerationRequest, GenerationResult, TokenEvent
-from node.errors import ConfigError, ContextLengthError, EngineBusyError, RequestError
-from node.runtime.loading import LoadedModel
+from node.api.errors import APIError
 from node.api.metrics import NodeMetrics
-from node.api.protocol import ErrorInfo, ErrorResponse, ProofMeshInfo
+from node.api.protocol import ProofMeshInfo
+from node.errors import ConfigError
+from node.runtime.engine import Engine, GenerationRequest, GenerationResult, TokenEvent
+from node.runtime.loading import LoadedModel
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 
@@ -34,82 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 1  # a full queue drains within about a batch's worth of answers
 DEFAULT_MAX_QUEUE = 64
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
-
-
-class APIError(Exception):
-    """An error with its HTTP status and OpenAI fields; raised anywhere, rendered by the middleware."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def body(self) -> ErrorResponse:
-        kind = _ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
-        return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code))
-
-    def response(self) -> web.Response:
-        return web.Response(status=self.status, body=self.body().model_dump_json(), headers=self.headers,
-                            content_type="application/json")
-
-
-def api_error_of(exc: Exception, shutting_down: bool = False) -> APIError:
-    """The one place exceptions become HTTP statuses (``node/errors.py``'s tree, aiohttp's, pydantic's)."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, EngineBusyError):
-        status = 503 if shutting_down else 429
-        return APIError(status, str(exc), code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
-    if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), code="context_length_exceeded")
-    if isinstance(exc, (RequestError, ConfigError)):
-        return APIError(400, str(exc))
-    if isinstance(exc, ValidationError):
-        problems = exc.errors()
-        first = problems[0]
-        message = "; ".join(f"{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in problems[:3])
-        if len(problems) > 3:
-            message += f" (and {len(problems) - 3} more)"
-        return APIError(400, message, param=str(first["loc"][0]) if first["loc"] else None, code="invalid_value")
-    if isinstance(exc, web.HTTPException):
-        return APIError(exc.status, exc.text or exc.reason, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
-    log.error("unexpected error", exc_info=exc)
-    return APIError(500, "internal error; the node logged the details", code="internal_error")
-
-
-async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
-    """The JSON body as ``model``; 400 for anything that is not a valid JSON object of it."""
-    raw = await request.read()  # past client_max_size this raises 413
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    return model.model_validate(data)  # ValidationError -> 400 in the middleware
-
-
-def require_api_key(api_keys: Sequence[str]) -> Callable:
-    """Middleware: with keys set, every /v1 route needs ``Authorization: Bearer KEY`` (the node's and the sidecar's)."""
-    keys = [k.encode() for k in api_keys]
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if keys and request.path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            # compare_digest against every key: no timing hint about which prefix matched
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
-                raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
-        return await handler(request)
-
-    return check
 
 
 # ---------------------------------------------------------------------- node state

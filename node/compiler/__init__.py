@@ -1,5 +1,4 @@
-"""Compile a model architecture for a target and cache the library (see ``build``)."""
-
-from node.compiler.build import CompiledLibrary, compile_model, library_cache_key
-
-__all__ = ["CompiledLibrary", "compile_model", "library_cache_key"]
+"""From a model architecture to a library for one target: the compile pipeline and its cache
+(``build``), the targets this machine offers (``targets``; the device names alone, without TVM,
+in ``devices``), the CPU matmul schedule (``cpu_schedule``) and CPU attention kernels
+(``cpu_attention``)."""

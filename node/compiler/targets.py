@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import tvm
 from tvm.target import Target
 
+from node.compiler.devices import DEVICE_CHOICES, GPU_KINDS
 from node.errors import DeviceError
 
-GPU_KINDS = ("cuda", "rocm", "metal", "vulkan", "opencl")
-DEVICE_CHOICES = ("auto", "cpu", *GPU_KINDS)
 # A library for a generic x86-64 CPU: slower, runs anywhere; used as an honest second backend.
 GENERIC_X86_CPU = "x86-64"
 

@@ -97,7 +97,7 @@ class TextTokenizer:
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages`` (OpenAI-style dicts with role and content)."""
         if not self.chat_template:
-            raise ConfigError(f"model has no chat template (source {self.source or 'unknown'}); use a raw completion")
+            raise RequestError(f"model has no chat template (source {self.source or 'unknown'}); use a raw completion")
         if self._compiled_template is None:
             self._compiled_template = _compile_template(self.chat_template)
         from jinja2 import TemplateError

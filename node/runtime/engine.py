@@ -23,7 +23,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Literal, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import numpy as np
 
@@ -32,14 +32,13 @@ from node.runtime.model_runtime import ModelRuntime
 from node.models.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.canonical import request_hash as compute_request_hash
 from verify.evidence import FINGERPRINT_K
-from verify.receipts import SeedSource
+from verify.receipts import FinishReason, SeedSource
 from verify.sampling import SamplingParams, StopChecker, sample_token, top_k_fingerprint
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,7 @@ class _Sequence:
     text_parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
+    failed: bool = False  # a step failed under it: its caller got the exception, not a finish
     cancelled: bool = False
     in_cache: bool = False
 
@@ -165,7 +165,7 @@ class Engine:
                 if event.finish_reason is not None:
                     return
         finally:
-            if seq.finish_reason is None:
+            if seq.finish_reason is None and not seq.failed:
                 seq.cancelled = True
                 self._wake()
 
@@ -197,8 +197,14 @@ class Engine:
         thread-safe, and a verifier's teacher-forced pass must not run inside a decode step."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def __aenter__(self) -> "Engine":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
-        """Cancel every sequence and stop the scheduler."""
+        """Cancel every sequence and stop the scheduler (``async with Engine(...)`` does it on leaving)."""
         self._closing = True
         for seq in self._waiting + self._running:
             seq.cancelled = True
@@ -300,7 +306,7 @@ class Engine:
 
     def _finish_with_error(self, seq: _Sequence, exc: Exception) -> None:
         self._retire(seq)
-        seq.finish_reason = "stop"
+        seq.failed = True
         seq.events.put_nowait(exc)
 
     # -- one step (worker thread) ---------------------------------------------------

@@ -16,10 +16,11 @@ import numpy as np
 
 from node.runtime import model_store
 from node.errors import ConfigError
-from node.compiler import compile_model
+from node.compiler.build import compile_model
 from node.runtime.model_store import ModelManifest, ProgressFn
 from node.runtime.prepared_cache import load_prepared, save_prepared
-from node.models.llama.checkpoint import Checkpoint, load_checkpoint
+from node.models.llama.checkpoint import Checkpoint
+from node.models.llama.load import load_checkpoint
 from node.models.llama.config import LlamaConfig
 from node.models.llama.model import fuse_hf_weights, native_params
 from node.runtime.model_runtime import CacheLimits, ModelRuntime

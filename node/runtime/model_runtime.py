@@ -19,9 +19,9 @@ import tvm
 from tvm import relax
 from tvm.runtime import ShapeTuple
 
-from node.compiler import CompiledLibrary
+from node.compiler.build import CompiledLibrary
 from node.compiler.cpu_attention import KV_PAGE_SIZE
-from node.errors import ContextLengthError, ModelLoadError, RequestError
+from node.errors import ContextLengthError, ModelLoadError, RuntimeFault
 from node.models.llama.config import LlamaConfig
 from node.compiler.targets import DeviceTarget
 
@@ -110,9 +110,9 @@ class ModelRuntime:
     # -- sequences ----------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self._live:
-            raise RequestError(f"sequence {seq_id} already exists")
+            raise RuntimeFault(f"sequence {seq_id} already exists")
         if len(self._live) >= self.limits.max_batch_size:
-            raise RequestError("KV cache holds the maximum number of sequences")
+            raise RuntimeFault("KV cache holds the maximum number of sequences")
         self._add(self._cache, seq_id)
         self._live[seq_id] = 0
 
@@ -128,11 +128,11 @@ class ModelRuntime:
         """Append ``token_ids`` to a sequence; float32 logits for rows ``logits_from`` onward of
         the new tokens (default: the last row only, what generation needs)."""
         if len(token_ids) == 0:
-            raise RequestError("prefill needs at least one token")
+            raise RuntimeFault("prefill needs at least one token")
         self._check_ids(token_ids)
         first = len(token_ids) - 1 if logits_from is None else logits_from
         if not 0 <= first < len(token_ids):
-            raise RequestError(f"logits_from {first} is outside the {len(token_ids)} new tokens")
+            raise RuntimeFault(f"logits_from {first} is outside the {len(token_ids)} new tokens")
         chunk = self.limits.prefill_chunk
         outputs = []
         for start in range(0, len(token_ids), chunk):
@@ -161,7 +161,7 @@ class ModelRuntime:
     def decode(self, seq_ids: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
         """One new token for each sequence, all in one batched pass: logits (b, vocab)."""
         if len(seq_ids) != len(token_ids) or not seq_ids:
-            raise RequestError("decode needs one token per sequence")
+            raise RuntimeFault("decode needs one token per sequence")
         self._check_ids(token_ids)
         dev = self.device.device
         self._begin(self._cache, ShapeTuple(list(seq_ids)), ShapeTuple([1] * len(seq_ids)))
@@ -200,4 +200,4 @@ class ModelRuntime:
     def _check_ids(self, token_ids: Iterable[int]) -> None:
         ids = np.asarray(token_ids)
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
-            raise RequestError(f"token id out of range [0, {self.cfg.vocab_size})")
+            raise RuntimeFault(f"token id out of range [0, {self.cfg.vocab_size})")

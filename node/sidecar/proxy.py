@@ -46,8 +46,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.api.service import APIError, api_error_of, require_api_key
-from p2p.wire import Attestation
+from node.api.errors import APIError, describe_validation_error, errors_middleware, require_api_key
+from verify.attestation import Attestation
 from verify.binding import Endpoint, Tokenization, bind_answers
 from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, SignedVerdict, sign_verdict
@@ -486,9 +486,8 @@ async def submit_audit(request: web.Request) -> web.Response:
     try:
         answer = AnswerFile.model_validate_json(await request.read())
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise APIError(400, f"not an answer file: {first['msg']} at {'.'.join(map(str, first['loc']))}",
-                       code="invalid_answer_file") from None
+        message, param = describe_validation_error(exc)
+        raise APIError(400, f"not an answer file: {message}", param=param, code="invalid_answer_file") from None
     if answer.receipt.model_id not in sidecar.backends:
         raise APIError(400, f"this verifier holds no model {answer.receipt.model_id[:16]}… to audit the answer on",
                        code="model_not_held")
@@ -523,18 +522,9 @@ async def health(request: web.Request) -> web.Response:
                               "verifier_id": sidecar.key.node_id, "models": sorted(sidecar.backends)})
 
 
-@web.middleware
-async def _errors(request: web.Request, handler) -> web.StreamResponse:
-    """Every failure as an OpenAI-shaped error (the node's one mapping), never a plain-text 500."""
-    try:
-        return await handler(request)
-    except Exception as exc:  # noqa: BLE001 - the boundary
-        return api_error_of(exc).response()
-
-
 def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = ()) -> web.Application:
     """The sidecar's app; with ``api_keys`` every /v1 route needs one (audits and proofs included)."""
-    app = web.Application(client_max_size=16 << 20, middlewares=[_errors, require_api_key(api_keys)])  # long answer files
+    app = web.Application(client_max_size=16 << 20, middlewares=[errors_middleware(), require_api_key(api_keys)])  # long answer files
     app[SIDECAR] = sidecar
     for path in PROXIED_POSTS:
         app.router.add_post(path, proxy_post)

@@ -14,10 +14,7 @@ def generate(model, prompt_text: str, **sampling):
     ids = model.tokenizer.encode_chat([{"role": "user", "content": prompt_text}])
 
     async def go():
-        engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=512)
-        try:
+        async with Engine(model.runtime, model.tokenizer, model.model_id, max_context=512) as engine:
             return await engine.complete(GenerationRequest(tuple(ids), params))
-        finally:
-            await engine.close()
 
     return asyncio.run(go())

@@ -17,7 +17,7 @@ from compiled_models.registry import DEFAULT_MODEL
 from node.api.answers import answer_file
 from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.loading import load_model
-from node.models.llama.checkpoint import load_checkpoint
+from node.models.llama.load import load_checkpoint
 from node.models.llama.reference import NumpyLlama
 from tests.node.engine_helpers import generate
 from verify.evidence import AnswerFile
@@ -43,11 +43,8 @@ def default_model_fp32():
 
 def greedy(model, prompt_ids, max_tokens):
     async def go():
-        engine = Engine(model.runtime, model.tokenizer, model.model_id, max_context=model.max_context)
-        try:
+        async with Engine(model.runtime, model.tokenizer, model.model_id, max_context=model.max_context) as engine:
             return await engine.complete(GenerationRequest(tuple(prompt_ids), SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0)))
-        finally:
-            await engine.close()
 
     return asyncio.run(go())
 

@@ -36,11 +36,8 @@ def test_greedy_equals_numpy_reference(tiny_ckpt, tiny_runtime):
     ids = prompt(tiny_ckpt, "The capital of France is")
 
     async def go():
-        engine = engine_for(tiny_runtime, tiny_ckpt)
-        try:
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
             return await engine.complete(request(ids, max_tokens=10, stop_token_ids=()))
-        finally:
-            await engine.close()
 
     result = run(go())
     ref = NumpyLlama.from_checkpoint(tiny_ckpt).greedy(ids, 10, eos_ids=tiny_ckpt.tokenizer.eos_token_ids)
@@ -55,13 +52,10 @@ def test_concurrent_requests_match_solo_runs(tiny_ckpt, tiny_runtime):
     reqs = [request(prompt(tiny_ckpt, t), max_tokens=6 + 3 * i, temperature=0.8, seed=100 + i) for i, t in enumerate(texts)]
 
     async def go():
-        engine = engine_for(tiny_runtime, tiny_ckpt)
-        try:
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
             solo = [await engine.complete(r) for r in reqs]
             together = await asyncio.gather(*(engine.complete(r) for r in reqs))
             return solo, together
-        finally:
-            await engine.close()
 
     solo, together = run(go())
     for a, b in zip(solo, together):
@@ -74,14 +68,11 @@ def test_seed_makes_sampling_reproducible(tiny_ckpt, tiny_runtime):
     ids = prompt(tiny_ckpt, "Hello, world!")
 
     async def go():
-        engine = engine_for(tiny_runtime, tiny_ckpt)
-        try:
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
             a = await engine.complete(request(ids, temperature=1.0, seed=7, max_tokens=16))
             b = await engine.complete(request(ids, temperature=1.0, seed=7, max_tokens=16))
             c = await engine.complete(request(ids, temperature=1.0, seed=8, max_tokens=16))
             return a, b, c
-        finally:
-            await engine.close()
 
     a, b, c = run(go())
     assert a.output_ids == b.output_ids
@@ -93,12 +84,9 @@ def test_max_tokens_gives_length_and_stream_text_adds_up(tiny_ckpt, tiny_runtime
     ids = prompt(tiny_ckpt, "Café, naïve")
 
     async def go():
-        engine = engine_for(tiny_runtime, tiny_ckpt)
-        try:
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
             events = [e async for e in engine.generate(request(ids, max_tokens=9, temperature=1.0, seed=3))]
             return events
-        finally:
-            await engine.close()
 
     events = run(go())
     final = events[-1].result
@@ -113,12 +101,9 @@ def test_stop_string_cuts_the_answer(tiny_ckpt, tiny_runtime):
     ids = prompt(tiny_ckpt, "The quick brown")
 
     async def go(stop):
-        engine = engine_for(tiny_runtime, tiny_ckpt)
-        try:
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
             # Greedy: the stop strings are hashed into the request, which keys the sampling noise.
             return await engine.complete(request(ids, max_tokens=24, temperature=0.0, stop=stop))
-        finally:
-            await engine.close()
 
     free = run(go(()))
     text = free.text
@@ -132,8 +117,7 @@ def test_stop_string_cuts_the_answer(tiny_ckpt, tiny_runtime):
 
 def test_context_and_queue_limits(tiny_ckpt, tiny_runtime):
     async def go():
-        engine = Engine(tiny_runtime, tiny_ckpt.tokenizer, MODEL_ID, max_context=64, max_queue=8)
-        try:
+        async with Engine(tiny_runtime, tiny_ckpt.tokenizer, MODEL_ID, max_context=64, max_queue=8) as engine:
             with pytest.raises(ContextLengthError):
                 await engine.complete(request([5] * 60, max_tokens=10))
             # Nine submissions in one tick of the loop: the scheduler has not admitted any yet,
@@ -155,16 +139,13 @@ def test_context_and_queue_limits(tiny_ckpt, tiny_runtime):
             # and the engine still serves afterwards
             result = await engine.complete(request([5, 6], max_tokens=3))
             assert len(result.output_ids) >= 1
-        finally:
-            await engine.close()
 
     run(go())
 
 
 def test_caller_going_away_frees_its_slot_at_once(tiny_ckpt, tiny_runtime):
     async def go():
-        engine = engine_for(tiny_runtime, tiny_ckpt)
-        try:
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
             stream = engine.generate(request([5, 6, 7], max_tokens=400, temperature=1.0, seed=1))
             await stream.__anext__()
             await stream.aclose()
@@ -172,8 +153,6 @@ def test_caller_going_away_frees_its_slot_at_once(tiny_ckpt, tiny_runtime):
             while engine.running or tiny_runtime.live_sequences:
                 await asyncio.sleep(0.001)
             return engine.steps_run - steps_at_close
-        finally:
-            await engine.close()
 
     steps_after_close = run(go())
     assert steps_after_close <= 2  # not the ~400 steps the answer would have taken
@@ -189,11 +168,8 @@ def test_admission_reserves_whole_kv_pages(tiny_ckpt, store, cpu):
     reqs = [request([5], max_tokens=20, temperature=1.0, seed=i, stop_token_ids=()) for i in range(3)]
 
     async def go():
-        engine = Engine(runtime, tiny_ckpt.tokenizer, MODEL_ID, max_context=64)
-        try:
+        async with Engine(runtime, tiny_ckpt.tokenizer, MODEL_ID, max_context=64) as engine:
             return await asyncio.gather(*(engine.complete(r) for r in reqs))
-        finally:
-            await engine.close()
 
     results = run(go())
     assert all(r.finish_reason in ("stop", "length") for r in results)

@@ -12,7 +12,7 @@ import pytest
 import tvm
 
 from node.api.answers import answer_file
-from node.compiler import compile_model
+from node.compiler.build import compile_model
 from node.runtime.loading import load_checkpoint_cached, load_model, model_parameters
 from node.models.quant.blocks import FORMATS, QuantizedTensor, quantize
 from node.models.quant.kernels import FUSED_MAX_TOKENS, quant_matmul_cpu

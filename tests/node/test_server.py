@@ -214,11 +214,8 @@ def test_greedy_logprobs_agree_with_the_engine_called_directly(client, verifier)
 
     def direct(prompt_ids):
         async def go():
-            engine = Engine(verifier.runtime, verifier.tokenizer, verifier.model_id, max_context=verifier.max_context)
-            try:
+            async with Engine(verifier.runtime, verifier.tokenizer, verifier.model_id, max_context=verifier.max_context) as engine:
                 return await engine.complete(GenerationRequest(tuple(prompt_ids), SamplingParams(temperature=0.0, max_tokens=10, seed=0)))
-            finally:
-                await engine.close()
         return asyncio.run(go())
 
     chat_ref = direct(verifier.tokenizer.encode_chat(HELLO))

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from node.compiler import compile_model
+from node.compiler.build import compile_model
 from node.compiler.build import library_cache_key
 from node.errors import DeviceError
 from node.compiler.targets import cpu_target, cuda_target_for_arch, detect, host_cpu_name

@@ -30,7 +30,6 @@ from verify.evidence_store import EvidenceStore
 from verify.fraud import FraudProof, sign_verdict
 from verify.identity import NodeKey
 from verify.ledger import Ledger
-from verify.sampling import SamplingParams
 from verify.verifier import Verdict
 
 LIMITS = CacheLimits(max_batch_size=8, max_total_tokens=2048, prefill_chunk=64)

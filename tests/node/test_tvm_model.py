@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from node.models.llama.checkpoint import load_checkpoint
+from node.models.llama.load import load_checkpoint
 from node.models.llama.reference import NumpyLlama
 from node.errors import ContextLengthError
 from node.runtime.model_runtime import CacheLimits
@@ -126,14 +126,14 @@ def test_gguf_model_matches_reference(quant_types, tmp_path, store, cpu, record_
 
 
 def test_full_cache_is_refused_not_crashed(tiny_ckpt, store, cpu):
-    from node.errors import RequestError
+    from node.errors import RuntimeFault
 
     rt = make_runtime(tiny_ckpt, store, cpu, CacheLimits(max_batch_size=2, max_total_tokens=64, prefill_chunk=64))
     rt.add_sequence(1)
     rt.add_sequence(2)
-    with pytest.raises(RequestError):
+    with pytest.raises(RuntimeFault):
         rt.add_sequence(3)
-    with pytest.raises(RequestError):
+    with pytest.raises(RuntimeFault):
         rt.decode([1], [10**6])  # token id out of range
 
 

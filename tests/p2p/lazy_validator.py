@@ -8,7 +8,7 @@ import sys
 
 from node.api import peering
 from node.cli import main
-from p2p.wire import Attestation
+from verify.attestation import Attestation
 from verify.evidence import AnswerFile
 from verify.fraud import sign_verdict
 from verify.verifier import Verdict

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -128,40 +127,9 @@ class WeightsDigest:
         return self._h.hexdigest()
 
 
-def load_checkpoint(path: str | Path, *, keep_quantized: bool = False) -> Checkpoint:
-    """Load a Hugging Face checkpoint folder or a ``.gguf`` file; quantized GGUF weights stay
-    in their blocks with ``keep_quantized``, else come out as float32."""
-    ckpt = _load(Path(path))
-    return ckpt if keep_quantized else ckpt.dequantized()
-
-
-def _load(path: Path) -> Checkpoint:
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"model path does not exist: {p}")
-    if p.is_dir():
-        from .hf_loader import load_hf_checkpoint
-
-        return load_hf_checkpoint(p)
-    if p.suffix.lower() == ".gguf" or _has_gguf_magic(p):
-        from .gguf_loader import load_gguf_checkpoint
-
-        return load_gguf_checkpoint(p)
-    raise ModelLoadError(f"{p} is neither a Hugging Face checkpoint folder nor a GGUF file")
-
-
-def _has_gguf_magic(p: Path) -> bool:
-    try:
-        with p.open("rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 __all__ = [
     "Checkpoint",
     "WeightsDigest",
     "check_weights",
     "expected_weight_shapes",
-    "load_checkpoint",
 ]

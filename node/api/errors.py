@@ -1,0 +1,129 @@
+"""Errors over HTTP, one taxonomy for the node's app and the sidecar's (OpenAI's error shape,
+``{"error": {message, type, param, code}}``):
+
+- the client's mistakes -> 4xx with a message (a request the engine cannot take, an unknown
+  model, a body that does not validate, a missing API key, a full queue as 429);
+- the server's faults -> 500: its configuration (``ConfigError``), a broken invariant
+  (``RuntimeFault``) or anything unexpected, with an error id that the log shows beside the
+  traceback; never plain text, never a traceback to the client.
+
+``api_error_of`` is the one mapping, ``errors_middleware`` renders it for every route, and
+``describe_validation_error`` is the one way a pydantic error is put in words (the CLI uses it too).
+Loads neither TVM nor libp2p.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+from typing import Awaitable, Callable, Sequence
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from node.api.protocol import ErrorInfo, ErrorResponse
+from node.errors import ConfigError, ContextLengthError, EngineBusyError, RequestError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # a full queue drains within about a batch's worth of answers
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI fields; raised anywhere, rendered by the middleware."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> ErrorResponse:
+        kind = _ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code))
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=self.body().model_dump_json(), headers=self.headers,
+                            content_type="application/json")
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> tuple[str, str | None]:
+    """Up to three of a pydantic error's problems in one line, and the first one's field."""
+    problems = exc.errors()
+    message = "; ".join(f"{prefix}{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in problems[:3])
+    if len(problems) > 3:
+        message += f" (and {len(problems) - 3} more)"
+    first = problems[0]["loc"] if problems else ()
+    return message, str(first[0]) if first else None
+
+
+def api_error_of(exc: Exception, shutting_down: bool = False) -> APIError:
+    """The one place exceptions become HTTP statuses (``node/errors.py``'s tree, aiohttp's, pydantic's)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineBusyError):
+        status = 503 if shutting_down else 429
+        return APIError(status, str(exc), code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc))
+    if isinstance(exc, ValidationError):
+        message, param = describe_validation_error(exc)
+        return APIError(400, message, param=param, code="invalid_value")
+    if isinstance(exc, web.HTTPException):
+        return APIError(exc.status, exc.text or exc.reason, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+    error_id = secrets.token_hex(6)
+    log.error("error %s: %s", error_id, "server configuration" if isinstance(exc, ConfigError) else "unexpected", exc_info=exc)
+    return APIError(500, f"internal error {error_id}; the server logged the details under that id", code="internal_error")
+
+
+def errors_middleware(shutting_down: Callable[[], bool] = lambda: False) -> Callable:
+    """Middleware: every exception a handler raises becomes ``api_error_of``'s response."""
+
+    @web.middleware
+    async def render(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
+            return api_error_of(exc, shutting_down()).response()
+
+    return render
+
+
+async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body as ``model``; 400 for anything that is not a valid JSON object of it."""
+    raw = await request.read()  # past client_max_size this raises 413
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return model.model_validate(data)  # ValidationError -> 400 in the middleware
+
+
+def require_api_key(api_keys: Sequence[str]) -> Callable:
+    """Middleware: with keys set, every /v1 route needs ``Authorization: Bearer KEY`` (the node's and the sidecar's)."""
+    keys = [k.encode() for k in api_keys]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if keys and request.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest against every key: no timing hint about which prefix matched
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
+                raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        return await handler(request)
+
+    return check
+
+
+__all__ = ["APIError", "Handler", "api_error_of", "describe_validation_error", "errors_middleware", "parse_body",
+           "require_api_key"]
