@@ -96,16 +96,6 @@ def test_records_are_signed_by_their_peer():
         SignedCapability.sign(record, other)
 
 
-def test_p2p_never_imports_the_node():
-    import subprocess
-    import sys
-
-    code = "import sys, p2p; print(sorted({m.split('.')[0] for m in sys.modules} & {'node', 'aiohttp'}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert out.stdout.strip() == "[]"
-
-
 def test_frames_and_their_caps():
     assert encode_varint(0) == b"\x00" and encode_varint(300) == b"\xac\x02"
     record = Capability(peer_id=NodeKey.generate().node_id, models=[], load=0, addrs=[], issued=1.0, expires=2.0)
