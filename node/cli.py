@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from compiled_models.registry import DEFAULT_MODEL, REGISTRY
 from node.errors import ProofMeshNodeError
 from node.compiler.devices import DEVICE_CHOICES
@@ -30,6 +32,13 @@ if TYPE_CHECKING:
     from verify.identity import NodeKey
 
 log = logging.getLogger("proofmesh")
+
+EXIT_CODES = """exit status:
+  0    success; verify: the answer passes (a fraud proof: not upheld)
+  1    verify: fraud, or the answer is not the request's (a fraud proof: upheld)
+  2    an expected failure, said in one line: bad options or input, a model that cannot be
+       loaded, an address in use; verify: an unusable answer file (malformed, unattributable)
+  130  interrupted (Ctrl-C)"""
 
 
 def _progress(message: str) -> None:
@@ -91,14 +100,14 @@ async def _generate(args: argparse.Namespace) -> int:
     from node.runtime.loading import load_model
     from verify.sampling import SamplingParams
 
+    seed = args.seed if args.seed is not None else secrets.randbits(63)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed)  # before the load: bad options fail at once
     model = load_model(args.model, device=args.device, weights=args.weights, progress=_progress)
     tok = model.tokenizer
     if args.chat:
         prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = tok.encode_prompt(args.prompt)
-    seed = args.seed if args.seed is not None else secrets.randbits(63)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed)
     async with Engine(model.runtime, tok, model.model_id, max_context=model.max_context) as engine:
         request = GenerationRequest(tuple(prompt_ids), params, "client" if args.seed is not None else "node")
         async for event in engine.generate(request):
@@ -146,7 +155,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     fraud proof (exit 1 upheld, 0 not)."""
     import json
 
-    from pydantic import BaseModel, ValidationError
+    from pydantic import BaseModel
 
     from node.runtime.loading import load_model
     from verify.binding import bind_answers
@@ -207,10 +216,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from node.runtime import model_store
     from node.runtime.loading import load_model
     from node.api.app import make_app, serve_until_signalled
-    from node.api.service import DEFAULT_MAX_QUEUE, NODE
+    from node.api.service import NODE
+    from node.runtime.engine import DEFAULT_MAX_QUEUE
     from verify.evidence_store import EvidenceStore
     from verify.ledger import Ledger
 
+    if args.max_queue is not None and args.max_queue < 1:
+        raise ProofMeshNodeError(f"--max-queue must be at least 1, got {args.max_queue}")
     root = model_store.store_root()
     key, key_path = _node_key(args.key)
     _progress(f"node id {key.node_id} (key {key_path})")
@@ -232,7 +244,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _progress(f"serving {served} on {url}/v1 (Ctrl-C to stop{auth})")
 
     try:
-        app = make_app(models, key, store, api_keys=api_keys, max_queue=args.max_queue or DEFAULT_MAX_QUEUE,
+        app = make_app(models, key, store, api_keys=api_keys, max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
                        network=network, ledger=ledger, fraud_quorum=args.fraud_quorum)
         asyncio.run(serve_until_signalled(app, args.host, args.port, ready))
     except OSError as exc:  # the address is taken or cannot be bound
@@ -379,15 +391,10 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
 
 
 def _cmd_posp(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from verify.audit_policy import GameParams, plan_audits
 
-    try:
-        game = GameParams(reward=args.reward, cost=args.cost, penalty=args.penalty, collusion=args.collusion,
-                          validators=args.validators, detection=args.detection, verify_cost_ratio=args.verify_cost_ratio)
-    except ValidationError as exc:
-        raise ProofMeshNodeError("; ".join(f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in exc.errors())) from None
+    game = GameParams(reward=args.reward, cost=args.cost, penalty=args.penalty, collusion=args.collusion,
+                      validators=args.validators, detection=args.detection, verify_cost_ratio=args.verify_cost_ratio)
     plan = plan_audits(game)
     if args.json:
         print(plan.model_dump_json(indent=1))
@@ -416,7 +423,8 @@ def _add_weights_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="proofmesh", description="ProofMesh node: verifiable LLM inference")
+    parser = argparse.ArgumentParser(prog="proofmesh", description="ProofMesh node: verifiable LLM inference",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -539,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ProofMeshNodeError as exc:
         print(f"proofmesh: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # an option's value the library refuses (--temperature 3, --seed -1)
+        from node.api.errors import describe_validation_error
+
+        print(f"proofmesh: error: {describe_validation_error(exc, as_options=True)[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -137,8 +137,6 @@ class Host:
                 with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S):
                     await self._host.close()
 
-    def connected_peers(self) -> set[str]:
-        return {p.to_base58() for p in self._host.get_connected_peers()}
 
     def learn(self, peer_id: str, addrs: Sequence[str]) -> None:
         """Remember where a peer listens, so ``open`` can dial it."""

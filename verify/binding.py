@@ -30,11 +30,10 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 
 from verify.evidence import AnswerFile
 from verify.finish import finish_failures, visible_text
-from verify.sampling import SamplingParams
+from verify.sampling import U64, SamplingParams
 from verify.verifier import attribution_problems
 
 Endpoint = Literal["chat", "completions"]
-U64 = 2**64
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 # Chat has no documented default ("up to the context"); KV pages are reserved for the whole
 # budget at admission, so an unbounded default would let one chat hold most of the cache.

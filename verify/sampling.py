@@ -55,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NOISE_DOMAIN = b"proofmesh/gumbel/v1"
 MAX_STOP_STRINGS = 4
-_U64 = 2**64
+U64 = 2**64  # seeds and steps are unsigned 64-bit
 
 
 class SamplingParams(BaseModel):
@@ -69,7 +69,7 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     max_tokens: int = Field(256, ge=1)
-    seed: int = Field(..., ge=0, lt=_U64)
+    seed: int = Field(..., ge=0, lt=U64)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[Annotated[int, Field(ge=0)], ...] = ()
 
@@ -105,9 +105,9 @@ def _uniforms(raw: np.ndarray) -> np.ndarray:
 
 def _philox_words(seed: int, request_hash: bytes, step: int, vocab_size: int) -> np.ndarray:
     """The step's ``vocab_size`` raw uint64 words (see ``gumbel_noise``)."""
-    if not 0 <= int(seed) < _U64:
+    if not 0 <= int(seed) < U64:
         raise ValueError("seed must be in [0, 2**64)")
-    if not 0 <= int(step) < _U64:
+    if not 0 <= int(step) < U64:
         raise ValueError("step must be in [0, 2**64)")
     if int(vocab_size) < 0:
         raise ValueError("vocab_size must be >= 0")
@@ -133,7 +133,7 @@ def gumbel_noise(seed: int, request_hash: bytes, step: int, vocab_size: int) -> 
 
 
 # u lies in [2**-53, 1 - 2**-53], so every noise value lies in [_G_LOW, _G_HIGH] (~[-3.6, 36.7]).
-_G_LOW, _G_HIGH = (float(g) for g in _gumbel(np.array([0, _U64 - 1], dtype=np.uint64)))
+_G_LOW, _G_HIGH = (float(g) for g in _gumbel(np.array([0, U64 - 1], dtype=np.uint64)))
 _CONTENDER_WINDOW = _G_HIGH - _G_LOW + 1e-9
 
 

@@ -32,7 +32,8 @@ from node.api import peering, routes
 from node.errors import ConfigError
 from node.runtime.loading import LoadedModel
 from node.api.errors import APIError, Handler, errors_middleware, require_api_key
-from node.api.service import DEFAULT_MAX_QUEUE, NODE, Node
+from node.api.service import NODE, Node
+from node.runtime.engine import DEFAULT_MAX_QUEUE
 from p2p.network import NetworkConfig
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey

@@ -53,10 +53,16 @@ class APIError(Exception):
                             content_type="application/json")
 
 
-def describe_validation_error(exc: ValidationError, prefix: str = "") -> tuple[str, str | None]:
-    """Up to three of a pydantic error's problems in one line, and the first one's field."""
+def describe_validation_error(exc: ValidationError, *, as_options: bool = False) -> tuple[str, str | None]:
+    """Up to three of a pydantic error's problems in one line, and the first one's field
+    (``as_options``: fields named as the CLI's ``--options``)."""
     problems = exc.errors()
-    message = "; ".join(f"{prefix}{'.'.join(map(str, p['loc'])) or 'body'}: {p['msg']}" for p in problems[:3])
+
+    def field(loc: tuple) -> str:
+        name = ".".join(map(str, loc)) or "body"
+        return f"--{name.replace('_', '-')}" if as_options else name
+
+    message = "; ".join(f"{field(p['loc'])}: {p['msg']}" for p in problems[:3])
     if len(problems) > 3:
         message += f" (and {len(problems) - 3} more)"
     first = problems[0]["loc"] if problems else ()

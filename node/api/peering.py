@@ -33,7 +33,7 @@ from aiohttp import web
 from node.errors import ConfigError, EngineBusyError
 from node.runtime.loading import LoadedModel
 from node.api.protocol import ModelCard
-from node.api.errors import APIError, Handler, parse_body
+from node.api.errors import RETRY_AFTER_S, APIError, Handler, parse_body
 from node.api.service import NODE, Node
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
@@ -260,7 +260,7 @@ async def _relay(request: web.Request, node: Node, model: str, raw: bytes) -> we
     try:
         answer = await node.network.forward(model, request.path, raw.decode("utf-8", errors="replace"))
     except NoPeerAvailable as exc:
-        raise APIError(503, str(exc), code="no_peer_available", headers={"Retry-After": "1"}) from exc
+        raise APIError(503, str(exc), code="no_peer_available", headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
     response = web.StreamResponse(status=answer.head.status,
                                   headers={"Content-Type": answer.head.content_type, PEER_HEADER: answer.peer_id})
     await response.prepare(request)

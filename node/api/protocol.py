@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from verify.binding import Endpoint, default_max_tokens, requested_max_tokens, requested_sampling, template_message
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import FinishReason, Receipt
-from verify.sampling import SamplingParams
+from verify.sampling import U64, SamplingParams
 
 if TYPE_CHECKING:  # the wire models never load the engine (nor TVM) at run time
     from node.runtime.engine import TokenEvent
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 MAX_CHOICES = 16  # prompts x n per request: one request must not fill the batch alone
 MAX_TOP_LOGPROBS = FINGERPRINT_K  # top logprobs come from the committed top-k fingerprints
-U64 = 2**64
 # Below this a temperature is greedy in all but name, and logits / T can overflow float64 (a
 # failed sampling step would fail the whole batch): 0 is how to ask for greedy.
 MIN_TEMPERATURE = 1e-4

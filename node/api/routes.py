@@ -9,9 +9,10 @@ Seeds: choice ``j`` of a request with ``seed = s`` samples with seed ``s + j`` (
 ``s`` itself and every choice differs); without a seed the node draws one per choice. Either
 way the seed is committed in that choice's receipt, so every answer can be re-checked.
 
-A stream sends its headers only once every choice has been admitted and produced its first
-token: errors up to then (queue full, prompt too long) are ordinary JSON errors with their
-status. Later errors arrive as an ``{"error": ...}`` event, which the openai client raises.
+A stream sends its headers once the first token of any choice is ready. Every choice is
+submitted to the engine before that, so admission errors (queue full, prompt too long) are
+ordinary JSON errors with their status. Later errors arrive as an ``{"error": ...}`` event,
+which the openai client raises.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pydantic import BaseModel
 
 from node.runtime.engine import GenerationRequest
 from node.api.protocol import (
-    U64,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -48,6 +48,7 @@ from node.api.protocol import (
 from node.api.peering import network_cards
 from node.api.errors import api_error_of, parse_body
 from node.api.service import NODE, ChoiceEvent, ServedModel
+from verify.binding import choice_seed
 
 routes = web.RouteTableDef()
 
@@ -85,13 +86,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 def _generation_requests(served: ServedModel, body: SamplingRequest, prompts: list[list[int]]) -> list[GenerationRequest]:
     """One engine request per choice, prompt-major (choice index = prompt * n + j)."""
-    requests = []
+    requests, fields = [], body.model_dump()
     for ids in prompts:
         max_tokens = body.max_tokens_for(len(ids), served.loaded.max_context)
         for j in range(body.choices_per_prompt):
-            seed = (body.seed + j) % U64 if body.seed is not None else secrets.randbits(64)
-            params = body.to_sampling_params(max_tokens=max_tokens, seed=seed)
-            requests.append(GenerationRequest(tuple(ids), params, "client" if body.seed is not None else "node"))
+            seed = choice_seed(fields, j)  # the binding check's own rule: seed + j
+            params = body.to_sampling_params(max_tokens=max_tokens, seed=secrets.randbits(64) if seed is None else seed)
+            requests.append(GenerationRequest(tuple(ids), params, "node" if seed is None else "client"))
     return requests
 
 

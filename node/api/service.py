@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_QUEUE = 64
-
-
 # ---------------------------------------------------------------------- node state
 
 
@@ -72,6 +69,8 @@ class Node:
     """What the routes share: models, identity, evidence store, metrics, shutdown state."""
 
     def __init__(self, models: Sequence[LoadedModel], key: NodeKey, store: EvidenceStore, *, max_queue: int):
+        if max_queue < 1:
+            raise ConfigError(f"the queue must hold at least one request (--max-queue {max_queue})")
         self.key = key
         self.store = store
         self.metrics = NodeMetrics()

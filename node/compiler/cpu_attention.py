@@ -22,7 +22,11 @@ import math
 
 from tvm.script import tirx as T
 
-LANES = 8
+from node.compiler.cpu_schedule import LANES
+
+# The q.k partial sums below are folded by hand for exactly 8 lanes: a LANES of another width
+# must not compile into a kernel that silently drops or repeats lanes.
+assert LANES == 8, "_attend folds exactly 8 lanes; change its fold together with LANES"
 KV_PAGE_SIZE = 16  # TVM builds its CPU attention kernels for 16-token pages; the runtime uses the same
 LOG2E = math.log2(math.e)
 

@@ -28,7 +28,6 @@ filter that keeps non-ASCII, and the ``raise_exception`` / ``strftime_now`` help
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -37,14 +36,12 @@ from typing import Any, Iterable, Mapping, Sequence
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from node.errors import ConfigError, ModelLoadError, RequestError
+from verify.canonical import canonical_hash
 
 # GGUF ``tokenizer.ggml.token_type`` values (llama.cpp ``llama_token_type``).
 GGUF_TOKEN_NORMAL = 1
-GGUF_TOKEN_UNKNOWN = 2
 GGUF_TOKEN_CONTROL = 3
 GGUF_TOKEN_USER_DEFINED = 4
-GGUF_TOKEN_UNUSED = 5
-GGUF_TOKEN_BYTE = 6
 
 # Bumped whenever the meaning of the fingerprinted fields changes.
 FINGERPRINT_VERSION = "proofmesh-tokenizer-v1"
@@ -138,8 +135,7 @@ class TextTokenizer:
             "bos_token_id": self.bos_token_id,
             "eos_token_ids": list(self.eos_token_ids),
         }
-        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        return hashlib.sha256(blob).hexdigest()
+        return canonical_hash(doc)  # the bytes model_id has always hashed: verify/'s canonical JSON
 
     def __repr__(self) -> str:
         return (

@@ -36,6 +36,7 @@ from verify.receipts import FinishReason, SeedSource
 from verify.sampling import SamplingParams, StopChecker, sample_token, top_k_fingerprint
 
 T = TypeVar("T")
+DEFAULT_MAX_QUEUE = 64  # requests that may wait for a batch slot before new ones are refused
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class Engine:
         model_id: str,
         *,
         max_context: int,
-        max_queue: int = 64,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ):
         self.runtime = runtime
         self.tokenizer = tokenizer

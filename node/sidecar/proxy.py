@@ -54,6 +54,7 @@ from verify.fraud import FraudProof, SignedVerdict, sign_verdict
 from verify.identity import NodeKey
 from verify.ledger import AUDIT_STATES, NEUTRAL, AuditRecord, AuditState, Ledger
 from verify.redundancy import disagreement
+from verify.sampling import U64
 from verify.verifier import ScoringBackend, verify_answer
 
 log = logging.getLogger("proofmesh.sidecar")
@@ -75,7 +76,7 @@ class Upstream:
 def audit_draw(secret: bytes, receipt_id: str) -> float:
     """A uniform number in [0, 1) fixed by the secret and the receipt id: audit iff below the rate."""
     digest = hmac.new(secret, receipt_id.encode(), hashlib.sha256).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return int.from_bytes(digest[:8], "big") / U64
 
 
 def receipts_in(body: Any) -> Iterator[tuple[str, str]]:

@@ -42,3 +42,16 @@ def test_clear_errors(tmp_path):
     assert bad_device.returncode == 2 and "invalid choice" in bad_device.stderr
     no_config = run_cli("compile", str(tmp_path), "--device", "cpu", home=tmp_path)
     assert no_config.returncode == 2 and "config.json" in no_config.stderr and "Traceback" not in no_config.stderr
+
+
+def test_bad_option_values_are_one_line_errors(tmp_path):
+    """Values the library refuses end in one line and exit 2, before any model is loaded."""
+    for args, expected in ((("generate", "hi", "--temperature", "3"), "--temperature: Input should be less than or equal to 2"),
+                           (("generate", "hi", "--max-tokens", "0"), "--max-tokens: Input should be greater than or equal to 1"),
+                           (("generate", "hi", "--seed", "-1"), "--seed: Input should be greater than or equal to 0"),
+                           (("run", "--max-queue", "0"), "--max-queue must be at least 1"),
+                           (("posp", "--reward", "-1", "--cost", "1", "--penalty", "1"), "--reward: Input should be")):
+        out = run_cli(*args, home=tmp_path)
+        assert out.returncode == 2 and expected in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    assert not (tmp_path / "models").exists()  # nothing was pulled or loaded
+    assert "exit status:" in run_cli("--help", home=tmp_path).stdout

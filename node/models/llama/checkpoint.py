@@ -45,10 +45,6 @@ class Checkpoint:
         weights = {n: w.dequantize() if isinstance(w, QuantizedTensor) else w for n, w in self.weights.items()}
         return dataclasses.replace(self, weights=weights)
 
-    @property
-    def is_quantized(self) -> bool:
-        return any(isinstance(w, QuantizedTensor) for w in self.weights.values())
-
     def __repr__(self) -> str:
         return (
             f"Checkpoint(source={self.source!r}, format={self.weight_format}, "

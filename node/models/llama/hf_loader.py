@@ -193,8 +193,9 @@ def _to_float32(dtype: str, shape: tuple[int, ...], raw: np.ndarray) -> np.ndarr
 def save_quantized(ckpt: Checkpoint, source: Path, out: Path, ggml_type: str) -> Path:
     """Write ``ckpt`` as a new checkpoint folder whose matrices are ``ggml_type`` blocks (llama.cpp's
     reference quantization; matrices whose width is not a multiple of 32 and 1-D tensors stay
-    float32). The tokenizer and config files are copied from ``source``. Atomic: a folder appears
-    whole or not at all."""
+    float32). The tokenizer and config files are copied from ``source``. The folder is written beside
+    ``out`` and renamed into place, so it never appears half-written; an existing ``out`` is
+    removed just before (a crash between the two leaves no folder, never a broken one)."""
     import shutil
     import tempfile
 

@@ -30,16 +30,15 @@ from __future__ import annotations
 from tvm import te, tirx
 from tvm.script import tirx as T
 
+from node.compiler.cpu_schedule import LANES
 from node.models.quant.blocks import BLOCK, FORMATS, TILE_ROWS
 
-LANES = 8  # fp32 lanes of a 256-bit vector
 ROWS = TILE_ROWS  # output rows per tile: 8 accumulators stay in registers with the block's 4 x vectors
 # Token rows up to which the fused nest runs, by bits per weight (measured on cold weights, one
 # thread: the tiled nest wins from 3 rows for 4-bit blocks, and ties at 8 for 8-bit ones, whose
 # fp32 tile costs more to fill)
 FUSED_MAX_TOKENS = {4: 2, 8: 4}
 TASKS = 64  # parallel tasks per matmul: many more than cores (balance), few enough to set up cheaply
-SCALE_DTYPE = "float16"  # d and m as stored in the blocks
 CACHE_LINE = 64  # bytes
 PREFETCH_TILES = 4  # decode prefetches the tile this many ahead (measured: 2.6x on a cold Q4_1 GEMV; 2-16 alike)
 
