@@ -69,8 +69,6 @@ class Node:
     """What the routes share: models, identity, evidence store, metrics, shutdown state."""
 
     def __init__(self, models: Sequence[LoadedModel], key: NodeKey, store: EvidenceStore, *, max_queue: int):
-        if max_queue < 1:
-            raise ConfigError(f"the queue must hold at least one request (--max-queue {max_queue})")
         self.key = key
         self.store = store
         self.metrics = NodeMetrics()

@@ -15,7 +15,7 @@ from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.node.http_fixtures import serving
+from tests.node.api.http_fixtures import serving
 from tests.p2p.cluster import Cluster, NodeProcess, warm_store
 from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, check_fraud_proof, sign_verdict

@@ -23,7 +23,7 @@ from node.api.app import make_app
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from p2p.network import NetworkConfig
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.node.http_fixtures import serving
+from tests.node.api.http_fixtures import serving
 from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, Cluster, warm_store
 from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore

@@ -23,8 +23,8 @@ from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.node.http_fixtures import serving
-from tests.node.test_sidecar import settled
+from tests.node.api.http_fixtures import serving
+from tests.node.sidecar.test_sidecar import settled
 from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.fraud import FraudProof, sign_verdict

@@ -91,8 +91,10 @@ def test_max_tokens_gives_length_and_stream_text_adds_up(tiny_ckpt, tiny_runtime
     events = run(go())
     final = events[-1].result
     assert final is not None
-    if final.finish_reason == "length":
-        assert len(final.output_ids) == 9
+    eos = set(tiny_ckpt.tokenizer.eos_token_ids)
+    ended_on_eos = final.output_ids[-1] in eos and not eos & set(final.output_ids[:-1])
+    assert (final.finish_reason, len(final.output_ids) == 9 or ended_on_eos) in (("length", True), ("stop", True))
+    assert (final.finish_reason == "length") == (len(final.output_ids) == 9 and not ended_on_eos)
     assert "".join(e.text for e in events) == final.text
     assert "\ufffd" not in final.text or "\ufffd" in tiny_ckpt.tokenizer.decode(final.output_ids)
 
@@ -150,7 +152,9 @@ def test_caller_going_away_frees_its_slot_at_once(tiny_ckpt, tiny_runtime):
             await stream.__anext__()
             await stream.aclose()
             steps_at_close = engine.steps_run
+            deadline = asyncio.get_running_loop().time() + 30
             while engine.running or tiny_runtime.live_sequences:
+                assert asyncio.get_running_loop().time() < deadline, "the slot was never freed"
                 await asyncio.sleep(0.001)
             return engine.steps_run - steps_at_close
 
@@ -172,5 +176,7 @@ def test_admission_reserves_whole_kv_pages(tiny_ckpt, store, cpu):
             return await asyncio.gather(*(engine.complete(r) for r in reqs))
 
     results = run(go())
-    assert all(r.finish_reason in ("stop", "length") for r in results)
+    eos = set(tiny_ckpt.tokenizer.eos_token_ids)
+    for r in results:  # every answer ran to its end: its whole budget, or an end-of-sequence token
+        assert (r.finish_reason == "length" and len(r.output_ids) == 20) or (r.finish_reason == "stop" and r.output_ids[-1] in eos)
     assert runtime.live_sequences == 0

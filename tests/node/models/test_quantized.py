@@ -18,7 +18,7 @@ from node.models.quant.blocks import FORMATS, QuantizedTensor, quantize
 from node.models.quant.kernels import FUSED_MAX_TOKENS, quant_matmul_cpu
 from node.runtime.model_runtime import CacheLimits
 from node.compiler.targets import cuda_target_for_arch
-from tests.node.engine_helpers import generate
+from tests.node.runtime.engine_helpers import generate
 from tests.models_fixtures import make_tiny_gguf
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey

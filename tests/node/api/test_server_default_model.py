@@ -14,7 +14,7 @@ import pytest
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.loading import load_model
 from node.api.app import make_app
-from tests.node.http_fixtures import serving
+from tests.node.api.http_fixtures import serving
 from verify.evidence import AnswerFile
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey

@@ -19,7 +19,7 @@ from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.loading import load_model
 from node.models.llama.load import load_checkpoint
 from node.models.llama.reference import NumpyLlama
-from tests.node.engine_helpers import generate
+from tests.node.runtime.engine_helpers import generate
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey
 from verify.sampling import SamplingParams

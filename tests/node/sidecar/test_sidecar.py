@@ -19,7 +19,7 @@ from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
 from node.sidecar.proxy import Sidecar, audit_draw, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.node.http_fixtures import serving
+from tests.node.api.http_fixtures import serving
 from verify.evidence import AnswerFile
 from verify.evidence_store import EvidenceStore
 from verify.fraud import check_fraud_proof

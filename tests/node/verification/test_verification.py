@@ -9,7 +9,7 @@ import pytest
 from node.api.answers import answer_file
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
-from tests.node.engine_helpers import generate
+from tests.node.runtime.engine_helpers import generate
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from verify.evidence import AnswerFile, sign_answer
 from verify.identity import NodeKey

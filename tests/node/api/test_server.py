@@ -27,7 +27,7 @@ from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.node.http_fixtures import serving
+from tests.node.api.http_fixtures import serving
 from verify.evidence import AnswerFile
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -116,16 +116,22 @@ def test_models_health_and_metrics(client, http, node):
     health = http.get("/health").json()
     assert health["status"] == "ok" and health["node_id"] == node.key.node_id
     assert health["models"][0]["model_id"] == node.model.model_id and health["models"][0]["backend"] == node.model.backend
+    def samples() -> dict[str, float]:  # /metrics is open without a key, like /health
+        lines = httpx.get(f"{node.url}/metrics").text.splitlines()
+        return {k: float(v) for k, _, v in (line.rpartition(" ") for line in lines if line and not line.startswith("#"))}
+
+    before = samples()
     client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0.0)
-    metrics = httpx.get(f"{node.url}/metrics").text  # open without a key, like /health
-    for line in (f'proofmesh_queue_depth{{model="{MODEL}"}} 0.0', f'proofmesh_running_sequences{{model="{MODEL}"}} 0.0',
-                 'proofmesh_requests_total{route="/v1/completions",status="200"} 1.0',
-                 f'proofmesh_completion_tokens_total{{model="{MODEL}"}} 2.0',
-                 f'proofmesh_receipts_signed_total{{model="{MODEL}"}} 1.0',
-                 f'proofmesh_time_to_first_token_seconds_count{{model="{MODEL}"}} 1.0',
-                 'proofmesh_request_latency_seconds_count{route="/v1/completions"} 1.0',
-                 "proofmesh_evidence_answers 1.0"):
-        assert line in metrics.splitlines(), line
+    after = samples()
+    # Differences, so the test holds whatever ran before it on this node.
+    for name, grew_by in (('proofmesh_requests_total{route="/v1/completions",status="200"}', 1),
+                          (f'proofmesh_completion_tokens_total{{model="{MODEL}"}}', 2),
+                          (f'proofmesh_receipts_signed_total{{model="{MODEL}"}}', 1),
+                          (f'proofmesh_time_to_first_token_seconds_count{{model="{MODEL}"}}', 1),
+                          ('proofmesh_request_latency_seconds_count{route="/v1/completions"}', 1),
+                          ("proofmesh_evidence_answers", 1)):
+        assert after[name] - before.get(name, 0.0) == grew_by, name
+    assert after[f'proofmesh_queue_depth{{model="{MODEL}"}}'] == after[f'proofmesh_running_sequences{{model="{MODEL}"}}'] == 0
 
 
 def test_chat_answer_carries_a_receipt_that_verifies(client, http, node, verifier):
