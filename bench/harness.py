@@ -125,5 +125,5 @@ class NumpyBackend:
         self.eos_token_ids, self.decode = model.eos_token_ids, model.decode  # the finish rules: the tokenizer's
         self._reference = reference
 
-    def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
-        return self._reference.logits(token_ids)[from_position:]
+    def score_blocks(self, token_ids: Sequence[int], from_position: int = 0) -> list[np.ndarray]:
+        return [self._reference.logits(token_ids)[from_position:]]

@@ -123,13 +123,14 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _node_key(path: str | Path | None) -> tuple[NodeKey, Path]:
-    """The node's identity key (``<store>/node_key.pem`` unless given), created on first use."""
+def _node_key(path: str | Path | None, default_name: str = "node_key.pem") -> tuple[NodeKey, Path]:
+    """An identity key (``<store>/<default_name>`` unless given), created on first use. The
+    verifier's default is its own file, never the node's: one key per party."""
     from node.runtime import model_store
     from verify.errors import IdentityError
     from verify.identity import NodeKey
 
-    key_path = Path(path) if path else model_store.store_root() / "node_key.pem"
+    key_path = Path(path) if path else model_store.store_root() / default_name
     try:
         return NodeKey.load_or_create(key_path), key_path
     except (IdentityError, OSError) as exc:
@@ -265,7 +266,10 @@ def _network_config(args: argparse.Namespace):
         if args.bootstrap or args.model == ["none"]:
             raise ProofMeshNodeError("--bootstrap and --model none need --p2p-listen MULTIADDR")
         return None
-    return NetworkConfig(listen=args.p2p_listen, bootstrap=args.bootstrap or [], announce=args.p2p_announce or [])
+    # --api-key guards work over p2p too: then only the peers named in --peer-allow get any.
+    allow = args.peer_allow if args.peer_allow is not None else ([] if args.api_key else None)
+    return NetworkConfig(listen=args.p2p_listen, bootstrap=args.bootstrap or [], announce=args.p2p_announce or [],
+                         peer_allow=allow, allow_private=args.p2p_allow_private)
 
 
 def _cmd_peers(args: argparse.Namespace) -> int:
@@ -341,7 +345,7 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
                                  "network, never through a node it audits")
     if not args.model and not args.upstream:
         raise ProofMeshNodeError("give the model to verify with --model (with --bootstrap alone there is no upstream to ask)")
-    key, key_path = _node_key(args.key)
+    key, key_path = _node_key(args.key, "verifier_key.pem")
     _progress(f"verifier id {key.node_id} (key {key_path})")
     if args.model:
         models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in args.model]
@@ -486,6 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p2p-announce", action="append", metavar="MULTIADDR",
                    help="where peers should dial this node, when not where it listens (0.0.0.0, NAT; repeatable)")
     p.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="peers to join through (with /p2p/<peer id>)")
+    p.add_argument("--peer-allow", nargs="*", metavar="PEER_ID", help="only these peers may ask this node for work "
+                   "over p2p (inference, re-checks, evidence, fraud notices); with --api-key and no --peer-allow, none may")
+    p.add_argument("--p2p-allow-private", action="store_true", help="dial private and loopback addresses learned from "
+                   "peers' records (default: only when this node itself listens on such an address)")
     p.add_argument("--fraud-quorum", type=int, default=2, help="for a model this node does not serve: convict on a "
                    "fraud proof once this many peers whose service it has observed vouch for it (0: never; default 2). "
                    "For a model it serves it always re-checks the proof itself")
@@ -514,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100, help="0 picks a free port")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    p.add_argument("--key", default=None, help="key that signs verdicts (default: node_key.pem in the model store)")
+    p.add_argument("--key", default=None, help="key that signs verdicts (default: verifier_key.pem in the model store, "
+                   "apart from the node's key)")
     p.add_argument("--ledger", default=None, help="SQLite ledger (default: ledger.sqlite in the model store)")
     p.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 (repeatable); "
                    "clients' keys are passed on to the upstream")

@@ -64,6 +64,10 @@ class TrioThread:
         self._stop: trio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     # -- lifecycle (asyncio side) ----------------------------------------------------------
     async def start(self) -> None:
         """Start the trio thread and bind it to the running asyncio loop."""

@@ -12,6 +12,8 @@ class P2PMetrics:
                                 "unsigned or badly signed, by protocol", ["protocol", "reason"], registry=registry)
         self.forwarded = Counter("proofmesh_p2p_forwarded_requests", "Requests forwarded to a peer, by outcome",
                                  ["outcome"], registry=registry)
+        self.failures = Counter("proofmesh_p2p_task_failures", "Failures contained in the p2p thread (discovery "
+                                "rounds, exchanges) that would otherwise have ended it", ["task"], registry=registry)
         self.peers = Gauge("proofmesh_p2p_known_peers", "Peers with a live capability record", registry=registry)
 
     def reject(self, protocol: str, reason: str) -> None:

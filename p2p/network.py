@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from p2p.bridge import TrioThread
 from p2p.errors import MalformedMessage, NoPeerAvailable, P2PError, StreamFailed, WireError
 from p2p.host import Host, check_listen_addr, peer_info
+from p2p.limits import DialPolicy, PeerLimits
 from p2p.metrics import P2PMetrics
 from p2p.peers import PeerState, PeerTable
 from p2p.protocols import LocalNode, Protocols
@@ -45,6 +46,9 @@ REISSUE_S = RECORD_TTL_S / 3
 MAX_ATTEMPTS = 3  # peers tried per forwarded request
 BUSY_STATUSES = (429, 503)  # the peer is full or shutting down: another one may take it
 SSE_CONTENT_TYPE = "text/event-stream"
+# A non-streamed answer is held whole before it is relayed (so a failure can be retried): at
+# most this much of it (an answer of 16k tokens with logprobs is a few MB).
+MAX_BUFFERED_ANSWER_CHARS = 16 << 20
 _VALIDATOR_DRAW = random.SystemRandom()
 
 
@@ -53,6 +57,8 @@ class NetworkConfig:
     listen: Sequence[str]
     bootstrap: Sequence[str] = ()
     announce: Sequence[str] = ()  # where peers should dial this node (default: where it listens)
+    peer_allow: Sequence[str] | None = None  # peers that may ask for work (None: any); discovery is open
+    allow_private: bool = False  # dial private/loopback addresses learned from records (implied by listening on one)
 
 
 @dataclass
@@ -86,12 +92,33 @@ class PeerNetwork:
             peer_info(addr)
         self.metrics = P2PMetrics(self.registry)
         self.table = PeerTable(self.key.node_id)
+        self._serving = False
+        self._build()
+
+    def _build(self) -> None:
+        """A fresh host and protocol set on the current bridge (at start, and on a restart;
+        the peer table, with its convictions, is kept)."""
         self.host = Host(self.key, self.metrics.reject, self.config.announce)
-        self.protocols = Protocols(self.host, self.table, self.bridge, self.local, self.own_record, self.metrics.reject)
+        self.protocols = Protocols(self.host, self.table, self.bridge, self.local, self.own_record, self.metrics.reject,
+                                   PeerLimits(self.config.peer_allow),
+                                   DialPolicy((*self.config.listen, *self.config.announce), self.config.allow_private))
         self._wake: trio.Event | None = None
         self._own: tuple[tuple, SignedCapability] | None = None  # (what it says, the signed record)
         self.protocols.on_new_peer = self._on_new_peer
         self.host.on_disconnect = self._on_disconnect
+
+    @property
+    def running(self) -> bool:
+        """Whether the p2p thread is alive and serving (False: degraded, see ``restart``)."""
+        return self.bridge.alive and self._serving
+
+    async def restart(self) -> None:
+        """Start the p2p side again after its thread died: a new thread, host and protocols."""
+        self.metrics.failures.labels("thread").inc()
+        await self.bridge.stop()
+        self.bridge = TrioThread()
+        self._build()
+        await self.start()
 
     @property
     def peer_id(self) -> str:
@@ -118,8 +145,15 @@ class PeerNetwork:
         await self.bridge.stop()
 
     async def _serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._serve_until_cancelled(task_status)
+        finally:
+            self._serving = False
+
+    async def _serve_until_cancelled(self, task_status) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.host.run, list(self.config.listen))
+            self._serving = True
             self._wake = trio.Event()
             task_status.started()
             nursery.start_soon(self._discover)
@@ -150,23 +184,32 @@ class PeerNetwork:
     async def _discover(self) -> None:
         """Rounds of exchanges: with every peer when there is news (a new peer, a lost
         connection), else only with those not heard from since the last round (an exchange
-        updates both sides, so the peer that dialled us spares us dialling it)."""
+        updates both sides, so the peer that dialled us spares us dialling it). Supervised: a
+        round that fails in any way is logged and counted, and the next one runs; nothing a
+        peer sends can end discovery (or the p2p thread with it)."""
         news = True
         while True:
-            if not self.table.peer_ids():
-                await self._bootstrap()
-            for gone in self.table.expire():
-                log.info("peer %s expired", gone)
-            quiet_since = time.time() - (0 if news else EXCHANGE_INTERVAL_S)
-            async with trio.open_nursery() as nursery:
-                for state in self.table.snapshot():
-                    if state.last_seen <= quiet_since:
-                        nursery.start_soon(self._exchange, state.record.peer_id)
-            self.metrics.peers.set(len(self.table.peer_ids()))
+            try:
+                await self._round(news)
+            except Exception:  # noqa: BLE001 - the supervisor: count it, keep discovering
+                log.exception("a discovery round failed")
+                self.metrics.failures.labels("discovery").inc()
             with trio.move_on_after(EXCHANGE_INTERVAL_S):
                 await self._wake.wait()
             news = self._wake.is_set()
             self._wake = trio.Event()
+
+    async def _round(self, news: bool) -> None:
+        if not self.table.peer_ids():
+            await self._bootstrap()
+        for gone in self.table.expire():
+            log.info("peer %s expired", gone)
+        quiet_since = time.time() - (0 if news else EXCHANGE_INTERVAL_S)
+        async with trio.open_nursery() as nursery:
+            for state in self.table.snapshot():
+                if state.last_seen <= quiet_since:
+                    nursery.start_soon(self._exchange, state.record.peer_id)
+        self.metrics.peers.set(len(self.table.peer_ids()))
 
     async def _bootstrap(self) -> None:
         for addr in self.config.bootstrap:
@@ -184,6 +227,10 @@ class PeerNetwork:
             self.table.forget(peer_id)
         except P2PError as exc:
             log.info("peer %s is unreachable (%s): forgetting it", peer_id, exc)
+            self.table.forget(peer_id)
+        except Exception:  # noqa: BLE001 - whatever this peer caused, the round goes on
+            log.exception("exchange with %s failed", peer_id)
+            self.metrics.failures.labels("exchange").inc()
             self.table.forget(peer_id)
 
     # -- routing (asyncio) -----------------------------------------------------------------
@@ -236,8 +283,13 @@ class PeerNetwork:
                     self.table.answered(peer_id)
                 return Forwarded(peer_id, head, _replay([head.data]))
             answer = Forwarded(peer_id, head, self._relay(peer_id, head.data, parts, release))
-            if not answer.streaming:  # collect it now: a failure is still retryable
-                whole = [chunk async for chunk in answer.body]
+            if not answer.streaming:  # collect it now (capped): a failure is still retryable
+                whole, size = [], 0
+                async for chunk in answer.body:
+                    size += len(chunk)
+                    if size > MAX_BUFFERED_ANSWER_CHARS:
+                        raise MalformedMessage(f"{peer_id} sent an answer over {MAX_BUFFERED_ANSWER_CHARS} characters")
+                    whole.append(chunk)
                 answer.body = _replay(whole)
             committed = True
             return answer

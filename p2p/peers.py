@@ -4,7 +4,8 @@ so the trio thread (which learns) and the asyncio thread (which routes and repor
 
 Choosing a peer for a model: lowest ``load`` (the peer's announced queue, plus what this node
 has in flight to it since), then latency, with recent failures weighing like a full queue each,
-so a peer that just failed is tried last and the next request goes elsewhere.
+so a peer that just failed is tried last and the next request goes elsewhere; a peer never seen
+to answer carries a newcomer's weight on top (a claimed load of 0 costs nothing to announce).
 
 A peer that goes away is forgotten with a tombstone: its old record, still circulating in other
 peers' tables until it expires, is not taken back; a newer record (the peer came back and
@@ -17,14 +18,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from p2p.wire import Capability, ModelOffer, SignedCapability
+from p2p.wire import MAX_RECORDS_PER_MESSAGE, Capability, ModelOffer, SignedCapability
 
 LATENCY_SMOOTHING = 0.3  # weight of a new round trip in the moving average
 FAILURE_PENALTY = 8  # a failure counts like this many queued requests
 LATENCY_UNIT_S = 0.01  # 10 ms of round trip counts like one queued request
 # Records are cheap to make (any key signs its own), so the table is bounded: past this, new
-# peers wait until known ones expire or go away.
-MAX_PEERS = 1024
+# peers wait until known ones expire or go away (the peers already known, among them those
+# whose service this node has seen, are never pushed out by newcomers). One fewer than a
+# message holds, so this node's own record and its whole table always travel in one message.
+MAX_PEERS = MAX_RECORDS_PER_MESSAGE - 1
+# A peer this node has never seen answer weighs like this many queued requests: a new key
+# that announces load 0 does not go first ahead of peers with a record of service.
+NEWCOMER_PENALTY = 4
 
 
 @dataclass
@@ -45,7 +51,8 @@ class PeerState:
 
     def cost(self) -> float:
         latency = (self.latency_s or 0.0) / LATENCY_UNIT_S
-        return self.record.load + self.in_flight + latency + FAILURE_PENALTY * self.failures
+        newcomer = 0 if self.answered else NEWCOMER_PENALTY
+        return self.record.load + self.in_flight + latency + FAILURE_PENALTY * self.failures + newcomer
 
 
 @dataclass
@@ -74,6 +81,10 @@ class PeerTable:
             if record.issued > known.record.issued:  # fresher news of it, possibly second-hand
                 known.signed = signed
             return False
+
+    def knows(self, peer_id: str) -> bool:
+        with self._lock:
+            return peer_id in self._peers
 
     def is_news(self, record: Capability) -> bool:
         """Whether ``merge`` would take ``record`` (cheap: no signature check)."""

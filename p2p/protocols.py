@@ -30,8 +30,9 @@ from collections import defaultdict
 from typing import AsyncIterator, Callable, Protocol, Union
 
 from p2p.bridge import TrioThread
-from p2p.errors import BadSignature, MalformedMessage, P2PError, RemoteError, StreamEnded, StreamFailed, WireError
+from p2p.errors import BadSignature, MalformedMessage, P2PError, RemoteError, StreamEnded, StreamFailed, Unavailable, WireError
 from p2p.host import Host
+from p2p.limits import DialPolicy, PeerLimits
 from p2p.peers import PeerTable
 from p2p.wire import (
     CAPS_MAX_BYTES,
@@ -75,6 +76,9 @@ INFER_REUSE_S = 30.0
 MAX_IDLE_STREAMS = 8  # per peer: about the concurrency one node forwards to one peer
 # Teacher-forced re-execution of a long answer on a CPU takes a while.
 VERIFY_TIMEOUT_S = 300.0
+# A peer's re-check request may hold at most this many tokens (prompt + answer): a prefill of the
+# whole KV capacity (16k tokens) would stall this node's generation for everyone.
+MAX_REMOTE_VERIFY_TOKENS = 4096
 
 InferPart = Union[InferHead, InferData, InferEnd]
 
@@ -103,10 +107,13 @@ class Protocols:
     """Handlers and clients of the five protocols for one host."""
 
     def __init__(self, host: Host, table: PeerTable, bridge: TrioThread, local: LocalNode,
-                 own_record: Callable[[], SignedCapability], on_reject: Callable[[str, str], None]):
+                 own_record: Callable[[], SignedCapability], on_reject: Callable[[str, str], None],
+                 limits: PeerLimits | None = None, dial: DialPolicy | None = None):
         self.host, self.table, self.bridge, self.local = host, table, bridge, local
         self.own_record = own_record
         self.on_reject = on_reject
+        self.limits = limits or PeerLimits()
+        self.dial = dial or DialPolicy(own_addrs=(), allow_private=True)
         self.on_new_peer: Callable[[str], None] = lambda peer_id: None
         self._idle: dict[str, list[tuple[FramedStream, float]]] = defaultdict(list)  # reusable infer streams
         host.handle(CAPS_PROTOCOL, self._serve_caps, CAPS_MAX_BYTES)
@@ -127,13 +134,16 @@ class Protocols:
                 continue
             try:
                 signed.check()
-            except BadSignature as exc:
+            except WireError as exc:
                 log.info("dropped a capability record from %s: %s", sender, exc)
                 self.on_reject(CAPS_PROTOCOL, exc.reason)
                 continue
+            if not self.table.knows(signed.record.peer_id) and not self.dial.take_new_peer():
+                self.on_reject(CAPS_PROTOCOL, "new_peer_budget")  # a flood of new keys waits its turn
+                continue
             if self.table.merge(signed):
                 try:
-                    self.host.learn(signed.record.peer_id, signed.record.addrs)
+                    self.host.learn(signed.record.peer_id, self.dial.usable(signed.record.addrs))
                 except WireError as exc:
                     self.table.forget(signed.record.peer_id)
                     self.on_reject(CAPS_PROTOCOL, exc.reason)
@@ -142,7 +152,8 @@ class Protocols:
                 self.on_new_peer(signed.record.peer_id)
 
     async def _serve_caps(self, stream: FramedStream) -> None:
-        message = await stream.read(CapsExchange)
+        with self.limits.admit(stream.remote_peer, CAPS_PROTOCOL):
+            message = await stream.read(CapsExchange)
         await stream.write(self._table_message())
         self._merge(message, stream.remote_peer)
         self.table.seen(stream.remote_peer)
@@ -169,9 +180,10 @@ class Protocols:
                 request = await stream.read(InferRequest, timeout=INFER_IDLE_TIMEOUT_S)
             except StreamEnded:
                 return
-            await stream.write(InferAccepted())
-            async for part in self.bridge.iterate_asyncio(self.local.infer, request):
-                await stream.write(part)
+            with self.limits.admit(stream.remote_peer, INFER_PROTOCOL):
+                await stream.write(InferAccepted())
+                async for part in self.bridge.iterate_asyncio(self.local.infer, request):
+                    await stream.write(part)
 
     async def infer(self, peer_id: str, request: InferRequest) -> AsyncIterator[InferPart]:
         """Forward ``request`` to ``peer_id`` and yield its answer's parts as they come.
@@ -238,23 +250,30 @@ class Protocols:
 
     # -- verification and evidence ---------------------------------------------------------
     async def _serve_verify(self, stream: FramedStream) -> None:
-        request = await stream.read(VerifyRequest)
-        try:
-            reply = Reply(attestation=await self.bridge.call_asyncio(self.local.verify, request.answer))
-        except LookupError as exc:
-            reply = Reply(error=str(exc))
-        await stream.write(reply)
+        with self.limits.admit(stream.remote_peer, VERIFY_PROTOCOL):
+            request = await stream.read(VerifyRequest)
+            evidence = request.answer.evidence
+            if len(evidence.prompt_ids) + len(evidence.output_ids) > MAX_REMOTE_VERIFY_TOKENS:
+                await stream.write(Reply(error=f"a peer's re-check may hold at most {MAX_REMOTE_VERIFY_TOKENS} tokens"))
+                return
+            try:
+                reply = Reply(attestation=await self.bridge.call_asyncio(self.local.verify, request.answer))
+            except (LookupError, Unavailable) as exc:
+                reply = Reply(error=str(exc))
+            await stream.write(reply)
 
     async def _serve_evidence(self, stream: FramedStream) -> None:
-        request = await stream.read(EvidenceRequest)
-        answer = await self.bridge.call_asyncio(self.local.evidence, request.receipt_id)
-        await stream.write(Reply(answer=answer) if answer else Reply(error=f"no receipt {request.receipt_id} here"))
+        with self.limits.admit(stream.remote_peer, EVIDENCE_PROTOCOL):
+            request = await stream.read(EvidenceRequest)
+            answer = await self.bridge.call_asyncio(self.local.evidence, request.receipt_id)
+            await stream.write(Reply(answer=answer) if answer else Reply(error=f"no receipt {request.receipt_id} here"))
 
     async def _serve_fraud(self, stream: FramedStream) -> None:
-        notice = await stream.read(FraudNotice)
         sender = stream.remote_peer
-        await stream.close()
-        onward = await self.bridge.call_asyncio(self.local.fraud, notice, sender)
+        with self.limits.admit(sender, FRAUD_PROTOCOL):
+            notice = await stream.read(FraudNotice)
+            await stream.close()
+            onward = await self.bridge.call_asyncio(self.local.fraud, notice, sender)
         if onward is not None:  # back to the sender too when this node added its voucher: that is news to it
             await self.spread_fraud(onward, skip=set() if onward.vouchers != notice.vouchers else {sender})
 

@@ -24,7 +24,8 @@ from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from p2p.errors import BadSignature, MalformedMessage, MessageTooLarge, StreamEnded, StreamFailed, StreamTimeout
+from p2p.errors import (BadSignature, MalformedMessage, MessageTooLarge, StreamEnded, StreamFailed, StreamTimeout,
+                        UntrustedRecord)
 from verify.attestation import Attestation
 from verify.canonical import canonical_json
 from verify.errors import IdentityError
@@ -42,6 +43,13 @@ FRAUD_PROTOCOL = "/proofmesh/fraud/1"
 # at 1 MiB by the node (and JSON-quoted here); an answer file of a long answer (fingerprints of
 # 8 logits per token) reaches a few MB.
 CAPS_MAX_BYTES = 1 << 20
+# Records per capability message; a node's table holds one fewer, so its own record and all
+# it knows always fit one message (p2p/peers.py).
+MAX_RECORDS_PER_MESSAGE = 512
+# A record is believed for at most this long ahead, and may be issued at most this far in the
+# future (clock skew): a record "valid for 30 billion years" is refused, not kept forever.
+MAX_RECORD_LIFETIME_S = 3600.0
+CLOCK_SKEW_S = 60.0
 INFER_MAX_BYTES = 4 << 20
 EVIDENCE_MAX_BYTES = 32 << 20
 # A peer that does not send a whole frame in this long is stalled or hostile. Inference frames
@@ -229,15 +237,18 @@ class SignedCapability(Message):
             raise BadSignature(f"the record's peer id is not an Ed25519 peer id: {exc}") from exc
         if not verify_signed_by(self.record.peer_id, public_key, self.record.signing_bytes(), self.signature):
             raise BadSignature(f"capability record for {self.record.peer_id} is not signed by that peer")
-        if self.record.expires < (time.time() if now is None else now):
+        now = time.time() if now is None else now
+        if self.record.expires < now:
             raise BadSignature("capability record has expired")
+        if self.record.expires > now + MAX_RECORD_LIFETIME_S or self.record.issued > now + CLOCK_SKEW_S:
+            raise UntrustedRecord(f"capability record of {self.record.peer_id} claims a time too far ahead")
         return self.record
 
 
 class CapsExchange(Message):
     """``/proofmesh/caps/1``: the dialler sends its table, the listener answers with its own."""
 
-    records: Annotated[list[SignedCapability], Field(max_length=512)]
+    records: Annotated[list[SignedCapability], Field(max_length=MAX_RECORDS_PER_MESSAGE)]
 
 
 InferPath = Literal["/v1/completions", "/v1/chat/completions"]

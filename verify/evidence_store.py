@@ -2,8 +2,12 @@
 
 A node must hand out the evidence behind any receipt it signed while the receipt is young
 enough to be audited, without letting the store grow without bound. Answers are kept in one
-SQLite table in WAL mode (readers never block the writer, a crash never leaves half a row) and
-dropped when older than ``retention_s`` or, oldest first, when the store passes ``max_bytes``.
+SQLite table in WAL mode with ``synchronous=FULL`` (readers never block the writer; once a
+receipt is handed out its evidence survives a crash or a power cut, since withheld evidence is
+a failed audit) and dropped when older than ``retention_s`` or, oldest first, when the store
+passes ``max_bytes`` — but never while younger than ``audit_window_s``: one peer's traffic
+cannot flush evidence before an audit could fetch it. A store full of young evidence says so
+(``has_room``): the node then refuses new work (503 with Retry-After) instead.
 
 Rows are compact: the small JSON parts (receipt, signature, key, sampling) plus the token ids
 and fingerprints as packed little-endian arrays, zlib-compressed (about 50 bytes per output
@@ -27,6 +31,7 @@ from verify.evidence import AnswerFile
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 DEFAULT_MAX_BYTES = 1 << 30
+DEFAULT_AUDIT_WINDOW_S = 24 * 3600  # evidence younger than this is never evicted for room
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answers (
@@ -113,20 +118,24 @@ def decode_answer(blob: bytes) -> AnswerFile:
 class EvidenceStore:
     """Answer files by receipt id, in one SQLite file; safe to share between threads."""
 
-    def __init__(self, path: Path, *, retention_s: float = DEFAULT_RETENTION_S, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, path: Path, *, retention_s: float = DEFAULT_RETENTION_S, max_bytes: int = DEFAULT_MAX_BYTES,
+                 audit_window_s: float = DEFAULT_AUDIT_WINDOW_S):
         self.path = Path(path)
         self.retention_s = retention_s
         self.max_bytes = max_bytes
+        self.audit_window_s = min(audit_window_s, retention_s)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # durable before the receipt goes out
         self._db.execute("PRAGMA recursive_triggers=ON")  # so a REPLACE's implicit delete is counted
         self._db.executescript(_SCHEMA)
 
     def put(self, answer: AnswerFile, *, now: float | None = None) -> int:
-        """Keep ``answer``; returns the stored size in bytes. Expired and over-cap rows go first."""
+        """Keep ``answer``; returns the stored size in bytes. Expired rows go first, then, over
+        the cap, the oldest rows past the audit window. An answer is always kept, even past the
+        cap (its receipt is signed already): ``has_room`` is what stops new work."""
         blob = encode_answer(answer)
         now = time.time() if now is None else now
         with self._lock, self._db:
@@ -147,6 +156,15 @@ class EvidenceStore:
             ).fetchone()
         return decode_answer(row[0]) if row else None
 
+    def has_room(self, *, now: float | None = None) -> bool:
+        """Whether new answers fit under the cap without evicting evidence younger than the
+        audit window (after dropping what may go)."""
+        now = time.time() if now is None else now
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._evict(now)
+            return self._kept_bytes() < self.max_bytes
+
     def stats(self) -> tuple[int, int]:
         """(answers kept, bytes they take)."""
         with self._lock:
@@ -165,12 +183,13 @@ class EvidenceStore:
         self._db.execute("DELETE FROM answers WHERE created < ?", (now - self.retention_s,))
         if self._kept_bytes() <= self.max_bytes:
             return
-        # Drop the oldest rows until the rest fit: a running sum in creation order.
+        # Drop the oldest rows until the rest fit (a running sum in creation order), sparing every
+        # row younger than the audit window.
         self._db.execute(
             """DELETE FROM answers WHERE receipt_id IN (
                    SELECT receipt_id FROM (
-                       SELECT receipt_id, SUM(size) OVER (ORDER BY created DESC, receipt_id) AS kept
+                       SELECT receipt_id, created, SUM(size) OVER (ORDER BY created DESC, receipt_id) AS kept
                        FROM answers)
-                   WHERE kept > ?)""",
-            (self.max_bytes,),
+                   WHERE kept > ? AND created < ?)""",
+            (self.max_bytes, now - self.audit_window_s),
         )

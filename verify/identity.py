@@ -104,9 +104,14 @@ class NodeKey:
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> "NodeKey":
-        """Load the key file, or create it (mode 0600, never overwriting) if it does not exist."""
+        """Load the key file, or create it (mode 0600, never overwriting) if it does not exist.
+        A key file that group or others may read or write is refused: it is the node's identity."""
         path = Path(path).expanduser()
         if path.exists():
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise IdentityError(f"{path} is readable or writable by others (mode {mode:o}): anyone who reads it can "
+                                    f"sign as this node; run 'chmod 600 {path}'")
             try:
                 key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             except (ValueError, TypeError) as exc:

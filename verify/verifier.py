@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Iterable, Literal, Protocol, Sequence
 
 import numpy as np
 from pydantic import BaseModel
@@ -53,8 +53,10 @@ class ScoringBackend(Protocol):
     vocab_size: int
     eos_token_ids: Sequence[int]
 
-    def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
-        """Logits (n - from_position, vocab); row i predicts token ``from_position + i + 1``."""
+    def score_blocks(self, token_ids: Sequence[int], from_position: int = 0) -> Iterable[np.ndarray]:
+        """Logits of rows ``from_position..n-1`` in consecutive blocks (one block is fine); row i
+        predicts token ``from_position + i + 1``. Blocks let a long re-check run without holding
+        every row at once."""
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` with special tokens skipped (for stop strings)."""
@@ -155,9 +157,10 @@ def check_positions(answer: AnswerFile, backend: ScoringBackend, eps: float) -> 
     r, ev = answer.receipt, answer.evidence
     rh = bytes.fromhex(r.request_hash)
     n_prompt = len(ev.prompt_ids)
-    logits = backend.score(ev.prompt_ids + ev.output_ids[:-1], n_prompt - 1)  # row t predicts output t
+    blocks = backend.score_blocks(ev.prompt_ids + ev.output_ids[:-1], n_prompt - 1)  # row t predicts output t
+    rows = (row for block in blocks for row in block)
     margins, diffs = [], []
-    for t, (claimed, row, fp) in enumerate(zip(ev.output_ids, logits, ev.fingerprints)):
+    for t, (claimed, row, fp) in enumerate(zip(ev.output_ids, rows, ev.fingerprints)):
         margins.append(_sampling_margin(row, ev.sampling, rh, t, ev.output_ids[:t], claimed, eps))
         diffs.append(float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))))  # shape checked: k ids each
     return PositionChecks(np.asarray(margins), np.asarray(diffs))

@@ -84,8 +84,9 @@ async def get_receipt(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]
     answers, size = node.store.stats()
+    degraded = node.network is not None and not node.network.running
     return web.json_response({
-        "status": "shutting_down" if node.shutting_down else "ok",
+        "status": "shutting_down" if node.shutting_down else "degraded" if degraded else "ok",
         "node_id": node.key.node_id,
         "public_key": node.key.public_key.hex(),
         "models": [
@@ -94,7 +95,8 @@ async def health(request: web.Request) -> web.Response:
             for s in node.models.values()
         ],
         "evidence": {"answers": answers, "bytes": size},
-        **({"peer_id": node.network.peer_id, "p2p_addrs": node.network.addrs} if node.network else {}),
+        **({"peer_id": node.network.peer_id, "p2p_addrs": node.network.addrs,
+            "p2p": "degraded: the p2p thread is down (restarting)" if degraded else "ok"} if node.network else {}),
     })
 
 

@@ -19,12 +19,13 @@ does not serve, or serves but is too full to admit, to the network and relays th
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
 import logging
 from collections import OrderedDict
 from contextlib import aclosing
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import aiohttp
 import numpy as np
@@ -35,7 +36,7 @@ from node.runtime.loading import LoadedModel
 from node.api.protocol import ModelCard
 from node.api.errors import RETRY_AFTER_S, APIError, Handler, parse_body
 from node.api.service import NODE, Node
-from p2p.errors import NoPeerAvailable, P2PError, RemoteError
+from p2p.errors import NoPeerAvailable, P2PError, RemoteError, Unavailable
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
 from p2p.wire import FRAUD_PROTOCOL, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
@@ -57,22 +58,39 @@ FRAUD_MEMORY = 4096  # receipts whose fraud notices are remembered (dedupe), old
 INFER_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 SERVICES = web.AppKey("services", "NodeServices")
+WATCHDOG = web.AppKey("p2p_watchdog", asyncio.Task)
+WATCHDOG_INTERVAL_S = 5.0
+
+
+async def _watchdog(network: PeerNetwork) -> None:
+    """Supervise the p2p thread: if it ever ends (nothing a peer sends should do that: every
+    handler and discovery round is contained), /health says degraded and it is started again."""
+    while True:
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+        if not network.running:
+            log.error("the p2p thread is not running: starting it again")
+            try:
+                await network.restart()
+            except P2PError as exc:
+                log.error("the p2p thread could not be restarted: %s (next try in %.0f s)", exc, WATCHDOG_INTERVAL_S)
 
 
 # ---------------------------------------------------------------------- serving peers
 
 
 class _RecordingBackend:
-    """A verifier backend that keeps the logits it computed: the validator's own fingerprints."""
+    """A verifier backend that keeps the top-k fingerprint of every row it computed (the
+    validator's own fingerprints), block by block: never every row's logits at once."""
 
     def __init__(self, model: LoadedModel):
         self.model, self.model_id, self.vocab_size = model, model.model_id, model.vocab_size
         self.eos_token_ids, self.decode = model.eos_token_ids, model.decode
-        self.logits: np.ndarray | None = None
+        self.fingerprints: list[Fingerprint] = []
 
-    def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
-        self.logits = self.model.score(token_ids, from_position)
-        return self.logits
+    def score_blocks(self, token_ids: Sequence[int], from_position: int = 0) -> Iterator[np.ndarray]:
+        for block in self.model.score_blocks(token_ids, from_position):
+            self.fingerprints += [Fingerprint(ids=i, logits=v) for i, v in (top_k_fingerprint(r, FINGERPRINT_K) for r in block)]
+            yield block
 
 
 class NodeServices:
@@ -121,10 +139,11 @@ class NodeServices:
         if served is None:
             raise LookupError(f"model {answer.receipt.model_id} is not served here")
         backend = _RecordingBackend(served.loaded)
-        verdict = await served.engine.run_exclusive(verify_answer, answer, backend)
-        n_out = len(answer.evidence.output_ids)
-        rows = [] if backend.logits is None else backend.logits[:n_out]
-        fingerprints = [Fingerprint(ids=i, logits=v) for i, v in (top_k_fingerprint(row, FINGERPRINT_K) for row in rows)]
+        try:
+            verdict = await served.engine.run_exclusive(verify_answer, answer, backend)
+        except EngineBusyError as exc:
+            raise Unavailable(str(exc)) from exc
+        fingerprints = backend.fingerprints[:len(answer.evidence.output_ids)]
         return Attestation.sign(sign_verdict(verdict, self.node.key), fingerprints, self.node.key)
 
     async def evidence(self, receipt_id: str) -> AnswerFile | None:
@@ -155,8 +174,12 @@ class NodeServices:
         if served is not None:
             if receipt.receipt_id in self._fraud_seen:
                 return None  # re-checked already: one model run per receipt, whatever the vouchers
+            try:
+                check = await served.engine.run_exclusive(check_fraud_proof, proof, served.loaded)
+            except EngineBusyError:
+                log.warning("fraud proof against %s from %s not re-checked now: the engine is busy", receipt.node_id, sender)
+                return None  # not remembered: the next notice of this receipt gets its re-check
             self._remember(receipt.receipt_id, set())
-            check = await served.engine.run_exclusive(check_fraud_proof, proof, served.loaded)
             if not check.upheld:
                 log.warning("fraud proof against %s from %s does not hold: %s", receipt.node_id, sender, check.reasons)
                 return None
@@ -215,8 +238,11 @@ def attach(app: web.Application, node: Node, config: NetworkConfig, api_key: str
             await node.network.start()
         except P2PError as exc:
             raise ConfigError(f"cannot join the p2p network: {exc}") from exc
+        app[WATCHDOG] = asyncio.create_task(_watchdog(node.network))
 
     async def stop(_: web.Application) -> None:
+        app[WATCHDOG].cancel()
+        await asyncio.gather(app[WATCHDOG], return_exceptions=True)
         await node.network.stop()
         await services.close()
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Sequence
 from aiohttp import web
 
 from node.api.answers import answer_file
-from node.api.errors import APIError
+from node.api.errors import RETRY_AFTER_S, APIError
 from node.api.metrics import NodeMetrics
 from node.api.protocol import ProofMeshInfo
 from node.errors import ConfigError
@@ -101,7 +101,11 @@ class Node:
         choice, which frees its batch slot at the engine's next step.
 
         Submission errors (queue full, prompt too long) arrive before any token: all choices are
-        submitted before the engine can run a step for any of them."""
+        submitted before the engine can run a step for any of them. A store full of evidence still
+        inside its audit window refuses new work up front (503): evidence is never dropped for room."""
+        if not await asyncio.to_thread(self.store.has_room):
+            raise APIError(503, "the evidence store is full of answers still inside their audit window; retry later",
+                           code="evidence_store_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         queue: asyncio.Queue[ChoiceEvent | Exception] = asyncio.Queue()
 
         async def run(index: int, request: GenerationRequest) -> None:

@@ -37,6 +37,9 @@ from verify.sampling import SamplingParams, StopChecker, sample_token, top_k_fin
 
 T = TypeVar("T")
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a batch slot before new ones are refused
+# Exclusive work (re-checks for peers and for fraud proofs) waiting for the engine's thread at
+# once: past it, new work is refused (EngineBusyError), so re-checks cannot queue up without end.
+MAX_EXCLUSIVE_WAITING = 4
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,7 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proofmesh-engine")
         self._eos = set(tokenizer.eos_token_ids)
         self._closing = False
+        self._exclusive = 0  # exclusive jobs submitted and not yet finished
         self.steps_run = 0  # scheduler steps so far (for metrics and tests)
 
     # -- public API -----------------------------------------------------------------
@@ -195,8 +199,15 @@ class Engine:
 
     async def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the engine's own thread, between batch steps: the runtime is not
-        thread-safe, and a verifier's teacher-forced pass must not run inside a decode step."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        thread-safe, and a verifier's teacher-forced pass must not run inside a decode step.
+        At most ``MAX_EXCLUSIVE_WAITING`` such jobs at once; past that, ``EngineBusyError``."""
+        if self._exclusive >= MAX_EXCLUSIVE_WAITING:
+            raise EngineBusyError(f"{self._exclusive} re-checks are already waiting for this engine; retry later")
+        self._exclusive += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._exclusive -= 1
 
     async def __aenter__(self) -> "Engine":
         return self

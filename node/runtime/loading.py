@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -67,8 +67,12 @@ class LoadedModel:
         return self.tokenizer.decode(token_ids)
 
     def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
-        """Teacher-forced logits from ``from_position`` on: makes a LoadedModel a verifier backend."""
+        """Teacher-forced logits from ``from_position`` on, all rows at once."""
         return self.runtime.score(token_ids, from_position)
+
+    def score_blocks(self, token_ids: Sequence[int], from_position: int = 0) -> Iterator[np.ndarray]:
+        """The same rows a prefill chunk at a time: makes a LoadedModel a verifier backend."""
+        return self.runtime.score_blocks(token_ids, from_position)
 
     @property
     def max_context(self) -> int:

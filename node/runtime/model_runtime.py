@@ -12,7 +12,7 @@ forward pass ``begin_forward(seq_ids, lengths)`` -> compiled ``prefill``/``decod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tvm
@@ -127,6 +127,10 @@ class ModelRuntime:
     def prefill(self, seq_id: int, token_ids: Sequence[int], logits_from: int | None = None) -> np.ndarray:
         """Append ``token_ids`` to a sequence; float32 logits for rows ``logits_from`` onward of
         the new tokens (default: the last row only, what generation needs)."""
+        return np.concatenate(list(self._prefill_blocks(seq_id, token_ids, logits_from)), axis=0)
+
+    def _prefill_blocks(self, seq_id: int, token_ids: Sequence[int], logits_from: int | None) -> Iterator[np.ndarray]:
+        """``prefill`` one chunk at a time: each chunk's wanted rows as soon as they are computed."""
         if len(token_ids) == 0:
             raise RuntimeFault("prefill needs at least one token")
         self._check_ids(token_ids)
@@ -134,7 +138,6 @@ class ModelRuntime:
         if not 0 <= first < len(token_ids):
             raise RuntimeFault(f"logits_from {first} is outside the {len(token_ids)} new tokens")
         chunk = self.limits.prefill_chunk
-        outputs = []
         for start in range(0, len(token_ids), chunk):
             piece = np.asarray(token_ids[start : start + chunk], dtype=np.int32)
             # The lm head runs only on the rows asked for; a chunk before them still needs one
@@ -143,8 +146,7 @@ class ModelRuntime:
             positions = wanted if wanted.size else np.array([len(piece) - 1], dtype=np.int32)
             logits = self._forward_prefill(seq_id, piece, positions)
             if wanted.size:
-                outputs.append(logits)
-        return np.concatenate(outputs, axis=0)
+                yield logits
 
     def _forward_prefill(self, seq_id: int, piece: np.ndarray, positions: np.ndarray) -> np.ndarray:
         dev = self.device.device
@@ -182,6 +184,11 @@ class ModelRuntime:
         Row i predicts token ``from_position + i + 1``: what a verifier compares with a claimed
         answer (it starts at the last prompt token, so the lm head skips the prompt).
         """
+        return np.concatenate(list(self.score_blocks(token_ids, from_position)), axis=0)
+
+    def score_blocks(self, token_ids: Sequence[int], from_position: int = 0) -> Iterator[np.ndarray]:
+        """``score``'s rows one prefill chunk at a time, so a long re-check never holds every
+        row's logits at once (16k rows x a 49k vocabulary would be 3 GB)."""
         needed = self.kv_slots(len(token_ids))
         in_use = sum(self.kv_slots(n) for n in self._live.values())
         if needed > self.kv_capacity - in_use:
@@ -193,7 +200,7 @@ class ModelRuntime:
         self._next_scratch_id -= 1
         self.add_sequence(seq_id)
         try:
-            return self.prefill(seq_id, token_ids, logits_from=from_position)
+            yield from self._prefill_blocks(seq_id, token_ids, from_position)
         finally:
             self.remove_sequence(seq_id)
 

@@ -61,16 +61,30 @@ def test_store_keeps_and_expires(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_size_cap_drops_oldest_first(tmp_path):
+def test_size_cap_drops_oldest_first_past_the_audit_window(tmp_path):
     answers = [make_answer(seed=s) for s in range(10)]
     one = len(encode_answer(answers[0]))
-    store = EvidenceStore(tmp_path / "e.sqlite", max_bytes=int(one * 3.5))
+    store = EvidenceStore(tmp_path / "e.sqlite", max_bytes=int(one * 3.5), audit_window_s=5)
     for i, answer in enumerate(answers):
-        store.put(answer, now=1000.0 + i)
+        store.put(answer, now=1000.0 + 10 * i)  # each one is past the audit window when the next comes
     count, size = store.stats()
     assert count == 3 and size <= store.max_bytes
-    kept = [a for a in answers if store.get(a.receipt.receipt_id, now=1010.0)]
+    kept = [a for a in answers if store.get(a.receipt.receipt_id, now=1100.0)]
     assert kept == answers[-3:]
+
+
+def test_a_flood_cannot_evict_evidence_younger_than_the_audit_window(tmp_path):
+    """One peer's burst of answers fills the cap: nothing young is deleted, the store says it is
+    full (the node then refuses new work), and room comes back as evidence ages out of the window."""
+    answers = [make_answer(seed=s) for s in range(6)]
+    one = len(encode_answer(answers[0]))
+    store = EvidenceStore(tmp_path / "e.sqlite", max_bytes=int(one * 3.5), audit_window_s=60)
+    for i, answer in enumerate(answers):
+        store.put(answer, now=1000.0 + i)
+    assert store.stats()[0] == 6  # all kept, past the cap: every one is still auditable
+    assert all(store.get(a.receipt.receipt_id, now=1010.0) for a in answers)
+    assert not store.has_room(now=1010.0)
+    assert store.has_room(now=1100.0)  # past the window the oldest may go
 
 
 def test_answers_survive_a_reopen(tmp_path):

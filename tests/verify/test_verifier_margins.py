@@ -28,8 +28,8 @@ class FixedLogits:
         self.row = row.astype(np.float32)
         self.vocab_size = row.size
 
-    def score(self, token_ids, from_position: int = 0) -> np.ndarray:
-        return np.tile(self.row, (len(token_ids) - from_position, 1))
+    def score_blocks(self, token_ids, from_position: int = 0) -> list[np.ndarray]:
+        return [np.tile(self.row, (len(token_ids) - from_position, 1))]
 
     def decode(self, token_ids) -> str:
         return " ".join(map(str, token_ids))
