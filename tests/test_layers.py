@@ -2,7 +2,8 @@
 
 - verify/ is the trust core a client uses alone: it loads neither node/ nor p2p/ (nor TVM, libp2p);
 - the HTTP layer's wire models and errors, the verifier sidecar and the CLI's ``--help`` and
-  ``posp`` load no TVM and no libp2p (a proxy and a calculator need neither);
+  ``posp`` load no TVM and no libp2p (a proxy and a calculator need neither); the node's app
+  loads libp2p only when it joins a network;
 - p2p/ never imports node/ (nor aiohttp: its one bridge to asyncio is its own);
 - no module imports itself back through others (walked from the source, lazy imports included).
 """
@@ -33,6 +34,7 @@ def _loaded_after(code: str) -> set[str]:
      {"node", "p2p", "tvm", "libp2p"}),
     ("import node.api.protocol, node.api.errors", {"tvm", "libp2p", "trio"}),
     ("import node.sidecar.proxy", {"tvm", "libp2p", "trio"}),
+    ("import node.api.app", {"libp2p", "trio"}),  # a node without a network loads no p2p code
     ("from node.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass", {"tvm", "libp2p"}),
     ("from node.cli import main\nmain(['posp', '--reward', '1', '--cost', '0.5', '--penalty', '10'])", {"tvm", "libp2p"}),
     ("import p2p, p2p.network, p2p.wire, p2p.protocols", {"node", "aiohttp"}),

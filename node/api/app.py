@@ -23,21 +23,23 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from node.api import peering, routes
+from node.api import routes
 from node.errors import ConfigError
 from node.runtime.loading import LoadedModel
 from node.api.errors import APIError, Handler, errors_middleware, require_api_key
 from node.api.service import NODE, Node
 from node.runtime.engine import DEFAULT_MAX_QUEUE
-from p2p.network import NetworkConfig
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 from verify.ledger import Ledger
+
+if TYPE_CHECKING:
+    from p2p.network import NetworkConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 # On SIGINT/SIGTERM, answers in flight get this long to finish before they are cancelled.
 SHUTDOWN_GRACE_S = 10.0
+# Open connections at once (each in-flight request holds one; the queue holds 64 per model), and
+# how long an idle keep-alive connection may hold its socket.
+MAX_CONNECTIONS = 512
+KEEPALIVE_TIMEOUT_S = 15.0
 
 
 
@@ -120,23 +126,28 @@ def make_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     network: NetworkConfig | None = None,
     ledger: Ledger | None = None,
-    fraud_quorum: int = peering.DEFAULT_FRAUD_QUORUM,
+    fraud_quorum: int | None = None,
 ) -> web.Application:
     """The node's app. Each model gets its own engine (which owns that model's runtime: do not
     serve one ``LoadedModel`` from two apps at once); engines close on app cleanup, the store
     stays the caller's to close. With ``network`` the node joins the p2p network on startup
     (``node/api/peering.py``); then it may serve no model itself (a gateway). Its convictions and
-    their fraud proofs go to ``ledger`` (kept across restarts; without one, in memory)."""
+    their fraud proofs go to ``ledger`` (kept across restarts; without one, in memory); a node
+    without a network loads no libp2p at all."""
     if not models and network is None:
         raise ConfigError("make_app needs at least one model (or a p2p network to forward to)")
     node = Node(models, key, store, max_queue=max_queue)
-    app = web.Application(middlewares=[_metrics, errors_middleware(lambda: node.shutting_down), require_api_key(api_keys),
-                                       peering.forward_to_peers],
-                          client_max_size=max_body_bytes)
+    middlewares = [_metrics, errors_middleware(lambda: node.shutting_down), require_api_key(api_keys)]
+    if network is not None:
+        from node.api import peering  # libp2p only for a node that joins a network
+
+        middlewares.append(peering.forward_to_peers)
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[NODE] = node
     if network is not None:
         peering.attach(app, node, network, api_keys[0] if api_keys else None,
-                       ledger if ledger is not None else Ledger(Path(":memory:")), fraud_quorum)
+                       ledger if ledger is not None else Ledger(Path(":memory:")),
+                       peering.DEFAULT_FRAUD_QUORUM if fraud_quorum is None else fraud_quorum)
     app.router.add_routes(routes.routes)
     app.router.add_get("/v1/receipts/{receipt_id}", get_receipt)
     app.router.add_get("/health", health)
@@ -153,14 +164,49 @@ def make_app(
     return app
 
 
-async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+class _Refused(asyncio.Protocol):
+    """What a connection past the cap gets: a 503 with Retry-After, then the socket closes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = b'{"error":{"message":"too many connections; retry later","type":"server_error","param":null,"code":"server_busy"}}'
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        transport.close()
+
+
+class _CappedSite(web.TCPSite):
+    """A TCP site that holds at most ``max_connections`` open connections: slow or idle clients
+    cannot take every socket; the ones past the cap are told 503 and closed at once."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int):
+        super().__init__(runner, host, port)
+        self.max_connections = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+
+        def connection() -> asyncio.Protocol:
+            return _Refused() if len(server.connections) >= self.max_connections else server()
+
+        self._server = await asyncio.get_running_loop().create_server(connection, self._host, self._port,
+                                                                      backlog=self._backlog)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+
+async def start_server(app: web.Application, host: str, port: int,
+                       max_connections: int = MAX_CONNECTIONS) -> tuple[web.AppRunner, int]:
     """Listen on ``host:port`` (0 = any free port); returns the runner and the bound port.
 
     ``handler_cancellation``: a client that disconnects cancels its handler at once, which
-    cancels its sequences, even while it waits in the queue and nothing is being written."""
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S)
+    cancels its sequences, even while it waits in the queue and nothing is being written.
+    Connections are capped (``max_connections``) and an idle keep-alive connection is closed
+    after ``KEEPALIVE_TIMEOUT_S`` (aiohttp's default is an hour); request bodies must arrive
+    within ``BODY_TIMEOUT_S`` (``node.api.errors.parse_body``)."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT_S)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = _CappedSite(runner, host, port, max_connections)
     try:
         await site.start()
     except BaseException:

@@ -14,6 +14,7 @@ Loads neither TVM nor libp2p.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -29,6 +30,7 @@ from node.errors import ConfigError, ContextLengthError, EngineBusyError, Reques
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # a full queue drains within about a batch's worth of answers
+BODY_TIMEOUT_S = 30.0  # a request body (at most 1 MiB) that takes longer to arrive is refused: 408
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,7 +107,7 @@ def errors_middleware(shutting_down: Callable[[], bool] = lambda: False) -> Call
 
 async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
     """The JSON body as ``model``; 400 for anything that is not a valid JSON object of it."""
-    raw = await request.read()  # past client_max_size this raises 413
+    raw = await read_body(request)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -113,6 +115,15 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     return model.model_validate(data)  # ValidationError -> 400 in the middleware
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, within ``BODY_TIMEOUT_S`` (a client trickling bytes cannot hold a handler);
+    past ``client_max_size`` aiohttp raises 413."""
+    try:
+        return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", code="request_timeout") from None
 
 
 def require_api_key(api_keys: Sequence[str]) -> Callable:
@@ -131,5 +142,5 @@ def require_api_key(api_keys: Sequence[str]) -> Callable:
     return check
 
 
-__all__ = ["APIError", "Handler", "api_error_of", "describe_validation_error", "errors_middleware", "parse_body",
+__all__ = ["APIError", "Handler", "api_error_of", "read_body", "describe_validation_error", "errors_middleware", "parse_body",
            "require_api_key"]

@@ -9,7 +9,7 @@ Re-checks run the verifier on the engine's thread, between batch steps.
 
 Using peers: ``forward_to_peers`` (middleware) sends a generation request for a model this node
 does not serve, or serves but is too full to admit, to the network and relays the answer; ``/v1/models`` adds the network's models
-(``network_cards``); three routes report and reach peers:
+(``Node.model_cards``); three routes report and reach peers:
 
     GET  /v1/peers                                 known peers: capabilities, load, last seen
     POST /v1/peers/verify[?exclude=ID,...]         an answer file -> a peer's signed attestation
@@ -33,8 +33,7 @@ from aiohttp import web
 
 from node.errors import ConfigError, EngineBusyError
 from node.runtime.loading import LoadedModel
-from node.api.protocol import ModelCard
-from node.api.errors import RETRY_AFTER_S, APIError, Handler, parse_body
+from node.api.errors import RETRY_AFTER_S, APIError, Handler, parse_body, read_body
 from node.api.service import NODE, Node
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError, Unavailable
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
@@ -270,7 +269,7 @@ async def forward_to_peers(request: web.Request, handler: Handler) -> web.Stream
     if (node.network is None or request.method != "POST" or request.path not in INFER_PATHS
             or FORWARDED_HEADER in request.headers):
         return await handler(request)
-    raw = await request.read()
+    raw = await read_body(request)
     model = _model_of(raw)
     if model is None or not node.network.serves(model):
         return await handler(request)
@@ -299,15 +298,6 @@ async def _relay(request: web.Request, node: Node, model: str, raw: bytes) -> we
         error = APIError(502, f"the serving peer {answer.peer_id} failed mid-stream: {exc}", code="peer_failed")
         await response.write(b"data: " + error.body().model_dump_json().encode() + b"\n\ndata: [DONE]\n\n")
     return response
-
-
-def network_cards(node: Node) -> list[ModelCard]:
-    """Models this node does not serve but a known peer does (for GET /v1/models)."""
-    if node.network is None:
-        return []
-    return [ModelCard(id=name, created=0, owned_by="proofmesh-network", model_id=offer.model_id,
-                      backend=offer.backend, max_context=offer.max_context, peers=peers)
-            for name, (offer, peers) in sorted(node.network.table.offers().items()) if not node.serves(name)]
 
 
 routes = web.RouteTableDef()

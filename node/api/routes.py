@@ -40,12 +40,10 @@ from node.api.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
-    ModelCard,
     ModelList,
     SamplingRequest,
     UsageInfo,
 )
-from node.api.peering import network_cards
 from node.api.errors import api_error_of, parse_body
 from node.api.service import NODE, ChoiceEvent, ServedModel
 from verify.binding import choice_seed
@@ -55,13 +53,7 @@ routes = web.RouteTableDef()
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    cards = [
-        ModelCard(id=s.name, created=s.created, model_id=s.loaded.model_id,
-                  backend=s.loaded.backend, max_context=s.loaded.max_context)
-        for s in node.models.values()
-    ]
-    return _json(ModelList(data=cards + network_cards(node)))
+    return _json(ModelList(data=request.app[NODE].model_cards()))
 
 
 @routes.post("/v1/completions")

@@ -20,7 +20,7 @@ from aiohttp import web
 from node.api.answers import answer_file
 from node.api.errors import RETRY_AFTER_S, APIError
 from node.api.metrics import NodeMetrics
-from node.api.protocol import ProofMeshInfo
+from node.api.protocol import ModelCard, ProofMeshInfo
 from node.errors import ConfigError
 from node.runtime.engine import Engine, GenerationRequest, GenerationResult, TokenEvent
 from node.runtime.loading import LoadedModel
@@ -82,6 +82,16 @@ class Node:
                 raise ConfigError(f"two models are served as {name!r}")
             engine = Engine(m.runtime, m.tokenizer, m.model_id, max_context=m.max_context, max_queue=max_queue)
             self.models[name] = ServedModel(name, m, engine)
+
+    def model_cards(self) -> list[ModelCard]:
+        """The models served here, then those only a known peer serves (GET /v1/models)."""
+        cards = [ModelCard(id=s.name, created=s.created, model_id=s.loaded.model_id, backend=s.loaded.backend,
+                           max_context=s.loaded.max_context) for s in self.models.values()]
+        if self.network is not None:
+            cards += [ModelCard(id=name, created=0, owned_by="proofmesh-network", model_id=offer.model_id,
+                                backend=offer.backend, max_context=offer.max_context, peers=peers)
+                      for name, (offer, peers) in sorted(self.network.table.offers().items()) if not self.serves(name)]
+        return cards
 
     def serves(self, name: str) -> bool:
         """Whether a model called ``name`` (or whose model_id is ``name``) is served here."""

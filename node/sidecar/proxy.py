@@ -46,7 +46,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.api.errors import APIError, describe_validation_error, errors_middleware, require_api_key
+from node.api.errors import APIError, describe_validation_error, errors_middleware, read_body, require_api_key
 from verify.attestation import Attestation
 from verify.binding import Endpoint, Tokenization, bind_answers
 from verify.evidence import AnswerFile
@@ -367,7 +367,7 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     that picks its own seed can grind it), bind the answer to the request before the client
     sees its end, and audit a share; or, with redundancy n, the same request to n nodes."""
     sidecar = request.app[SIDECAR]
-    raw = await request.read()
+    raw = await read_body(request)
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
     try:
         body = json.loads(raw)
@@ -485,7 +485,7 @@ async def submit_audit(request: web.Request) -> web.Response:
     """POST /v1/audits: an answer file, audited now."""
     sidecar = request.app[SIDECAR]
     try:
-        answer = AnswerFile.model_validate_json(await request.read())
+        answer = AnswerFile.model_validate_json(await read_body(request))
     except ValidationError as exc:
         message, param = describe_validation_error(exc)
         raise APIError(400, f"not an answer file: {message}", param=param, code="invalid_answer_file") from None

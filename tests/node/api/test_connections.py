@@ -1,0 +1,85 @@
+"""The HTTP listener's limits, on a real socket: connections past the cap get a 503 at once (a
+crowd of idle or slow clients cannot take every socket), an idle keep-alive connection is
+closed, and a body that trickles in past its deadline gets a 408."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+from aiohttp import web
+
+from node.api import errors
+from node.api.app import KEEPALIVE_TIMEOUT_S, start_server
+from node.api.errors import errors_middleware, parse_body
+from node.api.protocol import ErrorInfo
+
+
+async def _echo(request: web.Request) -> web.Response:
+    body = await parse_body(request, ErrorInfo)
+    return web.json_response({"message": body.message})
+
+
+def _serve(max_connections: int):
+    loop = asyncio.new_event_loop()
+    app = web.Application(middlewares=[errors_middleware()])
+    app.router.add_post("/echo", _echo)
+    runner, port = loop.run_until_complete(start_server(app, "127.0.0.1", 0, max_connections=max_connections))
+    return loop, runner, port
+
+
+def test_connections_past_the_cap_are_refused_at_once():
+    loop, runner, port = _serve(max_connections=3)
+    import threading
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # hold every slot, send nothing
+    try:
+        time.sleep(0.3)
+        refused = httpx.post(f"http://127.0.0.1:{port}/echo", json={"message": "x", "type": "t"}, timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "server_busy"
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        served = httpx.post(f"http://127.0.0.1:{port}/echo", json={"message": "x", "type": "t"}, timeout=10)
+        assert served.status_code == 200 and served.json() == {"message": "x"}
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_a_trickling_body_gets_408_and_an_idle_connection_is_closed(monkeypatch):
+    from node.api import app as app_module
+
+    monkeypatch.setattr(errors, "BODY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(app_module, "KEEPALIVE_TIMEOUT_S", 0.5)
+    loop, runner, port = _serve(max_connections=8)
+    import threading
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            s.settimeout(10)
+            reply = s.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a served keep-alive connection, then silence
+            body = b'{"message": "x", "type": "t"}'
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+            s.settimeout(10)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            assert s.recv(4096) == b""  # closed by the server once idle past its keep-alive timeout
+            assert time.monotonic() - started < 5
+        assert KEEPALIVE_TIMEOUT_S <= 30  # (the real setting: aiohttp's default would hold it for an hour)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
