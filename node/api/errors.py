@@ -22,6 +22,7 @@ import secrets
 from typing import Awaitable, Callable, Sequence
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
 from node.api.protocol import ErrorInfo, ErrorResponse
@@ -105,16 +106,23 @@ def errors_middleware(shutting_down: Callable[[], bool] = lambda: False) -> Call
     return render
 
 
-async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
-    """The JSON body as ``model``; 400 for anything that is not a valid JSON object of it."""
-    raw = await read_body(request)
+def json_object(raw: bytes) -> dict:
+    """A request body as a JSON object; 400 for anything else (not UTF-8, not JSON, nested so
+    deep the parser gives up, not an object)."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError:
+        raise APIError(400, "the body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
-    return model.model_validate(data)  # ValidationError -> 400 in the middleware
+    return data
+
+
+async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body as ``model``; 400 for anything that is not a valid JSON object of it."""
+    return model.model_validate(json_object(await read_body(request)))  # ValidationError -> 400 in the middleware
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -124,6 +132,8 @@ async def read_body(request: web.Request) -> bytes:
         return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", code="request_timeout") from None
+    except RequestPayloadError as exc:  # a body that does not decode as its Content-Encoding says, cut short, ...
+        raise APIError(400, f"the request body cannot be read: {str(exc).strip()}", code="invalid_body") from None
 
 
 def require_api_key(api_keys: Sequence[str]) -> Callable:
@@ -142,5 +152,5 @@ def require_api_key(api_keys: Sequence[str]) -> Callable:
     return check
 
 
-__all__ = ["APIError", "Handler", "api_error_of", "read_body", "describe_validation_error", "errors_middleware", "parse_body",
+__all__ = ["APIError", "Handler", "api_error_of", "json_object", "read_body", "describe_validation_error", "errors_middleware", "parse_body",
            "require_api_key"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import json
 import logging
 from collections import OrderedDict
 from contextlib import aclosing
@@ -33,7 +32,7 @@ from aiohttp import web
 
 from node.errors import ConfigError, EngineBusyError
 from node.runtime.loading import LoadedModel
-from node.api.errors import RETRY_AFTER_S, APIError, Handler, parse_body, read_body
+from node.api.errors import RETRY_AFTER_S, APIError, Handler, json_object, parse_body, read_body
 from node.api.service import NODE, Node
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError, Unavailable
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
@@ -255,8 +254,8 @@ def attach(app: web.Application, node: Node, config: NetworkConfig, api_key: str
 
 def _model_of(raw: bytes) -> str | None:
     try:
-        model = json.loads(raw).get("model")
-    except (ValueError, AttributeError):
+        model = json_object(raw).get("model")
+    except APIError:
         return None  # not a JSON object: the route's own validation answers
     return model if isinstance(model, str) else None
 

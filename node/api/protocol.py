@@ -19,7 +19,7 @@ import time
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from verify.binding import Endpoint, default_max_tokens, requested_max_tokens, requested_sampling, template_message
 from verify.evidence import FINGERPRINT_K
@@ -37,6 +37,17 @@ MAX_TOP_LOGPROBS = FINGERPRINT_K  # top logprobs come from the committed top-k f
 # failed sampling step would fail the whole batch): 0 is how to ask for greedy.
 MIN_TEMPERATURE = 1e-4
 
+def _encodable(text: str) -> str:
+    """JSON can spell a lone surrogate (``"\\udc80"``), which is no text: refuse it at the edge
+    (the tokenizer would fail on it mid-request)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text (a lone surrogate at {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -91,18 +102,18 @@ class StreamOptions(OpenAIRequest):
 class SamplingRequest(OpenAIRequest):
     """Fields both endpoints share, in the order of OpenAI's reference; ``None`` = default."""
 
-    model: str
+    model: Text
     frequency_penalty: Penalty | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     presence_penalty: Penalty | None = None
     seed: Annotated[int, Field(ge=0, lt=U64)] | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    user: str | None = None
+    user: Text | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # extension (as vLLM): 0 disables
 
     @field_validator("temperature")
@@ -143,7 +154,7 @@ class CompletionRequest(SamplingRequest):
     unsupported: ClassVar[tuple[str, ...]] = ("suffix", "echo", "logit_bias")
     endpoint: ClassVar[Endpoint] = "completions"
 
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def top_logprobs_count(self) -> int | None:
@@ -173,13 +184,13 @@ class CompletionRequest(SamplingRequest):
 
 class TextPart(OpenAIRequest):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def for_template(self) -> dict[str, str]:
         """The plain {role, content} dict a chat template renders (``verify.binding``)."""

@@ -46,7 +46,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.api.errors import APIError, describe_validation_error, errors_middleware, read_body, require_api_key
+from node.api.errors import APIError, describe_validation_error, errors_middleware, json_object, read_body, require_api_key
 from verify.attestation import Attestation
 from verify.binding import Endpoint, Tokenization, bind_answers
 from verify.evidence import AnswerFile
@@ -369,12 +369,7 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     sidecar = request.app[SIDECAR]
     raw = await read_body(request)
     headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise APIError(400, "the request body is not JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    body = json_object(raw)
     n = _redundancy(request, body)
     if body.get("seed") is None:
         body["seed"] = secrets.randbits(63)  # the sidecar's CSPRNG: committed as a client seed
