@@ -43,6 +43,7 @@ class NodeProcess:
     key: NodeKey
     url: str = ""
     addrs: list[str] = field(default_factory=list)
+    log_offset: int = 0  # where this run's lines start (a restarted node appends to its log)
 
     @property
     def peer_id(self) -> str:
@@ -53,7 +54,9 @@ class NodeProcess:
             return json.load(response)
 
     def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
+        with open(self.log, "rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process.poll() is None:
@@ -72,10 +75,11 @@ class Cluster:
         """Start a node (``models`` empty: a gateway) with ``module``'s command line (a test's
         dishonest node wraps the real one); returns at once, see ``wait_ready``."""
         home = self.root / name
-        home.mkdir(parents=True)
-        for d in SHARED_DIRS:
-            (self.warm_home / d).mkdir(exist_ok=True)
-            (home / d).symlink_to(self.warm_home / d)
+        if not home.exists():  # a node started again (after a kill) keeps its home: key, evidence, ledger
+            home.mkdir(parents=True)
+            for d in SHARED_DIRS:
+                (self.warm_home / d).mkdir(exist_ok=True)
+                (home / d).symlink_to(self.warm_home / d)
         key_path = home / "node_key.pem"
         key = NodeKey.load_or_create(key_path)
         args = [sys.executable, "-m", module, "run", "--port", "0", "--device", "cpu", "--key", str(key_path),
@@ -86,9 +90,10 @@ class Cluster:
             args += ["--bootstrap", *bootstrap]
         log = home / "node.log"
         env = {**os.environ, "PROOFMESH_HOME": str(home)}
-        with open(log, "wb") as out:
+        offset = log.stat().st_size if log.exists() else 0
+        with open(log, "ab") as out:
             process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        node = NodeProcess(name, process, log, key)
+        node = NodeProcess(name, process, log, key, log_offset=offset)
         self.nodes.append(node)
         return node
 

@@ -1,0 +1,123 @@
+"""Faults on real processes: a serving node killed (SIGKILL) in the middle of an answer, a
+gateway killed with a request in flight through it. Every client gets an answer or a clean
+error within its timeout, none hangs; started again on the same home, the node has the same
+identity, still serves the evidence of answers it gave before, and its ledger opens intact."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import httpx
+import pytest
+
+from tests.models_fixtures import make_tiny_hf_checkpoint
+from tests.p2p.cluster import Cluster, NodeProcess, warm_store
+from verify.evidence import AnswerFile
+from verify.ledger import Ledger
+
+CLIENT_TIMEOUT_S = 60
+MODEL = "tiny"  # the served name: the checkpoint folder's name
+
+
+def _post(node: NodeProcess, body: dict) -> tuple[int | None, str]:
+    """(status, text), or (None, the error) when the connection failed: never waits past the timeout."""
+    request = urllib.request.Request(f"{node.url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=CLIENT_TIMEOUT_S) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (OSError, ConnectionError) as exc:
+        return None, str(exc)
+
+
+def _in_background(fn) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=fn(), finished=time.monotonic()))
+    thread.start()
+    return thread, out
+
+
+@pytest.fixture
+def cluster(tmp_path_factory):
+    tiny = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("faults") / MODEL)
+    warm = tmp_path_factory.mktemp("warm")
+    warm_store(warm, tiny)
+    c = Cluster(tmp_path_factory.mktemp("nodes"), warm)
+    c.tiny = tiny
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_a_node_killed_mid_answer_fails_cleanly_and_restarts_intact(cluster):
+    node = cluster.wait_ready(cluster.start("server", [str(cluster.tiny)]))
+    status, text = _post(node, {"model": MODEL, "prompt": "keep this", "max_tokens": 4, "seed": 1})
+    assert status == 200, text
+    kept = json.loads(text)["proofmesh"]["receipt"]["receipt_id"]
+
+    started = threading.Event()
+
+    def stream() -> str:
+        """Read a long streamed answer; the node is killed once its first chunk arrived."""
+        try:
+            with httpx.stream("POST", f"{node.url}/v1/completions", timeout=CLIENT_TIMEOUT_S,
+                              json={"model": MODEL, "prompt": "long", "max_tokens": 240, "temperature": 1.0,
+                                    "seed": 2, "stream": True}) as response:
+                for line in response.iter_lines():
+                    started.set()
+                    if line == "data: [DONE]":
+                        return "complete"
+            return "cut short"
+        except httpx.HTTPError as exc:
+            return f"broken: {type(exc).__name__}"
+        finally:
+            started.set()
+
+    thread, out = _in_background(stream)
+    assert started.wait(CLIENT_TIMEOUT_S)
+    killed_at = time.monotonic()
+    node.kill(signal.SIGKILL)
+    thread.join(CLIENT_TIMEOUT_S + 5)
+    assert not thread.is_alive(), "the client hung on a dead node"
+    assert out["result"] in ("complete", "cut short") or out["result"].startswith("broken")  # never a hang
+    assert out["finished"] - killed_at < 10
+
+    again = cluster.wait_ready(cluster.start("server", [str(cluster.tiny)]))
+    assert again.get("/health")["node_id"] == node.peer_id  # the same key
+    with urllib.request.urlopen(f"{again.url}/v1/receipts/{kept}", timeout=30) as response:
+        answer = AnswerFile.model_validate_json(response.read())  # evidence written before the kill is there
+    assert answer.receipt.receipt_id == kept and answer.evidence.digest() == answer.receipt.evidence_hash
+    ledger = Ledger(cluster.root / "server" / "node-ledger.sqlite")
+    assert ledger.convicted() == set()
+    ledger.close()
+    status, text = _post(again, {"model": MODEL, "prompt": "and on", "max_tokens": 3})
+    assert status == 200, text
+
+
+def test_a_gateway_killed_with_a_request_in_flight_leaves_no_client_hanging(cluster):
+    gateway = cluster.wait_ready(cluster.start("gateway", []))
+    server = cluster.wait_ready(cluster.start("server", [str(cluster.tiny)], bootstrap=[gateway.addrs[0]]))
+    deadline = time.monotonic() + 30
+    while not gateway.get("/v1/models")["data"]:
+        assert time.monotonic() < deadline, "the gateway did not learn the server's model"
+        time.sleep(0.2)
+    server.kill(signal.SIGSTOP)  # the answer cannot finish while the gateway is killed
+    thread, out = _in_background(lambda: _post(gateway, {"model": MODEL, "prompt": "through", "max_tokens": 20,
+                                                         "temperature": 1.0, "seed": 3}))
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    gateway.kill(signal.SIGKILL)
+    thread.join(CLIENT_TIMEOUT_S + 5)
+    assert not thread.is_alive() and out["finished"] - killed_at < 10
+    assert out["result"][0] is None  # the connection broke: a clean error
+    server.kill(signal.SIGCONT)
+    status, text = _post(server, {"model": MODEL, "prompt": "still serving", "max_tokens": 3})
+    assert status == 200, text  # the server lost its peer, not its wits
