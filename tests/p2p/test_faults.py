@@ -1,22 +1,27 @@
 """Faults on real processes: a serving node killed (SIGKILL) in the middle of an answer, a
-gateway killed with a request in flight through it. Every client gets an answer or a clean
+gateway and a verifier sidecar killed with requests in flight through them. Every client gets an answer or a clean
 error within its timeout, none hangs; started again on the same home, the node has the same
 identity, still serves the evidence of answers it gave before, and its ledger opens intact."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.p2p.cluster import Cluster, NodeProcess, warm_store
+from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, Cluster, NodeProcess, warm_store
 from verify.evidence import AnswerFile
 from verify.ledger import Ledger
 
@@ -121,3 +126,62 @@ def test_a_gateway_killed_with_a_request_in_flight_leaves_no_client_hanging(clus
     server.kill(signal.SIGCONT)
     status, text = _post(server, {"model": MODEL, "prompt": "still serving", "max_tokens": 3})
     assert status == 200, text  # the server lost its peer, not its wits
+
+
+def _start_verifier(cluster, upstream: str, home) -> tuple[subprocess.Popen, str]:
+    log = home / "verifier.log"
+    offset = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "verifier", "--upstream", upstream, "--model", str(cluster.tiny),
+             "--device", "cpu", "--audit-rate", "1", "--port", "0"],
+            cwd=REPO_ROOT, env={**os.environ, "PROOFMESH_HOME": str(home)}, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while True:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if found := re.search(r"proxying (http://[0-9.:]+)/v1", text):
+            return process, found.group(1)
+        assert process.poll() is None and time.monotonic() < deadline, text[-3000:]
+        time.sleep(0.2)
+
+
+def test_a_sidecar_killed_with_requests_in_flight_restarts_with_its_ledger(cluster):
+    node = cluster.wait_ready(cluster.start("server", [str(cluster.tiny)]))
+    home = cluster.root / "verifier"
+    home.mkdir()
+    for d in SHARED_DIRS:
+        (home / d).symlink_to(cluster.warm_home / d)
+    verifier, url = _start_verifier(cluster, node.url, home)
+    try:
+        done = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "audit me", "max_tokens": 4, "seed": 5},
+                          timeout=CLIENT_TIMEOUT_S)
+        assert done.status_code == 200, done.text
+        audited = done.json()["proofmesh"]["receipt"]["receipt_id"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v1/audits/{audited}", timeout=10).json().get("state") in (None, "pending"):
+            assert time.monotonic() < deadline, "the answer was not audited"
+            time.sleep(0.2)
+
+        node.kill(signal.SIGSTOP)  # requests stay in flight while the sidecar is killed
+        threads = [_in_background(lambda i=i: _post(SimpleNamespace(url=url), {"model": MODEL, "prompt": f"in flight {i}",
+                                                                               "max_tokens": 4}))
+                   for i in range(3)]
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        verifier.kill()
+        for thread, out in threads:
+            thread.join(CLIENT_TIMEOUT_S + 5)
+            assert not thread.is_alive() and out["result"][0] is None and out["finished"] - killed_at < 10
+        node.kill(signal.SIGCONT)
+
+        verifier, url = _start_verifier(cluster, node.url, home)  # the same home: key, ledger
+        record = httpx.get(f"{url}/v1/audits/{audited}", timeout=10).json()
+        assert record["state"] == "pass" and record["verdicts"][0]["verifier_id"] == httpx.get(f"{url}/health").json()["verifier_id"]
+        again = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "and on", "max_tokens": 3}, timeout=60)
+        assert again.status_code == 200, again.text
+    finally:
+        node.kill(signal.SIGCONT)
+        verifier.kill()
+        verifier.wait(15)
