@@ -49,6 +49,9 @@ SSE_CONTENT_TYPE = "text/event-stream"
 # A non-streamed answer is held whole before it is relayed (so a failure can be retried): at
 # most this much of it (an answer of 16k tokens with logprobs is a few MB).
 MAX_BUFFERED_ANSWER_CHARS = 16 << 20
+# A streamed answer is relayed as it comes, but not without end: a peer that keeps streaming past
+# this (an answer of the whole context with logprobs stays far below) is cut off.
+MAX_RELAYED_ANSWER_CHARS = 64 << 20
 _VALIDATOR_DRAW = random.SystemRandom()
 
 
@@ -306,8 +309,9 @@ class PeerNetwork:
 
     async def _relay(self, peer_id: str, first: str, parts: AsyncIterator,
                      release: Callable[[], None]) -> AsyncIterator[str]:
-        """The body's data (``first``: what came in the head) until the end; a peer that fails
-        now is penalised for next time."""
+        """The body's data (``first``: what came in the head) until the end, at most
+        ``MAX_RELAYED_ANSWER_CHARS``; a peer that fails now is penalised for next time."""
+        relayed = len(first)
         try:
             if first:
                 yield first
@@ -318,6 +322,9 @@ class PeerNetwork:
                     return
                 if not isinstance(part, InferData):
                     raise MalformedMessage("a second head in one answer")
+                relayed += len(part.data)
+                if relayed > MAX_RELAYED_ANSWER_CHARS:
+                    raise MalformedMessage(f"{peer_id} streamed more than {MAX_RELAYED_ANSWER_CHARS} characters")
                 yield part.data
             raise StreamFailed(f"{peer_id} ended the answer without its end frame")
         except P2PError:

@@ -65,6 +65,9 @@ SIDECAR = web.AppKey("sidecar", "Sidecar")
 REDUNDANCY_HEADER = "X-ProofMesh-Redundancy"
 # How long the evidence behind a served receipt may take to arrive (retried): past it, withheld.
 EVIDENCE_DEADLINE_S = 5.0
+# A streamed answer is kept (its chunks, for binding) up to this size; past it the stream is cut
+# and the answer refused as not bound.
+MAX_STREAM_BYTES = 64 << 20
 
 
 @dataclass
@@ -404,12 +407,19 @@ async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: d
         response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
         await response.prepare(request)
         chunks: list[dict] = []
+        received = 0
         try:
             async for line in upstream.content:  # SSE: one "data: {...}" per line; [DONE] only once bound
                 if line.startswith(b"data: [DONE]"):
                     break
+                received += len(line)
+                if received > MAX_STREAM_BYTES:  # kept for binding: an endless stream must not grow memory
+                    break
                 if line.startswith(b"data: {"):
-                    chunks.append(json.loads(line[6:]))
+                    try:
+                        chunks.append(json.loads(line[6:]))
+                    except (ValueError, RecursionError):  # not a chunk: binding then finds the answer unbound
+                        chunks.append({})
                 await response.write(line)
             answers, refused = await sidecar.check_answer(up, endpoint, body, chunks, headers)
             if refused:
