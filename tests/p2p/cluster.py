@@ -27,6 +27,16 @@ SHARED_DIRS = ("libs", "prepared", "manifests")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
+def tiny_cluster(tmp_path_factory, name: str = "tiny") -> tuple["Cluster", Path]:
+    """A cluster whose nodes share one compiled tiny model (served as ``name``), and that model's folder."""
+    from tests.models_fixtures import make_tiny_hf_checkpoint
+
+    model = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf") / name)
+    warm = tmp_path_factory.mktemp("warm")
+    warm_store(warm, model)
+    return Cluster(tmp_path_factory.mktemp("nodes"), warm), model
+
+
 def warm_store(home: Path, model: Path) -> None:
     """Compile ``model`` into ``home`` once (later nodes find the library there)."""
     env = {**os.environ, "PROOFMESH_HOME": str(home)}

@@ -20,8 +20,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, Cluster, NodeProcess, warm_store
+from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, NodeProcess, tiny_cluster
 from verify.evidence import AnswerFile
 from verify.ledger import Ledger
 
@@ -51,11 +50,7 @@ def _in_background(fn) -> tuple[threading.Thread, dict]:
 
 @pytest.fixture
 def cluster(tmp_path_factory):
-    tiny = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("faults") / MODEL)
-    warm = tmp_path_factory.mktemp("warm")
-    warm_store(warm, tiny)
-    c = Cluster(tmp_path_factory.mktemp("nodes"), warm)
-    c.tiny = tiny
+    c, c.tiny = tiny_cluster(tmp_path_factory, MODEL)
     try:
         yield c
     finally:

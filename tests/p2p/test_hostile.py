@@ -27,8 +27,7 @@ from p2p.protocols import MAX_REMOTE_VERIFY_TOKENS
 from p2p.wire import (CAPS_MAX_BYTES, CAPS_PROTOCOL, EVIDENCE_MAX_BYTES, FRAUD_PROTOCOL, INFER_PROTOCOL,
                       VERIFY_PROTOCOL, Capability, CapsExchange, FraudNotice, InferRequest, Reply, SignedCapability,
                       VerifyRequest)
-from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.p2p.cluster import LOOPBACK, Cluster, NodeProcess, warm_store
+from tests.p2p.cluster import LOOPBACK, NodeProcess, tiny_cluster
 from tests.verify.test_evidence_store import make_answer
 from verify.fraud import FraudProof, sign_verdict
 from verify.identity import NodeKey
@@ -37,10 +36,7 @@ from verify.verifier import Verdict
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    tiny = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf"))
-    warm = tmp_path_factory.mktemp("warm")
-    warm_store(warm, tiny)
-    cluster = Cluster(tmp_path_factory.mktemp("nodes"), warm)
+    cluster, tiny = tiny_cluster(tmp_path_factory)
     try:
         gateway = cluster.wait_ready(cluster.start("gateway", []))
         friend = NodeKey.generate().node_id  # the only peer the server serves: not the attacker

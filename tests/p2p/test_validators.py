@@ -22,9 +22,8 @@ from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from p2p.network import NetworkConfig
-from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
-from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, Cluster, warm_store
+from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, tiny_cluster
 from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -35,10 +34,8 @@ DISCOVERY_TIMEOUT_S = 20.0
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
-    tiny = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf"))
-    warm = tmp_path_factory.mktemp("warm")
-    warm_store(warm, tiny)
-    cluster = Cluster(tmp_path_factory.mktemp("nodes"), warm)
+    cluster, tiny = tiny_cluster(tmp_path_factory)
+    warm = cluster.warm_home
     try:
         server = cluster.wait_ready(cluster.start("server", [str(tiny)]))
         honest = cluster.start("honest", [str(tiny)], bootstrap=[server.addrs[0]])
