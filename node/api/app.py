@@ -52,6 +52,7 @@ SHUTDOWN_GRACE_S = 10.0
 # how long an idle keep-alive connection may hold its socket.
 MAX_CONNECTIONS = 512
 KEEPALIVE_TIMEOUT_S = 15.0
+HEADER_TIMEOUT_S = 10.0  # a new connection's first request head must arrive within this
 
 
 
@@ -174,9 +175,49 @@ class _Refused(asyncio.Protocol):
         transport.close()
 
 
+class _HeadDeadline(asyncio.Protocol):
+    """aiohttp's handler for one connection, closed if the first request's head (request line and
+    headers) has not arrived within ``HEADER_TIMEOUT_S``: aiohttp sets no such deadline, so a
+    client trickling header bytes would hold its socket (and a slot under the cap) for ever."""
+
+    def __init__(self, inner: asyncio.Protocol):
+        self._inner = inner
+        self._tail = b""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT_S, transport.close)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._tail = (self._tail + data)[-(len(data) + 3):]
+            if b"\r\n\r\n" in self._tail:  # the head is complete: from here aiohttp's own timeouts apply
+                self._timer.cancel()
+                self._timer = None
+            else:
+                self._tail = self._tail[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
 class _CappedSite(web.TCPSite):
     """A TCP site that holds at most ``max_connections`` open connections: slow or idle clients
-    cannot take every socket; the ones past the cap are told 503 and closed at once."""
+    cannot take every socket; the ones past the cap are told 503 and closed at once, and a
+    connection whose first request head is not in within ``HEADER_TIMEOUT_S`` is closed."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int):
         super().__init__(runner, host, port)
@@ -187,7 +228,7 @@ class _CappedSite(web.TCPSite):
         server = self._runner.server
 
         def connection() -> asyncio.Protocol:
-            return _Refused() if len(server.connections) >= self.max_connections else server()
+            return _Refused() if len(server.connections) >= self.max_connections else _HeadDeadline(server())
 
         self._server = await asyncio.get_running_loop().create_server(connection, self._host, self._port,
                                                                       backlog=self._backlog)

@@ -83,3 +83,29 @@ def test_a_trickling_body_gets_408_and_an_idle_connection_is_closed(monkeypatch)
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_a_head_that_trickles_in_is_cut_off(monkeypatch):
+    """Slowloris: a request line and half its headers, then nothing: the connection is closed
+    once the head deadline passes, and the slot is free again."""
+    from node.api import app as app_module
+
+    monkeypatch.setattr(app_module, "HEADER_TIMEOUT_S", 0.5)
+    loop, runner, port = _serve(max_connections=1)
+    import threading
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\n")
+            s.settimeout(10)
+            started = time.monotonic()
+            assert s.recv(4096) == b"" and time.monotonic() - started < 5  # closed by the server
+        time.sleep(0.2)
+        served = httpx.post(f"http://127.0.0.1:{port}/echo", json={"message": "x", "type": "t"}, timeout=10)
+        assert served.status_code == 200  # the one slot is free again
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
