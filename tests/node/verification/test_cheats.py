@@ -4,6 +4,7 @@ and honest answers from the same machinery pass (so the suite cannot pass by fla
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 
@@ -30,7 +31,10 @@ def ctx(tmp_path_factory, store) -> CheatContext:
 
 def requests_for(ctx: CheatContext, name: str, count: int = 8):
     temperatures = (0.7, 1.0, 1.5) if name in SAMPLING_CHEATS else (0.0, 0.7, 1.0)
-    return request_mix(ctx.model.tokenizer, count, seed=hash(name) % 1000, temperatures=temperatures, lengths=(32,), extras=False)
+    # zlib.crc32, not hash(): str hashes change with every process, and so would the requests
+    # (a cheap model that happens to open with the end-of-sequence token matches honest work).
+    return request_mix(ctx.model.tokenizer, count, seed=zlib.crc32(name.encode()) % 1000, temperatures=temperatures,
+                       lengths=(32,), extras=False)
 
 
 def test_honest_answers_from_the_same_machinery_pass(ctx):
