@@ -5,7 +5,8 @@ Requests accept fields they do not know (clients send many; they are logged and 
 validate the fields they do know strictly: a string where a number belongs is a 400, never a
 silent coercion. A few OpenAI features this node cannot honour (tools, logit_bias, echo, ...)
 are rejected rather than ignored, so a client never gets an answer to a question it did not ask.
-``to_sampling_params`` converts at the edge, so the engine never sees API objects.
+The routes turn a request into sampling parameters with ``verify.binding``'s rules (the ones a
+client's binding check expects), so the engine never sees API objects.
 
 Responses add a ``proofmesh`` object (receipt, signature, public key, backend): on the response
 and on each choice (with ``n > 1`` every choice has its own receipt; the top-level one is the
@@ -21,10 +22,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, S
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from verify.binding import Endpoint, default_max_tokens, requested_max_tokens, requested_sampling, template_message
+from verify.binding import Endpoint, template_message
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import FinishReason, Receipt
-from verify.sampling import U64, SamplingParams
+from verify.sampling import U64
 
 if TYPE_CHECKING:  # the wire models never load the engine (nor TVM) at run time
     from node.runtime.engine import TokenEvent
@@ -131,21 +132,11 @@ class SamplingRequest(OpenAIRequest):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    endpoint: ClassVar[Endpoint]
-
-    def max_tokens_for(self, prompt_tokens: int, max_context: int) -> int:
-        """The request's token budget, or this endpoint's default for a prompt of that length
-        (``verify.binding``: the same rule a client's binding check expects)."""
-        return requested_max_tokens(self.model_dump()) or default_max_tokens(self.endpoint, prompt_tokens, max_context)
+    endpoint: ClassVar[Endpoint]  # which default budget applies (``verify.binding.default_max_tokens``)
 
     @abstractmethod
     def top_logprobs_count(self) -> int | None:
         """How many top logprobs each token gets; ``None``: no logprobs at all."""
-
-    def to_sampling_params(self, *, max_tokens: int, seed: int) -> SamplingParams:
-        """The engine's parameters for one choice (raises pydantic's ValidationError); the one
-        mapping from a request to parameters, shared with the binding check."""
-        return requested_sampling(self.model_dump(), max_tokens=max_tokens, seed=seed)
 
 
 class CompletionRequest(SamplingRequest):

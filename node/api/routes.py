@@ -46,7 +46,7 @@ from node.api.protocol import (
 )
 from node.api.errors import api_error_of, parse_body
 from node.api.service import NODE, ChoiceEvent, ServedModel
-from verify.binding import choice_seed
+from verify.binding import choice_seed, default_max_tokens, requested_max_tokens, requested_sampling
 
 routes = web.RouteTableDef()
 
@@ -78,12 +78,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 def _generation_requests(served: ServedModel, body: SamplingRequest, prompts: list[list[int]]) -> list[GenerationRequest]:
     """One engine request per choice, prompt-major (choice index = prompt * n + j)."""
-    requests, fields = [], body.model_dump()
+    requests, fields = [], body.model_dump()  # once: a body may hold a long chat
     for ids in prompts:
-        max_tokens = body.max_tokens_for(len(ids), served.loaded.max_context)
+        # verify.binding's rules, so the node serves exactly what a client's binding check expects
+        max_tokens = requested_max_tokens(fields) or default_max_tokens(body.endpoint, len(ids), served.loaded.max_context)
         for j in range(body.choices_per_prompt):
-            seed = choice_seed(fields, j)  # the binding check's own rule: seed + j
-            params = body.to_sampling_params(max_tokens=max_tokens, seed=secrets.randbits(64) if seed is None else seed)
+            seed = choice_seed(fields, j)  # seed + j
+            params = requested_sampling(fields, max_tokens=max_tokens, seed=secrets.randbits(64) if seed is None else seed)
             requests.append(GenerationRequest(tuple(ids), params, "node" if seed is None else "client"))
     return requests
 
