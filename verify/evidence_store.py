@@ -158,12 +158,16 @@ class EvidenceStore:
 
     def has_room(self, *, now: float | None = None) -> bool:
         """Whether new answers fit under the cap without evicting evidence younger than the
-        audit window (after dropping what may go)."""
+        audit window (after dropping what may go). Asked before every request: under the cap it
+        is one read; only a full store takes a write transaction to evict."""
         now = time.time() if now is None else now
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._evict(now)
-            return self._kept_bytes() < self.max_bytes
+        with self._lock:
+            if self._kept_bytes() < self.max_bytes:
+                return True
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._evict(now)
+                return self._kept_bytes() < self.max_bytes
 
     def stats(self) -> tuple[int, int]:
         """(answers kept, bytes they take)."""
