@@ -191,12 +191,11 @@ class _HeadDeadline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._timer is not None:
-            self._tail = (self._tail + data)[-(len(data) + 3):]
-            if b"\r\n\r\n" in self._tail:  # the head is complete: from here aiohttp's own timeouts apply
+            window = self._tail + data  # the terminator may straddle two reads
+            if b"\r\n\r\n" in window:  # the head is complete: from here aiohttp's own timeouts apply
                 self._timer.cancel()
                 self._timer = None
-            else:
-                self._tail = self._tail[-3:]
+            self._tail = window[-3:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:

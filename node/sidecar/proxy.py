@@ -52,7 +52,7 @@ from verify.binding import Endpoint, Tokenization, bind_answers
 from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, SignedVerdict, sign_verdict
 from verify.identity import NodeKey
-from verify.ledger import AUDIT_STATES, NEUTRAL, AuditRecord, AuditState, Ledger
+from verify.ledger import AUDIT_STATES, NEUTRAL, AuditRecord, Ledger
 from verify.redundancy import disagreement
 from verify.sampling import U64
 from verify.verifier import ScoringBackend, verify_answer
@@ -207,7 +207,7 @@ class Sidecar:
         for receipt_id, node_id in receipts:
             answer = await self.evidence(up, receipt_id, node_id)
             if answer is None or answer.receipt.receipt_id != receipt_id:
-                await asyncio.to_thread(self._close_now, receipt_id, node_id, "withheld")
+                await asyncio.to_thread(self._withheld, receipt_id, node_id)
                 return [], f"node {node_id} withheld the evidence of receipt {receipt_id}"
             answers[receipt_id] = answer
         name = body.get("model")
@@ -228,9 +228,10 @@ class Sidecar:
                 return [], f"node {node_id} served receipt {receipt_id} before: a replay"
         return list(answers.values()), None
 
-    def _close_now(self, receipt_id: str, node_id: str, state: AuditState, model_id: str = "") -> None:
-        self.ledger.open_audit(receipt_id, node_id, model_id)
-        self.ledger.close_audit(receipt_id, state)
+    def _withheld(self, receipt_id: str, node_id: str) -> None:
+        """A failed audit of an answer whose evidence never came (its model is unknown)."""
+        self.ledger.open_audit(receipt_id, node_id, "")
+        self.ledger.close_audit(receipt_id, "withheld")
 
     async def audit_chosen(self, answers: Sequence[AnswerFile]) -> None:
         for answer in answers:
