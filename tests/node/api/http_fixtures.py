@@ -19,13 +19,14 @@ START_TIMEOUT_S = 60
 
 
 @contextmanager
-def serving(app: web.Application) -> Iterator[str]:
-    """Serve ``app`` until the block ends (then shut it down and join the thread); yields its URL."""
+def serving(app: web.Application, **server_options) -> Iterator[str]:
+    """Serve ``app`` until the block ends (then shut it down and join the thread); yields its URL.
+    ``server_options``: ``start_server``'s (a connection cap, say)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-node", daemon=True)
     thread.start()
     try:
-        runner, port = asyncio.run_coroutine_threadsafe(start_server(app, "127.0.0.1", 0), loop).result(START_TIMEOUT_S)
+        runner, port = asyncio.run_coroutine_threadsafe(start_server(app, "127.0.0.1", 0, **server_options), loop).result(START_TIMEOUT_S)
         try:
             yield f"http://127.0.0.1:{port}"
         finally:

@@ -1,10 +1,10 @@
 """The HTTP listener's limits, on a real socket: connections past the cap get a 503 at once (a
 crowd of idle or slow clients cannot take every socket), an idle keep-alive connection is
-closed, and a body that trickles in past its deadline gets a 408."""
+closed, a body that trickles in past its deadline gets a 408 and a head that trickles in is cut
+off. The servers run as every test server does (``http_fixtures.serving``), with a small cap."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 
@@ -12,9 +12,10 @@ import httpx
 from aiohttp import web
 
 from node.api import errors
-from node.api.app import KEEPALIVE_TIMEOUT_S, start_server
+from node.api.app import KEEPALIVE_TIMEOUT_S
 from node.api.errors import errors_middleware, parse_body
 from node.api.protocol import ErrorInfo
+from tests.node.api.http_fixtures import serving
 
 
 async def _echo(request: web.Request) -> web.Response:
@@ -22,35 +23,28 @@ async def _echo(request: web.Request) -> web.Response:
     return web.json_response({"message": body.message})
 
 
-def _serve(max_connections: int):
-    loop = asyncio.new_event_loop()
+def _echo_app() -> web.Application:
     app = web.Application(middlewares=[errors_middleware()])
     app.router.add_post("/echo", _echo)
-    runner, port = loop.run_until_complete(start_server(app, "127.0.0.1", 0, max_connections=max_connections))
-    return loop, runner, port
+    return app
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 
 def test_connections_past_the_cap_are_refused_at_once():
-    loop, runner, port = _serve(max_connections=3)
-    import threading
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # hold every slot, send nothing
-    try:
+    with serving(_echo_app(), max_connections=3) as url:
+        idle = [socket.create_connection(("127.0.0.1", _port(url))) for _ in range(3)]  # hold every slot, send nothing
         time.sleep(0.3)
-        refused = httpx.post(f"http://127.0.0.1:{port}/echo", json={"message": "x", "type": "t"}, timeout=10)
+        refused = httpx.post(f"{url}/echo", json={"message": "x", "type": "t"}, timeout=10)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
         assert refused.json()["error"]["code"] == "server_busy"
         for s in idle:
             s.close()
         time.sleep(0.3)
-        served = httpx.post(f"http://127.0.0.1:{port}/echo", json={"message": "x", "type": "t"}, timeout=10)
+        served = httpx.post(f"{url}/echo", json={"message": "x", "type": "t"}, timeout=10)
         assert served.status_code == 200 and served.json() == {"message": "x"}
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 def test_a_trickling_body_gets_408_and_an_idle_connection_is_closed(monkeypatch):
@@ -58,18 +52,13 @@ def test_a_trickling_body_gets_408_and_an_idle_connection_is_closed(monkeypatch)
 
     monkeypatch.setattr(errors, "BODY_TIMEOUT_S", 0.5)
     monkeypatch.setattr(app_module, "KEEPALIVE_TIMEOUT_S", 0.5)
-    loop, runner, port = _serve(max_connections=8)
-    import threading
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        with socket.create_connection(("127.0.0.1", port)) as s:
+    with serving(_echo_app(), max_connections=8) as url:
+        with socket.create_connection(("127.0.0.1", _port(url))) as s:
             s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
             s.settimeout(10)
             reply = s.recv(4096)
         assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
-        with socket.create_connection(("127.0.0.1", port)) as s:  # a served keep-alive connection, then silence
+        with socket.create_connection(("127.0.0.1", _port(url))) as s:  # a served keep-alive connection, then silence
             body = b'{"message": "x", "type": "t"}'
             s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
                       + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -78,11 +67,7 @@ def test_a_trickling_body_gets_408_and_an_idle_connection_is_closed(monkeypatch)
             started = time.monotonic()
             assert s.recv(4096) == b""  # closed by the server once idle past its keep-alive timeout
             assert time.monotonic() - started < 5
-        assert KEEPALIVE_TIMEOUT_S <= 30  # (the real setting: aiohttp's default would hold it for an hour)
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    assert KEEPALIVE_TIMEOUT_S <= 30  # (the real setting: aiohttp's default would hold it for an hour)
 
 
 def test_a_head_that_trickles_in_is_cut_off(monkeypatch):
@@ -91,21 +76,12 @@ def test_a_head_that_trickles_in_is_cut_off(monkeypatch):
     from node.api import app as app_module
 
     monkeypatch.setattr(app_module, "HEADER_TIMEOUT_S", 0.5)
-    loop, runner, port = _serve(max_connections=1)
-    import threading
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        with socket.create_connection(("127.0.0.1", port)) as s:
+    with serving(_echo_app(), max_connections=1) as url:
+        with socket.create_connection(("127.0.0.1", _port(url))) as s:
             s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\n")
             s.settimeout(10)
             started = time.monotonic()
             assert s.recv(4096) == b"" and time.monotonic() - started < 5  # closed by the server
         time.sleep(0.2)
-        served = httpx.post(f"http://127.0.0.1:{port}/echo", json={"message": "x", "type": "t"}, timeout=10)
+        served = httpx.post(f"{url}/echo", json={"message": "x", "type": "t"}, timeout=10)
         assert served.status_code == 200  # the one slot is free again
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
