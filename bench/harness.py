@@ -122,7 +122,8 @@ class NumpyBackend:
     def __init__(self, model: LoadedModel, reference: NumpyLlama):
         self.model_id = model.model_id
         self.vocab_size = model.vocab_size
-        self.eos_token_ids, self.decode = model.eos_token_ids, model.decode  # the finish rules: the tokenizer's
+        # the finish rules and grammar masks: the tokenizer's
+        self.eos_token_ids, self.decode, self.grammar_vocabulary = model.eos_token_ids, model.decode, model.grammar_vocabulary
         self._reference = reference
 
     def score_blocks(self, token_ids: Sequence[int], from_position: int = 0) -> list[np.ndarray]:

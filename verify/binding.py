@@ -15,6 +15,7 @@ behind each receipt in it, it checks per choice that:
    choice j of n uses seed + j), and the seed's source is the one the request implies;
 4. the finish obeys the finish rules (``verify.finish``) and the text and finish_reason the client
    got are what the output ids decode to under them;
+   With tools, a committed text that is a tool call must have been served as that call;
 5. logprobs, when asked for, agree with the committed fingerprints (same differences between
    the top tokens' values, one entry per output token).
 
@@ -24,6 +25,7 @@ request; it is not a network conviction (a finish-rule failure is also fraud an 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol, Sequence
@@ -31,6 +33,7 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 from verify.evidence import AnswerFile
 from verify.finish import finish_failures, visible_text
 from verify.sampling import U64, SamplingParams
+from verify.structured import call_text, read_tool_calls, request_grammar, tools_in_effect
 from verify.verifier import attribution_problems
 
 Endpoint = Literal["chat", "completions"]
@@ -46,7 +49,7 @@ class Tokenization(Protocol):
 
     eos_token_ids: Sequence[int]
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()) -> list[int]: ...
 
     def encode_prompt(self, text: str) -> list[int]: ...
 
@@ -55,10 +58,16 @@ class Tokenization(Protocol):
 
 def template_message(message: Mapping[str, Any]) -> dict[str, str]:
     """The plain {role, content} dict a chat template renders from an OpenAI message
-    ("developer" is OpenAI's new name for "system"; text parts are joined)."""
+    ("developer" is OpenAI's new name for "system"; text parts are joined; an assistant's
+    earlier tool calls become the text that made them, and a tool's result a user turn in
+    ``<tool_response>`` tags, as ``verify.structured`` documents)."""
     content = message.get("content")
     text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content or [])
     role = message.get("role")
+    if role == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
+    if role == "assistant" and message.get("tool_calls"):
+        text += call_text(message["tool_calls"])
     return {"role": "system" if role == "developer" else role, "content": text}
 
 
@@ -78,7 +87,8 @@ def requested_max_tokens(body: Mapping[str, Any]) -> int | None:
 
 def requested_sampling(body: Mapping[str, Any], *, max_tokens: int, seed: int) -> SamplingParams:
     """The sampling parameters a request body asks for, OpenAI's defaults where it is silent:
-    the one mapping the node serves with and the binding check expects."""
+    the one mapping the node serves with and the binding check expects. Raises
+    ``GrammarError`` when the request's schema, grammar or tool choice cannot be compiled."""
     stop = body.get("stop")
     return SamplingParams(
         temperature=1.0 if body.get("temperature") is None else body["temperature"],
@@ -89,6 +99,7 @@ def requested_sampling(body: Mapping[str, Any], *, max_tokens: int, seed: int) -
         max_tokens=max_tokens,
         seed=seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        grammar=request_grammar(body),
     )
 
 
@@ -107,6 +118,7 @@ class ReceivedChoice:
     finish_reason: str | None = None
     proofmesh: dict | None = None
     logprobs: list[dict] = field(default_factory=list)  # one per token, as the endpoint renders them
+    tool_calls: dict[int, dict[str, str]] = field(default_factory=dict)  # by call index: name, arguments (JSON text)
 
 
 @dataclass
@@ -139,12 +151,17 @@ def received_choices(response: Mapping[str, Any] | Sequence[Mapping[str, Any]]) 
                 got.proofmesh = c.get("proofmesh") or chunk.get("proofmesh")
             if c.get("logprobs"):
                 got.logprobs.append(c["logprobs"])
+            for k, call in enumerate(message.get("tool_calls") or []):  # a stream sends arguments in pieces
+                function = call.get("function") or {}
+                joined = got.tool_calls.setdefault(int(call.get("index", k)), {"name": "", "arguments": ""})
+                joined["name"] += function.get("name") or ""
+                joined["arguments"] += function.get("arguments") or ""
     return choices
 
 
 def _prompts(endpoint: Endpoint, body: Mapping[str, Any], tok: Tokenization) -> list[list[int]]:
     if endpoint == "chat":
-        return [tok.encode_chat([template_message(m) for m in body.get("messages") or []])]
+        return [tok.encode_chat([template_message(m) for m in body.get("messages") or []], tools_in_effect(body))]
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [tok.encode_prompt(prompt)]
@@ -178,6 +195,16 @@ def _logprob_problems(endpoint: Endpoint, got: ReceivedChoice, answer: AnswerFil
                and not any(math.isclose(v - best, e, abs_tol=LOGPROB_TOLERANCE) for e in expected.values()) for v in top):
             return [f"a top logprob of token {t} is not among the committed fingerprint's"]
     return []
+
+
+def _received_calls(got: ReceivedChoice) -> list[tuple[str, Any]]:
+    calls = []
+    for _, call in sorted(got.tool_calls.items()):
+        try:
+            calls.append((call["name"], json.loads(call["arguments"])))
+        except ValueError:
+            calls.append((call["name"], call["arguments"]))  # not JSON: never equal to a committed call
+    return calls
 
 
 def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[str, Any] | Sequence[Mapping[str, Any]],
@@ -234,10 +261,15 @@ def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[
             found.append("the request set no seed and client seeds are required")
         for position, why in finish_failures(ev.output_ids, ev.sampling, r.finish_reason, tok.eos_token_ids, tok.decode):
             found.append(f"{why} (output position {position})")
-        if got.finish_reason != r.finish_reason:
-            found.append(f"finish_reason {got.finish_reason!r} received, {r.finish_reason!r} committed")
-        if got.text != visible_text(ev.output_ids, ev.sampling, tok.eos_token_ids, tok.decode):
+        text = visible_text(ev.output_ids, ev.sampling, tok.eos_token_ids, tok.decode)
+        calls = read_tool_calls(text, tools_in_effect(body)) if endpoint == "chat" and r.finish_reason == "stop" else None
+        served_finish = "tool_calls" if calls else r.finish_reason
+        if got.finish_reason != served_finish:
+            found.append(f"finish_reason {got.finish_reason!r} received, {served_finish!r} committed")
+        if got.text != ("" if calls else text):
             found.append("the text received is not what the committed output ids decode to")
+        if _received_calls(got) != [(c.name, c.arguments) for c in calls or []]:
+            found.append("the tool calls received are not what the committed output ids decode to")
         if got.logprobs:
             top_n = (body.get("top_logprobs") or 0) if endpoint == "chat" else (body.get("logprobs") or 0)
             found.extend(_logprob_problems(endpoint, got, answer, top_n))

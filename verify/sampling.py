@@ -11,6 +11,8 @@ verifier can tolerate near-ties that honest hardware resolves differently.
 Order of operations at step ``t`` (``t`` = number of tokens generated before this one), all in
 float64, ``V`` = vocabulary size:
 
+0. grammar (when the parameters carry one): tokens outside the grammar's mask at this step
+   (``verify.grammar``: a function of the grammar and the tokens generated so far) get ``-inf``;
 1. penalties (OpenAI): ``score[j] = logit[j] - count[j] * frequency_penalty - (count[j] > 0) * presence_penalty``
    (evaluated left to right), ``count[j]`` = occurrences of token j among the tokens generated so
    far (not the prompt);
@@ -54,6 +56,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NOISE_DOMAIN = b"proofmesh/gumbel/v1"
+MAX_GRAMMAR_BYTES = 64 * 1024  # a grammar costs every verifier its compile: bounded like any input
 MAX_STOP_STRINGS = 4
 U64 = 2**64  # seeds and steps are unsigned 64-bit
 
@@ -72,6 +75,8 @@ class SamplingParams(BaseModel):
     seed: int = Field(..., ge=0, lt=U64)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[Annotated[int, Field(ge=0)], ...] = ()
+    # Canonical grammar text (``verify.grammar``) the answer must follow; None: unconstrained.
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_BYTES)
 
     @field_validator("stop")
     @classmethod
@@ -94,6 +99,8 @@ class SamplingParams(BaseModel):
             "seed": int(self.seed),
             "stop": list(self.stop),
             "stop_token_ids": [int(i) for i in self.stop_token_ids],
+            # Present only when set, so that an unconstrained request hashes as it always did.
+            **({"grammar": self.grammar} if self.grammar is not None else {}),
         }
 
 
@@ -160,10 +167,12 @@ def _ranked(scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return candidates[np.argsort(-scores[candidates], kind="stable")]
 
 
-def process_logits(logits: np.ndarray, params: SamplingParams, previous_output_ids: Sequence[int]) -> np.ndarray:
-    """Steps 1-4 of the module docstring: penalised, tempered, truncated scores.
+def process_logits(logits: np.ndarray, params: SamplingParams, previous_output_ids: Sequence[int],
+                   allowed: np.ndarray | None = None) -> np.ndarray:
+    """Steps 0-4 of the module docstring: masked, penalised, tempered, truncated scores.
 
-    Returns a new float64 vector (``-inf`` for tokens dropped by top-k / top-p); ``logits`` is not
+    ``allowed``: the grammar's boolean mask for this step (None: no grammar). Returns a new
+    float64 vector (``-inf`` for tokens masked or dropped by top-k / top-p); ``logits`` is not
     modified. Raises ``ValueError`` for NaN or ``+inf`` logits, or when no logit is finite.
     """
     scores = np.array(logits, dtype=np.float64).reshape(-1)
@@ -172,6 +181,14 @@ def process_logits(logits: np.ndarray, params: SamplingParams, previous_output_i
     if not np.isfinite(scores).any():
         raise ValueError("at least one logit must be finite")
     vocab = scores.size
+
+    # 0. the grammar's mask
+    if allowed is not None:
+        if allowed.shape != (vocab,):
+            raise ValueError(f"grammar mask of shape {allowed.shape} for {vocab} logits")
+        scores[~allowed] = -np.inf
+        if not np.isfinite(scores).any():
+            raise ValueError("no token the grammar allows has a finite logit")
 
     # 1. penalties over the tokens generated so far
     if len(previous_output_ids) and (params.frequency_penalty != 0.0 or params.presence_penalty != 0.0):
@@ -214,21 +231,24 @@ def decision_scores(
     step: int,
     previous_output_ids: Sequence[int],
     exact_ids: Sequence[int] = (),
+    allowed: np.ndarray | None = None,
 ) -> np.ndarray:
     """The array whose argmax is the sampled token: processed scores, plus this step's Gumbel
     noise when T > 0 (``-inf`` for masked tokens). Tokens that cannot win carry an upper bound
-    of their noise (see ``_contender_noise``); those in ``exact_ids`` always their true value."""
-    scores = process_logits(logits, params, previous_output_ids)
+    of their noise (see ``_contender_noise``); those in ``exact_ids`` always their true value.
+    ``allowed``: the grammar's mask for this step (``process_logits``)."""
+    scores = process_logits(logits, params, previous_output_ids, allowed)
     if params.temperature > 0:
         scores = scores + _contender_noise(scores, params.seed, request_hash, step, exact_ids)
     return scores
 
 
 def sample_token(
-    logits: np.ndarray, params: SamplingParams, request_hash: bytes, step: int, previous_output_ids: Sequence[int]
+    logits: np.ndarray, params: SamplingParams, request_hash: bytes, step: int, previous_output_ids: Sequence[int],
+    allowed: np.ndarray | None = None,
 ) -> int:
     """The token for this step: ``argmax(decision_scores(...))``, lowest id on exact ties."""
-    return int(np.argmax(decision_scores(logits, params, request_hash, step, previous_output_ids)))
+    return int(np.argmax(decision_scores(logits, params, request_hash, step, previous_output_ids, (), allowed)))
 
 
 def token_margin(scores: np.ndarray, token_id: int) -> float:

@@ -5,7 +5,9 @@ every output position. Then, at each position t:
 
 1. sampling: the claimed token must win the seeded Gumbel-max (argmax at T = 0) computed from
    the verifier's logits, within a margin ``eps`` in logit units: honest hardware that differs in
-   the last bits may resolve a near-tie the other way, a cheater's token loses by far more;
+   the last bits may resolve a near-tie the other way, a cheater's token loses by far more. With
+   a grammar, the verifier rebuilds its mask at every position (``verify.grammar``): a token
+   outside it loses by ``-inf``, whatever the rounding;
 2. fingerprint: the committed top-k logits must match the verifier's logits at those ids within
    ``tau``: catches another model, dtype or quantization, skipped layers.
 
@@ -39,6 +41,7 @@ from verify.errors import VerifyError
 from verify.evidence import AnswerFile
 from verify.finish import finish_failures
 from verify.receipts import fingerprint_root, verify_receipt
+from verify.grammar import ENGINE, GrammarVocabulary, foreign_engine, grammar_problems
 from verify.sampling import SamplingParams, decision_scores, token_margin
 
 
@@ -60,6 +63,9 @@ class ScoringBackend(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` with special tokens skipped (for stop strings)."""
+
+    def grammar_vocabulary(self) -> GrammarVocabulary:
+        """The vocabulary as the grammar engine sees it; asked only for answers with a grammar."""
 
 
 class WrongModelError(VerifyError, ValueError):
@@ -121,24 +127,28 @@ def commitment_problems(answer: AnswerFile, vocab_size: int | None = None) -> li
         problems.append("token counts differ from the evidence")
     if len(ev.fingerprints) == len(ev.output_ids) and r.fingerprint_root != fingerprint_root([(f.ids, f.logits) for f in ev.fingerprints]):
         problems.append("fingerprint_root does not match the evidence's fingerprints")
+    if ev.sampling.grammar is not None:
+        problems.extend(f"the committed grammar does not compile: {why}" for why in grammar_problems(ev.sampling.grammar))
     return problems
 
 
-def _sampling_margin(row: np.ndarray, params: SamplingParams, rh: bytes, step: int, previous: Sequence[int], claimed: int, eps: float) -> float:
+def _sampling_margin(row: np.ndarray, params: SamplingParams, rh: bytes, step: int, previous: Sequence[int], claimed: int,
+                     eps: float, allowed: np.ndarray | None) -> float:
     """How far ``claimed`` leads the seeded draw from the verifier's logits, in logit units
     (< 0: another token wins). Scores are divided by T before the noise, so the lead is
     multiplied back by T.
 
     A token outside the verifier's top-k / top-p set has lead -inf, but honest rounding can sit
     right on that boundary: then the claimed logit is raised by ``eps`` (the most honest hardware
-    can differ by) and the lead re-measured, minus ``eps``. A token that stays masked is fraud.
+    can differ by) and the lead re-measured, minus ``eps``. A token that stays masked is fraud;
+    so is a token outside the grammar's mask (``allowed``), which no rounding can move.
     """
     unit = params.temperature if params.temperature > 0 else 1.0
-    lead = token_margin(decision_scores(row, params, rh, step, previous, (claimed,)), claimed) * unit
+    lead = token_margin(decision_scores(row, params, rh, step, previous, (claimed,), allowed), claimed) * unit
     if lead == -math.inf:
         nudged = np.array(row, dtype=np.float64)
         nudged[claimed] += eps
-        lead = token_margin(decision_scores(nudged, params, rh, step, previous, (claimed,)), claimed) * unit - eps
+        lead = token_margin(decision_scores(nudged, params, rh, step, previous, (claimed,), allowed), claimed) * unit - eps
     # Verdicts are signed canonical JSON, which has no infinities.
     return float(np.clip(lead, -MARGIN_CLIP, MARGIN_CLIP))
 
@@ -157,11 +167,16 @@ def check_positions(answer: AnswerFile, backend: ScoringBackend, eps: float) -> 
     r, ev = answer.receipt, answer.evidence
     rh = bytes.fromhex(r.request_hash)
     n_prompt = len(ev.prompt_ids)
+    grammar = backend.grammar_vocabulary().state(ev.sampling.grammar) if ev.sampling.grammar is not None else None
     blocks = backend.score_blocks(ev.prompt_ids + ev.output_ids[:-1], n_prompt - 1)  # row t predicts output t
     rows = (row for block in blocks for row in block)
     margins, diffs = [], []
     for t, (claimed, row, fp) in enumerate(zip(ev.output_ids, rows, ev.fingerprints)):
-        margins.append(_sampling_margin(row, ev.sampling, rh, t, ev.output_ids[:t], claimed, eps))
+        allowed = None
+        if grammar is not None:
+            allowed = grammar.allowed()
+            grammar.advance(claimed)
+        margins.append(_sampling_margin(row, ev.sampling, rh, t, ev.output_ids[:t], claimed, eps, allowed))
         diffs.append(float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))))  # shape checked: k ids each
     return PositionChecks(np.asarray(margins), np.asarray(diffs))
 
@@ -173,6 +188,8 @@ def verify_answer(answer: AnswerFile, backend: ScoringBackend, tol: Tolerances =
     r, ev = answer.receipt, answer.evidence
     if r.model_id != backend.model_id:
         raise WrongModelError(f"the answer is for model {r.model_id[:16]}…, this verifier runs {backend.model_id[:16]}…")
+    if ev.sampling.grammar is not None and (engine := foreign_engine(ev.sampling.grammar)):
+        raise WrongModelError(f"the answer's grammar was made for {engine}; this verifier runs {ENGINE}")
     if problems := attribution_problems(answer):
         return Verdict(receipt_id=r.receipt_id, verdict="unattributable", reasons=problems, failures=[])
     if problems := commitment_problems(answer, backend.vocab_size):

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from node.api.protocol import ErrorInfo, ErrorResponse
 from node.errors import ConfigError, ContextLengthError, EngineBusyError, RequestError
+from verify.grammar import GrammarError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ def api_error_of(exc: Exception, shutting_down: bool = False) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, RequestError):
         return APIError(400, str(exc))
+    if isinstance(exc, GrammarError):
+        return APIError(400, f"the requested output format cannot be enforced: {exc}", code="unsupported_grammar")
     if isinstance(exc, ValidationError):
         message, param = describe_validation_error(exc)
         return APIError(400, message, param=param, code="invalid_value")

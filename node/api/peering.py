@@ -82,7 +82,7 @@ class _RecordingBackend:
 
     def __init__(self, model: LoadedModel):
         self.model, self.model_id, self.vocab_size = model, model.model_id, model.vocab_size
-        self.eos_token_ids, self.decode = model.eos_token_ids, model.decode
+        self.eos_token_ids, self.decode, self.grammar_vocabulary = model.eos_token_ids, model.decode, model.grammar_vocabulary
         self.fingerprints: list[Fingerprint] = []
 
     def score_blocks(self, token_ids: Sequence[int], from_position: int = 0) -> Iterator[np.ndarray]:

@@ -3,7 +3,7 @@ Completions, Models, error objects), modeled on vLLM's ``entrypoints/openai/prot
 
 Requests accept fields they do not know (clients send many; they are logged and ignored) but
 validate the fields they do know strictly: a string where a number belongs is a 400, never a
-silent coercion. A few OpenAI features this node cannot honour (tools, logit_bias, echo, ...)
+silent coercion. A few OpenAI features this node cannot honour (logit_bias, echo, audio, ...)
 are rejected rather than ignored, so a client never gets an answer to a question it did not ask.
 The routes turn a request into sampling parameters with ``verify.binding``'s rules (the ones a
 client's binding check expects), so the engine never sees API objects.
@@ -26,6 +26,7 @@ from verify.binding import Endpoint, template_message
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import FinishReason, Receipt
 from verify.sampling import U64
+from verify.structured import ToolCall
 
 if TYPE_CHECKING:  # the wire models never load the engine (nor TVM) at run time
     from node.runtime.engine import TokenEvent
@@ -100,14 +101,47 @@ class StreamOptions(OpenAIRequest):
     include_usage: bool = False
 
 
+class TextFormat(OpenAIRequest):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(OpenAIRequest):
+    type: Literal["json_object"]
+
+
+class JsonSchema(OpenAIRequest):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(OpenAIRequest):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+class GrammarFormat(OpenAIRequest):
+    """Extension: a Lark grammar in llguidance's dialect (``verify.grammar``)."""
+
+    type: Literal["grammar"]
+    grammar: Annotated[Text, Field(min_length=1)]
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat | GrammarFormat, Field(discriminator="type")]
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
 class SamplingRequest(OpenAIRequest):
-    """Fields both endpoints share, in the order of OpenAI's reference; ``None`` = default."""
+    """Fields both endpoints share, in the order of OpenAI's reference; ``None`` = default.
+    ``response_format`` (and a chat's ``tools``) become the answer's grammar: ``verify.structured``."""
 
     model: Text
     frequency_penalty: Penalty | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     presence_penalty: Penalty | None = None
+    response_format: ResponseFormat | None = None
     seed: Annotated[int, Field(ge=0, lt=U64)] | None = None
     stop: Text | list[Text] | None = None
     stream: bool | None = None
@@ -178,23 +212,69 @@ class TextPart(OpenAIRequest):
     text: Text
 
 
+class CalledFunction(OpenAIRequest):
+    name: FunctionName
+    arguments: Text
+
+
+class MessageToolCall(OpenAIRequest):
+    id: Text
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart]
+    content: Text | list[TextPart] | None = None  # None only for an assistant's tool calls
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: Text | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def for_template(self) -> dict[str, str]:
         """The plain {role, content} dict a chat template renders (``verify.binding``)."""
         return template_message(self.model_dump())
 
 
+class FunctionDefinition(OpenAIRequest):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; the grammar checks it compiles
+    strict: bool | None = None
+
+
+class Tool(OpenAIRequest):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIRequest):
+    name: FunctionName
+
+
+class NamedToolChoice(OpenAIRequest):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+MAX_TOOLS = 64
+
+
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
-    unsupported: ClassVar[tuple[str, ...]] = ("tools", "functions", "response_format", "logit_bias", "audio")
+    unsupported: ClassVar[tuple[str, ...]] = ("functions", "function_call", "logit_bias", "audio")
     endpoint: ClassVar[Endpoint] = "chat"
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a forced choice makes exactly one call
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
@@ -206,6 +286,8 @@ class ChatCompletionRequest(SamplingRequest):
     def _check_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("'top_logprobs' needs 'logprobs': true")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("'tool_choice' other than 'none' or 'auto' needs 'tools'")
         return self
 
 
@@ -315,17 +397,50 @@ class CompletionResponse(_ResponseHead):
     usage: UsageInfo | None = None
 
 
+class ServedFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI serves it
+
+
+class ServedToolCall(BaseModel):
+    index: int | None = None  # streams only: which call a delta belongs to
+    id: str
+    type: Literal["function"] = "function"
+    function: ServedFunction
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    @classmethod
+    def of(cls, calls: Sequence[ToolCall], receipt_id: str, streamed: bool = False) -> list["ServedToolCall"]:
+        """Call ids follow from the receipt, so the same answer always names its calls alike."""
+        return [cls(index=k if streamed else None, id=f"call_{receipt_id[:24]}_{k}",
+                    function=ServedFunction(name=c.name, arguments=c.arguments_json)) for k, c in enumerate(calls)]
+
+
+ServedFinishReason = FinishReason | Literal["tool_calls"]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ServedToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason
+    finish_reason: ServedFinishReason
     proofmesh: ProofMeshInfo | None = None
 
 
@@ -338,6 +453,7 @@ class ChatCompletionResponse(_ResponseHead):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ServedToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler) -> dict[str, Any]:
@@ -349,7 +465,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ServedFinishReason | None = None
 
 
 class ChatCompletionChunk(_ResponseHead):

@@ -42,11 +42,13 @@ from node.api.protocol import (
     DeltaMessage,
     ModelList,
     SamplingRequest,
+    ServedToolCall,
     UsageInfo,
 )
 from node.api.errors import api_error_of, parse_body
 from node.api.service import NODE, ChoiceEvent, ServedModel
 from verify.binding import choice_seed, default_max_tokens, requested_max_tokens, requested_sampling
+from verify.structured import TOOL_CALL_OPEN, ToolCall, read_tool_calls, tools_in_effect
 
 routes = web.RouteTableDef()
 
@@ -69,7 +71,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     served = request.app[NODE].model(body.model)
-    prompt = served.loaded.tokenizer.encode_chat([m.for_template() for m in body.messages])
+    functions = tools_in_effect(body.model_dump(by_alias=True, include={"tools", "tool_choice"}))
+    prompt = served.loaded.tokenizer.encode_chat([m.for_template() for m in body.messages], functions)
     return await _respond(request, served, body, [prompt], ChatRenderer(served, body))
 
 
@@ -78,7 +81,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 def _generation_requests(served: ServedModel, body: SamplingRequest, prompts: list[list[int]]) -> list[GenerationRequest]:
     """One engine request per choice, prompt-major (choice index = prompt * n + j)."""
-    requests, fields = [], body.model_dump()  # once: a body may hold a long chat
+    requests, fields = [], body.model_dump(by_alias=True)  # once: a body may hold a long chat
     for ids in prompts:
         # verify.binding's rules, so the node serves exactly what a client's binding check expects
         max_tokens = requested_max_tokens(fields) or default_max_tokens(body.endpoint, len(ids), served.loaded.max_context)
@@ -211,36 +214,69 @@ class CompletionRenderer(Renderer):
 
 
 class ChatRenderer(Renderer):
+    """Chat responses. With tools in effect, an answer that is a tool call (``verify.structured``)
+    is served as ``tool_calls`` with finish_reason ``"tool_calls"``; a stream holds back text that
+    may still become a call until it cannot, or until the end."""
+
     id_prefix = "chatcmpl"
 
     def __init__(self, served: ServedModel, body: SamplingRequest):
         super().__init__(served, body)
         self._started: set[int] = set()  # choices whose first delta (with the role) went out
+        self.functions = tools_in_effect(body.model_dump(include={"tools", "tool_choice"}))
+        self._held: dict[int, str] = defaultdict(str)  # text that may be the start of a tool call
+        self._plain: set[int] = set()  # choices known to be text
 
     def _logprobs(self, items: list[ChoiceEvent]) -> ChatLogprobs | None:
         if self.top_n is None:
             return None
         return ChatLogprobs.of([i.event for i in items], self.top_n, self.served.token_text)
 
+    def _calls(self, last: ChoiceEvent) -> list[ToolCall] | None:
+        result = last.event.result
+        if not self.functions or result.finish_reason != "stop":
+            return None
+        return read_tool_calls(result.text, self.functions)
+
     def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> ChatCompletionResponse:
         out = []
         for items in choices:
             last = items[-1]
             result = last.event.result
-            out.append(ChatChoice(index=last.index, message=AssistantMessage(content=result.text),
-                                  logprobs=self._logprobs(items), finish_reason=result.finish_reason, proofmesh=last.proof))
+            calls = self._calls(last)
+            message = AssistantMessage(content=result.text)
+            if calls:
+                message = AssistantMessage(content=None, tool_calls=ServedToolCall.of(calls, last.proof.receipt.receipt_id))
+            out.append(ChatChoice(index=last.index, message=message, logprobs=self._logprobs(items),
+                                  finish_reason="tool_calls" if calls else result.finish_reason, proofmesh=last.proof))
         return ChatCompletionResponse(**self.common, choices=out, usage=self.usage(choices, prompt_tokens),
                                       proofmesh=out[0].proofmesh)
+
+    def _visible(self, item: ChoiceEvent) -> str:
+        """The text to send now: held back while it may still open a tool call."""
+        if not self.functions or item.index in self._plain:
+            return item.event.text
+        held = self._held[item.index] + item.event.text
+        opening = held.lstrip()
+        if item.event.finish_reason is None and (TOOL_CALL_OPEN.startswith(opening) or opening.startswith(TOOL_CALL_OPEN)):
+            self._held[item.index] = held
+            return ""
+        self._plain.add(item.index)
+        self._held.pop(item.index, None)
+        return held
 
     def chunk(self, item: ChoiceEvent) -> ChatCompletionChunk | None:
         event = item.event
         first = item.index not in self._started
-        if not (first or event.text or self.top_n is not None or event.finish_reason):
+        calls = self._calls(item) if event.finish_reason is not None else None
+        text = "" if calls else self._visible(item)
+        if not (first or text or self.top_n is not None or event.finish_reason):
             return None
         self._started.add(item.index)
-        delta = DeltaMessage(role="assistant" if first else None, content=event.text if (event.text or first) else None)
+        delta = DeltaMessage(role="assistant" if first else None, content=text if (text or first) else None,
+                             tool_calls=ServedToolCall.of(calls, item.proof.receipt.receipt_id, streamed=True) if calls else None)
         choice = ChatChunkChoice(index=item.index, delta=delta, logprobs=self._logprobs([item]),
-                                 finish_reason=event.finish_reason)
+                                 finish_reason="tool_calls" if calls else event.finish_reason)
         return ChatCompletionChunk(**self.common, choices=[choice], proofmesh=item.proof)
 
     def usage_chunk(self, usage: UsageInfo) -> ChatCompletionChunk:

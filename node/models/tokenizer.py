@@ -29,6 +29,7 @@ filter that keeps non-ASCII, and the ``raise_exception`` / ``strftime_now`` help
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -37,6 +38,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from node.errors import ConfigError, ModelLoadError, RequestError
 from verify.canonical import canonical_hash
+from verify.grammar import GrammarVocabulary
+from verify.structured import with_tool_prompt
 
 # GGUF ``tokenizer.ggml.token_type`` values (llama.cpp ``llama_token_type``).
 GGUF_TOKEN_NORMAL = 1
@@ -76,6 +79,7 @@ class TextTokenizer:
             if not 0 <= tid < self.vocab_size:
                 raise ConfigError(f"special token id {tid} outside the vocabulary (size {self.vocab_size})")
         self._compiled_template = None
+        self._grammar_vocabulary: GrammarVocabulary | None = None
 
     # ------------------------------------------------------------------ encoding
 
@@ -86,12 +90,21 @@ class TextTokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of a templated chat; the template writes every special token, none is added."""
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = (),
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Ids of a templated chat; the template writes every special token, none is added.
+        ``tools``: function definitions the model may call (``verify.structured``)."""
+        text = self.render_chat(messages, tools, add_generation_prompt=add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_knows_tools(self) -> bool:
+        """Whether the chat template renders a ``tools`` list itself (else the node's documented
+        tool prompt is added as a system message)."""
+        return bool(self.chat_template) and re.search(r"\btools\b", self.chat_template) is not None
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = (),
+                    add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages`` (OpenAI-style dicts with role and content)."""
         if not self.chat_template:
             raise RequestError(f"model has no chat template (source {self.source or 'unknown'}); use a raw completion")
@@ -99,9 +112,12 @@ class TextTokenizer:
             self._compiled_template = _compile_template(self.chat_template)
         from jinja2 import TemplateError
 
+        if tools and not self.template_knows_tools:
+            messages, tools = with_tool_prompt(messages, tools), ()
         try:
             return self._compiled_template.render(
                 messages=[dict(m) for m in messages],
+                **({"tools": [{"type": "function", "function": dict(f)} for f in tools]} if tools else {}),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.token_text(self.bos_token_id),
                 eos_token=self.token_text(self.eos_token_ids[0] if self.eos_token_ids else None),
@@ -114,6 +130,13 @@ class TextTokenizer:
         if token_id is None:
             return ""
         return self.tokenizer.id_to_token(token_id) or ""
+
+    def grammar_vocabulary(self, vocab_size: int) -> GrammarVocabulary:
+        """This vocabulary as the grammar engine sees it, over ``vocab_size`` logits (the model's,
+        which may pad the tokenizer's); built on first use (~0.2 s for 49k tokens), then kept."""
+        if self._grammar_vocabulary is None or self._grammar_vocabulary.vocab_size != vocab_size:
+            self._grammar_vocabulary = GrammarVocabulary(self.tokenizer.to_str(), self.eos_token_ids, vocab_size)
+        return self._grammar_vocabulary
 
     # ------------------------------------------------------------------ decoding
 

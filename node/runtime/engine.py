@@ -11,6 +11,9 @@ until a batch slot and KV pages for its whole budget are free (so the cache neve
 mid-answer); a full queue raises ``EngineBusyError``. A caller that stops iterating cancels
 its sequence, which frees its slot before the next step.
 
+A request with a grammar (JSON mode, a schema, a tool call) keeps a ``GrammarState``: its mask
+joins the seeded draw at every step, exactly as ``verify.sampling`` defines it.
+
 Every sampled position also records the top-k (k = 8) token ids and logits: the fingerprints a
 receipt commits to and a verifier re-checks.
 """
@@ -32,6 +35,7 @@ from node.runtime.model_runtime import ModelRuntime
 from node.models.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.canonical import request_hash as compute_request_hash
 from verify.evidence import FINGERPRINT_K
+from verify.grammar import GrammarError, GrammarState
 from verify.receipts import FinishReason, SeedSource
 from verify.sampling import SamplingParams, StopChecker, sample_token, top_k_fingerprint
 
@@ -92,6 +96,7 @@ class _Sequence:
     decoder: IncrementalDecoder
     stop: StopChecker
     created: float = field(default_factory=time.perf_counter)
+    grammar: GrammarState | None = None  # where the answer stands in its grammar, if it has one
     output_ids: list[int] = field(default_factory=list)
     fingerprints: list[tuple[list[int], list[float]]] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -233,6 +238,12 @@ class Engine:
         if len(self._waiting) >= self.max_queue:
             raise EngineBusyError(f"{len(self._waiting)} requests are already waiting; retry later")
         params = request.params
+        grammar = None
+        if params.grammar is not None:
+            try:
+                grammar = self.tokenizer.grammar_vocabulary(self.runtime.cfg.vocab_size).state(params.grammar)
+            except GrammarError as exc:
+                raise RequestError(f"the grammar cannot be used: {exc}") from None
         seq = _Sequence(
             seq_id=next(self._ids),
             request=request,
@@ -240,6 +251,7 @@ class Engine:
             events=asyncio.Queue(),
             decoder=IncrementalDecoder(self.tokenizer),
             stop=StopChecker(params.stop, params.stop_token_ids),
+            grammar=grammar,
         )
         self._waiting.append(seq)
         self._ensure_scheduler()
@@ -341,7 +353,10 @@ class Engine:
         """Sample one token for ``seq`` from its logits and turn it into events."""
         params = seq.request.params
         step = len(seq.output_ids)
-        token = sample_token(logits, params, bytes.fromhex(seq.request_hash), step, seq.output_ids)
+        allowed = seq.grammar.allowed() if seq.grammar is not None else None
+        token = sample_token(logits, params, bytes.fromhex(seq.request_hash), step, seq.output_ids, allowed)
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
         top_ids, top_logits = top_k_fingerprint(logits, FINGERPRINT_K)
         seq.fingerprints.append((top_ids, top_logits))
         peak = float(np.max(logits))

@@ -26,6 +26,7 @@ from node.models.llama.model import fuse_hf_weights, native_params
 from node.runtime.model_runtime import CacheLimits, ModelRuntime
 from node.compiler.targets import DeviceTarget, detect
 from node.models.tokenizer import TextTokenizer
+from verify.grammar import GrammarVocabulary
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class LoadedModel:
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids``, special tokens skipped: the verifier's stop-string rule."""
         return self.tokenizer.decode(token_ids)
+
+    def grammar_vocabulary(self) -> GrammarVocabulary:
+        return self.tokenizer.grammar_vocabulary(self.vocab_size)
 
     def score(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
         """Teacher-forced logits from ``from_position`` on, all rows at once."""

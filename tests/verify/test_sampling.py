@@ -329,7 +329,9 @@ def test_seed_is_required_and_params_are_frozen():
 def test_canonical_dict_is_plain_json_with_every_field():
     p = SamplingParams(seed=7, temperature=1, stop=["x", "yz"], stop_token_ids=[3])
     d = p.to_canonical_dict()
-    assert set(d) == set(SamplingParams.model_fields)
+    # grammar is hashed only when set: unconstrained requests hash as they did before grammars
+    assert set(d) == set(SamplingParams.model_fields) - {"grammar"}
+    assert set(p.model_copy(update={"grammar": "g"}).to_canonical_dict()) == set(SamplingParams.model_fields)
     assert d["stop"] == ["x", "yz"] and d["stop_token_ids"] == [3]
     assert type(d["temperature"]) is float and type(d["seed"]) is int
     assert json.loads(json.dumps(d)) == d
