@@ -100,6 +100,14 @@ class AuditRecord(BaseModel):
     verdicts: list[SignedVerdict]
 
 
+class Conviction(BaseModel):
+    """An upheld fraud proof, without its body (``Ledger.fraud_proof`` has it)."""
+
+    receipt_id: str
+    node_id: str
+    created: float
+
+
 class PeerReputation(BaseModel):
     node_id: str
     score: float
@@ -256,6 +264,13 @@ class Ledger:
             row = self._db.execute("SELECT body FROM fraud_proofs WHERE receipt_id = ?", (receipt_id,)).fetchone()
         return None if row is None else FraudProof.model_validate_json(row[0])
 
+    def convictions(self, *, limit: int = 100) -> list[Conviction]:
+        """Newest first: who was convicted, for which receipt, when (a listing reads no proof bodies)."""
+        with self._lock:
+            rows = self._db.execute("SELECT receipt_id, node_id, created FROM fraud_proofs ORDER BY created DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [Conviction(receipt_id=r[0], node_id=r[1], created=r[2]) for r in rows]
+
     def audit(self, receipt_id: str) -> AuditRecord | None:
         found = self.audits(receipt_id=receipt_id, limit=1)
         return found[0] if found else None
@@ -283,4 +298,4 @@ class Ledger:
         ]
 
 
-__all__ = ["AUDIT_STATES", "FAILED_STATES", "GAIN", "HALF_LIFE_S", "LOSS", "NEUTRAL", "AuditRecord", "AuditState", "Ledger", "PeerReputation", "decayed"]
+__all__ = ["AUDIT_STATES", "FAILED_STATES", "GAIN", "HALF_LIFE_S", "LOSS", "NEUTRAL", "AuditRecord", "AuditState", "Conviction", "Ledger", "PeerReputation", "decayed"]

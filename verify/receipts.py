@@ -25,6 +25,7 @@ from verify.merkle import fingerprint_leaf, merkle_root
 
 RECEIPT_VERSION = 2
 HEX64 = r"^[0-9a-f]{64}$"
+RECEIPT_ID_PATTERN = r"^[0-9a-f]{32}$"  # 128 random bits in hex (also what a status page links by)
 SeedSource = Literal["client", "node"]
 FinishReason = Literal["stop", "length"]
 
@@ -33,7 +34,7 @@ class Receipt(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     v: Literal[2] = RECEIPT_VERSION
-    receipt_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    receipt_id: str = Field(pattern=RECEIPT_ID_PATTERN)
     model_id: str = Field(pattern=HEX64)
     node_id: str = Field(min_length=1, max_length=128)
     backend: str = Field(min_length=1, max_length=200)

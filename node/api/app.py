@@ -9,11 +9,14 @@ store (``node/api/service.py``), so ``GET /v1/receipts/{id}`` serves what ``proo
     GET  /v1/models                  POST /v1/completions        POST /v1/chat/completions
     GET  /v1/receipts/{receipt_id}   GET  /health                GET  /metrics
     GET  /v1/peers ...               (with a p2p network: node/api/peering.py)
+    GET  /                           the operator's status page (HTML: node/api/status_page.py)
 
 Errors: one middleware turns every exception into OpenAI's ``{"error": {message, type, param,
 code}}`` — node errors and HTTP errors with their own status, anything unexpected as a 500
 whose traceback goes to the log, never to the client. With API keys set, ``/v1/*`` needs
-``Authorization: Bearer KEY``; ``/health`` and ``/metrics`` stay open for probes.
+``Authorization: Bearer KEY``; ``/health`` and ``/metrics`` stay open for probes, and so does
+``/``, which then shows what ``/health`` does and leaves out what only ``/v1`` routes show
+(receipts, peers, convictions) unless the request bears a key.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -31,8 +34,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from node.api import routes
 from node.errors import ConfigError
 from node.runtime.loading import LoadedModel
-from node.api.errors import APIError, Handler, errors_middleware, require_api_key
+from node.api.errors import HOLDS_API_KEY, APIError, Handler, errors_middleware, require_api_key
 from node.api.service import NODE, Node
+from node.api.status_page import MAX_ROWS, Cell, StatusPage, Table, Tone, ago, html_response, locked_table, rate_cell, receipt_cell
 from node.runtime.engine import DEFAULT_MAX_QUEUE
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -88,12 +92,23 @@ async def get_receipt(request: web.Request) -> web.Response:
     return web.Response(body=answer.model_dump_json(), content_type="application/json")
 
 
+NodeStatus = Literal["ok", "shutting_down", "degraded"]
+_STATUS_TONES: dict[NodeStatus, Tone] = {"ok": "good", "shutting_down": "warn", "degraded": "bad"}
+
+
+def _status(node: Node) -> NodeStatus:
+    """Degraded: the p2p thread is down (and being restarted)."""
+    if node.shutting_down:
+        return "shutting_down"
+    return "degraded" if node.network is not None and not node.network.running else "ok"
+
+
 async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]
     answers, size = node.store.stats()
-    degraded = node.network is not None and not node.network.running
+    status = _status(node)
     return web.json_response({
-        "status": "shutting_down" if node.shutting_down else "degraded" if degraded else "ok",
+        "status": status,
         "node_id": node.key.node_id,
         "public_key": node.key.public_key.hex(),
         "models": [
@@ -103,8 +118,62 @@ async def health(request: web.Request) -> web.Response:
         ],
         "evidence": {"answers": answers, "bytes": size},
         **({"peer_id": node.network.peer_id, "p2p_addrs": node.network.addrs,
-            "p2p": "degraded: the p2p thread is down (restarting)" if degraded else "ok"} if node.network else {}),
+            "p2p": "degraded: the p2p thread is down (restarting)" if status == "degraded" else "ok"} if node.network else {}),
     })
+
+
+async def status_page(request: web.Request) -> web.Response:
+    """GET /: the node at a glance for its operator (what /health says, plus the answers it signed
+    last, its peers and the convictions it knows of)."""
+    node = request.app[NODE]
+    answers, size = await asyncio.to_thread(node.store.stats)
+    network, status = node.network, _status(node)
+    facts = [
+        ("status", Cell(status, tone=_STATUS_TONES[status])),
+        ("node id", Cell(node.key.node_id)),
+        ("generating", rate_cell(node.token_rate.per_second(), node.token_rate.window_s)),
+        ("evidence kept", Cell(f"{answers} answer{'' if answers == 1 else 's'}, {size / 2**10:,.1f} KiB")),
+        ("p2p", Cell(", ".join(network.addrs) or "listening") if network is not None else Cell("no network", tone="muted")),
+    ]
+    models = Table("Models served", ("name", "model_id", "backend", "max context", "queued", "running"), [
+        (Cell(s.name), Cell(s.loaded.model_id), Cell(s.loaded.backend), Cell(str(s.loaded.max_context)),
+         Cell(str(s.engine.queue_depth)), Cell(str(s.engine.running)))
+        for s in node.models.values()], "none: a gateway to its peers' models")
+    if not request[HOLDS_API_KEY]:
+        tables = [locked_table("Answers signed"), locked_table("Peers"), locked_table("Fraud convictions")]
+    else:
+        tables = [_signed_answers_table(node), _peers_table(node), await _convictions_table(request.app, node)]
+    return html_response(StatusPage("ProofMesh node", facts, [models, *tables]))
+
+
+def _signed_answers_table(node: Node) -> Table:
+    rows = [(receipt_cell(a.receipt_id, "v1/receipts"), Cell(a.model), Cell(str(a.output_tokens)), ago(a.signed_at))
+            for a in reversed(node.signed_answers)]
+    return Table(f"Answers signed (the last {MAX_ROWS} since start; each links to its answer file)",
+                 ("receipt", "model", "tokens", "signed"), rows, "none yet")
+
+
+def _peers_table(node: Node) -> Table:
+    if node.network is None:
+        return Table("Peers", (), (), "no network (proofmesh run --p2p-listen or --bootstrap joins one)")
+    convicted = node.network.table.convicted()
+    peers = sorted(node.network.peers(), key=lambda p: p.record.peer_id)[:MAX_ROWS]
+    rows = [(Cell(p.record.peer_id, tone="bad" if p.record.peer_id in convicted else None),
+             Cell(", ".join(m.name for m in p.record.models) or "none"), Cell(str(p.record.load)),
+             Cell("-" if p.latency_s is None else f"{p.latency_s * 1000:.0f} ms"), Cell(str(p.failures)),
+             Cell("convicted", tone="bad") if p.record.peer_id in convicted else Cell("ok", tone="good"), ago(p.last_seen))
+            for p in peers]
+    return Table("Peers", ("peer id", "models", "load", "latency", "failures", "standing", "last seen"), rows, "none known yet")
+
+
+async def _convictions_table(app: web.Application, node: Node) -> Table:
+    if node.network is None:
+        return Table("Fraud convictions", (), (), "no network: convictions come from peers' fraud proofs")
+    from node.api import peering  # loaded already: the node joined a network
+
+    convictions = await asyncio.to_thread(app[peering.SERVICES].ledger.convictions, limit=MAX_ROWS)
+    rows = [(Cell(c.node_id, tone="bad"), receipt_cell(c.receipt_id, "v1/fraud-proofs"), ago(c.created)) for c in convictions]
+    return Table("Fraud convictions (each receipt links to its fraud proof)", ("convicted node", "receipt", "when"), rows, "none")
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -153,6 +222,7 @@ def make_app(
     app.router.add_get("/v1/receipts/{receipt_id}", get_receipt)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", status_page)
 
     async def mark_shutting_down(_: web.Application) -> None:
         node.shutting_down = True

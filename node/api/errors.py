@@ -139,21 +139,27 @@ async def read_body(request: web.Request) -> bytes:
         raise APIError(400, f"the request body cannot be read: {str(exc).strip()}", code="invalid_body") from None
 
 
+HOLDS_API_KEY = web.RequestKey("holds_api_key", bool)
+"""Set on every request: whether it may see what the /v1 routes show (no keys set, or a valid one
+sent). The open status page (``GET /``) reads it to leave those parts out for everyone else."""
+
+
 def require_api_key(api_keys: Sequence[str]) -> Callable:
     """Middleware: with keys set, every /v1 route needs ``Authorization: Bearer KEY`` (the node's and the sidecar's)."""
     keys = [k.encode() for k in api_keys]
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if keys and request.path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            # compare_digest against every key: no timing hint about which prefix matched
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
-                raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        # compare_digest against every key: no timing hint about which prefix matched
+        request[HOLDS_API_KEY] = not keys or (scheme.lower() == "bearer" and any(
+            hmac.compare_digest(token.strip().encode(), k) for k in keys))
+        if not request[HOLDS_API_KEY] and request.path.startswith("/v1/"):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
         return await handler(request)
 
     return check
 
 
-__all__ = ["APIError", "Handler", "api_error_of", "json_object", "read_body", "describe_validation_error", "errors_middleware", "parse_body",
+__all__ = ["APIError", "HOLDS_API_KEY", "Handler", "api_error_of", "json_object", "read_body", "describe_validation_error", "errors_middleware", "parse_body",
            "require_api_key"]

@@ -8,6 +8,8 @@ being updated on every change, so they can never drift from the engine and the s
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,6 +18,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # (long prompt behind a queue); whole answers up to minutes.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# The status page's live token rate: long enough to smooth over a batch step or an answer that
+# lands all at once (the sidecar counts relayed tokens when an answer is complete), short enough
+# that it still says "now".
+TOKEN_RATE_WINDOW_S = 10
 
 
 class NodeMetrics:
@@ -56,3 +62,32 @@ class NodeMetrics:
         self.evidence_answers.set(evidence[0])
         self.evidence_bytes.set(evidence[1])
         return generate_latest(self.registry)
+
+
+class TokenRate:
+    """Tokens per second over the last ``window_s`` seconds, for the status page: one counter per
+    whole second, so it holds at most ``window_s + 1`` numbers whatever the traffic, and adding
+    a token is one comparison. Prometheus needs none of this (it derives rates from the
+    ``proofmesh_completion_tokens`` counter); a page that renders by itself does."""
+
+    def __init__(self, window_s: int = TOKEN_RATE_WINDOW_S):
+        self.window_s = window_s
+        self._per_second: deque[list[int]] = deque()  # [unix second, tokens], oldest first
+
+    def add(self, tokens: int, *, now: float | None = None) -> None:
+        second = int(time.time() if now is None else now)
+        if self._per_second and self._per_second[-1][0] == second:
+            self._per_second[-1][1] += tokens
+        else:
+            self._per_second.append([second, tokens])
+            self._forget_before(second - self.window_s)
+
+    def per_second(self, *, now: float | None = None) -> float:
+        """Tokens counted in the last ``window_s`` whole seconds before this one, divided by the window."""
+        second = int(time.time() if now is None else now)
+        self._forget_before(second - self.window_s)
+        return sum(tokens for at, tokens in self._per_second if at < second) / self.window_s
+
+    def _forget_before(self, second: int) -> None:
+        while self._per_second and self._per_second[0][0] < second:
+            self._per_second.popleft()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
@@ -19,8 +20,9 @@ from aiohttp import web
 
 from node.api.answers import answer_file
 from node.api.errors import RETRY_AFTER_S, APIError
-from node.api.metrics import NodeMetrics
+from node.api.metrics import NodeMetrics, TokenRate
 from node.api.protocol import ModelCard, ProofMeshInfo
+from node.api.status_page import MAX_ROWS
 from node.errors import ConfigError
 from node.runtime.engine import Engine, GenerationRequest, GenerationResult, TokenEvent
 from node.runtime.loading import LoadedModel
@@ -65,13 +67,28 @@ class ChoiceEvent:
     proof: ProofMeshInfo | None  # set on the choice's last event: its signed receipt
 
 
+@dataclass(frozen=True)
+class SignedAnswer:
+    """One answer this node signed, as the status page lists it (its answer file is in the store)."""
+
+    receipt_id: str
+    model: str  # the served name
+    output_tokens: int
+    signed_at: float  # unix seconds
+
+
 class Node:
-    """What the routes share: models, identity, evidence store, metrics, shutdown state."""
+    """What the routes share: models, identity, evidence store, metrics, shutdown state, and what
+    the status page shows live (the token rate, the answers signed last)."""
 
     def __init__(self, models: Sequence[LoadedModel], key: NodeKey, store: EvidenceStore, *, max_queue: int):
         self.key = key
         self.store = store
         self.metrics = NodeMetrics()
+        self.token_rate = TokenRate()
+        # Kept in memory (the store would need a decode per row for the model and token count);
+        # so the page lists the answers signed since this process started.
+        self.signed_answers: deque[SignedAnswer] = deque(maxlen=MAX_ROWS)
         self.shutting_down = False
         self.url: str | None = None  # set once the HTTP server is bound
         self.network: PeerNetwork | None = None  # set when the node joins a p2p network
@@ -121,6 +138,7 @@ class Node:
         async def run(index: int, request: GenerationRequest) -> None:
             try:
                 async for event in served.engine.generate(request):
+                    self.token_rate.add(1)  # every event is one sampled token
                     proof = self._seal(served, event.result) if event.result is not None else None
                     queue.put_nowait(ChoiceEvent(index, event, proof))
             except Exception as exc:  # handed to the consumer, which raises it
@@ -145,6 +163,7 @@ class Node:
         answer = answer_file(result, self.key, model_id=served.loaded.model_id, backend=served.loaded.backend)
         self.store.put(answer)
         self.metrics.observe_answer(served.name, len(result.prompt_ids), len(result.output_ids), result.time_to_first_token)
+        self.signed_answers.append(SignedAnswer(answer.receipt.receipt_id, served.name, len(result.output_ids), answer.receipt.created))
         return ProofMeshInfo(receipt=answer.receipt, signature=answer.signature, public_key=answer.public_key,
                              backend=served.loaded.backend)
 

@@ -26,7 +26,8 @@ disagreement and every answer is audited, so the one that lied is convicted.
 
 Routes: the proxied ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``; ``POST
 /v1/audits`` (an answer file: audited now, the record returned); ``GET /v1/audits/{receipt_id}``;
-``GET /v1/audits?node_id=&state=&limit=``; ``GET /health``.
+``GET /v1/audits?node_id=&state=&limit=``; ``GET /health``; ``GET /``, the operator's status page
+(``node/sidecar/status_page.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.api.errors import APIError, describe_validation_error, errors_middleware, json_object, read_body, require_api_key
+from node.api.errors import (HOLDS_API_KEY, APIError, describe_validation_error, errors_middleware, json_object, read_body,
+                             require_api_key)
+from node.api.metrics import TokenRate
+from node.api.status_page import html_response
+from node.sidecar.status_page import sidecar_page
 from verify.attestation import Attestation
 from verify.binding import Endpoint, Tokenization, bind_answers
 from verify.evidence import AnswerFile
@@ -134,6 +139,7 @@ class Sidecar:
         self._model_lock = asyncio.Lock()  # one runtime per model, not thread-safe: audits take turns
         self._tasks: set[asyncio.Task] = set()
         self._cards: dict[str, dict] = {}  # model name -> the upstreams' model card (model_id, max_context)
+        self.token_rate = TokenRate()  # tokens of the answers upstreams gave clients, for the status page
         self.session: aiohttp.ClientSession | None = None
 
     async def identify(self) -> None:
@@ -232,6 +238,12 @@ class Sidecar:
         """A failed audit of an answer whose evidence never came (its model is unknown)."""
         self.ledger.open_audit(receipt_id, node_id, "")
         self.ledger.close_audit(receipt_id, "withheld")
+
+    def answered(self, answers: Sequence[AnswerFile]) -> None:
+        """Answers bound to a client's request (every copy of a redundant one): count their tokens,
+        then audit a share of them after the response."""
+        self.token_rate.add(sum(len(a.evidence.output_ids) for a in answers))
+        self.spawn(self.audit_chosen(answers))
 
     async def audit_chosen(self, answers: Sequence[AnswerFile]) -> None:
         for answer in answers:
@@ -403,7 +415,7 @@ async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: d
             answers, refused = await sidecar.check_answer(up, endpoint, body, response, headers)
             if refused:
                 raise APIError(502, refused, code="answer_refused")
-            sidecar.spawn(sidecar.audit_chosen(answers))
+            sidecar.answered(answers)
             return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
         response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -428,7 +440,7 @@ async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: d
                 await response.write(f"data: {error}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
-            sidecar.spawn(sidecar.audit_chosen(answers))
+            sidecar.answered(answers)
         except ConnectionResetError:  # the client left: what it received is not checked
             log.debug("client left before the end of the stream")
         return response
@@ -471,7 +483,7 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
                                                            for a in answers]} for up, (_, answers) in zip(chosen, results)],
     }
     for _, answers in results:  # their evidence is in hand already
-        sidecar.spawn(sidecar.audit_chosen(answers))
+        sidecar.answered(answers)
     return web.json_response(first)
 
 
@@ -529,6 +541,10 @@ async def health(request: web.Request) -> web.Response:
                               "verifier_id": sidecar.key.node_id, "models": sorted(sidecar.backends)})
 
 
+async def status_page(request: web.Request) -> web.Response:
+    return html_response(await sidecar_page(request.app[SIDECAR], request[HOLDS_API_KEY]))
+
+
 def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = ()) -> web.Application:
     """The sidecar's app; with ``api_keys`` every /v1 route needs one (audits and proofs included)."""
     app = web.Application(client_max_size=16 << 20, middlewares=[errors_middleware(), require_api_key(api_keys)])  # long answer files
@@ -540,6 +556,7 @@ def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = ()) -> web.Appl
     app.router.add_get("/v1/audits", list_audits)
     app.router.add_get("/v1/audits/{receipt_id}", get_audit)
     app.router.add_get("/health", health)
+    app.router.add_get("/", status_page)
 
     async def open_session(_: web.Application) -> None:
         sidecar.session = aiohttp.ClientSession(timeout=UPSTREAM_TIMEOUT)

@@ -95,6 +95,10 @@ def test_a_fraud_proof_spreads_and_the_network_stops_routing_to_the_cheat(tmp_pa
             on_disk = Ledger(cluster.root / "honest" / "node-ledger.sqlite")
             assert on_disk.convicted() == {cheat.peer_id}
             on_disk.close()
+            # The operator's status page lists the peers and the conviction, linked to its proof.
+            page = httpx.get(f"{honest.url}/").text
+            assert gateway.peer_id in page and "convicted" in page
+            assert any(f'href="v1/fraud-proofs/{r.receipt_id}"' in page for r in sidecar.ledger.audits(state="fraud"))
             # Framing the honest node with one of its receipts, evidence altered, a fresh key's verdict: refused.
             mine = complete(honest.url, "tiny", 999)["proofmesh"]["receipt"]["receipt_id"]
             genuine = AnswerFile.model_validate_json(httpx.get(f"{honest.url}/v1/receipts/{mine}").content)

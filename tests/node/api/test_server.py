@@ -134,6 +134,15 @@ def test_models_health_and_metrics(client, http, node):
     assert after[f'proofmesh_queue_depth{{model="{MODEL}"}}'] == after[f'proofmesh_running_sequences{{model="{MODEL}"}}'] == 0
 
 
+def test_status_page_is_open_but_lists_receipts_only_to_a_key_holder(client, http, node):
+    """GET / follows /health (open), and what it shows from /v1 routes follows theirs (the key)."""
+    receipt_id = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).model_extra["proofmesh"]["receipt"]["receipt_id"]
+    public = httpx.get(f"{node.url}/")
+    assert public.status_code == 200 and public.headers["Content-Type"].startswith("text/html")
+    assert node.key.node_id in public.text and "needs the API key" in public.text and receipt_id not in public.text
+    assert f'href="v1/receipts/{receipt_id}"' in http.get("/").text
+
+
 def test_chat_answer_carries_a_receipt_that_verifies(client, http, node, verifier):
     out = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=12, seed=7, temperature=0.8)
     choice = out.choices[0]
