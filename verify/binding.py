@@ -32,6 +32,7 @@ from typing import Any, Literal, Mapping, Protocol, Sequence
 
 from verify.evidence import AnswerFile
 from verify.finish import finish_failures, visible_text
+from verify.grammar import GrammarError
 from verify.sampling import U64, SamplingParams
 from verify.structured import call_text, read_tool_calls, request_grammar, tools_in_effect
 from verify.verifier import attribution_problems
@@ -248,7 +249,11 @@ def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[
             asked = asked or default_max_tokens(endpoint, len(prompt), max_context)
             max_tokens_ok = ev.sampling.max_tokens == asked
         seed = choice_seed(body, index)
-        expected = requested_sampling(body, max_tokens=asked, seed=ev.sampling.seed if seed is None else seed)
+        try:
+            expected = requested_sampling(body, max_tokens=asked, seed=ev.sampling.seed if seed is None else seed)
+        except GrammarError as exc:  # no honest node serves such a request
+            found.append(f"the request's output format cannot be enforced: {exc}")
+            continue
         mismatched = [name for name in SamplingParams.model_fields
                       if getattr(expected, name) != getattr(ev.sampling, name) and name != "max_tokens"]
         if not max_tokens_ok:
