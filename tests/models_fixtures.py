@@ -88,11 +88,12 @@ def gguf_vocab(vocab: int = DEFAULT_VOCAB) -> tuple[list[str], list[str], list[i
 def tiny_config(
     *, tie: bool = False, qkv_bias: bool = False, n_layers: int = 2, hidden: int = 64, heads: int = 4,
     kv_heads: int = 2, intermediate: int = 128, vocab: int = DEFAULT_VOCAB, rope_theta: float = 10000.0,
+    context: int = 256,
 ) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, rms_norm_eps=1e-5,
-        rope_theta=rope_theta, tie_word_embeddings=tie, attention_bias=qkv_bias, max_position_embeddings=256,
+        rope_theta=rope_theta, tie_word_embeddings=tie, attention_bias=qkv_bias, max_position_embeddings=context,
         model_type="qwen2" if qkv_bias else "llama",
     )
 
@@ -162,7 +163,7 @@ def make_tiny_hf_checkpoint(
     folder: str | Path, *, dtype: str = "float32", tie: bool = False, qkv_bias: bool = False, n_layers: int = 2,
     hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = DEFAULT_VOCAB,
     seed: int = 0, rope_theta: float = 10000.0, rope_in_parameters: bool = False, template_in_jinja: bool = False,
-    add_bos_token: bool | None = None, store_tied_lm_head: bool = False,
+    add_bos_token: bool | None = None, store_tied_lm_head: bool = False, context: int = 256,
 ) -> Path:
     """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json (+ chat_template.jinja).
 
@@ -172,13 +173,13 @@ def make_tiny_hf_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(tie=tie, qkv_bias=qkv_bias, n_layers=n_layers, hidden=hidden, heads=heads,
-                      kv_heads=kv_heads, intermediate=intermediate, vocab=vocab, rope_theta=rope_theta)
+                      kv_heads=kv_heads, intermediate=intermediate, vocab=vocab, rope_theta=rope_theta, context=context)
     config = {
         "architectures": ["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"],
         "model_type": cfg.model_type,
         "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
         "num_hidden_layers": n_layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": hidden // heads, "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
+        "head_dim": hidden // heads, "rms_norm_eps": 1e-5, "max_position_embeddings": context,
         "tie_word_embeddings": tie, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "torch_dtype": dtype,
         "_proofmesh_seed": seed,
     }
@@ -193,7 +194,7 @@ def make_tiny_hf_checkpoint(
     write_safetensors(folder / "model.safetensors", weights, dtype)
     (folder / "tokenizer.json").write_text(tiny_tokenizer_json(vocab))
     tok_cfg = {"bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID],
-               "unk_token": SPECIAL_TOKENS[0], "pad_token": SPECIAL_TOKENS[0], "model_max_length": 256}
+               "unk_token": SPECIAL_TOKENS[0], "pad_token": SPECIAL_TOKENS[0], "model_max_length": context}
     if add_bos_token is not None:
         tok_cfg["add_bos_token"] = add_bos_token
     if template_in_jinja:

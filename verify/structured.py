@@ -93,9 +93,20 @@ def request_grammar(body: Mapping[str, Any]) -> str | None:
     return None
 
 
+def described(function: Mapping[str, Any]) -> dict[str, Any]:
+    """What the model is told of a function: its name, description and parameters, whatever
+    else (or whichever nulls) the request carried, so that node and client render it alike."""
+    out: dict[str, Any] = {"name": function.get("name")}
+    if function.get("description"):
+        out["description"] = function["description"]
+    if function.get("parameters") is not None:
+        out["parameters"] = function["parameters"]
+    return out
+
+
 def tool_prompt(functions: Sequence[Mapping[str, Any]]) -> str:
     """The system text that describes tools to a model whose template does not know them."""
-    listed = "\n".join(json.dumps(dict(f), ensure_ascii=False, sort_keys=True) for f in functions)
+    listed = "\n".join(json.dumps(described(f), ensure_ascii=False, sort_keys=True) for f in functions)
     return ("You can call functions. To call one, answer with only "
             f'{TOOL_CALL_OPEN}{{"name": <function name>, "arguments": <arguments as a JSON object>}}{TOOL_CALL_CLOSE}. '
             f"The functions:\n{listed}")
@@ -147,5 +158,5 @@ def read_tool_calls(text: str, functions: Sequence[Mapping[str, Any]]) -> list[T
     return calls if calls and position == len(text) else None
 
 
-__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ToolCall", "call_text", "read_tool_calls", "request_grammar",
+__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ToolCall", "call_text", "described", "read_tool_calls", "request_grammar",
            "tool_prompt", "tools_in_effect", "with_tool_prompt"]

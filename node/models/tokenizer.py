@@ -39,7 +39,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from node.errors import ConfigError, ModelLoadError, RequestError
 from verify.canonical import canonical_hash
 from verify.grammar import GrammarVocabulary
-from verify.structured import with_tool_prompt
+from verify.structured import described, with_tool_prompt
 
 # GGUF ``tokenizer.ggml.token_type`` values (llama.cpp ``llama_token_type``).
 GGUF_TOKEN_NORMAL = 1
@@ -117,7 +117,7 @@ class TextTokenizer:
         try:
             return self._compiled_template.render(
                 messages=[dict(m) for m in messages],
-                **({"tools": [{"type": "function", "function": dict(f)} for f in tools]} if tools else {}),
+                **({"tools": [{"type": "function", "function": described(f)} for f in tools]} if tools else {}),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.token_text(self.bos_token_id),
                 eos_token=self.token_text(self.eos_token_ids[0] if self.eos_token_ids else None),
