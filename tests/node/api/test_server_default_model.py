@@ -48,3 +48,37 @@ def test_default_model_answers_over_http_with_a_receipt_that_verifies(tmp_path):
         assert verdict.verdict == "pass", verdict
     finally:
         evidence.close()
+
+
+def test_default_model_answers_in_json_and_calls_a_tool_and_both_verify(tmp_path):
+    """The real model under a grammar: a schema'd answer and a forced tool call, through the
+    official client, each re-checked by the verifier (the mask rebuilt on the 49k vocabulary)."""
+    from pydantic import BaseModel
+
+    class Capital(BaseModel):
+        country: str
+        capital: str
+
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                              "required": ["city"], "additionalProperties": False}}}
+    model = load_model(DEFAULT_MODEL, device="cpu")
+    evidence = EvidenceStore(tmp_path / "evidence.sqlite")
+    try:
+        with serving(make_app([model], NodeKey.generate(), evidence)) as url:
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+                parsed = client.beta.chat.completions.parse(model=DEFAULT_MODEL, messages=FRANCE, response_format=Capital,
+                                                            max_tokens=60, temperature=0.0)
+                called = client.chat.completions.create(
+                    model=DEFAULT_MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                    tools=[weather], tool_choice="required", max_tokens=60, temperature=0.0)
+            answers = [AnswerFile.model_validate_json(httpx.get(f"{url}/v1/receipts/{r.model_extra['proofmesh']['receipt']['receipt_id']}").content)
+                       for r in (parsed, called)]
+        assert "Paris" in parsed.choices[0].message.parsed.capital
+        call = called.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and "Paris" in call.function.arguments
+        for answer in answers:
+            assert answer.evidence.sampling.grammar is not None
+            assert verify_answer(answer, model).verdict == "pass"
+    finally:
+        evidence.close()
