@@ -7,11 +7,12 @@ is fraud."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from typing import Literal
 
-import httpx
 import jsonschema
-import openai
 import pytest
 from pydantic import BaseModel, Field
 
@@ -162,3 +163,29 @@ def test_a_token_outside_the_grammar_is_fraud_even_re_signed_by_the_node(node, h
                 finish_reason=honest.receipt.finish_reason)
     verdict = verify_answer(lie, verifier)
     assert verdict.verdict == "fraud" and any(f.position == 3 and f.check == "sampling" for f in verdict.failures)
+
+
+def test_proofmesh_verify_passes_a_tool_call_and_catches_a_served_call_that_is_not_the_committed_one(node, http, tiny_folder, store, tmp_path):
+    body = {"model": MODEL, "messages": ASK, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 80, "seed": 8}
+    response = http.post("/v1/chat/completions", json=body).json()
+    receipt_id = response["choices"][0]["proofmesh"]["receipt"]["receipt_id"]
+    (tmp_path / "answer.json").write_bytes(http.get(f"/v1/receipts/{receipt_id}").content)
+    (tmp_path / "request.json").write_text(json.dumps(body))
+    env = {**os.environ, "PROOFMESH_HOME": str(store)}
+
+    def verify(served: dict) -> subprocess.CompletedProcess:
+        (tmp_path / "response.json").write_text(json.dumps(served))
+        return subprocess.run([sys.executable, "-m", "node.cli", "verify", str(tmp_path / "answer.json"), "--model", str(tiny_folder),
+                               "--device", "cpu", "--request", str(tmp_path / "request.json"), "--response", str(tmp_path / "response.json")],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    honest = verify(response)
+    assert honest.returncode == 0, honest.stderr
+    # an operator in front of the node swaps the city the model chose
+    lied = json.loads(json.dumps(response))
+    call = lied["choices"][0]["message"]["tool_calls"][0]["function"]
+    arguments = json.loads(call["arguments"])
+    arguments["city"] = "Oslo" if arguments["city"] == "Paris" else "Paris"
+    call["arguments"] = json.dumps(arguments)
+    caught = verify(lied)
+    assert caught.returncode == 1 and "tool calls received" in caught.stderr
