@@ -440,3 +440,34 @@ def test_skipping_the_noise_of_tokens_that_cannot_win_never_changes_the_draw():
             exact = decision_scores(logits, params, RH, trial, [], exact_ids=(loser,))
             assert token_margin(exact, loser) == token_margin(full, loser) < 0
         assert token_margin(fast, winner) > 0 or token_margin(full, winner) == 0
+
+
+def _reference_top_p(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Step 4 exactly as the module docstring states it: rank every kept id (stable sort), sum the
+    weights left to right, keep the smallest prefix reaching p * total."""
+    scores = process_logits(logits, params.model_copy(update={"top_p": 1.0}), [])
+    candidates = np.flatnonzero(scores > -np.inf)
+    order = candidates[np.argsort(-scores[candidates], kind="stable")]
+    cumulative = np.cumsum(np.exp(scores[order] - scores[order][0]))
+    n_keep = min(int(np.searchsorted(cumulative, params.top_p * cumulative[-1], side="left")) + 1, order.size)
+    scores[order[n_keep:]] = -np.inf
+    return scores
+
+
+def test_the_fast_nucleus_is_bit_for_bit_the_docstrings():
+    """The served top-p sorts only the scores near the best; the verifier's reference ranks
+    them all. Same kept set, same floats, on logits of every shape: wide and narrow, with ties,
+    quantized to few values, with masked tokens, after top-k."""
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        vocab = int(rng.choice([5, 300, 4096, 49152]))
+        spread = float(rng.choice([0.01, 1.0, 5.0, 30.0]))
+        logits = rng.normal(0, spread, vocab)
+        if trial % 3 == 0:
+            logits = np.round(logits * 4) / 4  # many exact ties
+        if trial % 5 == 0:
+            logits[rng.integers(0, vocab, vocab // 3)] = -np.inf
+        logits = logits.astype(np.float32)
+        p = params(temperature=float(rng.choice([0.05, 0.5, 1.0, 2.0])), top_p=float(rng.choice([0.05, 0.5, 0.9, 0.99, 0.999999])),
+                   top_k=int(rng.choice([0, 0, 3, 50])))
+        np.testing.assert_array_equal(process_logits(logits, p, []), _reference_top_p(logits, p), err_msg=f"trial {trial}")
