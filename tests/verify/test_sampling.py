@@ -364,6 +364,18 @@ def test_fingerprint_matches_a_full_sort_and_is_float32():
         top_k_fingerprint(np.array([np.nan, 1.0]))
 
 
+@pytest.mark.parametrize("spread", [0.01, 1.0, 8.0, 100.0])  # all in the first window ... only the full row
+def test_fingerprint_windows_never_change_the_answer(spread):
+    rng = np.random.default_rng(int(spread * 100))
+    for trial in range(50):
+        logits = (rng.standard_normal(int(rng.choice([9, 300, 49152]))) * spread).astype(np.float32)
+        if trial % 2:
+            logits = np.round(logits)  # exact ties, also at the cut
+        logits[rng.integers(0, logits.size, 3)] = -np.inf
+        order = np.lexsort((np.arange(logits.size), -logits))[:8]  # (-logit, id)
+        assert top_k_fingerprint(logits) == ([int(i) for i in order], [float(logits[i]) for i in order])
+
+
 # ---------------------------------------------------------------- stop handling
 
 
