@@ -32,7 +32,7 @@ from node.models.quant.blocks import SPLIT_LAYOUT_VERSION
 
 log = logging.getLogger(__name__)
 
-LIBRARY_FORMAT_VERSION = 10  # bump when the exported functions or the pipeline change
+LIBRARY_FORMAT_VERSION = 11  # bump when the exported functions, the kernels or the pipeline change
 
 
 def _cpu_features_digest() -> str:

@@ -18,8 +18,13 @@ Two loop nests in one CPU kernel, chosen by the number of token rows ``n`` at ru
   separate tiles; per block, 8 bytes of nibbles are widened once to int32 lanes and give two
   8-lane vectors (low and high nibble) for the FMAs. Nothing is written but the output.
 - otherwise (prefill, batched decode): each task dequantizes its ``ROWS x K`` tile into fp32
-  once (L1/L2 resident) and then runs every token row against it with an 8-lane x ``ROWS``
-  register tile, so dequantization is paid once per tile, not once per token.
+  once (L1/L2 resident) and then runs the token rows against it ``token_tile`` at a time with a
+  ``token_tile x ROWS`` register tile of 8-lane accumulators, so dequantization is paid once per
+  tile and each weight vector loaded from L1 feeds ``token_tile`` FMAs (one alone left the loop
+  bound by loads, not FMAs). ``token_tile`` follows the target's register file
+  (``token_tile_for``): 2 with AVX-512's 32 registers, 1 with AVX2's 16. A row's arithmetic is
+  the same whatever the tile (its own accumulators, the same order), so the output of a token
+  row never depends on the batch it came in.
 
 GPU targets get the plain definition (``quant_matmul_generic``) and dlight's GPU rules
 schedule it, as they do MLC-LLM's dequantize-matmul fusions.
@@ -41,6 +46,14 @@ FUSED_MAX_TOKENS = {4: 2, 8: 4}
 TASKS = 64  # parallel tasks per matmul: many more than cores (balance), few enough to set up cheaply
 CACHE_LINE = 64  # bytes
 PREFETCH_TILES = 4  # decode prefetches the tile this many ahead (measured: 2.6x on a cold Q4_1 GEMV; 2-16 alike)
+
+
+def token_tile_for(vector_registers: int) -> int:
+    """Token rows per register tile of the tiled nest: ``t`` rows keep ``t x ROWS`` accumulators,
+    the tile's ``ROWS`` weight vectors and ``t`` x vectors live, all in registers. With 32 (AVX-512)
+    that is 2 (measured on znver4, 1536 -> 576 Q4_1 at 16 and 128 rows: 1.7x one row at a time;
+    3 spilled and ran slower than 1); with 16 (AVX2), 1."""
+    return max(1, (vector_registers - ROWS) // (ROWS + 1))
 
 
 def _lo(v):
@@ -67,7 +80,7 @@ def _prefetch_block(jo, kb, qs, q_line_rows, d, m):
 
 
 @T.macro(hygienic=False)
-def _matmul_cpu(x, out, n, n_out, k_in, fused_max, block_dot, block_scale, block_offset, tile_value, streams):
+def _matmul_cpu(x, out, n, n_out, k_in, fused_max, token_tile, block_dot, block_scale, block_offset, tile_value, streams):
     """The two loop nests of the module docstring, over row tiles ``jo`` of ``ROWS`` rows ``r``.
     ``block_dot(i, jo, r, kb, l)``: lane ``l`` of sum x*q over block ``kb``; ``block_scale`` /
     ``block_offset(jo, r, kb)``: d and m (None: no m); ``tile_value(jo, r, kb, h, l)``: weight
@@ -104,7 +117,7 @@ def _matmul_cpu(x, out, n, n_out, k_in, fused_max, block_dot, block_scale, block
     else:
         for task in T.parallel((n_tiles + per_task - 1) // per_task):
             with T.sblock("tiled"):
-                acc = T.sblock_alloc_buffer([ROWS, LANES], "float32")
+                acc = T.sblock_alloc_buffer([token_tile, ROWS, LANES], "float32")
                 w = T.sblock_alloc_buffer([ROWS, k_in], "float32")
                 for jo in T.serial(task * per_task, T.min(task * per_task + per_task, n_tiles)):
                     for kb in T.serial(k_in // BLOCK):  # (prefetching here measured no gain: compute-bound)
@@ -112,16 +125,29 @@ def _matmul_cpu(x, out, n, n_out, k_in, fused_max, block_dot, block_scale, block
                             for h in T.unroll(2):
                                 for l in T.vectorized(16):
                                     w[r, kb * 32 + h * 16 + l] = tile_value(jo, r, kb, h, l)
-                    for i in T.serial(n):
-                        for r in T.unroll(ROWS):
-                            for l in T.vectorized(LANES):
-                                acc[r, l] = T.float32(0)
-                        for ko in T.serial(k_in // LANES):
-                            for r in T.unroll(ROWS):
-                                for l in T.vectorized(LANES):
-                                    acc[r, l] = acc[r, l] + x[i, ko * LANES + l] * w[r, ko * LANES + l]
-                        for r in T.serial(ROWS):
-                            out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
+                    # whole tiles of token rows, then the rest one row at a time: no predicate in the hot loop
+                    for ib in T.serial(n // token_tile):
+                        _token_rows(x, out, acc, w, jo, ib * token_tile, token_tile, k_in)
+                    if token_tile > 1:
+                        for i in T.serial(n // token_tile * token_tile, n):
+                            _token_rows(x, out, acc, w, jo, i, 1, k_in)
+
+
+@T.macro(hygienic=False)
+def _token_rows(x, out, acc, w, jo, first, rows, k_in):
+    """Token rows ``first .. first + rows`` against the dequantized tile ``w``, accumulators in registers."""
+    for t in T.unroll(rows):
+        for r in T.unroll(ROWS):
+            for l in T.vectorized(LANES):
+                acc[t, r, l] = T.float32(0)
+    for ko in T.serial(k_in // LANES):
+        for t in T.unroll(rows):
+            for r in T.unroll(ROWS):
+                for l in T.vectorized(LANES):
+                    acc[t, r, l] = acc[t, r, l] + x[first + t, ko * LANES + l] * w[r, ko * LANES + l]
+    for t in T.serial(rows):
+        for r in T.serial(ROWS):
+            out[first + t, jo * ROWS + r] = (acc[t, r, 0] + acc[t, r, 1] + acc[t, r, 2] + acc[t, r, 3]) + (acc[t, r, 4] + acc[t, r, 5] + acc[t, r, 6] + acc[t, r, 7])
 
 
 def _dot_q4(x, qs):
@@ -160,7 +186,7 @@ def _tile_q8(qs, scale):
 
 
 @T.macro(hygienic=False)
-def _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, dot, qs, block_scale, block_offset, tile_value, streams):
+def _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, dot, qs, block_scale, block_offset, tile_value, streams):
     """``_matmul_cpu`` on the model's 3-D activations ``(b, s, k)``, aliased flat: the same memory,
     rows flattened, so no reshape runs around each call (each costs VM time in decode)."""
     b, s = T.int64(), T.int64()
@@ -168,11 +194,12 @@ def _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, dot, qs, block_scale,
     out3 = T.match_buffer(var_out, (b, s, n_out), "float32")
     x = T.decl_buffer((b * s, k_in), "float32", data=x3.data)
     out = T.decl_buffer((b * s, n_out), "float32", data=out3.data)
-    _matmul_cpu(x, out, b * s, n_out, k_in, fused_max, dot(x, qs), block_scale, block_offset, tile_value, streams)
+    _matmul_cpu(x, out, b * s, n_out, k_in, fused_max, token_tile, dot(x, qs), block_scale, block_offset, tile_value, streams)
 
 
-def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
-    """The scheduled CPU kernel ``(x (b, s, k_in) f32, *split arrays, out (b, s, n_out) f32)``."""
+def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int, token_tile: int = 1) -> tirx.PrimFunc:
+    """The scheduled CPU kernel ``(x (b, s, k_in) f32, *split arrays, out (b, s, n_out) f32)``;
+    ``token_tile``: token rows per register tile of the tiled nest (``token_tile_for``)."""
     fmt = FORMATS[ggml_type]
     assert n_out % ROWS == 0 and k_in % BLOCK == 0, f"{n_out}x{k_in} does not tile into {ROWS} rows and {BLOCK}-blocks"
     shapes = fmt.param_shapes(n_out, k_in)
@@ -186,7 +213,7 @@ def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
         def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer(s_shape, s_dtype),
                    m: T.Buffer(s_shape, s_dtype), var_out: T.handle):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-            _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, _dot_q4, qs, _f32(d), _f32(m), _tile_q4(qs, _f32(d), _f32(m)), (qs, q_line_rows, d, m))
+            _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, _dot_q4, qs, _f32(d), _f32(m), _tile_q4(qs, _f32(d), _f32(m)), (qs, q_line_rows, d, m))
 
         return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
@@ -194,9 +221,9 @@ def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int) -> tirx.PrimFunc:
     def kernel(var_x: T.handle, qs: T.Buffer(q_shape, q_dtype), d: T.Buffer(s_shape, s_dtype), var_out: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
         if fmt.bits == 4:  # Q4_0: q - 8, i.e. m = -8 d
-            _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, _dot_q4, qs, _f32(d), _minus_8(d), _tile_q4(qs, _f32(d), _minus_8(d)), (qs, q_line_rows, d, None))
+            _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, _dot_q4, qs, _f32(d), _minus_8(d), _tile_q4(qs, _f32(d), _minus_8(d)), (qs, q_line_rows, d, None))
         else:
-            _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, _dot_q8, qs, _f32(d), None, _tile_q8(qs, _f32(d)), (qs, q_line_rows, d, None))
+            _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, _dot_q8, qs, _f32(d), None, _tile_q8(qs, _f32(d)), (qs, q_line_rows, d, None))
 
     return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
@@ -236,4 +263,4 @@ def quant_take_te(ids: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tens
     return te.compute((ids.shape[0], hidden), lambda i, k: weight(ids[i], k), name="quant_take")
 
 
-__all__ = ["FUSED_MAX_TOKENS", "quant_matmul_cpu", "quant_matmul_te", "quant_take_te"]
+__all__ = ["FUSED_MAX_TOKENS", "quant_matmul_cpu", "token_tile_for", "quant_matmul_te", "quant_take_te"]

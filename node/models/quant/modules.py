@@ -12,7 +12,9 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
 from .blocks import FORMATS, TILE_ROWS
-from .kernels import quant_matmul_cpu, quant_matmul_te, quant_take_te
+from node.compiler.targets import vector_registers
+
+from .kernels import quant_matmul_cpu, quant_matmul_te, quant_take_te, token_tile_for
 
 
 def quant_matmul(x: Tensor, ggml_type: str, params: list[Tensor], target: Target) -> Tensor:
@@ -21,7 +23,7 @@ def quant_matmul(x: Tensor, ggml_type: str, params: list[Tensor], target: Target
     n_out = params[1].shape[0] * TILE_ROWS  # scales: (tiles, blocks, rows in tile)
     name = f"{ggml_type.lower()}_matmul"
     if target.kind.name == "llvm":
-        kernel = quant_matmul_cpu(ggml_type, int(n_out), int(k_in))
+        kernel = quant_matmul_cpu(ggml_type, int(n_out), int(k_in), token_tile_for(vector_registers(target)))
         return op.tensor_ir_op(kernel, name, args=[x, *params], out=Tensor.placeholder((batch, seq, n_out), "float32"))
     flat = op.reshape(x, (batch * seq, k_in))
     out = op.tensor_expr_op(lambda a, *p: quant_matmul_te(a, ggml_type, *p), name, args=[flat, *params])

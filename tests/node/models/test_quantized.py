@@ -15,9 +15,10 @@ from node.api.answers import answer_file
 from node.compiler.build import compile_model
 from node.runtime.loading import load_checkpoint_cached, load_model, model_parameters
 from node.models.quant.blocks import FORMATS, QuantizedTensor, quantize
-from node.models.quant.kernels import FUSED_MAX_TOKENS, quant_matmul_cpu
+from node.models.quant.kernels import FUSED_MAX_TOKENS, quant_matmul_cpu, token_tile_for
 from node.runtime.model_runtime import CacheLimits
-from node.compiler.targets import cuda_target_for_arch
+from node.compiler.targets import cuda_target_for_arch, vector_registers
+from tvm.target import Target
 from tests.node.runtime.engine_helpers import generate
 from tests.models_fixtures import make_tiny_gguf
 from verify.evidence import AnswerFile
@@ -39,10 +40,10 @@ def random_blocks(ggml_type: str, rows: int, cols: int, seed: int) -> QuantizedT
     return QuantizedTensor(ggml_type, (rows, cols), blocks.reshape(rows, -1))
 
 
-def compiled_kernel(qt: QuantizedTensor):
+def compiled_kernel(qt: QuantizedTensor, token_tile: int = 1):
     """The CPU kernel for ``qt``'s shape, as a function of x (n, cols) -> (n, rows)."""
     rows, cols = qt.shape
-    kernel = quant_matmul_cpu(qt.ggml_type, rows, cols).with_attr("global_symbol", "kernel")
+    kernel = quant_matmul_cpu(qt.ggml_type, rows, cols, token_tile).with_attr("global_symbol", "kernel")
     lib = tvm.compile(tvm.IRModule({"kernel": kernel}), target=tvm.target.Target.from_device(tvm.cpu()))
     dev = tvm.cpu()
     parts = [tvm.runtime.tensor(qt.split()[s], dev) for s in qt.format.param_suffixes()]
@@ -68,6 +69,20 @@ def test_kernels_dequantize_as_gguf_does(ggml_type):
     assert qt.shape[1] > FUSED_MAX_TOKENS[qt.format.bits]
     np.testing.assert_array_max_ulp(tiled, expected, maxulp=1)
     np.testing.assert_array_max_ulp(fused, expected, maxulp=1)
+
+
+@pytest.mark.parametrize("ggml_type", sorted(FORMATS))
+def test_a_token_rows_output_never_depends_on_the_register_tile_or_its_batch(ggml_type):
+    """The tiled nest takes token rows ``token_tile`` at a time (the target's register file picks
+    it) and the rest one by one: every row must come out bit for bit the same whichever way it
+    went, so a batched answer is the answer the same row gets alone (batch >= 3: the tiled nest)."""
+    qt = quantize(np.random.default_rng(5).standard_normal((64, 128)).astype(np.float32), ggml_type)
+    x = np.random.default_rng(6).standard_normal((17, 128)).astype(np.float32)
+    single = compiled_kernel(qt, 1)(x)
+    for tile in (2, 3, token_tile_for(vector_registers(Target.from_device(tvm.cpu())))):
+        run = compiled_kernel(qt, tile)
+        np.testing.assert_array_equal(run(x), single)
+        np.testing.assert_array_equal(run(x[4:9]), single[4:9])  # whole tiles and a remainder, other offsets
 
 
 @pytest.mark.parametrize("ggml_type", sorted(FORMATS))
