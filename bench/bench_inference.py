@@ -57,6 +57,24 @@ def memory_bandwidth_gb_s(threads: int, size_mb: int = 512) -> float:
     return best
 
 
+def raw_decode_rate(rt, prompt: list[int], batch: int, tokens: int) -> float:
+    """Tokens/s of the bare loop on a runtime: ``batch`` sequences after ``prompt``, one batched
+    decode and a numpy argmax per step."""
+    ids = list(range(1000, 1000 + batch))
+    last = 0
+    for s in ids:
+        rt.add_sequence(s)
+        last = int(np.argmax(rt.prefill(s, prompt)[-1]))
+    toks = [last] * batch
+    t = time.perf_counter()
+    for _ in range(tokens):
+        toks = [int(i) for i in np.argmax(rt.decode(ids, toks), axis=-1)]
+    rate = batch * tokens / (time.perf_counter() - t)
+    for s in ids:
+        rt.remove_sequence(s)
+    return rate
+
+
 def bench_tvm(weights: str, tokens: int, prefill_len: int, threads: int) -> dict:
     """Cold start in a fresh store (compile + prepare, its own process), then warm start and the
     runs in this process from that store: its caches are now filled."""
@@ -82,24 +100,9 @@ def bench_tvm(weights: str, tokens: int, prefill_len: int, threads: int) -> dict
     out["weight_bytes"] = rt.weight_bytes  # what one decode step reads
     prompt = _prompt_ids(model.tokenizer, 16)
 
-    def decode_run(batch: int) -> float:
-        ids = list(range(1000, 1000 + batch))
-        for s in ids:
-            rt.add_sequence(s)
-            last = int(np.argmax(rt.prefill(s, prompt)[-1]))
-        toks = [last] * batch
-        t = time.perf_counter()
-        for _ in range(tokens):
-            logits = rt.decode(ids, toks)
-            toks = [int(i) for i in np.argmax(logits, axis=-1)]
-        dt = time.perf_counter() - t
-        for s in ids:
-            rt.remove_sequence(s)
-        return batch * tokens / dt
-
-    decode_run(1)  # warm-up
+    raw_decode_rate(rt, prompt, 1, tokens)  # warm-up
     for b in (1, 4, 16):
-        out[f"decode_tok_s_b{b}"] = max(decode_run(b) for _ in range(2))
+        out[f"decode_tok_s_b{b}"] = max(raw_decode_rate(rt, prompt, b, tokens) for _ in range(2))
     long = _prompt_ids(model.tokenizer, prefill_len)
     rt.add_sequence(1)
     t = time.perf_counter()

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.bench_http import start_server
+from bench.bench_inference import raw_decode_rate
 from compiled_models.registry import DEFAULT_MODEL
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,25 +77,6 @@ def run_llamacpp(tokens: int, threads: int) -> dict:
 
 
 # ---------------------------------------------------------------------- in this process
-
-def raw_decode(model, tokens: int, batch: int) -> float:
-    """Tokens/s of the bare loop: one batched decode and a numpy argmax per step."""
-    rt = model.runtime
-    prompt = model.tokenizer.encode_chat(CHAT)
-    ids = list(range(5000, 5000 + batch))
-    last = 0
-    for s in ids:
-        rt.add_sequence(s)
-        last = int(np.argmax(rt.prefill(s, prompt)[-1]))
-    toks = [last] * batch
-    t = time.perf_counter()
-    for _ in range(tokens):
-        toks = [int(i) for i in np.argmax(rt.decode(ids, toks), axis=-1)]
-    rate = batch * tokens / (time.perf_counter() - t)
-    for s in ids:
-        rt.remove_sequence(s)
-    return rate
-
 
 class Timed:
     """Wrap a callable and add up the seconds spent in it."""
@@ -235,8 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(DEFAULT_MODEL, device="cpu", progress=lambda m: None)
     report: dict = {"model": DEFAULT_MODEL, "backend": model.backend, "cpu": detect("cpu").description, "threads": threads,
                     "tokens": args.tokens, "batch_tokens": args.batch_tokens}
-    report["raw_b1_tok_s"] = max(raw_decode(model, args.tokens, 1) for _ in range(2))
-    report["raw_b16_tok_s"] = raw_decode(model, args.batch_tokens, 16)
+    prompt = model.tokenizer.encode_chat(CHAT)
+    report["raw_b1_tok_s"] = max(raw_decode_rate(model.runtime, prompt, 1, args.tokens) for _ in range(2))
+    report["raw_b16_tok_s"] = raw_decode_rate(model.runtime, prompt, 16, args.batch_tokens)
     report.update(asyncio.run(engine_rates(model, args.tokens, args.batch_tokens)))
     report["per_token_work_ms"] = per_token_work(model)
     del model  # the server child gets the machine to itself
