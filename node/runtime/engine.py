@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 import numpy as np
 
 from node.errors import ContextLengthError, EngineBusyError, RequestError
+from node.compiler.targets import usable_cores
 from node.runtime.model_runtime import ModelRuntime
 from node.models.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.canonical import request_hash as compute_request_hash
@@ -129,6 +130,9 @@ class Engine:
         self._wakeup: asyncio.Event | None = None
         self._scheduler: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proofmesh-engine")
+        # The per-token work of a batch (sampling, fingerprints: numpy, which releases the GIL)
+        # runs on every core while the model waits for it; one sequence's stays on one thread.
+        self._samplers = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="proofmesh-sample")
         self._eos = set(tokenizer.eos_token_ids)
         self._closing = False
         self._exclusive = 0  # exclusive jobs submitted and not yet finished
@@ -229,6 +233,7 @@ class Engine:
         if self._scheduler is not None:
             await asyncio.gather(self._scheduler, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self._samplers.shutdown(wait=True)
 
     # -- scheduling -----------------------------------------------------------------
     def _submit(self, request: GenerationRequest) -> _Sequence:
@@ -345,8 +350,10 @@ class Engine:
         if decoding:
             last = [s.output_ids[-1] for s in decoding]
             logits = self.runtime.decode([s.seq_id for s in decoding], last)
-            for seq, row in zip(decoding, logits):
-                outputs.append(self._accept(seq, row))
+            if len(decoding) == 1:
+                outputs.append(self._accept(decoding[0], logits[0]))
+            else:
+                outputs.extend(self._samplers.map(self._accept, decoding, logits))
         return outputs
 
     def _accept(self, seq: _Sequence, logits: np.ndarray) -> tuple[_Sequence, TokenEvent]:
