@@ -117,6 +117,39 @@ def structured_prompt(tokenizer: TextTokenizer, kind: str, question: str, system
     return tuple(tokenizer.encode_chat(messages, tools_in_effect(body))), structured_grammar(kind)
 
 
+class StructuredTurns:
+    """Structured requests in turn: each ``STRUCTURED`` kind after the other, each kind's
+    questions after the other; a kind whose prompt plus ``max_tokens`` does not fit
+    ``max_context`` is passed over (a tiny model's context cannot hold the tool prompt)."""
+
+    def __init__(self, tokenizer: TextTokenizer, max_context: int | None = None) -> None:
+        self.tokenizer, self.max_context = tokenizer, max_context
+        self.kinds, self.turn = list(STRUCTURED), 0
+        self.asked = dict.fromkeys(self.kinds, 0)
+
+    def next(self, max_tokens: int, system: bool = False) -> tuple[tuple[int, ...], str] | None:
+        """(prompt ids, grammar) of the next structured request, or None when no kind fits."""
+        for k in range(len(self.kinds)):
+            kind = self.kinds[(self.turn + k) % len(self.kinds)]
+            questions = STRUCTURED[kind][1]
+            ids, grammar = structured_prompt(self.tokenizer, kind, questions[self.asked[kind] % len(questions)], system)
+            if self.max_context is None or len(ids) + max_tokens <= self.max_context:
+                self.turn, self.asked[kind] = (self.turn + k + 1) % len(self.kinds), self.asked[kind] + 1
+                return ids, grammar
+        return None
+
+
+def with_structure(tokenizer: TextTokenizer, requests: Sequence[GenerationRequest], max_context: int | None = None) -> list[GenerationRequest]:
+    """The same sampling parameters, each request now a chat asking for structured output (the
+    ``STRUCTURED`` kinds in turn, with their grammars); a request no kind fits stays as it was."""
+    turns, out = StructuredTurns(tokenizer, max_context), []
+    for r in requests:
+        structured = turns.next(r.params.max_tokens)
+        out.append(r if structured is None else
+                   GenerationRequest(structured[0], r.params.model_copy(update={"grammar": structured[1]}), r.seed_source))
+    return out
+
+
 @dataclass
 class Generator:
     """A runtime answering under ``model_id`` (the one it claims) with ``backend`` in receipts."""
@@ -168,8 +201,7 @@ def request_mix(
     cannot hold the tool prompt); every other request is the one the same seed gives without
     grammars."""
     rng = random.Random(seed)
-    out, kinds, turn = [], list(STRUCTURED), 0
-    asked = dict.fromkeys(kinds, 0)
+    out, turns = [], StructuredTurns(tokenizer, max_context)
     for i in range(count):
         if i % 3 == 2:
             prompt_ids = tokenizer.encode_prompt(rng.choice(COMPLETIONS))
@@ -184,14 +216,8 @@ def request_mix(
             sampling.update(rng.choice([{"top_p": 0.9}, {"top_k": 40}, {"frequency_penalty": 0.5, "presence_penalty": 0.3},
                                         {"top_p": 0.8, "top_k": 20}]))
         if math.floor((i + 1) * grammar_share) > math.floor(i * grammar_share):
-            for k in range(len(kinds)):  # the next kind in turn whose prompt fits the context
-                kind = kinds[(turn + k) % len(kinds)]
-                questions = STRUCTURED[kind][1]
-                ids, grammar = structured_prompt(tokenizer, kind, questions[asked[kind] % len(questions)], system=bool(i % 2))
-                if max_context is None or len(ids) + sampling["max_tokens"] <= max_context:
-                    prompt_ids, sampling["grammar"] = ids, grammar
-                    turn, asked[kind] = (turn + k + 1) % len(kinds), asked[kind] + 1
-                    break
+            if (structured := turns.next(sampling["max_tokens"], system=bool(i % 2))) is not None:
+                prompt_ids, sampling["grammar"] = structured
         out.append(GenerationRequest(tuple(prompt_ids), SamplingParams(**sampling)))
     return out
 
