@@ -4,8 +4,9 @@ per position, so a prefix of an answer is checked by the same verdict's failures
 
 Also shows the share of positions each cheat fails, and how far it sits from the tolerances:
 the median over answers of its largest fingerprint difference and of its most negative
-sampling lead, against tau and eps. An honest row is the
-control: it must show zero detections.
+sampling lead, against tau and eps. Two honest rows are the controls: plain answers, and
+structured answers drawn under a grammar (JSON mode, a schema, a forced tool call: the
+requests of the grammar cheat); both must show zero detections.
 
 Binding cheats (an operator between the client and its honest node: the prompt swapped, the
 text swapped, the parameters swapped) are checked by ``verify.binding`` from the request and the
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, cheap_generator, honest_answers, skip_layers
+from bench.cheats import (CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, cheap_generator, honest_answers,
+                          honest_constrained_answers, skip_layers)
 from bench.harness import request_mix
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
@@ -37,6 +39,7 @@ from verify.identity import NodeKey
 from verify.verifier import Tolerances, verify_answer
 
 RESULTS = Path(__file__).parent / "results"
+CONTROLS = {"honest": honest_answers, "honest-constrained": honest_constrained_answers}
 PREFIXES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -62,13 +65,13 @@ def main() -> None:
     ctx = CheatContext(model=model, key=NodeKey.generate(), root=root, cheap=cheap, rng=random.Random(0))
     tol = Tolerances()
 
-    names = ["honest"] + [n for n in CHEATS if not args.only or n in args.only]
+    names = list(CONTROLS) + [n for n in CHEATS if not args.only or n in args.only]
     results = {}
     for name in names:
         temperatures = (0.7, 1.0, 1.5) if name in SAMPLING_CHEATS else (0.0, 0.7, 1.0)
         requests = request_mix(model.tokenizer, args.answers, seed=7, temperatures=temperatures, lengths=(args.tokens,), extras=False)
         t = time.perf_counter()
-        run = CHEATS.get(name, honest_answers)
+        run = CHEATS.get(name) or CONTROLS[name]
         answers = run(ctx, requests)
         verdicts = [verify_answer(a, model, tol) for a in answers]
         lengths = [len(a.evidence.output_ids) for a in answers]
@@ -78,7 +81,8 @@ def main() -> None:
             "answers": len(answers),
             "mean_tokens": float(np.mean(lengths)),
             "flagged": float(np.mean([v.verdict != "pass" for v in verdicts])),
-            "as_expected": float(np.mean([v.verdict == EXPECTED.get(name, "fraud" if name != "honest" else "pass") for v in verdicts])),
+            "as_expected": float(np.mean([v.verdict == ("pass" if name in CONTROLS else EXPECTED.get(name, "fraud")) for v in verdicts])),
+            "constrained": sum(a.evidence.sampling.grammar is not None for a in answers),
             "verdicts": {k: sum(v.verdict == k for v in verdicts) for k in ("pass", "fraud", "malformed", "unattributable")},
             # Share of all positions that fail a check: per-answer detection at length L is
             # about 1 - (1 - rate)^L when positions fail independently.

@@ -14,7 +14,13 @@ TVM backend (kernels over the GGML blocks); for them the dequantized fp32 path (
 is one more generator (batch 8) and one more verifier, so native and fp32 check each other. Models, one row group per weight dtype:
 the default model (GGUF Q4_1/Q8_0) and tiny random models (fp32 and bf16 safetensors, GGUF Q8_0).
 
-    python -m bench.calibrate [--default-answers 80] [--tiny-answers 1200] [--out bench/calibration]
+A share of the honest answers (``--grammar-share``, default a quarter) are structured output
+drawn under a grammar's mask (``bench.harness.STRUCTURED``: JSON mode, a JSON schema, a forced
+tool call; the tiny models' 256-token context holds no tool prompt, so they get the first two):
+the table repeats their statistics on their own, with the false fraud verdicts the product's
+tolerances (``verify.verifier.Tolerances``, finish rules included) would give.
+
+    python -m bench.calibrate [--default-answers 80] [--tiny-answers 1200] [--grammar-share 0.25] [--out bench/calibration]
 
 Writes ``calibration.json`` (every pair's statistics and the chosen tolerances) and
 ``calibration.md`` (the table) under ``--out``; both are committed.
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import Generator, NumpyBackend, request_mix
+from bench.harness import STRUCTURED, Generator, NumpyBackend, request_mix, structured_grammar
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
 from node.runtime.loading import LoadedModel, load_checkpoint_cached, load_model
@@ -42,8 +48,9 @@ from node.models.llama.reference import NumpyLlama
 from node.runtime.model_runtime import CacheLimits
 from node.compiler.targets import GENERIC_X86_CPU, DeviceTarget, cpu_target, detect
 from verify.evidence import AnswerFile
+from verify.finish import finish_failures
 from verify.identity import NodeKey
-from verify.verifier import check_positions
+from verify.verifier import Tolerances, check_positions
 
 SAFETY_FACTOR = 10.0
 NUDGE_EPS = 1e-3  # slack for a token honest rounding pushed out of top-k/top-p (see verifier)
@@ -64,12 +71,19 @@ def _load(model: str, target: str, root: Path, weights: str = "native") -> Loade
 
 
 def answer_stats(answers: list[AnswerFile], backend) -> list[dict]:
-    """Per answer: every position's fingerprint difference and sampling lead on ``backend``."""
-    out = []
+    """Per answer: every position's fingerprint difference and sampling lead on ``backend``,
+    whether it was drawn under a grammar, and whether the product's tolerances and the finish
+    rules would call it fraud (a false verdict: every answer here is honest)."""
+    out, tol = [], Tolerances()
+    kinds = {structured_grammar(kind): kind for kind in STRUCTURED}
     for a in answers:
+        ev = a.evidence
         checks = check_positions(a, backend, NUDGE_EPS)
-        out.append({"temperature": a.evidence.sampling.temperature, "n": len(a.evidence.output_ids),
-                    "diffs": checks.logit_diffs.tolist(), "margins": checks.margins.tolist()})
+        finish = finish_failures(ev.output_ids, ev.sampling, a.receipt.finish_reason, backend.eos_token_ids, backend.decode)
+        fraud = bool(finish) or bool((checks.margins < -tol.eps).any()) or bool((checks.logit_diffs > tol.tau).any())
+        out.append({"temperature": ev.sampling.temperature, "n": len(ev.output_ids), "constrained": ev.sampling.grammar is not None,
+                    "kind": kinds.get(ev.sampling.grammar, "other") if ev.sampling.grammar is not None else None,
+                    "false_fraud": fraud, "diffs": checks.logit_diffs.tolist(), "margins": checks.margins.tolist()})
     return out
 
 
@@ -81,10 +95,18 @@ def verify_in_subprocess(model: str, root: Path, target: str, threads: int, answ
     return json.loads(done.stdout)
 
 
-def summarize(stats: list[dict]) -> dict:
+def summarize(stats: list[dict], with_constrained: bool = True) -> dict:
+    """One row's statistics; with ``with_constrained`` also those of its constrained answers
+    alone (under ``constrained``; None when it has none)."""
     diffs = np.concatenate([np.asarray(s["diffs"]) for s in stats])
     margins = np.concatenate([np.asarray(s["margins"]) for s in stats])
     negative = margins[margins < 0]
+    extra = {}
+    if with_constrained:
+        constrained = [s for s in stats if s.get("constrained")]
+        extra["constrained"] = summarize(constrained, with_constrained=False) if constrained else None
+        if constrained:
+            extra["constrained"]["kinds"] = {k: sum(s["kind"] == k for s in constrained) for k in sorted({s["kind"] for s in constrained})}
     return {
         "answers": len(stats),
         "positions": int(diffs.size),
@@ -96,16 +118,20 @@ def summarize(stats: list[dict]) -> dict:
         "flips": int(negative.size),  # honest positions where the verifier's draw disagreed
         "flip_worst": float(negative.min()) if negative.size else 0.0,
         "near_ties_below_1e-4": int(np.sum(np.abs(margins) < 1e-4)),
+        "false_fraud": int(sum(bool(s.get("false_fraud")) for s in stats)),
+        **extra,
     }
 
 
-def calibrate_model(label: str, model: str, dtype: str, root: Path, n_answers: int, lengths: tuple[int, ...], seed: int) -> list[dict]:
+def calibrate_model(label: str, model: str, dtype: str, root: Path, n_answers: int, lengths: tuple[int, ...], seed: int,
+                    grammar_share: float = 0.0) -> list[dict]:
     """Every (generation backend, verifier) pair of one model; one summary row each."""
     key = NodeKey.generate()
     host, generic = _load(model, "host", root), _load(model, "generic", root)
     fp32 = _load(model, "host", root, weights="fp32") if host.weight_layout else None
     reference = NumpyBackend(host, NumpyLlama.from_checkpoint(load_checkpoint_cached(host.path, root, progress=lambda m: None)))
-    requests = request_mix(host.tokenizer, n_answers, seed=seed, lengths=lengths)
+    requests = request_mix(host.tokenizer, n_answers, seed=seed, lengths=lengths, grammar_share=grammar_share,
+                           max_context=host.max_context)
     generators = {"host-b1": (host, 1), "generic-b8": (generic, 8)} | ({"host-fp32-b8": (fp32, 8)} if fp32 else {})
     shares = {name: n_answers // 5 for name in generators}
     shares["host-b8"] = n_answers - sum(shares.values())
@@ -130,8 +156,11 @@ def calibrate_model(label: str, model: str, dtype: str, root: Path, n_answers: i
             t = time.perf_counter()
             row = {"model": label, "weights": dtype, "generated_on": gen_name, "verified_on": ver_name, **summarize(run())}
             rows.append(row)
+            c = row["constrained"] or {}
             _progress(f"[{label}] {gen_name} -> {ver_name}: max diff {row['diff_max']:.2e}, min lead {row['margin_min']:.2e}, "
-                      f"flips {row['flips']} ({time.perf_counter() - t:.0f} s)")
+                      f"flips {row['flips']}, false fraud {row['false_fraud']}; constrained: {c.get('answers', 0)} answers, "
+                      f"max diff {c.get('diff_max', 0):.2e}, min lead {c.get('margin_min', 0):.2e}, false fraud "
+                      f"{c.get('false_fraud', 0)} ({time.perf_counter() - t:.0f} s)")
         os.unlink(f.name)
     return rows
 
@@ -158,29 +187,50 @@ def choose_tolerances(rows: list[dict]) -> dict:
     }
 
 
+def _kinds(summary: dict) -> str:
+    return " / ".join(str(summary.get("kinds", {}).get(k, 0)) for k in STRUCTURED)
+
+
 def markdown(rows: list[dict], chosen: dict) -> str:
     head = ("| model | weights | generated on | verified on | answers | positions | diff p50 | diff p99 | diff max "
-            "| min lead | flips (worst) |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+            "| min lead | flips (worst) | false fraud |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
         f"| {r['model']} | {r['weights']} | {r['generated_on']} | {r['verified_on']} | {r['answers']} | {r['positions']} "
         f"| {r['diff_p50']:.1e} | {r['diff_p99']:.1e} | {r['diff_max']:.1e} | {r['margin_min']:.1e} "
-        f"| {r['flips']} ({r['flip_worst']:.1e}) |\n" for r in rows)
+        f"| {r['flips']} ({r['flip_worst']:.1e}) | {r.get('false_fraud', '-')} |\n" for r in rows)
     total = sum(r["answers"] for r in rows)
-    return (
+    text = (
         "# Verifier calibration\n\nMade by `python -m bench.calibrate`; every honest answer re-checked on a backend that "
         "differs from the one that generated it.\n`diff` = |committed top-8 logit - verifier's logit| per position; "
-        "`lead` = the claimed token's lead in the seeded draw, logit units (< 0 = a flip).\n\n"
+        "`lead` = the claimed token's lead in the seeded draw, logit units (< 0 = a flip); `false fraud` = honest answers "
+        "the product's tolerances and finish rules would call fraud.\n\n"
         + head + body
         + f"\n{total} answer checks. Largest honest fingerprint difference {chosen['honest_diff_max']:.2e}, "
         f"worst honest flip {chosen['honest_flip_max']:.2e}; with a safety factor of {chosen['safety_factor']:g}: "
         f"**tau = {chosen['tau']:g}, eps = {chosen['eps']:g}**.\n"
     )
+    constrained = [(r, r["constrained"]) for r in rows if r.get("constrained")]
+    if constrained:
+        text += ("\nConstrained answers alone (drawn under a grammar's mask: JSON mode, a JSON schema, a forced tool call); "
+                 "`min lead` is over the tokens the grammar allows (+1e9 where it allows one token only):\n\n"
+                 "| model | generated on | verified on | answers (JSON mode / schema / tool call) | positions | diff p99 | diff max "
+                 "| min lead | flips | false fraud |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+        text += "".join(f"| {r['model']} | {r['generated_on']} | {r['verified_on']} | {c['answers']} ({_kinds(c)}) | {c['positions']} "
+                        f"| {c['diff_p99']:.1e} | {c['diff_max']:.1e} | {c['margin_min']:.1e} | {c['flips']} | {c['false_fraud']} |\n"
+                        for r, c in constrained)
+        cs = [c for _, c in constrained]
+        text += (f"\n{sum(c['answers'] for c in cs)} constrained answer checks ({sum(c['positions'] for c in cs)} positions): "
+                 f"largest fingerprint difference {max(c['diff_max'] for c in cs):.2e}, smallest sampling lead "
+                 f"{min(c['margin_min'] for c in cs):.2e}, {sum(c['flips'] for c in cs)} flips, "
+                 f"**{sum(c['false_fraud'] for c in cs)} false fraud verdicts**.\n")
+    return text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--default-answers", type=int, default=80)
     ap.add_argument("--tiny-answers", type=int, default=1200)
+    ap.add_argument("--grammar-share", type=float, default=0.25, help="share of requests for structured output")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--verify-files", type=Path, help=argparse.SUPPRESS)  # subprocess mode
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -203,10 +253,11 @@ def main() -> None:
             "tiny-q8_0": (str(make_tiny_gguf(tmp_root / "q8.gguf", quant_types=("Q8_0",), seed=2).path), "gguf:Q8_0"),
         }
         for i, (label, (path, dtype)) in enumerate(tiny.items()):
-            rows += calibrate_model(label, path, dtype, tmp_root / "store", args.tiny_answers // len(tiny), (16, 64, 128), seed=i)
+            rows += calibrate_model(label, path, dtype, tmp_root / "store", args.tiny_answers // len(tiny), (16, 64, 128), seed=i,
+                                    grammar_share=args.grammar_share)
         if args.default_answers:
             rows += calibrate_model("smollm2-135m", DEFAULT_MODEL, "gguf:Q4_1+Q8_0", model_store.store_root(),
-                                    args.default_answers, (16, 64, 256, 512), seed=99)
+                                    args.default_answers, (16, 64, 256, 512), seed=99, grammar_share=args.grammar_share)
     chosen = choose_tolerances(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps({"rows": rows, "tolerances": chosen}, indent=1))

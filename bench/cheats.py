@@ -13,6 +13,8 @@ Cheats, by what they save or fake:
 - a truncated prompt; fabricated tokens; one edited token in a long answer (fingerprints
   recomputed by a real prefill so they match);
 - tokens drawn with another seed, or by plain multinomial sampling that ignores the seed;
+- a token outside the grammar: an honest structured answer (JSON mode, a schema, a forced
+  tool call) with one token swapped for the best-scoring one its grammar forbids there;
 - a short answer re-signed as complete (asked for 2 tokens, claimed under the client's
   max_tokens with finish "stop"): the finish rules catch it without model work;
 - receipts forged with another key, or replayed over another request's evidence: not the
@@ -33,7 +35,7 @@ import gguf
 import numpy as np
 from gguf import quants
 
-from bench.harness import Generator
+from bench.harness import Generator, with_structure
 from node.compiler.build import compile_model
 from node.runtime.engine import GenerationRequest
 from node.runtime.loading import LoadedModel, load_checkpoint_cached
@@ -168,6 +170,33 @@ def honest_answers(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> 
     return Generator.of(ctx.model).answers(requests, ctx.key, concurrency=8)
 
 
+def honest_constrained_answers(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """The control for grammar cheats: the same sampling parameters asked as structured output
+    (``bench.harness.with_structure``), answered honestly under the grammar's mask."""
+    return honest_answers(ctx, with_structure(ctx.model.tokenizer, requests, ctx.model.max_context))
+
+
+def _token_outside_grammar(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """An honest structured answer with the token in its middle swapped for the one the grammar
+    forbids there that the model scores best (what an unconstrained draw would most likely have
+    written), fingerprints recomputed by a real prefill and re-signed: only the mask can tell."""
+    out = []
+    for answer in honest_constrained_answers(ctx, requests):
+        ev = answer.evidence
+        t = (len(ev.output_ids) - 1) // 2
+        state = ctx.model.grammar_vocabulary().state(ev.sampling.grammar)
+        for token in ev.output_ids[:t]:
+            state.advance(token)
+        row = ctx.model.score(list(ev.prompt_ids) + list(ev.output_ids[:t]), len(ev.prompt_ids) + t - 1)[0]
+        allowed = state.allowed()
+        if allowed.all():
+            raise RuntimeError(f"the grammar forbids nothing at position {t}: no token to swap in")
+        edited = list(ev.output_ids)
+        edited[t] = int(np.argmax(np.where(allowed, -np.inf, row)))
+        out.append(_refingerprinted(ctx, ev.prompt_ids, edited, ev.sampling))
+    return out
+
+
 def _truncated_prompt(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
     """Answer only the second half of each prompt (a dropped system message, a cut context)."""
     shortened = [GenerationRequest(r.prompt_ids[len(r.prompt_ids) // 2 :], r.params) for r in requests]
@@ -268,6 +297,7 @@ CHEATS: dict[str, Cheat] = {
     "edited-token": _edited_token,
     "wrong-seed": _wrong_seed,
     "seed-ignored": _seed_ignored,
+    "token-outside-grammar": _token_outside_grammar,
     "truncated-resigned": _truncated_resigned,
     "emptied-fingerprints": _emptied_fingerprints,
     "forged-receipt": _forged_receipt,

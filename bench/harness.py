@@ -3,15 +3,19 @@
 A ``Generator`` is a runtime that answers under a *claimed* model id: honest when the runtime
 holds that model's weights, a cheat when it does not (the engine binds request hashes and the
 seeded noise to the claimed id, so a cheat's answers look right in every commitment).
-``request_mix`` draws a reproducible spread of prompts and sampling parameters.
+``request_mix`` draws a reproducible spread of prompts and sampling parameters; with
+``grammar_share`` some of them ask for structured output (``STRUCTURED``: JSON mode, a JSON
+schema, a forced tool call), so their answers are drawn under a grammar's mask.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -24,6 +28,7 @@ from node.models.tokenizer import TextTokenizer
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey
 from verify.sampling import SamplingParams
+from verify.structured import request_grammar, tools_in_effect
 
 SYSTEM = "You are a helpful assistant who answers carefully and at length."
 PROMPTS = [
@@ -51,6 +56,98 @@ COMPLETIONS = [
     "The three most important things about photosynthesis are",
     "In 1969, the first humans landed on the Moon. The mission",
 ]
+
+# Structured output as clients ask for it (``verify.structured``): the request body's format
+# fields, and questions that suit them. A schema with a few typed fields (bounded, so that a
+# small model cannot write one string forever) and two tools, one of which must be called.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "city": {"type": "string", "maxLength": 40},
+        "member": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3},
+    },
+    "required": ["name", "age", "city", "member", "tags"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "search_books", "description": "Search a library catalogue",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"},
+                                                        "max_results": {"type": "integer", "minimum": 1, "maximum": 20}},
+                       "required": ["query"], "additionalProperties": False}}},
+]
+STRUCTURED: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "json_object": ({"response_format": {"type": "json_object"}}, [
+        "Describe a fictional person as a JSON object.",
+        "Give me a pancake recipe as JSON, with ingredients and steps.",
+        "Describe a city you would like to visit, as a JSON object.",
+    ]),
+    "json_schema": ({"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}}, [
+        "Invent a library member: name, age, city, whether the membership is active, and a few tags.",
+        "Describe a fictional lighthouse keeper.",
+        "Tell me about a person who lives in Paris.",
+    ]),
+    "tool_call": ({"tools": TOOLS, "tool_choice": "required"}, [
+        "What is the weather like in Paris today?",
+        "Find me a few books about lighthouses.",
+        "Is it cold in Oslo right now, in celsius?",
+    ]),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def structured_grammar(kind: str) -> str:
+    """The canonical grammar of a ``STRUCTURED`` kind (compiled once per process)."""
+    return request_grammar(STRUCTURED[kind][0])
+
+
+def structured_prompt(tokenizer: TextTokenizer, kind: str, question: str, system: bool = False) -> tuple[tuple[int, ...], str]:
+    """Prompt ids and grammar of a chat request asking ``question`` in the ``kind`` format, as
+    the node would build them (the tool prompt added for templates that do not know tools)."""
+    body = STRUCTURED[kind][0]
+    messages = ([{"role": "system", "content": SYSTEM}] if system else []) + [{"role": "user", "content": question}]
+    return tuple(tokenizer.encode_chat(messages, tools_in_effect(body))), structured_grammar(kind)
+
+
+class StructuredTurns:
+    """Structured requests in turn: each ``STRUCTURED`` kind after the other, each kind's
+    questions after the other; a kind whose prompt plus ``max_tokens`` does not fit
+    ``max_context`` is passed over (a tiny model's context cannot hold the tool prompt)."""
+
+    def __init__(self, tokenizer: TextTokenizer, max_context: int | None = None) -> None:
+        self.tokenizer, self.max_context = tokenizer, max_context
+        self.kinds, self.turn = list(STRUCTURED), 0
+        self.asked = dict.fromkeys(self.kinds, 0)
+
+    def next(self, max_tokens: int, system: bool = False) -> tuple[tuple[int, ...], str] | None:
+        """(prompt ids, grammar) of the next structured request, or None when no kind fits."""
+        for k in range(len(self.kinds)):
+            kind = self.kinds[(self.turn + k) % len(self.kinds)]
+            questions = STRUCTURED[kind][1]
+            ids, grammar = structured_prompt(self.tokenizer, kind, questions[self.asked[kind] % len(questions)], system)
+            if self.max_context is None or len(ids) + max_tokens <= self.max_context:
+                self.turn, self.asked[kind] = (self.turn + k + 1) % len(self.kinds), self.asked[kind] + 1
+                return ids, grammar
+        return None
+
+
+def with_structure(tokenizer: TextTokenizer, requests: Sequence[GenerationRequest], max_context: int | None = None) -> list[GenerationRequest]:
+    """The same sampling parameters, each request now a chat asking for structured output (the
+    ``STRUCTURED`` kinds in turn, with their grammars); a request no kind fits stays as it was."""
+    turns, out = StructuredTurns(tokenizer, max_context), []
+    for r in requests:
+        structured = turns.next(r.params.max_tokens)
+        out.append(r if structured is None else
+                   GenerationRequest(structured[0], r.params.model_copy(update={"grammar": structured[1]}), r.seed_source))
+    return out
 
 
 @dataclass
@@ -93,12 +190,18 @@ def request_mix(
     temperatures: Sequence[float] = (0.0, 0.3, 0.7, 1.0, 1.5),
     lengths: Sequence[int] = (16, 64, 256, 512),
     extras: bool = True,
+    grammar_share: float = 0.0,
+    max_context: int | None = None,
 ) -> list[GenerationRequest]:
     """``count`` reproducible requests: chat (with or without a system message) and raw
     completion prompts, each temperature and length; with ``extras`` also top-k, top-p and
-    penalties now and then."""
+    penalties now and then. ``grammar_share`` of them (evenly spaced) are chat requests for
+    structured output instead, the ``STRUCTURED`` kinds in turn, each with its grammar (kinds
+    whose prompt and length do not fit ``max_context`` are passed over: a tiny model's context
+    cannot hold the tool prompt); every other request is the one the same seed gives without
+    grammars."""
     rng = random.Random(seed)
-    out = []
+    out, turns = [], StructuredTurns(tokenizer, max_context)
     for i in range(count):
         if i % 3 == 2:
             prompt_ids = tokenizer.encode_prompt(rng.choice(COMPLETIONS))
@@ -112,6 +215,9 @@ def request_mix(
         if extras and rng.random() < 0.3:
             sampling.update(rng.choice([{"top_p": 0.9}, {"top_k": 40}, {"frequency_penalty": 0.5, "presence_penalty": 0.3},
                                         {"top_p": 0.8, "top_k": 20}]))
+        if math.floor((i + 1) * grammar_share) > math.floor(i * grammar_share):
+            if (structured := turns.next(sampling["max_tokens"], system=bool(i % 2))) is not None:
+                prompt_ids, sampling["grammar"] = structured
         out.append(GenerationRequest(tuple(prompt_ids), SamplingParams(**sampling)))
     return out
 

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from bench.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext
+from bench.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, honest_constrained_answers
 from bench.harness import Generator, request_mix
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
@@ -41,6 +41,14 @@ def test_honest_answers_from_the_same_machinery_pass(ctx):
     answers = Generator.of(ctx.model).answers(requests_for(ctx, "honest", 16), ctx.key, concurrency=8)
     verdicts = [verify_answer(a, ctx.model) for a in answers]
     assert [v.verdict for v in verdicts] == ["pass"] * 16, [v for v in verdicts if v.verdict != "pass"]
+
+
+def test_honest_constrained_answers_pass(ctx):
+    """The control of the grammar cheat: structured answers drawn under their masks pass."""
+    answers = honest_constrained_answers(ctx, requests_for(ctx, "honest-constrained", 8))
+    assert all(a.evidence.sampling.grammar is not None for a in answers)
+    verdicts = [verify_answer(a, ctx.model) for a in answers]
+    assert [v.verdict for v in verdicts] == ["pass"] * 8, [v for v in verdicts if v.verdict != "pass"]
 
 
 # fp16 rounding moves this 64-wide random model's logits by ~1e-3, inside the calibrated tau
