@@ -266,6 +266,18 @@ def sample_token(
     allowed: np.ndarray | None = None,
 ) -> int:
     """The token for this step: ``argmax(decision_scores(...))``, lowest id on exact ties."""
+    penalised = len(previous_output_ids) and (params.frequency_penalty != 0.0 or params.presence_penalty != 0.0)
+    if params.temperature == 0 and allowed is None and not penalised:
+        # Plain greedy: top-k / top-p always keep the best token, and the float64 copy has the
+        # same order as the float32 logits, so the argmax is taken in place (one pass fewer
+        # over the vocabulary for every greedy token); the checks are process_logits's.
+        row = np.asarray(logits).reshape(-1)
+        best = row.max()  # NaN anywhere makes it NaN
+        if np.isnan(best) or best == np.inf:
+            raise ValueError("logits must not contain NaN or +inf")
+        if best == -np.inf:
+            raise ValueError("at least one logit must be finite")
+        return int(np.argmax(row))
     return int(np.argmax(decision_scores(logits, params, request_hash, step, previous_output_ids, (), allowed)))
 
 

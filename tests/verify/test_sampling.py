@@ -483,3 +483,20 @@ def test_the_fast_nucleus_is_bit_for_bit_the_docstrings():
         p = params(temperature=float(rng.choice([0.05, 0.5, 1.0, 2.0])), top_p=float(rng.choice([0.05, 0.5, 0.9, 0.99, 0.999999])),
                    top_k=int(rng.choice([0, 0, 3, 50])))
         np.testing.assert_array_equal(process_logits(logits, p, []), _reference_top_p(logits, p), err_msg=f"trial {trial}")
+
+
+def test_the_greedy_shortcut_is_the_full_draw():
+    """sample_token skips the float64 copy for plain greedy: same token as argmax of
+    decision_scores, same errors, on rows with ties, -inf, NaN and +inf."""
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        row = np.round(rng.normal(0, 3, int(rng.choice([2, 50, 49152]))) * 2) / 2
+        row[rng.integers(0, row.size, 2)] = -np.inf
+        row = row.astype(np.float32)
+        if not np.isfinite(row).any():
+            continue  # the error case, below
+        p = params(temperature=0.0, top_k=int(rng.choice([0, 5])), top_p=float(rng.choice([1.0, 0.3])))
+        assert sample_token(row, p, b"h", trial, [1]) == int(np.argmax(decision_scores(row, p, b"h", trial, [1])))
+    for bad in ([np.nan, 1.0], [np.inf, 1.0], [-np.inf, -np.inf]):
+        with pytest.raises(ValueError):
+            sample_token(np.array(bad, dtype=np.float32), params(temperature=0.0), b"h", 0, [])
