@@ -15,10 +15,8 @@ realized HMAC draw (``node.sidecar.audit_draw``) over these answers. Prints a ta
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import time
-from pathlib import Path
 
 from bench.harness import Generator, request_mix
 from compiled_models.registry import DEFAULT_MODEL
@@ -27,8 +25,8 @@ from node.sidecar.proxy import audit_draw
 from verify.audit_policy import GameParams, audit_overhead
 from verify.identity import NodeKey
 from verify.verifier import verify_answer
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 RATES = (0.01, 0.05, 0.2)
 GAME = GameParams(reward=1.0, cost=1.0, penalty=0.0)  # only rho and k = 1 matter for the overhead
 
@@ -77,9 +75,7 @@ def main() -> None:
         for r in rows:
             print(f"{r['audit_rate']:>6.0%}{r['overhead_expected']:>11.3%}{r['overhead_posp_predicts']:>11.3%}"
                   f"{r['audited_in_draw']:>7}{r['overhead_in_draw']:>10.3%}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "audits_overhead.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {RESULTS / 'audits_overhead.json'}")
+    write_json(RESULTS / "audits_overhead.json", results)
 
 
 if __name__ == "__main__":

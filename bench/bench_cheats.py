@@ -19,10 +19,8 @@ generation time of the answers it checks (what the verifier sidecar adds to ever
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -37,8 +35,8 @@ from verify.binding import bind_answers, requested_sampling
 from verify.finish import visible_text
 from verify.identity import NodeKey
 from verify.verifier import Tolerances, verify_answer
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 CONTROLS = {"honest": honest_answers, "honest-constrained": honest_constrained_answers}
 PREFIXES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -102,8 +100,7 @@ def main() -> None:
         print(f"{name:<32}{r['mean_tokens']:>7.1f}" + "".join(f"{r['by_prefix'][p]:>7.0%}" for p in prefixes)
               + f"{r['positions_flagged']:>10.1%}" + fmt(r["max_diff_median"]) + fmt(r["min_lead_median"]))
     binding = binding_rows(ctx, args.answers, args.tokens)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cheats.json").write_text(json.dumps({"tau": tol.tau, "eps": tol.eps, "results": results, "binding": binding}, indent=1))
+    write_json(RESULTS / "cheats.json", {"tau": tol.tau, "eps": tol.eps, "results": results, "binding": binding})
 
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 TEMPERATURES = (0.0, 0.8)
 
 
@@ -256,11 +255,9 @@ def main() -> None:
           f"masks {verifier['mask_ms_per_token']:.3f} ms per position = {verifier['mask_share_of_verify']:.1%} of verify_answer "
           f"({verifier['verify_ms_per_token']:.2f} ms per position)")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "grammar.json"
-    out.write_text(json.dumps({"machine": host, "backend": model.backend, "engine": ENGINE, "vocab_size": model.vocab_size,
-                               "grammar_vocabulary_ms": vocabulary_s * 1000, "answers": args.answers, "max_tokens": args.max_tokens,
-                               "per_token": rows, "engine_rows": engine, "verifier": verifier}, indent=1))
-    print(f"wrote {out}")
+    write_json(RESULTS / "grammar.json", {"machine": host, "backend": model.backend, "engine": ENGINE, "vocab_size": model.vocab_size,
+                                          "grammar_vocabulary_ms": vocabulary_s * 1000, "answers": args.answers,
+                                          "max_tokens": args.max_tokens, "per_token": rows, "engine_rows": engine, "verifier": verifier})
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.loading import load_model
 from verify.sampling import SamplingParams
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "Write a long story about a lighthouse keeper who finds a map."
 TEMPERATURE = 0.7
 
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['clients']} | {e['ttft_p50_ms']:.0f} ms | {h['ttft_p50_ms']:.0f} ms | {e['tokens_per_s']:.1f} | "
               f"{h['tokens_per_s']:.1f} | {r['throughput_overhead_pct']:+.1f} % |")
     report = {"model": args.model, "max_tokens": args.tokens, "repeats": args.repeats, "temperature": TEMPERATURE, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return report
 
 

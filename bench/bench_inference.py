@@ -28,8 +28,8 @@ import numpy as np
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
 from node.models.llama.load import load_checkpoint  # numpy and gguf only: no TVM in the baselines' processes
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "The history of the printing press begins in"
 BACKENDS = ("tvm_native", "tvm_fp32", "torch_eager_fp32", "llama_cpp")
 
@@ -274,9 +274,7 @@ def main() -> None:
         print(f"{k:<44} {v:6.2f}x")
     if llama and "decode_tok_s_b1" in llama:
         print(f"(llama.cpp weight bytes: the whole GGUF file, {llama['weight_bytes'] / 2**20:.0f} MiB)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {RESULTS / 'inference.json'}")
+    write_json(RESULTS / "inference.json", results)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -33,8 +32,8 @@ import aiohttp
 
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.p2p.cluster import Cluster, NodeProcess, warm_store
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 IDLE_WINDOW_S = 10.0
 DISCOVERY_TIMEOUT_S = 120.0
 
@@ -163,9 +162,7 @@ def main() -> None:
         print(f"{d['nodes']:<8}{d['discovery_s']:>12.2f}{d['idle_cpu_percent_connected']:>42.2f}")
 
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "p2p.json"
-    out.write_text(json.dumps({"hop": hop, "discovery": discovery}, indent=1))
-    print(f"\nwrote {out}")
+    write_json(RESULTS / "p2p.json", {"hop": hop, "discovery": discovery})
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ import numpy as np
 from bench.bench_http import start_server
 from bench.bench_inference import raw_decode_rate
 from compiled_models.registry import DEFAULT_MODEL
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a map."}]
 SAMPLED = {"temperature": 0.8, "top_p": 0.9}
 
@@ -256,9 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nEngine, 1 client, greedy: ms per token")
     print(" | ".join(f"{k} {v:.2f}" for k, v in b.items()))
     print("per-token work on real logits: " + " | ".join(f"{k} {v:.3f}" for k, v in report["per_token_work_ms"].items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return report
 
 

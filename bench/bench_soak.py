@@ -25,8 +25,8 @@ import aiohttp
 
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.p2p.cluster import Cluster, NodeProcess, warm_store
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 WARM_UP_S = 5.0
 SAMPLE_EVERY_S = 5.0
 
@@ -145,9 +145,7 @@ def main() -> None:
     print(f"{'process':<10}{'RSS start MiB':>15}{'end MiB':>10}{'peak MiB':>10}{'growth':>9}")
     for name, m in result["memory"].items():
         print(f"{name:<10}{m['start_mib']:>15.1f}{m['end_mib']:>10.1f}{m['peak_mib']:>10.1f}{m['growth']:>9.1%}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {RESULTS / 'soak.json'}")
+    write_json(RESULTS / "soak.json", result)
 
 
 if __name__ == "__main__":

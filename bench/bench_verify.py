@@ -19,10 +19,8 @@ weight); on a GPU it falls to about 1 %.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -38,8 +36,8 @@ from verify.identity import NodeKey
 from verify.receipts import make_receipt
 from verify.sampling import SamplingParams, top_k_fingerprint
 from verify.verifier import check_positions, verify_answer
+from bench.report import RESULTS, write_json
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def matmul_peak_gflops(threads: int) -> tuple[float, str]:
@@ -185,9 +183,8 @@ def main() -> None:
     for name in columns:
         cells = "".join(f"{r[name]:>12.3f}" if isinstance(r[name], float) else f"{str(r[name]):>12}" for r in rows)
         print(f"{name:<40}{cells}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "verify.json").write_text(json.dumps({"matmul_peak_gflops": peak, "peak_from": how, "threads": args.threads,
-                                                      "backend": model.backend, "rows": rows}, indent=1))
+    write_json(RESULTS / "verify.json", {"matmul_peak_gflops": peak, "peak_from": how, "threads": args.threads,
+                                         "backend": model.backend, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ from pydantic import BaseModel, Field
 
 from verify.audit_policy import GameParams, catch_probability, cheat_gain, plan_audits
 from verify.verifier import Tolerances
+from bench.report import RESULTS
 
-RESULTS = Path(__file__).parent / "results"
 CALIBRATION = Path(__file__).parent / "calibration" / "calibration.json"
 
 
