@@ -122,16 +122,16 @@ def test_context_and_queue_limits(tiny_ckpt, tiny_runtime):
         async with Engine(tiny_runtime, tiny_ckpt.tokenizer, MODEL_ID, max_context=64, max_queue=8) as engine:
             with pytest.raises(ContextLengthError):
                 await engine.complete(request([5] * 60, max_tokens=10))
-            # Nine submissions in one tick of the loop: the scheduler has not admitted any yet,
-            # so the ninth finds the queue (8) full.
+            # Seventeen submissions in one tick of the loop: the engine thread admits at most a
+            # full batch (8) meanwhile, so the seventeenth finds the queue (8) full.
             tasks = [asyncio.ensure_future(engine.complete(request([5, 6, 7], max_tokens=60, temperature=1.0, seed=i)))
-                     for i in range(9)]
+                     for i in range(17)]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            assert isinstance(tasks[8].exception(), EngineBusyError)
+            assert isinstance(tasks[16].exception(), EngineBusyError)
             # Callers going away (cancelled tasks) free their batch slots and KV pages.
-            for t in tasks[:8]:
+            for t in tasks[:16]:
                 t.cancel()
-            await asyncio.gather(*tasks[:8], return_exceptions=True)
+            await asyncio.gather(*tasks[:16], return_exceptions=True)
             for _ in range(100):
                 if engine.running == 0 and tiny_runtime.live_sequences == 0:
                     break
