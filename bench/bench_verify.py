@@ -137,8 +137,9 @@ def bench_length(model: LoadedModel, key: NodeKey, length: int, peak: float, tor
     fingerprint_s = _timed(lambda: [top_k_fingerprint(row, FINGERPRINT_K) for row in logits])
     fps = [(f.ids, f.logits) for f in ev.fingerprints]
     receipt_s = _timed(lambda: make_receipt(key, model_id=model.model_id, backend=model.backend, request_hash=answer.receipt.request_hash,
-                                            seed=ev.sampling.seed, prompt_ids=ev.prompt_ids, output_ids=ev.output_ids,
-                                            fingerprints=fps, finish_reason="length"))
+                                            seed=ev.sampling.seed, seed_source=answer.receipt.seed_source, prompt_ids=ev.prompt_ids,
+                                            output_ids=ev.output_ids, fingerprints=fps, finish_reason="length",
+                                            evidence_hash=ev.digest()))  # hashing the evidence is part of signing
     stored = len(encode_answer(answer))
     flops = prefill_flops(model, len(ids), len(ids) - first)
     return {
