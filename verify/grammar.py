@@ -27,6 +27,7 @@ exactly where the grammar accepts.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 import llguidance
@@ -46,7 +47,14 @@ class GrammarError(VerifyError, ValueError):
 def _canonical(grammar: Mapping[str, Any]) -> str:
     # Keys keep the request's order (JSON schema property order is the order fields are
     # generated in); node and verifier both parse the same request body, so they agree.
-    text = json.dumps({"engine": ENGINE, "grammar": grammar}, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _compiled(json.dumps({"engine": ENGINE, "grammar": grammar}, separators=(",", ":"), ensure_ascii=False,
+                                allow_nan=False))
+
+
+@lru_cache(maxsize=64)
+def _compiled(text: str) -> str:
+    """``text`` once the engine has compiled it (raises ``GrammarError`` with what it could not
+    do). Remembered: every choice of a request, and the binding check of each, asks again."""
     if len(text.encode("utf-8")) > MAX_GRAMMAR_BYTES:
         raise GrammarError(f"the grammar is larger than {MAX_GRAMMAR_BYTES} bytes")
     problems = _compile_problems(text)
@@ -71,15 +79,21 @@ def lark_grammar(lark: str) -> str:
     return _canonical({"grammars": [{"lark_grammar": lark}]})
 
 
-def _engine_grammar(text: str) -> str:
-    """The llguidance grammar inside canonical grammar text (raises ``GrammarError`` if the
-    text names another engine or is not canonical grammar text at all)."""
+def _document(text: str) -> dict[str, Any]:
+    """Canonical grammar text parsed: ``{"engine": ..., "grammar": ...}`` (else ``GrammarError``)."""
     try:
         doc = json.loads(text)
     except ValueError as exc:
         raise GrammarError(f"grammar text is not JSON: {exc}") from None
     if not isinstance(doc, dict) or set(doc) != {"engine", "grammar"}:
         raise GrammarError("grammar text must be an object with exactly 'engine' and 'grammar'")
+    return doc
+
+
+def _engine_grammar(text: str) -> str:
+    """The llguidance grammar inside canonical grammar text (raises ``GrammarError`` if the
+    text names another engine or is not canonical grammar text at all)."""
+    doc = _document(text)
     if doc["engine"] != ENGINE:
         raise GrammarError(f"the grammar was made for {doc['engine']!r}; this verifier runs {ENGINE!r}")
     return json.dumps(doc["grammar"])
@@ -90,11 +104,10 @@ def foreign_engine(text: str) -> str | None:
     text at all, which ``grammar_problems`` reports). An answer under a foreign engine cannot be
     judged here, which is not the node's fault."""
     try:
-        doc = json.loads(text)
-    except ValueError:
+        engine = _document(text)["engine"]
+    except GrammarError:
         return None
-    engine = doc.get("engine") if isinstance(doc, dict) else None
-    return str(engine) if engine is not None and engine != ENGINE else None
+    return None if engine == ENGINE else str(engine)
 
 
 def _compile_problems(text: str) -> str:
@@ -107,13 +120,11 @@ def _compile_problems(text: str) -> str:
 
 def grammar_problems(text: str) -> list[str]:
     """Why signed grammar text cannot be used (empty: it compiles here)."""
-    if len(text.encode("utf-8")) > MAX_GRAMMAR_BYTES:
-        return [f"the grammar is larger than {MAX_GRAMMAR_BYTES} bytes"]
     try:
-        problems = _compile_problems(text)
+        _compiled(text)
     except GrammarError as exc:
         return [str(exc)]
-    return [problems] if problems else []
+    return []
 
 
 class GrammarVocabulary:
