@@ -196,6 +196,16 @@ def _nucleus_size(scores: np.ndarray, top_p: float) -> int:
     return min(int(np.searchsorted(cumulative, top_p * cumulative[-1], side="left")) + 1, ranked.size)
 
 
+def _check_logits(row: np.ndarray) -> None:
+    """Refuse NaN or ``+inf`` logits, or a row with no finite logit: one pass, via the maximum
+    (NaN anywhere makes it NaN)."""
+    best = row.max()
+    if np.isnan(best) or best == np.inf:
+        raise ValueError("logits must not contain NaN or +inf")
+    if best == -np.inf:
+        raise ValueError("at least one logit must be finite")
+
+
 def process_logits(logits: np.ndarray, params: SamplingParams, previous_output_ids: Sequence[int],
                    allowed: np.ndarray | None = None) -> np.ndarray:
     """Steps 0-4 of the module docstring: masked, penalised, tempered, truncated scores.
@@ -205,10 +215,7 @@ def process_logits(logits: np.ndarray, params: SamplingParams, previous_output_i
     modified. Raises ``ValueError`` for NaN or ``+inf`` logits, or when no logit is finite.
     """
     scores = np.array(logits, dtype=np.float64).reshape(-1)
-    if np.isnan(scores).any() or np.isposinf(scores).any():
-        raise ValueError("logits must not contain NaN or +inf")
-    if not np.isfinite(scores).any():
-        raise ValueError("at least one logit must be finite")
+    _check_logits(scores)
     vocab = scores.size
 
     # 0. the grammar's mask
@@ -272,11 +279,7 @@ def sample_token(
         # same order as the float32 logits, so the argmax is taken in place (one pass fewer
         # over the vocabulary for every greedy token); the checks are process_logits's.
         row = np.asarray(logits).reshape(-1)
-        best = row.max()  # NaN anywhere makes it NaN
-        if np.isnan(best) or best == np.inf:
-            raise ValueError("logits must not contain NaN or +inf")
-        if best == -np.inf:
-            raise ValueError("at least one logit must be finite")
+        _check_logits(row)
         return int(np.argmax(row))
     return int(np.argmax(decision_scores(logits, params, request_hash, step, previous_output_ids, (), allowed)))
 
