@@ -71,9 +71,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     served = request.app[NODE].model(body.model)
-    functions = tools_in_effect(body.model_dump(by_alias=True, include={"tools", "tool_choice"}))
-    prompt = served.loaded.tokenizer.encode_chat([m.for_template() for m in body.messages], functions)
-    return await _respond(request, served, body, [prompt], ChatRenderer(served, body))
+    renderer = ChatRenderer(served, body)
+    prompt = served.loaded.tokenizer.encode_chat([m.for_template() for m in body.messages], renderer.functions)
+    return await _respond(request, served, body, [prompt], renderer)
 
 
 # ---------------------------------------------------------------------- the shared path
