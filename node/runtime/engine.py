@@ -295,7 +295,7 @@ class Engine:
         return seq
 
     def _ensure_worker(self) -> None:
-        if self._worker is None:
+        if self._worker is None or self._worker.done():  # not started yet, or died of a bug: (re)start
             self._loop = asyncio.get_running_loop()
             self._worker = self._loop.run_in_executor(self._executor, self._work)
 
