@@ -20,6 +20,7 @@ from bench.cheats import claim, real_fingerprints
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.test_server import MODEL, client, fetch_answer, http, node, verifier  # noqa: F401
 from verify.binding import bind_answers
+from verify.structured import request_grammar
 from verify.evidence import AnswerFile
 from verify.verifier import verify_answer
 
@@ -189,3 +190,19 @@ def test_proofmesh_verify_passes_a_tool_call_and_catches_a_served_call_that_is_n
     call["arguments"] = json.dumps(arguments)
     caught = verify(lied)
     assert caught.returncode == 1 and "tool calls received" in caught.stderr
+
+
+def test_an_answer_drawn_without_its_grammar_is_fraud_though_every_token_won_its_free_draw(node, http, verifier):
+    """The operator skips the grammar (cheaper, or to steer the output) and signs the model's free
+    greedy answer under the client's schema: every token is the model's own favourite, so only the
+    verifier's rebuilt mask tells it from an honest constrained answer."""
+    free = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "seed": 3, "max_tokens": 12, "temperature": 0}).json()
+    honest = fetch_answer(http, free["choices"][0]["proofmesh"]["receipt"]["receipt_id"])
+    assert verify_answer(honest, verifier).verdict == "pass"
+    ev = honest.evidence
+    schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    constrained = ev.sampling.model_copy(update={"grammar": request_grammar({"response_format": schema})})
+    lie = claim(node.key, node.model, ev.prompt_ids, ev.output_ids, constrained,
+                real_fingerprints(verifier, ev.prompt_ids, ev.output_ids), finish_reason="length")
+    verdict = verify_answer(lie, verifier)
+    assert verdict.verdict == "fraud" and any(f.check == "sampling" for f in verdict.failures)
