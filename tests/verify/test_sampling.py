@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from verify.sampling import (
     SamplingParams,
     StopChecker,
+    _draw_within_nucleus,
     _uniforms,
     decision_scores,
     gumbel_noise,
@@ -500,3 +501,37 @@ def test_the_greedy_shortcut_is_the_full_draw():
     for bad in ([np.nan, 1.0], [np.inf, 1.0], [-np.inf, -np.inf]):
         with pytest.raises(ValueError):
             sample_token(np.array(bad, dtype=np.float32), params(temperature=0.0), b"h", 0, [])
+
+
+def test_the_served_top_p_draw_is_the_reference_draw():
+    """sample_token decides top-p without ranking the vocabulary (``_draw_within_nucleus``): the
+    token must be argmax(decision_scores) on rows of every shape, with penalties, grammar masks,
+    top-k and ties, and a decision on the nucleus's edge must go to the reference."""
+    rng = np.random.default_rng(23)
+    decided = handed_over = 0
+    for trial in range(300):
+        vocab = int(rng.choice([3, 300, 4096, 49152]))
+        logits = rng.normal(0, float(rng.choice([0.01, 1.0, 5.0, 30.0])), vocab)
+        if trial % 3 == 0:
+            logits = np.round(logits * 4) / 4  # many exact ties
+        logits = logits.astype(np.float32)
+        mask = rng.random(vocab) < 0.7 if trial % 4 == 0 else None
+        if mask is not None:
+            mask[int(np.argmax(logits))] = True
+        p = params(seed=trial, temperature=float(rng.choice([0.05, 0.5, 1.0, 2.0])),
+                   top_p=float(rng.choice([0.05, 0.5, 0.9, 0.99, 0.999999])), top_k=int(rng.choice([0, 0, 3, 50])),
+                   frequency_penalty=float(rng.choice([0.0, 0.5])))
+        previous = [int(i) for i in rng.integers(0, vocab, 5)]
+        expected = int(np.argmax(decision_scores(logits, p, RH, trial, previous, allowed=mask)))
+        assert sample_token(logits, p, RH, trial, previous, mask) == expected, f"trial {trial}"
+    # Four equal weights with p = 1/2: the line p * 4 = 2 falls exactly on the sum before the
+    # third token, so only the left-to-right sums may decide it (ties rank by id: 0 and 1 are in).
+    edge = np.zeros(4, dtype=np.float32)
+    for step in range(400):
+        p = params(seed=step, temperature=1.0, top_p=0.5)
+        token = _draw_within_nucleus(process_logits(edge, p.model_copy(update={"top_p": 1.0}), []), p, RH, step)
+        decided += token is not None
+        handed_over += token is None
+        assert token in (None, 0, 1)
+        assert sample_token(edge, p, RH, step, []) == int(np.argmax(decision_scores(edge, p, RH, step, []))) in (0, 1)
+    assert decided and handed_over  # both ways were taken
