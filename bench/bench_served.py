@@ -218,9 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("unset TVM_NUM_THREADS: this measures what a user gets, who sets nothing")
 
     from node.compiler.targets import configure_threads, detect
+    from node.runtime.allocator import keep_freed_memory
     from node.runtime.loading import load_model
 
     threads = configure_threads(None)
+    keep_freed_memory()  # as the CLI does
     model = load_model(DEFAULT_MODEL, device="cpu", progress=lambda m: None)
     report: dict = {"model": DEFAULT_MODEL, "backend": model.backend, "cpu": detect("cpu").description, "threads": threads,
                     "tokens": args.tokens, "batch_tokens": args.batch_tokens}

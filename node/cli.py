@@ -551,8 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "threads"):  # commands that run TVM: size its pool before any work
             from node.compiler.targets import configure_threads
+            from node.runtime.allocator import keep_freed_memory
 
             _progress(f"{configure_threads(args.threads)} CPU threads for TVM")
+            keep_freed_memory()
         return args.func(args)
     except ProofMeshNodeError as exc:
         print(f"proofmesh: error: {exc}", file=sys.stderr)
