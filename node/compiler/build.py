@@ -24,6 +24,7 @@ from tvm.s_tir import dlight as dl
 from tvm.target import Target
 
 from node.compiler.cpu_attention import use_fast_cpu_attention
+from node.compiler.cpu_rope import use_fast_cpu_rope
 from node.compiler.cpu_schedule import NTMatmulCPU
 from node.errors import CompileError
 from node.models.llama.config import LlamaConfig
@@ -32,7 +33,7 @@ from node.models.quant.blocks import SPLIT_LAYOUT_VERSION
 
 log = logging.getLogger(__name__)
 
-LIBRARY_FORMAT_VERSION = 11  # bump when the exported functions, the kernels or the pipeline change
+LIBRARY_FORMAT_VERSION = 12  # bump when the exported functions, the kernels or the pipeline change
 
 
 def _cpu_features_digest() -> str:
@@ -104,8 +105,9 @@ class CompiledLibrary:
 def export_ir(cfg: LlamaConfig, target: Target, layout: WeightLayout | None = None):
     model = LlamaForCausalLM(cfg, target, layout)
     mod, named_params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
-    if target.kind.name == "llvm":  # the model's RoPE mode is NORMAL, as the fast kernel needs
+    if target.kind.name == "llvm":  # the model's RoPE mode is NORMAL, as the fast kernels need
         mod = use_fast_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim)
+        mod = use_fast_cpu_rope(mod, cfg)
     return mod, named_params
 
 
