@@ -25,7 +25,7 @@ from tvm.target import Target
 
 from node.compiler.cpu_attention import use_fast_cpu_attention
 from node.compiler.cpu_rope import use_fast_cpu_rope
-from node.compiler.cpu_schedule import NTMatmulCPU
+from node.compiler.cpu_schedule import ElementwiseCPU, NTMatmulCPU
 from node.errors import CompileError
 from node.models.llama.config import LlamaConfig
 from node.models.llama.model import LlamaForCausalLM, WeightLayout
@@ -33,7 +33,7 @@ from node.models.quant.blocks import SPLIT_LAYOUT_VERSION
 
 log = logging.getLogger(__name__)
 
-LIBRARY_FORMAT_VERSION = 12  # bump when the exported functions, the kernels or the pipeline change
+LIBRARY_FORMAT_VERSION = 13  # bump when the exported functions, the kernels or the pipeline change
 
 
 def _cpu_features_digest() -> str:
@@ -67,7 +67,7 @@ def _pipeline(target: Target) -> tvm.transform.Pass:
     if kind == "llvm":
         from tvm.relax.backend.cpu_generic import pipeline as backend
 
-        schedule = [dl.ApplyDefaultSchedule(NTMatmulCPU(), dl.cpu.GEMV(), dl.cpu.Reduction())]
+        schedule = [dl.ApplyDefaultSchedule(NTMatmulCPU(), dl.cpu.GEMV(), dl.cpu.Reduction(), ElementwiseCPU())]
     else:
         from tvm.relax.backend.cuda import pipeline as backend  # same GPU passes for other kinds
 
