@@ -57,17 +57,21 @@ def memory_bandwidth_gb_s(threads: int, size_mb: int = 512) -> float:
     return best
 
 
-def raw_decode_rate(rt, prompt: list[int], batch: int, tokens: int) -> float:
+def raw_decode_rate(rt, prompt: list[int], batch: int, tokens: int, with_prefill: bool = False) -> float:
     """Tokens/s of the bare loop on a runtime: ``batch`` sequences after ``prompt``, one batched
-    decode and a numpy argmax per step."""
+    decode and a numpy argmax per step. ``with_prefill``: the clock also covers the prefills (one
+    sequence at a time, as the engine admits them), whose logits give each sequence its first of
+    ``tokens`` tokens: the same work as an engine's answers of ``max_tokens = tokens``."""
     ids = list(range(1000, 1000 + batch))
     last = 0
+    t = time.perf_counter()
     for s in ids:
         rt.add_sequence(s)
         last = int(np.argmax(rt.prefill(s, prompt)[-1]))
     toks = [last] * batch
-    t = time.perf_counter()
-    for _ in range(tokens):
+    if not with_prefill:
+        t = time.perf_counter()
+    for _ in range(tokens - 1 if with_prefill else tokens):
         toks = [int(i) for i in np.argmax(rt.decode(ids, toks), axis=-1)]
     rate = batch * tokens / (time.perf_counter() - t)
     for s in ids:

@@ -5,7 +5,9 @@ Nothing sets ``TVM_NUM_THREADS``: the node sizes its own thread pool (``--thread
 which is what a user runs. Rows, all on the default model, greedy unless marked:
 
 - raw runtime: ``runtime.decode`` + numpy argmax, batch 1 and 16 (the inner loop), on the
-  engine's thread;
+  engine's thread; alone, and with the prefills that give each answer its first token (the work
+  an engine answer does, to compare end to end; the engine's rate after the first token
+  compares with the decode alone);
 - engine: ``Engine.generate`` in this process, 1 client (greedy; T = 0.8 with top-p 0.9) and 16
   clients at once, with a per-token breakdown of where the engine's time goes (model step,
   sampling, fingerprint and log-softmax, detokenization and stop checks, the rest: event loop
@@ -100,10 +102,13 @@ async def engine_rates(model, tokens: int, batch_tokens: int) -> dict:
 
     prompt = tuple(model.tokenizer.encode_chat(CHAT))
 
+    decode_rates: list[float] = []  # per answer: tokens after the first over the time after it
+
     async def clients(n: int, max_tokens: int, **sampling) -> float:
         async def one(i: int) -> int:
             params = SamplingParams(max_tokens=max_tokens, seed=i, **({"temperature": 0.0} | sampling))
             result = await engine.complete(GenerationRequest(prompt, params))
+            decode_rates.append((len(result.output_ids) - 1) / (result.duration - result.time_to_first_token))
             return len(result.output_ids)
 
         t = time.perf_counter()
@@ -115,15 +120,19 @@ async def engine_rates(model, tokens: int, batch_tokens: int) -> dict:
         await clients(1, 8)  # warm-up
         # The raw loop runs on the engine's own thread: TVM keeps a thread pool per calling
         # thread, and a second pool (the main thread's) measured the engine ~15 % slow.
-        out["raw_b1_tok_s"] = max([await engine.run_exclusive(raw_decode_rate, model.runtime, list(prompt), 1, tokens)
-                                   for _ in range(2)])
-        out["raw_b16_tok_s"] = await engine.run_exclusive(raw_decode_rate, model.runtime, list(prompt), 16, batch_tokens)
+        raw = lambda batch, n, prefill: engine.run_exclusive(raw_decode_rate, model.runtime, list(prompt), batch, n, prefill)  # noqa: E731
+        out["raw_b1_tok_s"] = max([await raw(1, tokens, False) for _ in range(2)])
+        out["raw_b1_with_prefill_tok_s"] = max([await raw(1, tokens, True) for _ in range(2)])
+        out["raw_b16_tok_s"] = await raw(16, batch_tokens, False)
+        out["raw_b16_with_prefill_tok_s"] = await raw(16, batch_tokens, True)
         # the breakdown: time in the model step and in the per-token work, over one greedy answer
         prefill, decode, accept = Timed(model.runtime.prefill), Timed(model.runtime.decode), Timed(engine._accept)
         model.runtime.prefill, model.runtime.decode, engine._accept = prefill, decode, accept
         t = time.perf_counter()
+        decode_rates.clear()
         out["engine_b1_greedy_tok_s"] = await clients(1, tokens)
         wall = time.perf_counter() - t
+        out["engine_b1_greedy_decode_tok_s"] = decode_rates[0]
         del model.runtime.prefill, model.runtime.decode, engine._accept  # the instance attributes go; the methods return
         per_token = 1000 / max(accept.calls, 1)
         out["breakdown_ms_per_token"] = {
@@ -236,16 +245,21 @@ def main(argv: list[str] | None = None) -> dict:
     r, lc = report, report["llama_cpp"]
     rows = [  # (path, tokens/s, against which row's tokens/s, that row's name)
         ("raw runtime decode, batch 1", r["raw_b1_tok_s"], None, ""),
-        ("engine, 1 client, greedy", r["engine_b1_greedy_tok_s"], r["raw_b1_tok_s"], "raw batch 1"),
-        ("engine, 1 client, T=0.8 top-p 0.9", r["engine_b1_sampled_tok_s"], r["raw_b1_tok_s"], "raw batch 1"),
+        ("raw runtime, batch 1, prefill + decode", r["raw_b1_with_prefill_tok_s"], None, ""),
+        ("engine, 1 client, greedy", r["engine_b1_greedy_tok_s"], r["raw_b1_with_prefill_tok_s"], "raw prefill + decode"),
+        ("engine, 1 client, greedy, after the first token", r["engine_b1_greedy_decode_tok_s"], r["raw_b1_tok_s"],
+         "raw decode"),
+        ("engine, 1 client, T=0.8 top-p 0.9", r["engine_b1_sampled_tok_s"], r["raw_b1_with_prefill_tok_s"], "raw prefill + decode"),
         ("proofmesh generate, greedy", r["generate_cli_tok_s"], lc.get("greedy_tok_s"), "llama.cpp greedy"),
         ("HTTP, 1 client, greedy", r["http_c1_greedy_tok_s"], lc.get("greedy_tok_s"), "llama.cpp greedy"),
         ("HTTP, 1 client, T=0.8 top-p 0.9", r["http_c1_sampled_tok_s"], lc.get("sampled_tok_s"), "llama.cpp sampled"),
         ("HTTP, 4 clients, greedy", r["http_c4_greedy_tok_s"], r["http_c1_greedy_tok_s"], "HTTP 1 client"),
         ("HTTP, 16 clients, greedy", r["http_c16_greedy_tok_s"], r["http_c1_greedy_tok_s"], "HTTP 1 client"),
         ("HTTP, 16 clients, T=0.8 top-p 0.9", r["http_c16_sampled_tok_s"], r["http_c1_sampled_tok_s"], "HTTP 1 client"),
-        ("engine, 16 clients, greedy", r["engine_b16_greedy_tok_s"], r["raw_b16_tok_s"], "raw batch 16"),
+        ("engine, 16 clients, greedy", r["engine_b16_greedy_tok_s"], r["raw_b16_with_prefill_tok_s"], "raw b16 prefill + decode"),
         ("raw runtime decode, batch 16", r["raw_b16_tok_s"], r["raw_b1_tok_s"], "raw batch 1"),
+        ("raw runtime, batch 16, prefill + decode", r["raw_b16_with_prefill_tok_s"], r["raw_b1_with_prefill_tok_s"],
+         "raw b1 prefill + decode"),
         ("llama-cpp-python end to end, greedy", lc.get("greedy_tok_s"), None, ""),
         ("llama-cpp-python end to end, T=0.8 top-p 0.9", lc.get("sampled_tok_s"), None, ""),
     ]
