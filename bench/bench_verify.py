@@ -30,6 +30,7 @@ from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.engine import FINGERPRINT_K, GenerationRequest
 from node.runtime.loading import LoadedModel, load_checkpoint_cached, load_model
 from node.runtime import model_store
+from node.runtime.allocator import keep_freed_memory
 from verify.evidence import AnswerFile
 from verify.evidence_store import encode_answer
 from verify.identity import NodeKey
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)))
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    keep_freed_memory()  # as the CLI does for every command that runs TVM
     peak, how = matmul_peak_gflops(args.threads)
     model = load_model(DEFAULT_MODEL, device="cpu", progress=lambda m: None)
     key = NodeKey.generate()
