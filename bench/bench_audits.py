@@ -1,7 +1,7 @@
 """Audit overhead on the default model: the compute that sampled audits add to serving.
 
 Same run, same process: answers generated at batch 1 on the fp32 path and on native quantized
-weights, each timed; every answer then re-checked by the verifier (teacher-forced prefill on the
+weights, one after another in one engine (as a node serves them), each timed; every answer then re-checked by the verifier (teacher-forced prefill on the
 fp32 path, as a sidecar would), timed. For audit rates P = 1 %, 5 %, 20 % the overhead is the
 audits' share of all compute, ``P sum(verify) / (sum(generate) + P sum(verify))`` (the expected
 value over which answers get audited), beside what ``proofmesh posp`` predicts from its
@@ -45,13 +45,8 @@ def main() -> None:
     results: dict = {"answers": args.answers, "tokens": args.tokens, "verifier": verifier.backend, "paths": {}}
     for weights in ("fp32", "native"):
         model = verifier if weights == "fp32" else load_model(DEFAULT_MODEL, device="cpu", weights="native")
-        generator = Generator.of(model)
-        generator.answers(requests[:1], key)  # warm-up
-        gen_s, answers = [], []
-        for request in requests:
-            t = time.perf_counter()
-            answers += generator.answers([request], key)
-            gen_s.append(time.perf_counter() - t)
+        timed = Generator.of(model).timed_answers(requests, key)
+        answers, gen_s = [a for a, _ in timed], [s for _, s in timed]
         verify_s = []
         for answer in answers:
             t = time.perf_counter()

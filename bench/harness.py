@@ -14,6 +14,7 @@ import asyncio
 import functools
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -178,6 +179,22 @@ class Generator:
                     return answer_file(result, key, model_id=self.model_id, backend=self.backend)
 
                 return list(await asyncio.gather(*(one(r) for r in requests)))
+
+        return asyncio.run(run())
+
+    def timed_answers(self, requests: Sequence[GenerationRequest], key: NodeKey) -> list[tuple[AnswerFile, float]]:
+        """Answer the requests one after another in one engine (as a serving node does: its thread
+        and TVM pool already running), each with the seconds it took; the first is a warm-up."""
+
+        async def run() -> list[tuple[AnswerFile, float]]:
+            async with Engine(self.runtime, self.tokenizer, self.model_id, max_context=self.max_context) as engine:
+                await engine.complete(requests[0])
+                out = []
+                for request in requests:
+                    t = time.perf_counter()
+                    result = await engine.complete(request)
+                    out.append((answer_file(result, key, model_id=self.model_id, backend=self.backend), time.perf_counter() - t))
+                return out
 
         return asyncio.run(run())
 
