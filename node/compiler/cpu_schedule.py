@@ -39,17 +39,21 @@ def _int_extent(expr) -> int | None:
     return int(expr) if isinstance(expr, tirx.IntImm) else None
 
 
+def _blocks_after_inlining(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list | None]:
+    """A schedule of ``func`` and its blocks once the contiguous spatial ones are inlined (None
+    when the function does not normalise): what each rule below starts from."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return sch, None if infos is None else try_inline_contiguous_spatial(sch, infos)
+
+
 class NTMatmulCPU(CPUScheduleRule):
     """Schedule ``C[.., j] += A[.., k] * W[j, k]`` (with optional injective epilogue)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline_contiguous_spatial(sch, infos)
+        sch, infos = _blocks_after_inlining(func)
         if infos is None or not 1 <= len(infos) <= 2:
             return None
         main = infos[0]
@@ -114,11 +118,7 @@ class ElementwiseCPU(CPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: D102
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
-        infos = try_inline_contiguous_spatial(sch, infos)
+        sch, infos = _blocks_after_inlining(func)
         if infos is None or len(infos) != 1 or infos[0].dom_kind().strip("S"):
             return None
         loops = sch.get_loops(infos[0].block_rv)

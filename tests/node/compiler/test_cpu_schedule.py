@@ -1,6 +1,7 @@
-"""The CPU elementwise rule (``node.compiler.cpu_schedule.ElementwiseCPU``) runs an activation
-in parallel and gives the serial loop's results bit for bit, at sizes that do not divide into
-its tasks; functions with a reduction are left to other rules."""
+"""The CPU schedule rules: the elementwise rule (``ElementwiseCPU``) runs an activation in
+parallel and gives the serial loop's results bit for bit, at sizes that do not divide into its
+tasks, and leaves functions with a reduction to other rules; the matmul rule (``NTMatmulCPU``)
+schedules ``x @ w.T`` in parallel and computes it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from node.compiler.cpu_schedule import ElementwiseCPU
+from node.compiler.cpu_schedule import ElementwiseCPU, NTMatmulCPU
 
 
 def silu_multiply(n: int, width: int) -> tirx.PrimFunc:
@@ -40,3 +41,19 @@ def test_elementwise_rule_parallelises_without_changing_a_bit(cpu):
             outs.append(out.numpy().view(np.uint32))
         np.testing.assert_array_equal(outs[0], outs[1])
     assert rule.apply(row_sum(8), cpu.target, False) is None
+
+
+def test_matmul_rule_schedules_and_computes_x_times_w_transposed(cpu):
+    x = te.placeholder((5, 64), "float32", name="x")
+    w = te.placeholder((24, 64), "float32", name="w")
+    k = te.reduce_axis((0, 64))
+    func = te.create_prim_func([x, w, te.compute((5, 24), lambda i, j: te.sum(x[i, k] * w[j, k], axis=k))])
+    scheduled = NTMatmulCPU().apply(func, cpu.target, False)
+    assert scheduled is not None and "T.parallel" in scheduled.mod.script()
+    assert NTMatmulCPU().apply(silu_multiply(2, 8), cpu.target, False) is None
+    kernel = tvm.compile(scheduled.mod["main"].with_attr("global_symbol", "main"), target=cpu.target)
+    rng = np.random.default_rng(3)
+    xs, ws = rng.standard_normal((5, 64)).astype(np.float32), rng.standard_normal((24, 64)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((5, 24), np.float32), tvm.cpu())
+    kernel(tvm.runtime.tensor(xs, tvm.cpu()), tvm.runtime.tensor(ws, tvm.cpu()), out)
+    np.testing.assert_allclose(out.numpy(), xs @ ws.T, rtol=1e-5, atol=1e-5)
