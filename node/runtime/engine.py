@@ -48,6 +48,9 @@ DEFAULT_MAX_QUEUE = 64  # requests that may wait for a batch slot before new one
 # Exclusive work (re-checks for peers and for fraud proofs) waiting for the engine's thread at
 # once: past it, new work is refused (EngineBusyError), so re-checks cannot queue up without end.
 MAX_EXCLUSIVE_WAITING = 4
+# Seconds between hand-overs of a running answer's tokens to the event loop (streamed tokens
+# arrive in bursts of a few; a stream's first and last events go at once).
+DELIVERY_INTERVAL = 0.02
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ class Engine:
         self._samplers = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="proofmesh-sample")
         self._eos = set(tokenizer.eos_token_ids)
         self._closing = False
+        self.delivery_interval = DELIVERY_INTERVAL
         self._exclusive = 0  # exclusive jobs submitted and not yet finished
         self.steps_run = 0  # scheduler steps so far (for metrics and tests)
 
@@ -309,7 +313,11 @@ class Engine:
         ``call_soon_threadsafe`` and the next step starts at once (a round trip through the
         event loop between steps cost 0.3-1.3 ms a token on 2 vCPUs: two thread wake-ups).
         Requests, cancellations and exclusive jobs reach it through the locked lists and
-        ``_work_ready``."""
+        ``_work_ready``. Events are handed over at most every ``delivery_interval`` seconds
+        (each hand-over wakes the event loop, whose thread then competes with the model step's
+        for the cores), at once when an answer starts or ends, and before the thread sleeps."""
+        pending: list[tuple[_Sequence, TokenEvent]] = []
+        delivered_at = time.perf_counter()
         while True:
             self._run_jobs()
             with self._lock:
@@ -322,6 +330,9 @@ class Engine:
                 else:
                     admitted = self._admit()
             if idle:
+                if pending:
+                    self._loop.call_soon_threadsafe(_deliver, pending)
+                    pending = []
                 self._work_ready.wait()
                 continue
             try:
@@ -333,12 +344,17 @@ class Engine:
                     for seq in failed:
                         self._retire(seq)
                         seq.failed = True
-                self._loop.call_soon_threadsafe(_deliver, [(seq, exc) for seq in failed])
+                self._loop.call_soon_threadsafe(_deliver, pending + [(seq, exc) for seq in failed])
+                pending = []
                 continue
             self.steps_run += 1
             with self._lock:
                 self._release_finished()
-            self._loop.call_soon_threadsafe(_deliver, outputs)
+            pending += outputs
+            now = time.perf_counter()
+            if admitted or now - delivered_at >= self.delivery_interval or any(e.finish_reason for _, e in outputs):
+                self._loop.call_soon_threadsafe(_deliver, pending)
+                pending, delivered_at = [], now
 
     def _run_jobs(self) -> None:
         """Exclusive jobs, between steps, each answered on the event loop."""

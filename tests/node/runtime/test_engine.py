@@ -180,3 +180,27 @@ def test_admission_reserves_whole_kv_pages(tiny_ckpt, store, cpu):
     for r in results:  # every answer ran to its end: its whole budget, or an end-of-sequence token
         assert (r.finish_reason == "length" and len(r.output_ids) == 20) or (r.finish_reason == "stop" and r.output_ids[-1] in eos)
     assert runtime.live_sequences == 0
+
+
+def test_tokens_are_handed_over_in_bursts_but_first_and_last_at_once(tiny_ckpt, tiny_runtime):
+    """With a long delivery interval, a stream's first event comes as soon as its token is
+    sampled and the rest together with the last: every token, in order, none held back at the end."""
+    ids = prompt(tiny_ckpt, "Hello there")
+
+    async def go(interval):
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
+            engine.delivery_interval = interval
+            arrivals, events = [], []
+            loop = asyncio.get_running_loop()
+            async for event in engine.generate(request(ids, max_tokens=12, stop_token_ids=())):
+                arrivals.append(loop.time())
+                events.append(event)
+            return arrivals, events
+
+    arrivals, events = run(go(60.0))
+    assert [e.token_id for e in events] == events[-1].result.output_ids and len(events) == 12
+    assert events[-1].finish_reason == "length"
+    burst = arrivals[1:]  # 11 tokens handed over in one go, after the 11 steps that made them
+    assert max(burst) - min(burst) < (arrivals[1] - arrivals[0]) / 4
+    _, every = run(go(0.0))
+    assert [e.token_id for e in every] == [e.token_id for e in events]
