@@ -22,6 +22,7 @@ from bench.harness import Generator, request_mix
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.loading import load_model
 from node.sidecar.proxy import audit_draw
+from node.compiler.targets import configure_threads
 from node.runtime.allocator import keep_freed_memory
 from verify.audit_policy import GameParams, audit_overhead
 from verify.identity import NodeKey
@@ -37,7 +38,8 @@ def main() -> None:
     ap.add_argument("--answers", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    keep_freed_memory()  # as the CLI does for every command that runs TVM
+    configure_threads(None)  # as the CLI does for every command that runs TVM: a pool on every core
+    keep_freed_memory()
     key = NodeKey.generate()
     verifier = load_model(DEFAULT_MODEL, device="cpu", weights="fp32")
     requests = request_mix(verifier.tokenizer, args.answers, seed=5, lengths=(args.tokens,), extras=False)
