@@ -315,7 +315,8 @@ class Engine:
         Requests, cancellations and exclusive jobs reach it through the locked lists and
         ``_work_ready``. Events are handed over at most every ``delivery_interval`` seconds
         (each hand-over wakes the event loop, whose thread then competes with the model step's
-        for the cores), at once when an answer starts or ends, and before the thread sleeps."""
+        for the cores), at once when an answer starts or ends, and before the thread sleeps or
+        runs an exclusive job."""
         pending: list[tuple[_Sequence, TokenEvent]] = []
         delivered_at = time.perf_counter()
         while True:
@@ -352,7 +353,8 @@ class Engine:
                 self._release_finished()
             pending += outputs
             now = time.perf_counter()
-            if admitted or now - delivered_at >= self.delivery_interval or any(e.finish_reason for _, e in outputs):
+            # at once: a first token, a last one, or before an exclusive job holds the thread
+            if admitted or self._jobs or now - delivered_at >= self.delivery_interval or any(e.finish_reason for _, e in outputs):
                 self._loop.call_soon_threadsafe(_deliver, pending)
                 pending, delivered_at = [], now
 
