@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from verify.audit_policy import GameParams, catch_probability, cheat_gain, plan_audits
+from verify.audit_policy import VERIFY_COST_RATIO, GameParams, catch_probability, cheat_gain, plan_audits
 from verify.verifier import Tolerances
 from bench.report import RESULTS
 
@@ -50,7 +50,7 @@ class SimConfig(BaseModel):
     reward: float = 1.0
     cost: float = 0.5
     penalty: float = 10.0
-    verify_cost_ratio: float = 0.14
+    verify_cost_ratio: float = VERIFY_COST_RATIO
     keep_convicted: bool = False
     seed: int = 0
 

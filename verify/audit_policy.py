@@ -30,7 +30,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-VERIFY_COST_RATIO = 0.14  # verify / generate on the default model, 64-token answers at batch 1 (README, bench_verify)
+# verify / generate on the default model as a node serves it (native quantized weights), answers of
+# 64-512 tokens at batch 1: 0.30-0.31 (bench_verify, 2-core AMD EPYC znver4; 0.14 was the fp32 path's)
+VERIFY_COST_RATIO = 0.31
 
 
 class GameParams(BaseModel):

@@ -9,7 +9,7 @@ import pytest
 
 from bench.simulate_audits import SimConfig, honest_noise, simulate
 from node.cli import main as cli_main
-from verify.audit_policy import GameParams, plan_audits
+from verify.audit_policy import VERIFY_COST_RATIO, GameParams, plan_audits
 
 # (R, C, S, r, k, D) -> least audit rate, worked by hand from p = C / (D (1 - r^k) (R + S))
 CASES = [
@@ -32,7 +32,7 @@ def test_least_audit_rate_is_the_closed_form(figures, expected):
     else:
         assert plan.min_audit_rate == pytest.approx(expected, rel=1e-12)
         assert plan.cheat_gain_per_answer == pytest.approx(0.0, abs=1e-12)  # indifferent exactly at the rate
-        rho_k = 0.14 * k
+        rho_k = VERIFY_COST_RATIO * k
         assert plan.audit_overhead == pytest.approx(expected * rho_k / (1 + expected * rho_k))
 
 
@@ -65,7 +65,7 @@ def test_cheaters_are_caught_at_the_expected_pace_and_honest_nodes_never_convict
     expected_hours = 1 / (10.0 * 0.05 * run["closed_form_catch_probability"])  # exponential wait for a caught audit
     assert run["mean_hours_to_catch"] == pytest.approx(expected_hours, rel=0.3)
     assert run["false_convictions"] == 0 and run["false_flag_probability_per_audit"] < 1e-12
-    assert run["audit_overhead"] == pytest.approx(0.05 * 0.14, rel=0.15)
+    assert run["audit_overhead"] == pytest.approx(0.05 * VERIFY_COST_RATIO, rel=0.15)
 
 
 def test_a_tolerance_inside_the_honest_noise_convicts_honest_nodes():
