@@ -27,6 +27,8 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 from tvm.script import tirx as T
 
+from node.models.llama.model import ROPE_SCALE
+
 SWAPPED_ROPE_TYPES = (None, "default")
 
 
@@ -96,7 +98,8 @@ def use_fast_cpu_rope(mod, cfg) -> Any:
     scaling = cfg.rope_scaling_dict or {}
     if "fused_rope" not in {gv.name_hint for gv in mod.get_global_vars()} or scaling.get("rope_type") not in SWAPPED_ROPE_TYPES:
         return mod
-    kernel = fused_rope_cpu(cfg.rope_theta, 1.0, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, "float32",
-                            scaling, cfg.head_dim)
+    # the arguments the model's KV cache gives TVM's kernel (LlamaForCausalLM.create_paged_kv_cache)
+    kernel = fused_rope_cpu(cfg.rope_theta, ROPE_SCALE, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
+                            "float32", scaling, cfg.head_dim)
     mod["fused_rope"] = kernel.with_attr("global_symbol", "fused_rope")
     return mod

@@ -37,6 +37,7 @@ from node.models.quant.modules import QuantEmbedding, QuantLinear
 from .config import LlamaConfig
 
 ACCUM_DTYPE = "float32"
+ROPE_SCALE = 1  # the KV cache's RoPE position scale (no scaling); the CPU RoPE kernel is built with the same
 Weight = Union[np.ndarray, QuantizedTensor]
 WeightLayout = Mapping[str, str]  # module name ("model.layers.0.mlp.down_proj") -> GGML block type
 # Hugging Face projections fused into one matmul each: (fused name, its parts in row order).
@@ -165,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
             rope_mode=RopeMode.NORMAL,
-            rope_scale=1,
+            rope_scale=ROPE_SCALE,
             rope_theta=cfg.rope_theta,
             rope_scaling=cfg.rope_scaling_dict or {},
             rope_ext_factors=rx.prim_value(0),
