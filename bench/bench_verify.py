@@ -27,15 +27,15 @@ import numpy as np
 
 from bench.harness import COMPLETIONS, Generator
 from compiled_models.registry import DEFAULT_MODEL
-from node.runtime.engine import FINGERPRINT_K, GenerationRequest
+from node.runtime.engine import GenerationRequest
 from node.runtime.loading import LoadedModel, load_checkpoint_cached, load_model
 from node.runtime import model_store
 from node.runtime.allocator import keep_freed_memory
-from verify.evidence import AnswerFile
+from verify.evidence import AnswerFile, position_fingerprint
 from verify.evidence_store import encode_answer
 from verify.identity import NodeKey
 from verify.receipts import make_receipt
-from verify.sampling import SamplingParams, top_k_fingerprint
+from verify.sampling import SamplingParams
 from verify.verifier import check_positions, verify_answer
 from bench.report import RESULTS, write_json
 
@@ -135,7 +135,7 @@ def bench_length(model: LoadedModel, key: NodeKey, length: int, peak: float, tor
     torch_s = torch_prefill(ids) if torch_prefill else None
 
     logits = model.score(ids, first)
-    fingerprint_s = _timed(lambda: [top_k_fingerprint(row, FINGERPRINT_K) for row in logits])
+    fingerprint_s = _timed(lambda: [position_fingerprint(row, token) for row, token in zip(logits, ev.output_ids)])
     fps = [(f.ids, f.logits) for f in ev.fingerprints]
     receipt_s = _timed(lambda: make_receipt(key, model_id=model.model_id, backend=model.backend, request_hash=answer.receipt.request_hash,
                                             seed=ev.sampling.seed, seed_source=answer.receipt.seed_source, prompt_ids=ev.prompt_ids,

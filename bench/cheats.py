@@ -41,12 +41,12 @@ from node.runtime.engine import GenerationRequest
 from node.runtime.loading import LoadedModel, load_checkpoint_cached
 from node.models.llama.model import fuse_hf_weights
 from node.runtime.model_runtime import ModelRuntime
-from verify.evidence import FINGERPRINT_K, AnswerFile, sign_answer
+from verify.evidence import AnswerFile, Fingerprint, position_fingerprint, sign_answer
 from verify.identity import NodeKey
-from verify.sampling import SamplingParams, process_logits, top_k_fingerprint
+from verify.sampling import SamplingParams, process_logits
 
 Weights = dict[str, np.ndarray]
-FingerprintRows = list[tuple[list[int], list[float]]]
+FingerprintRows = list[Fingerprint]
 
 
 # -- cheaper weights -------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def claim(key: NodeKey, model: LoadedModel, prompt_ids: Sequence[int], output_id
 def real_fingerprints(model: LoadedModel, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> FingerprintRows:
     """What one honest prefill of the real model commits for these tokens."""
     rows = model.score(list(prompt_ids) + list(output_ids)[:-1], len(prompt_ids) - 1)
-    return [top_k_fingerprint(row, FINGERPRINT_K) for row in rows]
+    return [position_fingerprint(row, token) for row, token in zip(rows, output_ids)]
 
 
 # -- the cheats ---------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _refingerprinted(ctx: CheatContext, prompt_ids: Sequence[int], output_ids: S
 
 
 def _fingerprints_of(answer: AnswerFile) -> FingerprintRows:
-    return [(f.ids, f.logits) for f in answer.evidence.fingerprints]
+    return list(answer.evidence.fingerprints)
 
 
 def _weights_cheat(transform: Callable[[Weights], Weights]) -> Cheat:
@@ -243,7 +243,7 @@ def _seed_ignored(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> l
                 probs = np.exp(scores - scores.max())
                 token = int(np_rng.choice(probs.size, p=probs / probs.sum()))
                 tokens.append(token)
-                fingerprints.append(top_k_fingerprint(logits, FINGERPRINT_K))
+                fingerprints.append(position_fingerprint(logits, token))
                 if token in eos:
                     break
                 logits = rt.decode([seq], [token])[0]
@@ -282,7 +282,7 @@ def _truncated_resigned(ctx: CheatContext, requests: Sequence[GenerationRequest]
 def _emptied_fingerprints(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
     """An answer re-signed with every fingerprint emptied (the fingerprint check has nothing to compare)."""
     return [claim(ctx.key, ctx.model, a.evidence.prompt_ids, a.evidence.output_ids, a.evidence.sampling,
-                  [([], [])] * len(a.evidence.output_ids)) for a in _cheap_model(ctx, requests)]
+                  [Fingerprint(ids=[], logits=[], token_logit=0.0, log_normalizer=0.0)] * len(a.evidence.output_ids)) for a in _cheap_model(ctx, requests)]
 
 
 CHEATS: dict[str, Cheat] = {

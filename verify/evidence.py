@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Sequence
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from verify.canonical import canonical_hash, request_hash
 from verify.identity import NodeKey
 from verify.receipts import FinishReason, Receipt, SeedSource, make_receipt
-from verify.sampling import SamplingParams
+from verify.sampling import SamplingParams, log_normalizer, top_k_fingerprint
 
 MAX_TOKENS = 65536  # prompt or output ids per answer
 MAX_TOP_K = 32
@@ -28,18 +29,40 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class Fingerprint(BaseModel):
-    """One output position: the top-k token ids and their logits, as the node computed them."""
+    """One output position as the node computed it: the top-k token ids and their raw logits, the
+    raw logit of the token it output there, and the log-normaliser (logsumexp of every raw logit).
+
+    The last two make every logprob a client reads derivable from what the node signed (a logprob
+    is a logit minus the normaliser; differences of logits alone leave the absolute values free),
+    and the verifier re-checks both against its own logits with the fingerprint tolerance."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     ids: list[TokenId] = Field(max_length=MAX_TOP_K)
     logits: list[FiniteFloat] = Field(max_length=MAX_TOP_K)
+    token_logit: FiniteFloat
+    log_normalizer: FiniteFloat
+
+    def token_logprob(self) -> float:
+        """The output token's log-softmax: what an API serves as its ``logprob``."""
+        return self.token_logit - self.log_normalizer
+
+    def top_logprobs(self) -> list[tuple[int, float]]:
+        """``(token id, log-softmax)`` of the committed top-k, best first: ``top_logprobs``."""
+        return [(i, v - self.log_normalizer) for i, v in zip(self.ids, self.logits)]
 
     @model_validator(mode="after")
     def _same_length(self) -> "Fingerprint":
         if len(self.ids) != len(self.logits):
             raise ValueError("fingerprint ids and logits differ in length")
         return self
+
+
+def position_fingerprint(logits: np.ndarray, token: int) -> Fingerprint:
+    """What a node commits at one output position, from that position's raw logits (the engine,
+    a validator and the verifier's cheat tools all take it from here)."""
+    ids, top = top_k_fingerprint(logits, FINGERPRINT_K)
+    return Fingerprint(ids=ids, logits=top, token_logit=float(np.float32(logits[token])), log_normalizer=log_normalizer(logits))
 
 
 class Evidence(BaseModel):
@@ -77,7 +100,7 @@ class AnswerFile(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: Literal[1] = 1
+    version: Literal[2] = 2  # 2: fingerprints commit the output token's logit and the log-normaliser
     receipt: Receipt
     signature: str = Field(max_length=200)  # base64 Ed25519 signature of the receipt
     public_key: str = Field(pattern=r"^[0-9a-f]{64}$")  # hex, 32 bytes
@@ -92,7 +115,7 @@ def sign_answer(
     prompt_ids: Sequence[int],
     output_ids: Sequence[int],
     params: SamplingParams,
-    fingerprints: Sequence[tuple[Sequence[int], Sequence[float]]],
+    fingerprints: Sequence[Fingerprint],
     finish_reason: FinishReason,
     seed_source: SeedSource = "node",
 ) -> AnswerFile:
@@ -100,11 +123,10 @@ def sign_answer(
     prompt ids and every sampling parameter; evidence hash over all of the evidence) and the
     evidence behind it, as one answer file."""
     prompt_ids, output_ids = list(prompt_ids), list(output_ids)
-    evidence = Evidence(prompt_ids=prompt_ids, output_ids=output_ids, sampling=params,
-                        fingerprints=[Fingerprint(ids=list(i), logits=list(v)) for i, v in fingerprints])
+    evidence = Evidence(prompt_ids=prompt_ids, output_ids=output_ids, sampling=params, fingerprints=list(fingerprints))
     receipt, signature = make_receipt(
         key, model_id=model_id, backend=backend, request_hash=request_hash(model_id, prompt_ids, params.to_canonical_dict()),
-        seed=params.seed, seed_source=seed_source, prompt_ids=prompt_ids, output_ids=output_ids, fingerprints=fingerprints,
-        finish_reason=finish_reason, evidence_hash=evidence.digest(),
+        seed=params.seed, seed_source=seed_source, prompt_ids=prompt_ids, output_ids=output_ids,
+        fingerprints=[(f.ids, f.logits) for f in fingerprints], finish_reason=finish_reason, evidence_hash=evidence.digest(),
     )
     return AnswerFile(receipt=receipt, signature=signature, public_key=key.public_key.hex(), evidence=evidence)

@@ -11,7 +11,8 @@ cannot flush evidence before an audit could fetch it. A store full of young evid
 
 Rows are compact: the small JSON parts (receipt, signature, key, sampling) plus the token ids
 and fingerprints as packed little-endian arrays, zlib-compressed (about 50 bytes per output
-token with top-8 fingerprints, where the JSON answer file takes about 200). Fingerprint logits
+token with top-8 fingerprints, where the JSON answer file takes about 200); each position's
+output-token logit is stored as the logits are, its log-normaliser as float64. Fingerprint logits
 are stored as float32 when that is exact (the engine's are) and as float64 otherwise, so what
 comes back always hashes to the same ``fingerprint_root``.
 """
@@ -61,7 +62,8 @@ def encode_answer(answer: AnswerFile) -> bytes:
     widths = np.array([len(f.ids) for f in ev.fingerprints], dtype=np.uint8)
     fp_ids = np.array([i for f in ev.fingerprints for i in f.ids], dtype=np.int32)
     fp_logits = np.array([x for f in ev.fingerprints for x in f.logits], dtype=np.float64)
-    logit_dtype = "<f4" if _exact_float32(fp_logits) else "<f8"
+    token_logits = np.array([f.token_logit for f in ev.fingerprints], dtype=np.float64)
+    logit_dtype = "<f4" if _exact_float32(fp_logits) and _exact_float32(token_logits) else "<f8"
     header = {
         "version": answer.version,
         "receipt": answer.receipt.model_dump(),
@@ -78,6 +80,8 @@ def encode_answer(answer: AnswerFile) -> bytes:
         widths,
         fp_ids.astype("<i4"),
         fp_logits.astype(logit_dtype),
+        token_logits.astype(logit_dtype),
+        np.asarray([f.log_normalizer for f in ev.fingerprints], dtype="<f8"),
     ]
     head = json.dumps(header, separators=(",", ":")).encode()
     raw = len(head).to_bytes(4, "little") + head + b"".join(a.tobytes() for a in arrays)
@@ -102,8 +106,11 @@ def decode_answer(blob: bytes) -> AnswerFile:
     total = int(widths.sum())
     ids = take("<i4", total).tolist()
     logits = take(header["logit_dtype"], total).astype(np.float64).tolist()
+    token_logits = take(header["logit_dtype"], header["n_output"]).astype(np.float64).tolist()
+    normalizers = take("<f8", header["n_output"]).tolist()
     bounds = [0] + np.cumsum(widths, dtype=np.int64).tolist()
-    fingerprints = [{"ids": ids[a:b], "logits": logits[a:b]} for a, b in zip(bounds, bounds[1:])]
+    fingerprints = [{"ids": ids[a:b], "logits": logits[a:b], "token_logit": t, "log_normalizer": z}
+                    for a, b, t, z in zip(bounds, bounds[1:], token_logits, normalizers)]
     return AnswerFile.model_validate(
         {
             "version": header["version"],

@@ -8,8 +8,9 @@ every output position. Then, at each position t:
    the last bits may resolve a near-tie the other way, a cheater's token loses by far more. With
    a grammar, the verifier rebuilds its mask at every position (``verify.grammar``): a token
    outside it loses by ``-inf``, whatever the rounding;
-2. fingerprint: the committed top-k logits must match the verifier's logits at those ids within
-   ``tau``: catches another model, dtype or quantization, skipped layers.
+2. fingerprint: the committed top-k logits, the claimed token's logit and the log-normaliser
+   (what a client's logprobs are derived from) must match the verifier's within ``tau``: catches
+   another model, dtype or quantization, skipped layers, and logprobs shifted by the node.
 
 Before any model work the answer must be the node's, in this order:
 
@@ -42,7 +43,7 @@ from verify.evidence import AnswerFile
 from verify.finish import finish_failures
 from verify.receipts import fingerprint_root, verify_receipt
 from verify.grammar import ENGINE, GrammarVocabulary, foreign_engine, grammar_problems
-from verify.sampling import SamplingParams, decision_scores, token_margin
+from verify.sampling import SamplingParams, decision_scores, log_normalizer, token_margin
 
 
 MARGIN_CLIP = 1e9
@@ -158,7 +159,7 @@ class PositionChecks:
     """Per output position: the claimed token's sampling lead and the fingerprint difference."""
 
     margins: np.ndarray  # logit units, see _sampling_margin
-    logit_diffs: np.ndarray  # max |committed - recomputed| over the fingerprint's token ids
+    logit_diffs: np.ndarray  # max |committed - recomputed| over the fingerprint's values
 
 
 def check_positions(answer: AnswerFile, backend: ScoringBackend, eps: float) -> PositionChecks:
@@ -177,7 +178,8 @@ def check_positions(answer: AnswerFile, backend: ScoringBackend, eps: float) -> 
             allowed = grammar.allowed()
             grammar.advance(claimed)
         margins.append(_sampling_margin(row, ev.sampling, rh, t, ev.output_ids[:t], claimed, eps, allowed))
-        diffs.append(float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))))  # shape checked: k ids each
+        diffs.append(max(float(np.max(np.abs(np.asarray(fp.logits) - row[fp.ids]))),  # shape checked: k ids each
+                         abs(fp.token_logit - float(row[claimed])), abs(fp.log_normalizer - log_normalizer(row))))
     return PositionChecks(np.asarray(margins), np.asarray(diffs))
 
 

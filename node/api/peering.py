@@ -39,10 +39,9 @@ from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
 from p2p.wire import FRAUD_PROTOCOL, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
 from verify.attestation import Attestation
-from verify.evidence import FINGERPRINT_K, AnswerFile, Fingerprint
+from verify.evidence import AnswerFile, Fingerprint, position_fingerprint
 from verify.fraud import FraudProof, accusation_problems, check_fraud_proof, sign_verdict
 from verify.ledger import Ledger
-from verify.sampling import top_k_fingerprint
 from verify.verifier import verify_answer
 
 log = logging.getLogger(__name__)
@@ -78,16 +77,19 @@ async def _watchdog(network: PeerNetwork) -> None:
 
 class _RecordingBackend:
     """A verifier backend that keeps the top-k fingerprint of every row it computed (the
-    validator's own fingerprints), block by block: never every row's logits at once."""
+    validator's own fingerprints, at the answer's claimed tokens), block by block: never every
+    row's logits at once."""
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, output_ids: Sequence[int]):
         self.model, self.model_id, self.vocab_size = model, model.model_id, model.vocab_size
+        self.output_ids = output_ids
         self.eos_token_ids, self.decode, self.grammar_vocabulary = model.eos_token_ids, model.decode, model.grammar_vocabulary
         self.fingerprints: list[Fingerprint] = []
 
     def score_blocks(self, token_ids: Sequence[int], from_position: int = 0) -> Iterator[np.ndarray]:
         for block in self.model.score_blocks(token_ids, from_position):
-            self.fingerprints += [Fingerprint(ids=i, logits=v) for i, v in (top_k_fingerprint(r, FINGERPRINT_K) for r in block)]
+            for row in block[:len(self.output_ids) - len(self.fingerprints)]:
+                self.fingerprints.append(position_fingerprint(row, self.output_ids[len(self.fingerprints)]))
             yield block
 
 
@@ -136,7 +138,7 @@ class NodeServices:
         served = next((s for s in self.node.models.values() if s.loaded.model_id == answer.receipt.model_id), None)
         if served is None:
             raise LookupError(f"model {answer.receipt.model_id} is not served here")
-        backend = _RecordingBackend(served.loaded)
+        backend = _RecordingBackend(served.loaded, answer.evidence.output_ids)
         try:
             verdict = await served.engine.run_exclusive(verify_answer, answer, backend)
         except EngineBusyError as exc:

@@ -29,7 +29,7 @@ from verify.sampling import U64
 from verify.structured import ToolCall
 
 if TYPE_CHECKING:  # the wire models never load the engine (nor TVM) at run time
-    from node.runtime.engine import TokenEvent
+    from node.runtime.events import TokenEvent
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from node.api.metrics import NodeMetrics, TokenRate
 from node.api.protocol import ModelCard, ProofMeshInfo
 from node.api.status_page import MAX_ROWS
 from node.errors import ConfigError
-from node.runtime.engine import Engine, GenerationRequest, GenerationResult, TokenEvent
+from node.runtime.engine import Engine, GenerationRequest, GenerationResult
+from node.runtime.events import TokenEvent
 from node.runtime.loading import LoadedModel
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey

@@ -36,12 +36,13 @@ import numpy as np
 from node.errors import ContextLengthError, EngineBusyError, RequestError
 from node.compiler.targets import usable_cores
 from node.runtime.model_runtime import ModelRuntime
-from node.models.tokenizer import IncrementalDecoder, TextTokenizer
+from node.models.tokenizer import TextTokenizer
+from node.runtime.events import AnswerText, TokenEvent
 from verify.canonical import request_hash as compute_request_hash
-from verify.evidence import FINGERPRINT_K
+from verify.evidence import Fingerprint, position_fingerprint
 from verify.grammar import GrammarError, GrammarState
 from verify.receipts import FinishReason, SeedSource
-from verify.sampling import SamplingParams, StopChecker, sample_token, top_k_fingerprint
+from verify.sampling import SamplingParams, sample_token
 
 T = TypeVar("T")
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a batch slot before new ones are refused
@@ -79,20 +80,6 @@ class GenerationRequest:
     seed_source: SeedSource = "node"  # who chose params.seed (committed in the receipt)
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """One step of one answer: a sampled token and the text it completed; the last one ends it."""
-
-    token_id: int  # the sampled token (a stop token ends the answer and shows no text)
-    text: str  # text that became safe to show with this token (may be empty)
-    logprob: float  # log-softmax of the raw logits at this position
-    # The fingerprint's top-k (token id, log-softmax) at this position, best first: what an API
-    # serves as top_logprobs, normalised exactly as ``logprob`` is.
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-    finish_reason: FinishReason | None = None
-    result: "GenerationResult | None" = None  # set on the last event
-
-
 @dataclass
 class GenerationResult:
     """Everything about a finished answer: what receipts and evidence are made of."""
@@ -104,7 +91,7 @@ class GenerationResult:
     request_hash: str
     params: SamplingParams
     seed_source: SeedSource
-    fingerprints: list[tuple[list[int], list[float]]]  # per output position: top-k ids, logits
+    fingerprints: list[Fingerprint]  # per output position
     logprobs: list[float]
     time_to_first_token: float
     duration: float
@@ -116,12 +103,11 @@ class _Sequence:
     request: GenerationRequest
     request_hash: str
     events: asyncio.Queue
-    decoder: IncrementalDecoder
-    stop: StopChecker
+    text: AnswerText
     created: float = field(default_factory=time.perf_counter)
     grammar: GrammarState | None = None  # where the answer stands in its grammar, if it has one
     output_ids: list[int] = field(default_factory=list)
-    fingerprints: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    fingerprints: list[Fingerprint] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
@@ -158,7 +144,6 @@ class Engine:
         # The per-token work of a batch (sampling, fingerprints: numpy, which releases the GIL)
         # runs on every core while the model waits for it; one sequence's stays on one thread.
         self._samplers = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="proofmesh-sample")
-        self._eos = set(tokenizer.eos_token_ids)
         self._closing = False
         self.delivery_interval = DELIVERY_INTERVAL
         self._exclusive = 0  # exclusive jobs submitted and not yet finished
@@ -288,8 +273,7 @@ class Engine:
             request=request,
             request_hash=compute_request_hash(self.model_id, list(request.prompt_ids), params.to_canonical_dict()),
             events=asyncio.Queue(),
-            decoder=IncrementalDecoder(self.tokenizer),
-            stop=StopChecker(params.stop, params.stop_token_ids),
+            text=AnswerText(self.tokenizer, params),
             grammar=grammar,
         )
         with self._lock:
@@ -434,35 +418,15 @@ class Engine:
         token = sample_token(logits, params, bytes.fromhex(seq.request_hash), step, seq.output_ids, allowed)
         if seq.grammar is not None:
             seq.grammar.advance(token)
-        top_ids, top_logits = top_k_fingerprint(logits, FINGERPRINT_K)
-        seq.fingerprints.append((top_ids, top_logits))
-        peak = top_logits[0]
-        # log-softmax normaliser: float32 exponentials (4x cheaper than float64 over the whole
-        # vocabulary) summed in float64; differences between logprobs stay exact, as binding checks
-        log_norm = float(np.log(np.sum(np.exp(logits - np.float32(peak)), dtype=np.float64)))
-        logprob = (float(logits[token]) - peak) - log_norm
-        top = tuple((i, (v - peak) - log_norm) for i, v in zip(top_ids, top_logits))
+        fingerprint = position_fingerprint(logits, token)
+        seq.fingerprints.append(fingerprint)
         seq.output_ids.append(token)
-        seq.logprobs.append(logprob)
+        seq.logprobs.append(fingerprint.token_logprob())
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-
-        finish: FinishReason | None = None
-        text = ""
-        if token in self._eos or seq.stop.check_token(token):
-            finish = "stop"  # the stop token itself is not shown; text held back is released
-            text = seq.stop.feed_text(seq.decoder.flush())[0] + seq.stop.flush()
-        else:
-            at_limit = len(seq.output_ids) >= params.max_tokens
-            new_text = seq.decoder.push(token) + (seq.decoder.flush() if at_limit else "")
-            text, hit_stop = seq.stop.feed_text(new_text)
-            if hit_stop:
-                finish = "stop"
-            elif at_limit:
-                finish = "length"
-                text += seq.stop.flush()
+        text, finish = seq.text.push(token)
         seq.text_parts.append(text)
         if finish is None:
-            return seq, TokenEvent(token, text, logprob, top)
+            return seq, TokenEvent.of(token, text, fingerprint)
         seq.finish_reason = finish
-        return seq, TokenEvent(token, text, logprob, top, finish, self._result_of(seq))
+        return seq, TokenEvent.of(token, text, fingerprint, finish, self._result_of(seq))

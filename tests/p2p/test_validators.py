@@ -69,7 +69,7 @@ def forged(answer: AnswerFile) -> AnswerFile:
     output = list(ev.output_ids)
     output[2] = (output[2] + 1) % 256
     return sign_answer(NodeKey.generate(), model_id=r.model_id, backend=r.backend, prompt_ids=ev.prompt_ids,
-                       output_ids=output, params=ev.sampling, fingerprints=[(f.ids, f.logits) for f in ev.fingerprints],
+                       output_ids=output, params=ev.sampling, fingerprints=ev.fingerprints,
                        finish_reason=r.finish_reason)
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from verify.canonical import request_hash
-from verify.evidence import AnswerFile, sign_answer
+from verify.evidence import AnswerFile, position_fingerprint, sign_answer
 from verify.identity import NodeKey
-from verify.sampling import SamplingParams, sample_token, top_k_fingerprint
+from verify.sampling import SamplingParams, sample_token
 from verify.verifier import Tolerances, verify_answer
 
 MODEL_ID = "cd" * 32
@@ -56,7 +56,7 @@ def test_a_token_rounded_just_outside_top_k_passes():
     verifier_row = node.copy()
     verifier_row[2] -= 4e-6  # the verifier's rounding puts token 3 ahead of token 2
     tol = Tolerances(eps=1e-4, tau=1e-4)
-    a = answer(params, 2, top_k_fingerprint(verifier_row.astype(np.float32), 8))
+    a = answer(params, 2, position_fingerprint(verifier_row.astype(np.float32), 2))
     verdict = verify_answer(a, FixedLogits(verifier_row), tol)
     assert verdict.verdict == "pass", verdict
     # The case is real: without the slack the verifier's top-3 excludes the token.
@@ -68,7 +68,7 @@ def test_a_token_clearly_outside_top_k_is_fraud():
     node, params = boundary_case(delta=2e-6)
     verifier_row = node.copy()
     verifier_row[2] -= 0.5  # far more than honest hardware differs
-    a = answer(params, 2, top_k_fingerprint(verifier_row.astype(np.float32), 8))
+    a = answer(params, 2, position_fingerprint(verifier_row.astype(np.float32), 2))
     verdict = verify_answer(a, FixedLogits(verifier_row), Tolerances(eps=1e-4, tau=1.0))
     assert verdict.verdict == "fraud" and verdict.reasons == ["sampling check failed"]
     assert verdict.failures[0].value < -1e-4

@@ -236,7 +236,8 @@ def test_greedy_logprobs_agree_with_the_engine_called_directly(client, verifier)
     chat_ref = direct(verifier.tokenizer.encode_chat(HELLO))
     content = out.choices[0].logprobs.content
     assert out.choices[0].message.content == chat_ref.text and len(content) == len(chat_ref.logprobs)
-    for entry, logprob, (ids, _) in zip(content, chat_ref.logprobs, chat_ref.fingerprints):
+    for entry, logprob, fingerprint in zip(content, chat_ref.logprobs, chat_ref.fingerprints):
+        ids = fingerprint.ids
         assert math.isclose(entry.logprob, logprob, abs_tol=1e-6)
         assert len(entry.top_logprobs) == 3
         assert [t.token for t in entry.top_logprobs] == [verifier.tokenizer.decode([i], skip_special_tokens=False) for i in ids[:3]]

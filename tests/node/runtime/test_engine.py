@@ -43,7 +43,7 @@ def test_greedy_equals_numpy_reference(tiny_ckpt, tiny_runtime):
     ref = NumpyLlama.from_checkpoint(tiny_ckpt).greedy(ids, 10, eos_ids=tiny_ckpt.tokenizer.eos_token_ids)
     assert result.output_ids == ref
     assert len(result.fingerprints) == len(result.output_ids)
-    assert all(len(ids_) == 8 for ids_, _ in result.fingerprints)
+    assert all(len(f.ids) == 8 for f in result.fingerprints)
 
 
 def test_concurrent_requests_match_solo_runs(tiny_ckpt, tiny_runtime):
@@ -61,7 +61,7 @@ def test_concurrent_requests_match_solo_runs(tiny_ckpt, tiny_runtime):
     for a, b in zip(solo, together):
         assert a.output_ids == b.output_ids
         assert a.request_hash == b.request_hash
-        np.testing.assert_array_equal(np.array(a.fingerprints[0][1]), np.array(b.fingerprints[0][1]))
+        np.testing.assert_array_equal(np.array(a.fingerprints[0].logits), np.array(b.fingerprints[0].logits))
 
 
 def test_seed_makes_sampling_reproducible(tiny_ckpt, tiny_runtime):

@@ -25,7 +25,7 @@ from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
 from tests.node.sidecar.test_sidecar import settled
-from verify.evidence import AnswerFile, sign_answer
+from verify.evidence import AnswerFile, Fingerprint, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.fraud import FraudProof, sign_verdict
 from verify.identity import NodeKey
@@ -48,7 +48,7 @@ def resign(key: NodeKey, answer: AnswerFile, **change) -> AnswerFile:
     """What an operator holding the node's key can do: sign any evidence as the node's answer."""
     ev, r = answer.evidence, answer.receipt
     fields = dict(prompt_ids=ev.prompt_ids, output_ids=ev.output_ids, params=ev.sampling, finish_reason=r.finish_reason,
-                  fingerprints=[(f.ids, f.logits) for f in ev.fingerprints], seed_source=r.seed_source)
+                  fingerprints=ev.fingerprints, seed_source=r.seed_source)
     fields.update(change)
     return sign_answer(key, model_id=r.model_id, backend=r.backend, **fields)
 
@@ -90,7 +90,7 @@ class LyingOperator:
             if self.mode == "truncated":  # two tokens claimed as the complete answer
                 change["finish_reason"] = "stop"
             if self.mode == "emptied":
-                change = {"fingerprints": [([], [])] * len(answer.evidence.output_ids)}
+                change = {"fingerprints": [Fingerprint(ids=[], logits=[], token_logit=0.0, log_normalizer=0.0)] * len(answer.evidence.output_ids)}
             answer = resign(self.key, answer, **change)
             self.files[answer.receipt.receipt_id] = answer
             proof = {"receipt": answer.receipt.model_dump(mode="json"), "signature": answer.signature,

@@ -11,7 +11,7 @@ from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from tests.node.runtime.engine_helpers import generate
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from verify.evidence import AnswerFile, sign_answer
+from verify.evidence import AnswerFile, Fingerprint, sign_answer
 from verify.identity import NodeKey
 from verify.sampling import SamplingParams
 from verify.verifier import WrongModelError, verify_answer
@@ -124,7 +124,7 @@ def test_proofmesh_verify_command(models, tmp_path):
     assert upheld.returncode == 1 and '"upheld": true' in upheld.stdout
 
     # Malformed evidence the node signed (fingerprints emptied): a verdict and exit 2, one line why.
-    emptied = signed_claim(ours.model_id, r.prompt_ids, r.output_ids, r.params, [([], [])] * len(r.output_ids))
+    emptied = signed_claim(ours.model_id, r.prompt_ids, r.output_ids, r.params, [Fingerprint(ids=[], logits=[], token_logit=0.0, log_normalizer=0.0)] * len(r.output_ids))
     (tmp_path / "emptied.json").write_text(emptied.model_dump_json())
     out = verify_cli(tmp_path / "emptied.json")
     assert out.returncode == 2 and '"verdict": "malformed"' in out.stdout and "Traceback" not in out.stderr

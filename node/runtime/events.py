@@ -1,0 +1,95 @@
+"""What an answer looks like token by token: the events the engine streams, and the same events
+rebuilt from a signed answer file.
+
+An answer's text, finish and logprobs are functions of its output ids, its sampling parameters
+(stop strings, max_tokens), the tokenizer and its fingerprints. ``AnswerText`` is that function
+for text and finish, applied one token at a time; the engine runs it while generating and
+``replay`` runs it over an answer file's committed ids. So the verifier sidecar can serve a
+client the very events a node's engine made, built from what the node signed and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from node.models.tokenizer import IncrementalDecoder, TextTokenizer
+from verify.evidence import AnswerFile, Fingerprint
+from verify.receipts import FinishReason
+from verify.sampling import SamplingParams, StopChecker
+
+if TYPE_CHECKING:
+    from node.runtime.engine import GenerationResult
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of one answer: a sampled token and the text it completed; the last one ends it."""
+
+    token_id: int  # the sampled token (a stop token ends the answer and shows no text)
+    text: str  # text that became safe to show with this token (may be empty)
+    logprob: float  # log-softmax of the raw logits at this position
+    # The fingerprint's top-k (token id, log-softmax) at this position, best first: what an API
+    # serves as top_logprobs, normalised exactly as ``logprob`` is.
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: FinishReason | None = None
+    result: "GenerationResult | None" = None  # set on the engine's last event
+
+    @classmethod
+    def of(cls, token_id: int, text: str, fingerprint: Fingerprint | None, finish_reason: FinishReason | None = None,
+           result: "GenerationResult | None" = None) -> "TokenEvent":
+        """The event of one position; its logprobs come from the position's fingerprint (none
+        yet: a stream's token whose evidence has not arrived)."""
+        if fingerprint is None:
+            return cls(token_id, text, 0.0, (), finish_reason, result)
+        return cls(token_id, text, fingerprint.token_logprob(), tuple(fingerprint.top_logprobs()), finish_reason, result)
+
+
+class AnswerText:
+    """The text an answer shows, token by token: incremental UTF-8-safe decoding, stop strings
+    held back until decided, EOS and stop tokens shown as nothing (OpenAI's semantics)."""
+
+    def __init__(self, tokenizer: TextTokenizer, params: SamplingParams):
+        self._eos = frozenset(tokenizer.eos_token_ids)
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stop = StopChecker(params.stop, params.stop_token_ids)
+        self._max_tokens = params.max_tokens
+        self.n_tokens = 0
+        self.finish_reason: FinishReason | None = None
+
+    def push(self, token: int) -> tuple[str, FinishReason | None]:
+        """The text that ``token`` makes safe to show, and the finish it causes (None: go on)."""
+        if self.finish_reason is not None:
+            raise ValueError("the answer has already finished")
+        self.n_tokens += 1
+        finish: FinishReason | None = None
+        if token in self._eos or self._stop.check_token(token):
+            finish = "stop"  # the stop token itself is not shown; text held back is released
+            text = self._stop.feed_text(self._decoder.flush())[0] + self._stop.flush()
+        else:
+            at_limit = self.n_tokens >= self._max_tokens
+            text, hit_stop = self._stop.feed_text(self._decoder.push(token) + (self._decoder.flush() if at_limit else ""))
+            if hit_stop:
+                finish = "stop"
+            elif at_limit:
+                finish = "length"
+                text += self._stop.flush()
+        self.finish_reason = finish
+        return text, finish
+
+
+def replay(answer: AnswerFile, tokenizer: TextTokenizer) -> list[TokenEvent]:
+    """The events of a signed answer as the engine streamed them, rebuilt from its evidence.
+    Tokens after the answer's finish (evidence an honest node never signs) end the replay."""
+    ev = answer.evidence
+    text = AnswerText(tokenizer, ev.sampling)
+    events = []
+    for token, fingerprint in zip(ev.output_ids, ev.fingerprints):
+        shown, finish = text.push(token)
+        events.append(TokenEvent.of(token, shown, fingerprint, finish))
+        if finish is not None:
+            break
+    return events
+
+
+__all__ = ["AnswerText", "TokenEvent", "replay"]
