@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.runtime.engine import GenerationResult
+from node.runtime.events import GenerationResult
 from verify.evidence import AnswerFile, sign_answer
 from verify.identity import NodeKey
 

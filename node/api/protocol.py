@@ -371,7 +371,21 @@ class ChatLogprobs(BaseModel):
         return cls(content=content)
 
 
-class CompletionChoice(BaseModel):
+class _StreamedTokenIds(BaseModel):
+    """Extension of a stream chunk's choice: the ids of the tokens whose text it shows (the
+    verifier sidecar rebuilds a stream's text from them); left out where unset."""
+
+    token_ids: list[int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_ids(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("token_ids") is None:
+            out.pop("token_ids", None)
+        return out
+
+
+class CompletionChoice(_StreamedTokenIds):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -461,7 +475,7 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_StreamedTokenIds):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None

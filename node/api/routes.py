@@ -2,12 +2,10 @@
 
 Both generation endpoints share one path (``_respond``): parse, turn prompts into token ids,
 make one engine request per choice, then either collect the answers into one JSON response or
-stream them as server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. The
-two endpoints differ only in how they render events (``CompletionRenderer``, ``ChatRenderer``).
+stream them as server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
 
-Seeds: choice ``j`` of a request with ``seed = s`` samples with seed ``s + j`` (so ``n = 1`` uses
-``s`` itself and every choice differs); without a seed the node draws one per choice. Either
-way the seed is committed in that choice's receipt, so every answer can be re-checked.
+What a request asks for (prompt ids, one engine request per choice, seeds) is decided in
+``node.api.conversion``; how answers look, in ``node.api.rendering``.
 
 A stream sends its headers once the first token of any choice is ready. Every choice is
 submitted to the engine before that, so admission errors (queue full, prompt too long) are
@@ -17,8 +15,6 @@ which the openai client raises.
 
 from __future__ import annotations
 
-import secrets
-from abc import ABC, abstractmethod
 from collections import defaultdict
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -26,29 +22,11 @@ from typing import AsyncIterator
 from aiohttp import web
 from pydantic import BaseModel
 
-from node.runtime.engine import GenerationRequest
-from node.api.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatLogprobs,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
-    ModelList,
-    SamplingRequest,
-    ServedToolCall,
-    UsageInfo,
-)
+from node.api.conversion import generation_requests, prompt_ids
 from node.api.errors import api_error_of, parse_body
-from node.api.service import NODE, ChoiceEvent, ServedModel
-from verify.binding import choice_seed, default_max_tokens, requested_max_tokens, requested_sampling
-from verify.structured import TOOL_CALL_OPEN, ToolCall, read_tool_calls, tools_in_effect
+from node.api.protocol import ChatCompletionRequest, CompletionRequest, ModelList, SamplingRequest, UsageInfo
+from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Renderer
+from node.api.service import NODE, ServedModel
 
 routes = web.RouteTableDef()
 
@@ -62,41 +40,24 @@ async def list_models(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
     served = request.app[NODE].model(body.model)
-    tok = served.loaded.tokenizer
-    prompts = [tok.encode_prompt(p) if isinstance(p, str) else p for p in body.prompts()]
-    return await _respond(request, served, body, prompts, CompletionRenderer(served, body))
+    return await _respond(request, served, body, CompletionRenderer(served.name, served.loaded.backend, served.token_texts, body))
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     served = request.app[NODE].model(body.model)
-    renderer = ChatRenderer(served, body)
-    prompt = served.loaded.tokenizer.encode_chat([m.for_template() for m in body.messages], renderer.functions)
-    return await _respond(request, served, body, [prompt], renderer)
+    return await _respond(request, served, body, ChatRenderer(served.name, served.loaded.backend, served.token_texts, body))
 
 
 # ---------------------------------------------------------------------- the shared path
 
 
-def _generation_requests(served: ServedModel, body: SamplingRequest, prompts: list[list[int]]) -> list[GenerationRequest]:
-    """One engine request per choice, prompt-major (choice index = prompt * n + j)."""
-    requests, fields = [], body.model_dump(by_alias=True)  # once: a body may hold a long chat
-    for ids in prompts:
-        # verify.binding's rules, so the node serves exactly what a client's binding check expects
-        max_tokens = requested_max_tokens(fields) or default_max_tokens(body.endpoint, len(ids), served.loaded.max_context)
-        for j in range(body.choices_per_prompt):
-            seed = choice_seed(fields, j)  # seed + j
-            params = requested_sampling(fields, max_tokens=max_tokens, seed=secrets.randbits(64) if seed is None else seed)
-            requests.append(GenerationRequest(tuple(ids), params, "node" if seed is None else "client"))
-    return requests
-
-
-async def _respond(request: web.Request, served: ServedModel, body: SamplingRequest, prompts: list[list[int]],
-                   renderer: "Renderer") -> web.StreamResponse:
+async def _respond(request: web.Request, served: ServedModel, body: SamplingRequest, renderer: Renderer) -> web.StreamResponse:
     node = request.app[NODE]
+    prompts = prompt_ids(body, served.loaded.tokenizer)
     prompt_tokens = sum(len(p) for p in prompts)
-    async with aclosing(node.answers(served, _generation_requests(served, body, prompts))) as answers:
+    async with aclosing(node.answers(served, generation_requests(body, prompts, served.loaded.max_context))) as answers:
         if not body.stream:
             by_choice: dict[int, list[ChoiceEvent]] = defaultdict(list)
             async for item in answers:
@@ -110,7 +71,7 @@ async def _respond(request: web.Request, served: ServedModel, body: SamplingRequ
 
 
 async def _stream(response: web.StreamResponse, first: ChoiceEvent, rest: AsyncIterator[ChoiceEvent],
-                  renderer: "Renderer", prompt_tokens: int, include_usage: bool) -> None:
+                  renderer: Renderer, prompt_tokens: int, include_usage: bool) -> None:
     """Write every event as an SSE chunk; never raises once the headers are out."""
     completion_tokens = 0
 
@@ -145,139 +106,3 @@ async def _send(response: web.StreamResponse, chunk: BaseModel) -> None:
 
 def _json(model: BaseModel) -> web.Response:
     return web.Response(body=model.model_dump_json(), content_type="application/json")
-
-
-# ---------------------------------------------------------------------- rendering
-
-
-class Renderer(ABC):
-    """How one endpoint turns choice events into its response, stream chunks and usage chunk."""
-
-    id_prefix = ""
-
-    def __init__(self, served: ServedModel, body: SamplingRequest):
-        self.served = served
-        self.id = f"{self.id_prefix}-{secrets.token_hex(12)}"
-        self.top_n = body.top_logprobs_count()
-        self.common = {"id": self.id, "model": served.name, "system_fingerprint": served.loaded.backend}
-
-    @abstractmethod
-    def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> BaseModel:
-        """The whole answer as one JSON document."""
-
-    @abstractmethod
-    def chunk(self, item: ChoiceEvent) -> BaseModel | None:
-        """The SSE chunk for one event (None: nothing to send)."""
-
-    @abstractmethod
-    def usage_chunk(self, usage: UsageInfo) -> BaseModel:
-        """The last chunk of a stream with include_usage."""
-
-    @staticmethod
-    def usage(choices: list[list[ChoiceEvent]], prompt_tokens: int) -> UsageInfo:
-        return UsageInfo.of(prompt_tokens, sum(len(c[-1].event.result.output_ids) for c in choices))
-
-
-class CompletionRenderer(Renderer):
-    id_prefix = "cmpl"
-
-    def __init__(self, served: ServedModel, body: SamplingRequest):
-        super().__init__(served, body)
-        self._offsets: dict[int, int] = defaultdict(int)  # text streamed so far, per choice
-
-    def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> CompletionResponse:
-        out = []
-        for items in choices:
-            last = items[-1]
-            result = last.event.result
-            logprobs = None
-            if self.top_n is not None:
-                logprobs = CompletionLogprobs.of([i.event for i in items], self.top_n, self.served.token_text)
-            out.append(CompletionChoice(index=last.index, text=result.text, logprobs=logprobs,
-                                        finish_reason=result.finish_reason, proofmesh=last.proof))
-        return CompletionResponse(**self.common, choices=out, usage=self.usage(choices, prompt_tokens),
-                                  proofmesh=out[0].proofmesh)
-
-    def chunk(self, item: ChoiceEvent) -> CompletionResponse | None:
-        event = item.event
-        if not event.text and self.top_n is None and event.finish_reason is None:
-            return None
-        logprobs = None
-        if self.top_n is not None:
-            logprobs = CompletionLogprobs.of([event], self.top_n, self.served.token_text, self._offsets[item.index])
-        self._offsets[item.index] += len(event.text)
-        choice = CompletionChoice(index=item.index, text=event.text, logprobs=logprobs, finish_reason=event.finish_reason)
-        return CompletionResponse(**self.common, choices=[choice], proofmesh=item.proof)
-
-    def usage_chunk(self, usage: UsageInfo) -> CompletionResponse:
-        return CompletionResponse(**self.common, choices=[], usage=usage)
-
-
-class ChatRenderer(Renderer):
-    """Chat responses. With tools in effect, an answer that is a tool call (``verify.structured``)
-    is served as ``tool_calls`` with finish_reason ``"tool_calls"``; a stream holds back text that
-    may still become a call until it cannot, or until the end."""
-
-    id_prefix = "chatcmpl"
-
-    def __init__(self, served: ServedModel, body: SamplingRequest):
-        super().__init__(served, body)
-        self._started: set[int] = set()  # choices whose first delta (with the role) went out
-        self.functions = tools_in_effect(body.model_dump(include={"tools", "tool_choice"}))
-        self._held: dict[int, str] = defaultdict(str)  # text that may be the start of a tool call
-        self._plain: set[int] = set()  # choices known to be text
-
-    def _logprobs(self, items: list[ChoiceEvent]) -> ChatLogprobs | None:
-        if self.top_n is None:
-            return None
-        return ChatLogprobs.of([i.event for i in items], self.top_n, self.served.token_text)
-
-    def _calls(self, last: ChoiceEvent) -> list[ToolCall] | None:
-        result = last.event.result
-        if not self.functions or result.finish_reason != "stop":
-            return None
-        return read_tool_calls(result.text, self.functions)
-
-    def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> ChatCompletionResponse:
-        out = []
-        for items in choices:
-            last = items[-1]
-            result = last.event.result
-            calls = self._calls(last)
-            message = AssistantMessage(content=result.text)
-            if calls:
-                message = AssistantMessage(content=None, tool_calls=ServedToolCall.of(calls, last.proof.receipt.receipt_id))
-            out.append(ChatChoice(index=last.index, message=message, logprobs=self._logprobs(items),
-                                  finish_reason="tool_calls" if calls else result.finish_reason, proofmesh=last.proof))
-        return ChatCompletionResponse(**self.common, choices=out, usage=self.usage(choices, prompt_tokens),
-                                      proofmesh=out[0].proofmesh)
-
-    def _visible(self, item: ChoiceEvent) -> str:
-        """The text to send now: held back while it may still open a tool call."""
-        if not self.functions or item.index in self._plain:
-            return item.event.text
-        held = self._held[item.index] + item.event.text
-        opening = held.lstrip()
-        if item.event.finish_reason is None and (TOOL_CALL_OPEN.startswith(opening) or opening.startswith(TOOL_CALL_OPEN)):
-            self._held[item.index] = held
-            return ""
-        self._plain.add(item.index)
-        self._held.pop(item.index, None)
-        return held
-
-    def chunk(self, item: ChoiceEvent) -> ChatCompletionChunk | None:
-        event = item.event
-        first = item.index not in self._started
-        calls = self._calls(item) if event.finish_reason is not None else None
-        text = "" if calls else self._visible(item)
-        if not (first or text or self.top_n is not None or event.finish_reason):
-            return None
-        self._started.add(item.index)
-        delta = DeltaMessage(role="assistant" if first else None, content=text if (text or first) else None,
-                             tool_calls=ServedToolCall.of(calls, item.proof.receipt.receipt_id, streamed=True) if calls else None)
-        choice = ChatChunkChoice(index=item.index, delta=delta, logprobs=self._logprobs([item]),
-                                 finish_reason="tool_calls" if calls else event.finish_reason)
-        return ChatCompletionChunk(**self.common, choices=[choice], proofmesh=item.proof)
-
-    def usage_chunk(self, usage: UsageInfo) -> ChatCompletionChunk:
-        return ChatCompletionChunk(**self.common, choices=[], usage=usage)

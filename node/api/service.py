@@ -22,10 +22,11 @@ from node.api.answers import answer_file
 from node.api.errors import RETRY_AFTER_S, APIError
 from node.api.metrics import NodeMetrics, TokenRate
 from node.api.protocol import ModelCard, ProofMeshInfo
+from node.api.rendering import ChoiceEvent, TokenTexts
 from node.api.status_page import MAX_ROWS
 from node.errors import ConfigError
-from node.runtime.engine import Engine, GenerationRequest, GenerationResult
-from node.runtime.events import TokenEvent
+from node.runtime.engine import Engine, GenerationRequest
+from node.runtime.events import GenerationResult
 from node.runtime.loading import LoadedModel
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -51,21 +52,10 @@ class ServedModel:
     loaded: LoadedModel
     engine: Engine
     created: int = field(default_factory=lambda: int(time.time()))  # when this node began serving it
-    _token_texts: dict[int, str] = field(default_factory=dict)
+    token_texts: TokenTexts = field(init=False)
 
-    def token_text(self, token_id: int) -> str:
-        """One token's own text (special tokens spelled out), cached: logprobs ask for it per token."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.loaded.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
-
-
-@dataclass(frozen=True)
-class ChoiceEvent:
-    index: int  # the choice this event belongs to
-    event: TokenEvent
-    proof: ProofMeshInfo | None  # set on the choice's last event: its signed receipt
+    def __post_init__(self) -> None:
+        self.token_texts = TokenTexts(self.loaded.tokenizer)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from node.errors import ContextLengthError, EngineBusyError, RequestError
 from node.compiler.targets import usable_cores
 from node.runtime.model_runtime import ModelRuntime
 from node.models.tokenizer import TextTokenizer
-from node.runtime.events import AnswerText, TokenEvent
+from node.runtime.events import AnswerText, GenerationResult, TokenEvent
 from verify.canonical import request_hash as compute_request_hash
 from verify.evidence import Fingerprint, position_fingerprint
 from verify.grammar import GrammarError, GrammarState
@@ -78,23 +78,6 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     seed_source: SeedSource = "node"  # who chose params.seed (committed in the receipt)
-
-
-@dataclass
-class GenerationResult:
-    """Everything about a finished answer: what receipts and evidence are made of."""
-
-    prompt_ids: list[int]
-    output_ids: list[int]
-    text: str
-    finish_reason: FinishReason
-    request_hash: str
-    params: SamplingParams
-    seed_source: SeedSource
-    fingerprints: list[Fingerprint]  # per output position
-    logprobs: list[float]
-    time_to_first_token: float
-    duration: float
 
 
 @dataclass(eq=False)  # identity: the batch lists hold each sequence once

@@ -1,5 +1,5 @@
-"""What an answer looks like token by token: the events the engine streams, and the same events
-rebuilt from a signed answer file.
+"""What an answer looks like token by token: the events the engine streams (the last one holds
+the finished answer, ``GenerationResult``), and the same events rebuilt from a signed answer file.
 
 An answer's text, finish and logprobs are functions of its output ids, its sampling parameters
 (stop strings, max_tokens), the tokenizer and its fingerprints. ``AnswerText`` is that function
@@ -11,15 +11,27 @@ client the very events a node's engine made, built from what the node signed and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from node.models.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.evidence import AnswerFile, Fingerprint
-from verify.receipts import FinishReason
+from verify.receipts import FinishReason, SeedSource
 from verify.sampling import SamplingParams, StopChecker
 
-if TYPE_CHECKING:
-    from node.runtime.engine import GenerationResult
+@dataclass
+class GenerationResult:
+    """Everything about a finished answer: what receipts and evidence are made of."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    request_hash: str
+    params: SamplingParams
+    seed_source: SeedSource
+    fingerprints: list[Fingerprint]  # per output position
+    logprobs: list[float]
+    time_to_first_token: float
+    duration: float
 
 
 @dataclass(frozen=True)
@@ -92,4 +104,4 @@ def replay(answer: AnswerFile, tokenizer: TextTokenizer) -> list[TokenEvent]:
     return events
 
 
-__all__ = ["AnswerText", "TokenEvent", "replay"]
+__all__ = ["AnswerText", "GenerationResult", "TokenEvent", "replay"]
