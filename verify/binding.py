@@ -14,10 +14,14 @@ behind each receipt in it, it checks per choice that:
 3. every sampling parameter equals what the request asked for (defaults where it is silent;
    choice j of n uses seed + j), and the seed's source is the one the request implies;
 4. the finish obeys the finish rules (``verify.finish``) and the text and finish_reason the client
-   got are what the output ids decode to under them;
-   With tools, a committed text that is a tool call must have been served as that call;
-5. logprobs, when asked for, agree with the committed fingerprints (same differences between
-   the top tokens' values, one entry per output token).
+   got are what the output ids decode to under them, read where clients read them (a chat's
+   ``message.content`` or ``delta.content``, a completion's ``text``); with tools, a committed
+   text that is a tool call must have been served as that call, under the id the receipt gives it;
+5. logprobs, when asked for, are the committed fingerprints' (one entry per output token, each
+   value a committed logit minus the committed log-normaliser, each token string and its bytes
+   the token's own text);
+6. the response as a whole: choices in index order, each once; ``usage`` the receipts' token
+   counts; ``system_fingerprint`` the backend the receipts name.
 
 The HTTP body is not signed, so a mismatch is refused and counted by the party that saw the
 request; it is not a network conviction (a finish-rule failure is also fraud an audit proves).
@@ -54,7 +58,7 @@ class Tokenization(Protocol):
 
     def encode_prompt(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 def template_message(message: Mapping[str, Any]) -> dict[str, str]:
@@ -119,14 +123,14 @@ class ReceivedChoice:
     finish_reason: str | None = None
     proofmesh: dict | None = None
     logprobs: list[dict] = field(default_factory=list)  # one per token, as the endpoint renders them
-    tool_calls: dict[int, dict[str, str]] = field(default_factory=dict)  # by call index: name, arguments (JSON text)
+    tool_calls: dict[int, dict[str, str]] = field(default_factory=dict)  # by call index: id, name, arguments (JSON text)
 
 
 @dataclass
 class BindingReport:
     """Per choice index, what does not bind (empty lists: the answer is the request's)."""
 
-    problems: dict[int, list[str]]
+    problems: dict[int, list[str]]  # -1: the response as a whole
     receipts: dict[int, str]  # choice index -> receipt id
 
     @property
@@ -134,19 +138,40 @@ class BindingReport:
         return not any(self.problems.values())
 
     def summary(self) -> str:
-        return "; ".join(f"choice {i}: {', '.join(p)}" for i, p in sorted(self.problems.items()) if p)
+        return "; ".join(f"{'the response' if i < 0 else f'choice {i}'}: {', '.join(p)}"
+                         for i, p in sorted(self.problems.items()) if p)
 
 
-def received_choices(response: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[int, ReceivedChoice]:
+@dataclass
+class ReceivedResponse:
+    """What the client got, read as clients read it: the choices, and what the response says of
+    itself as a whole."""
+
+    choices: dict[int, ReceivedChoice]
+    problems: list[str]  # about the response as a whole (order, usage, system_fingerprint)
+    usage: dict | None = None
+    system_fingerprints: set[str] = field(default_factory=set)
+
+
+def received_choices(endpoint: Endpoint, response: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> ReceivedResponse:
     """The choices of a JSON response, or reassembled from a stream's chunks (text joined, the
-    chunk with a choice's finish_reason carries its receipt)."""
-    chunks = [response] if isinstance(response, Mapping) else list(response)
-    choices: dict[int, ReceivedChoice] = {}
+    chunk with a choice's finish_reason carries its receipt). A JSON response's choices must come
+    in index order, each once: clients read ``choices[0]``, not the choice whose index is 0."""
+    whole = isinstance(response, Mapping)
+    chunks = [response] if whole else list(response)
+    out = ReceivedResponse({}, [])
     for chunk in chunks:
-        for c in chunk.get("choices") or []:
-            got = choices.setdefault(int(c.get("index", 0)), ReceivedChoice(int(c.get("index", 0))))
-            message = c.get("message") or c.get("delta") or {}
-            got.text += c.get("text") or message.get("content") or ""
+        if chunk.get("system_fingerprint") is not None:
+            out.system_fingerprints.add(chunk["system_fingerprint"])
+        if chunk.get("usage") is not None:
+            out.usage = chunk["usage"]
+        for position, c in enumerate(chunk.get("choices") or []):
+            index = int(c.get("index", 0))
+            if whole and (index != position or index in out.choices):
+                out.problems.append(f"choice {position} of the response has index {index}")
+            got = out.choices.setdefault(index, ReceivedChoice(index))
+            message = (c.get("message") if whole else c.get("delta")) or {}
+            got.text += (message.get("content") if endpoint == "chat" else c.get("text")) or ""
             if c.get("finish_reason"):
                 got.finish_reason = c["finish_reason"]
                 got.proofmesh = c.get("proofmesh") or chunk.get("proofmesh")
@@ -154,10 +179,11 @@ def received_choices(response: Mapping[str, Any] | Sequence[Mapping[str, Any]]) 
                 got.logprobs.append(c["logprobs"])
             for k, call in enumerate(message.get("tool_calls") or []):  # a stream sends arguments in pieces
                 function = call.get("function") or {}
-                joined = got.tool_calls.setdefault(int(call.get("index", k)), {"name": "", "arguments": ""})
+                joined = got.tool_calls.setdefault(int(call.get("index", k)), {"id": "", "name": "", "arguments": ""})
+                joined["id"] = call.get("id") or joined["id"]
                 joined["name"] += function.get("name") or ""
                 joined["arguments"] += function.get("arguments") or ""
-    return choices
+    return out
 
 
 def _prompts(endpoint: Endpoint, body: Mapping[str, Any], tok: Tokenization) -> list[list[int]]:
@@ -171,40 +197,56 @@ def _prompts(endpoint: Endpoint, body: Mapping[str, Any], tok: Tokenization) -> 
     return [tok.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompt or []]
 
 
-def _logprob_problems(endpoint: Endpoint, got: ReceivedChoice, answer: AnswerFile, top_n: int) -> list[str]:
+def _logprob_problems(endpoint: Endpoint, got: ReceivedChoice, answer: AnswerFile, top_n: int, tok: Tokenization) -> list[str]:
     """The logprobs received against the committed fingerprints: one entry per output token,
-    and every value's distance to the best one equal to the committed logits' distance."""
+    each value a committed logit minus the committed log-normaliser, each top list the first
+    ``top_n`` of the committed top-k, each token string (and its bytes) the token's own text."""
     ev = answer.evidence
+
+    def text(token: int) -> str:
+        return tok.decode([token], skip_special_tokens=False)
+
     if endpoint == "chat":
         entries = [e for block in got.logprobs for e in block.get("content") or []]
-        tops = [[t["logprob"] for t in e.get("top_logprobs") or []] for e in entries]
-        picked = [e["logprob"] for e in entries]
     else:
-        entries = [lp for block in got.logprobs for lp in block.get("token_logprobs") or []]
-        picked = entries
-        tops = [list(d.values()) for block in got.logprobs for d in block.get("top_logprobs") or []]
-    if len(picked) != len(ev.output_ids):
-        return [f"{len(picked)} logprobs for {len(ev.output_ids)} output tokens"]
-    if not top_n:  # no top entries: the best token's value, the reference point, is not shown
-        return []
-    for t, (fp, token, value, top) in enumerate(zip(ev.fingerprints, ev.output_ids, picked, tops)):
-        best = max(top, default=value)  # the committed top-1 is always listed first
-        expected = dict(zip(fp.ids, (v - fp.logits[0] for v in fp.logits)))
-        if token in expected and not math.isclose(value - best, expected[token], abs_tol=LOGPROB_TOLERANCE):
-            return [f"the logprob of token {t} disagrees with the committed fingerprint"]
-        if any(not math.isclose(v, value, abs_tol=LOGPROB_TOLERANCE)  # completions also list the sampled token
-               and not any(math.isclose(v - best, e, abs_tol=LOGPROB_TOLERANCE) for e in expected.values()) for v in top):
-            return [f"a top logprob of token {t} is not among the committed fingerprint's"]
+        tokens = [t for block in got.logprobs for t in block.get("tokens") or []]
+        values = [v for block in got.logprobs for v in block.get("token_logprobs") or []]
+        tops = [d for block in got.logprobs for d in block.get("top_logprobs") or []]
+        if not len(tokens) == len(values) == len(tops):
+            return ["the completion logprobs' lists differ in length"]
+        entries = [{"token": t, "logprob": v, "top": d} for t, v, d in zip(tokens, values, tops)]
+    if len(entries) != len(ev.output_ids):
+        return [f"{len(entries)} logprobs for {len(ev.output_ids)} output tokens"]
+
+    def same(value: Any, expected: float) -> bool:
+        return isinstance(value, (int, float)) and math.isclose(value, expected, rel_tol=0.0, abs_tol=LOGPROB_TOLERANCE)
+
+    for t, (fp, token, entry) in enumerate(zip(ev.fingerprints, ev.output_ids, entries)):
+        if entry.get("token") != text(token) or not same(entry.get("logprob"), fp.token_logprob()):
+            return [f"the logprob of token {t} is not the committed one"]
+        committed = [(text(i), v) for i, v in fp.top_logprobs()[:top_n]]
+        if endpoint == "chat":
+            if entry.get("bytes") != (None if "\ufffd" in entry["token"] else list(entry["token"].encode())):
+                return [f"the bytes of token {t} are not its text's"]
+            listed = [(e.get("token"), e.get("logprob")) for e in entry.get("top_logprobs") or []]
+        else:  # a dict by token text: texts that coincide keep the best value; the sampled token is added
+            expected: dict[str, float] = {}
+            for name, value in [*committed, (text(token), fp.token_logprob())]:
+                expected.setdefault(name, value)
+            committed = list(expected.items())
+            listed = list((entry.get("top") or {}).items())
+        if len(listed) != len(committed) or any(a != b or not same(v, w) for (a, v), (b, w) in zip(listed, committed)):
+            return [f"the top logprobs of token {t} are not the committed fingerprint's"]
     return []
 
 
-def _received_calls(got: ReceivedChoice) -> list[tuple[str, Any]]:
+def _received_calls(got: ReceivedChoice) -> list[tuple[str, str, Any]]:
     calls = []
     for _, call in sorted(got.tool_calls.items()):
         try:
-            calls.append((call["name"], json.loads(call["arguments"])))
+            calls.append((call["id"], call["name"], json.loads(call["arguments"])))
         except ValueError:
-            calls.append((call["name"], call["arguments"]))  # not JSON: never equal to a committed call
+            calls.append((call["id"], call["name"], call["arguments"]))  # not JSON: never equal to a committed call
     return calls
 
 
@@ -216,10 +258,14 @@ def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[
     known; ``max_context``: the serving model's context, to check a chat's default budget."""
     prompts = _prompts(endpoint, body, tok)
     per_prompt = body.get("n") or 1
-    received = received_choices(response)
-    problems: dict[int, list[str]] = {}
+    n_choices = len(prompts) * per_prompt
+    whole = received_choices(endpoint, response)
+    received = whole.choices
+    problems: dict[int, list[str]] = {-1: list(whole.problems)}  # -1: the response as a whole
+    if extra := sorted(set(received) - set(range(n_choices))):
+        problems[-1].append(f"choices {extra} were not asked for")
     receipts: dict[int, str] = {}
-    for index in range(len(prompts) * per_prompt):
+    for index in range(n_choices):
         found = problems.setdefault(index, [])
         got = received.get(index)
         receipt = ((got.proofmesh or {}).get("receipt") or {}) if got else {}
@@ -273,13 +319,35 @@ def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[
             found.append(f"finish_reason {got.finish_reason!r} received, {served_finish!r} committed")
         if got.text != ("" if calls else text):
             found.append("the text received is not what the committed output ids decode to")
-        if _received_calls(got) != [(c.name, c.arguments) for c in calls or []]:
+        if _received_calls(got) != [(call_id(r.receipt_id, k), c.name, c.arguments) for k, c in enumerate(calls or [])]:
             found.append("the tool calls received are not what the committed output ids decode to")
-        if got.logprobs:
+        asked_logprobs = bool(body.get("logprobs")) if endpoint == "chat" else body.get("logprobs") is not None
+        if got.logprobs or asked_logprobs:
             top_n = (body.get("top_logprobs") or 0) if endpoint == "chat" else (body.get("logprobs") or 0)
-            found.extend(_logprob_problems(endpoint, got, answer, top_n))
+            found.extend(_logprob_problems(endpoint, got, answer, top_n, tok))
+    if len(receipts) == n_choices:
+        files = [answers[receipts[i]] for i in range(n_choices)]
+        problems[-1].extend(_whole_problems(whole, files, sum(len(p) for p in prompts)))
     return BindingReport(problems=problems, receipts=receipts)
 
 
-__all__ = ["BindingReport", "Endpoint", "Tokenization", "bind_answers", "choice_seed", "default_max_tokens",
-           "received_choices", "requested_max_tokens", "requested_sampling", "template_message"]
+def _whole_problems(whole: ReceivedResponse, files: Sequence[AnswerFile], prompt_tokens: int) -> list[str]:
+    """``usage`` and ``system_fingerprint`` against the receipts."""
+    problems = []
+    completion = sum(a.receipt.n_output_tokens for a in files)
+    expected = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    if whole.usage is not None and {k: whole.usage.get(k) for k in expected} != expected:
+        problems.append(f"usage {whole.usage} is not the receipts' token counts {expected}")
+    if whole.system_fingerprints - {a.receipt.backend for a in files}:
+        problems.append("the system_fingerprint is not the backend the receipts name")
+    return problems
+
+
+def call_id(receipt_id: str, k: int) -> str:
+    """The id of an answer's ``k``-th tool call: fixed by its receipt, so the same answer always
+    names its calls alike (and a client can check them)."""
+    return f"call_{receipt_id[:24]}_{k}"
+
+
+__all__ = ["BindingReport", "Endpoint", "ReceivedResponse", "Tokenization", "bind_answers", "call_id", "choice_seed",
+           "default_max_tokens", "received_choices", "requested_max_tokens", "requested_sampling", "template_message"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, S
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from verify.binding import Endpoint, template_message
+from verify.binding import Endpoint, call_id, template_message
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import FinishReason, Receipt
 from verify.sampling import U64
@@ -429,7 +429,7 @@ class ServedToolCall(BaseModel):
     @classmethod
     def of(cls, calls: Sequence[ToolCall], receipt_id: str, streamed: bool = False) -> list["ServedToolCall"]:
         """Call ids follow from the receipt, so the same answer always names its calls alike."""
-        return [cls(index=k if streamed else None, id=f"call_{receipt_id[:24]}_{k}",
+        return [cls(index=k if streamed else None, id=call_id(receipt_id, k),
                     function=ServedFunction(name=c.name, arguments=c.arguments_json)) for k, c in enumerate(calls)]
 
 

@@ -97,7 +97,7 @@ class Renderer(ABC):
 
     @staticmethod
     def usage(choices: list[list[ChoiceEvent]], prompt_tokens: int) -> UsageInfo:
-        return UsageInfo.of(prompt_tokens, sum(len(c[-1].event.result.output_ids) for c in choices))
+        return UsageInfo.of(prompt_tokens, sum(len(c) for c in choices))  # one event per output token
 
 
 class CompletionRenderer(Renderer):
@@ -111,12 +111,11 @@ class CompletionRenderer(Renderer):
         out = []
         for items in choices:
             last = items[-1]
-            result = last.event.result
             logprobs = None
             if self.top_n is not None:
                 logprobs = CompletionLogprobs.of([i.event for i in items], self.top_n, self.token_text)
-            out.append(CompletionChoice(index=last.index, text=result.text, logprobs=logprobs,
-                                        finish_reason=result.finish_reason, proofmesh=last.proof))
+            out.append(CompletionChoice(index=last.index, text="".join(i.event.text for i in items), logprobs=logprobs,
+                                        finish_reason=last.event.finish_reason, proofmesh=last.proof))
         return CompletionResponse(**self.common, choices=out, usage=self.usage(choices, prompt_tokens),
                                   proofmesh=out[0].proofmesh)
 
@@ -150,29 +149,30 @@ class ChatRenderer(Renderer):
         self.functions = tools_of(body)
         self._held: dict[int, str] = defaultdict(str)  # text that may be the start of a tool call
         self._plain: set[int] = set()  # choices known to be text
+        self._texts: dict[int, str] = defaultdict(str)  # a streamed choice's whole text so far
 
     def _logprobs(self, items: list[ChoiceEvent]) -> ChatLogprobs | None:
         if self.top_n is None:
             return None
         return ChatLogprobs.of([i.event for i in items], self.top_n, self.token_text)
 
-    def _calls(self, last: ChoiceEvent) -> list[ToolCall] | None:
-        result = last.event.result
-        if not self.functions or result.finish_reason != "stop":
+    def _calls(self, text: str, finish_reason: str | None) -> list[ToolCall] | None:
+        """The tool calls a finished answer's whole text makes (None: it is text)."""
+        if not self.functions or finish_reason != "stop":
             return None
-        return read_tool_calls(result.text, self.functions)
+        return read_tool_calls(text, self.functions)
 
     def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> ChatCompletionResponse:
         out = []
         for items in choices:
             last = items[-1]
-            result = last.event.result
-            calls = self._calls(last)
-            message = AssistantMessage(content=result.text)
+            text = "".join(i.event.text for i in items)
+            calls = self._calls(text, last.event.finish_reason)
+            message = AssistantMessage(content=text)
             if calls:
                 message = AssistantMessage(content=None, tool_calls=ServedToolCall.of(calls, last.proof.receipt.receipt_id))
             out.append(ChatChoice(index=last.index, message=message, logprobs=self._logprobs(items),
-                                  finish_reason="tool_calls" if calls else result.finish_reason, proofmesh=last.proof))
+                                  finish_reason="tool_calls" if calls else last.event.finish_reason, proofmesh=last.proof))
         return ChatCompletionResponse(**self.common, choices=out, usage=self.usage(choices, prompt_tokens),
                                       proofmesh=out[0].proofmesh)
 
@@ -192,7 +192,8 @@ class ChatRenderer(Renderer):
     def chunk(self, item: ChoiceEvent) -> ChatCompletionChunk | None:
         event = item.event
         first = item.index not in self._started
-        calls = self._calls(item) if event.finish_reason is not None else None
+        self._texts[item.index] += event.text
+        calls = self._calls(self._texts[item.index], event.finish_reason)
         text = "" if calls else self._visible(item)
         if not (first or text or self.top_n is not None or event.finish_reason):
             self._token_ids(item, sending=False)

@@ -1,9 +1,10 @@
 """The verifier sidecar: an OpenAI-compatible proxy in front of a node that audits what passes.
 
-Clients talk to the sidecar exactly as to a node; requests go upstream and answers come back
-unchanged, receipts included. After an answer is complete the sidecar fetches the evidence
-behind every receipt in it (always, so the serving node sees the same traffic for audited and
-unaudited answers), then audits a fraction ``audit_rate`` of them. Whether a receipt is audited
+Clients talk to the sidecar exactly as to a node; requests go upstream, and what comes back is
+parsed once, bound to the request with the evidence behind every receipt in it (fetched always,
+so the serving node sees the same traffic for audited and unaudited answers), and served rebuilt
+from the signed answer files, never as the upstream's bytes (``node.sidecar.relay``). Then a
+fraction ``audit_rate`` of the answers is audited. Whether a receipt is audited
 is ``HMAC(secret, receipt_id) < audit_rate``: the secret is drawn at start and never leaves the
 sidecar, and the receipt id is fixed by the node's signature before the decision, so the node
 can neither predict nor steer it. An audit re-executes the answer by teacher forcing on a local
@@ -16,8 +17,16 @@ whose verdict goes against the outcome loses reputation, so a lazy one (yes to e
 caught the first time it passes a cheat. A fraud proof goes to an upstream node's ``POST
 /v1/fraud-proofs``, from where the network re-checks and spreads it (``/proofmesh/fraud/1``).
 
-With several ``upstreams`` the sidecar routes each request to one of them, weighted by
-reputation and never to a node the ledger has convicted; a request may ask for redundant
+Blame follows signatures: a refusal (an answer that is not bound, a replayed receipt, evidence
+withheld) counts against the upstream connection that served it (``Upstream.ledger_id``), never
+against the node a response or an unverified file names; a node id loses reputation only through
+audits of evidence its own signature covers. What an upstream says of itself (its node id, its
+model cards) is not trusted for anything it costs others: binding uses the sidecar's own model
+(its tokenizer, its context size for a chat's default budget).
+
+With several ``upstreams`` the sidecar routes each request to one of them, drawn with
+probability proportional to reputation (the lower of its connection's and its declared node's,
+so declaring another's id gains nothing) and never to a node the ledger has convicted; a request may ask for redundant
 execution (``"proofmesh": {"redundancy": n}`` in the body or the header
 ``X-ProofMesh-Redundancy: n``): the same request, with the same seed, goes to ``n`` distinct
 nodes, and the answer comes back only if all agree within the verifier's tolerances
@@ -39,21 +48,27 @@ import json
 import logging
 import random
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from node.api.errors import (HOLDS_API_KEY, APIError, describe_validation_error, errors_middleware, json_object, read_body,
                              require_api_key)
 from node.api.metrics import TokenRate
+from node.api.protocol import ModelCard, ModelList
+from node.api.rendering import TokenTexts
 from node.api.status_page import html_response
+from node.models.tokenizer import TextTokenizer
+from node.sidecar.relay import ClientRequest, Refused, parse_request, rebuild_json, relay_json, relay_stream, upstream_error
 from node.sidecar.status_page import sidecar_page
 from verify.attestation import Attestation
-from verify.binding import Endpoint, Tokenization, bind_answers
+from verify.binding import Endpoint, bind_answers
 from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, SignedVerdict, sign_verdict
 from verify.identity import NodeKey
@@ -70,15 +85,17 @@ SIDECAR = web.AppKey("sidecar", "Sidecar")
 REDUNDANCY_HEADER = "X-ProofMesh-Redundancy"
 # How long the evidence behind a served receipt may take to arrive (retried): past it, withheld.
 EVIDENCE_DEADLINE_S = 5.0
-# A streamed answer is kept (its chunks, for binding) up to this size; past it the stream is cut
-# and the answer refused as not bound.
-MAX_STREAM_BYTES = 64 << 20
 
 
 @dataclass
 class Upstream:
     url: str
-    node_id: str | None = None  # from its /health, once it answered
+    node_id: str | None = None  # what its /health declares, once it answered: never trusted to blame
+
+    @property
+    def ledger_id(self) -> str:
+        """Who refusals count against: this connection, whatever node it says it is."""
+        return f"upstream:{self.url}"
 
 
 def audit_draw(secret: bytes, receipt_id: str) -> float:
@@ -103,11 +120,13 @@ def receipts_in(body: Any) -> Iterator[tuple[str, str]]:
 
 
 class AuditModel(ScoringBackend, Protocol):
-    """A model the sidecar holds: it re-executes audits and binds answers to requests with its
-    tokenizer (node's ``LoadedModel``)."""
+    """A model the sidecar holds: it re-executes audits, binds answers to requests with its
+    tokenizer and rebuilds them for clients (node's ``LoadedModel``)."""
 
-    tokenizer: Tokenization
+    name: str  # its registry name or path: clients call it by the last component
+    tokenizer: TextTokenizer
     max_context: int
+    backend: str
 
 
 class Sidecar:
@@ -117,7 +136,7 @@ class Sidecar:
 
     def __init__(self, upstreams: Sequence[str], ledger: Ledger, key: NodeKey, backends: dict[str, AuditModel], *,
                  audit_rate: float, validators: int = 0, secret: bytes | None = None, validator_gateway: str | None = None,
-                 evidence_deadline_s: float = EVIDENCE_DEADLINE_S):
+                 evidence_deadline_s: float = EVIDENCE_DEADLINE_S, hold_streams: bool = False):
         if not 0.0 <= audit_rate <= 1.0:
             raise ValueError("the audit rate is a probability in [0, 1]")
         if not upstreams:
@@ -135,10 +154,13 @@ class Sidecar:
         self.validators = validators
         self.validator_gateway = validator_gateway.rstrip("/") if validator_gateway else None
         self.evidence_deadline_s = evidence_deadline_s
+        self.hold_streams = hold_streams  # show a stream's text only once it is bound
         self._secret = secret or secrets.token_bytes(32)
         self._model_lock = asyncio.Lock()  # one runtime per model, not thread-safe: audits take turns
         self._tasks: set[asyncio.Task] = set()
-        self._cards: dict[str, dict] = {}  # model name -> the upstreams' model card (model_id, max_context)
+        self.names = {Path(m.name).name: model_id for model_id, m in backends.items()}  # what clients call each model
+        self._token_texts = {model_id: TokenTexts(m.tokenizer) for model_id, m in backends.items()}
+        self.started = int(time.time())
         self.token_rate = TokenRate()  # tokens of the answers upstreams gave clients, for the status page
         self.session: aiohttp.ClientSession | None = None
 
@@ -153,31 +175,41 @@ class Sidecar:
                     log.warning("upstream %s: no node id yet (%s)", up.url, exc)
 
     def pick(self, n: int) -> list[Upstream]:
-        """``n`` distinct upstreams, never a convicted node, likelier the better their reputation."""
+        """``n`` distinct upstreams, never a convicted node, each drawn with probability
+        proportional to its weight (``weight``): an exponential race, ``random() ** (1 / w)``,
+        the largest ``n`` keys win (Efraimidis and Spirakis' weighted sampling without replacement)."""
         convicted = self.ledger.convicted()
         routable = [up for up in self.upstreams if up.node_id not in convicted]
         if len(routable) < n:
             raise APIError(503, f"{n} node(s) needed, {len(routable)} routable (of {len(self.upstreams)}; "
                            f"{len(self.upstreams) - len(routable)} convicted of fraud)", code="not_enough_nodes")
+        keys = {id(up): random.random() ** (1.0 / max(self.weight(up), 1e-9)) for up in routable}
+        return sorted(routable, key=lambda up: -keys[id(up)])[:n]
 
-        def weight(up: Upstream) -> float:
-            return self.ledger.reputation(up.node_id).score if up.node_id else NEUTRAL
-
-        return sorted(routable, key=lambda up: -weight(up) * random.random())[:n]
+    def weight(self, up: Upstream) -> float:
+        """The lower of the connection's reputation and its declared node's: refusals lower the
+        first, failed audits of the node's own signed answers the second."""
+        score = self.ledger.reputation(up.ledger_id).score
+        return min(score, self.ledger.reputation(up.node_id).score) if up.node_id else score
 
     def chosen(self, receipt_id: str) -> bool:
         return audit_draw(self._secret, receipt_id) < self.audit_rate
 
-    async def card(self, up: Upstream, name: str, headers: dict) -> dict:
-        """The model card the upstream gives for ``name`` (its model_id and context), cached."""
-        if name not in self._cards:
-            try:
-                async with self.session.get(f"{up.url}/v1/models", headers=headers) as resp:
-                    for card in (await resp.json()).get("data", []):
-                        self._cards[card["id"]] = card
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, AttributeError) as exc:
-                log.warning("no model list from %s: %s", up.url, exc)
-        return self._cards.get(name, {})
+    def client_request(self, endpoint: Endpoint, fields: dict) -> ClientRequest:
+        """The client's request, resolved against the sidecar's own models (by the name clients
+        use, or model_id): an upstream's card never decides which model or context binds it."""
+        body = parse_request(endpoint, fields)
+        model_id = self.names.get(body.model, body.model)
+        model = self.backends.get(model_id)
+        if model is None:
+            raise APIError(400, f"this verifier holds no model {body.model!r} to check its answers with; GET /v1/models "
+                           "lists those it holds", param="model", code="model_not_found")
+        return ClientRequest.of(endpoint, body, fields, Path(model.name).name, model, self._token_texts[model_id])
+
+    def model_cards(self) -> list[ModelCard]:
+        """The models answers can be checked with here: what ``GET /v1/models`` lists."""
+        return [ModelCard(id=Path(m.name).name, created=self.started, model_id=model_id, backend=m.backend,
+                          max_context=m.max_context) for model_id, m in sorted(self.backends.items())]
 
     async def evidence(self, up: Upstream, receipt_id: str, node_id: str) -> AnswerFile | None:
         """The answer file behind a receipt: from ``up`` if it signed it, else through ``up`` from
@@ -202,41 +234,36 @@ class Sidecar:
             await asyncio.sleep(delay)
             delay *= 2
 
-    async def check_answer(self, up: Upstream, endpoint: Endpoint, body: dict, response: dict | list[dict],
-                           headers: dict) -> tuple[list[AnswerFile], str | None]:
-        """Fetch the evidence of every receipt in ``response`` and bind the answer to ``body``;
-        returns the answer files and, when the answer must be refused, why. A withheld answer
-        file is a failed audit (``withheld``); an answer that is not the request's, or a receipt
-        served before, is refused and counted against its node in the ledger."""
-        receipts = dict.fromkeys(receipts_in(response))  # a response repeats the first choice's receipt
+    async def bind(self, up: Upstream, req: ClientRequest, received: dict | list[dict]) -> list[AnswerFile]:
+        """Fetch the evidence of every receipt in ``received`` (the parsed response, or a
+        stream's chunks) and bind the answer to the request; returns the answer files in choice
+        order. Raises ``Refused`` (the caller counts it against ``up``): evidence withheld (also
+        a failed audit of the connection), not the request's answer, a receipt served before."""
+        receipts = dict.fromkeys(receipts_in(received))  # a response repeats the first choice's receipt
         answers: dict[str, AnswerFile] = {}
         for receipt_id, node_id in receipts:
             answer = await self.evidence(up, receipt_id, node_id)
             if answer is None or answer.receipt.receipt_id != receipt_id:
-                await asyncio.to_thread(self._withheld, receipt_id, node_id)
-                return [], f"node {node_id} withheld the evidence of receipt {receipt_id}"
+                await asyncio.to_thread(self._withheld, receipt_id, up.ledger_id)
+                raise Refused(f"upstream {up.url} withheld the evidence of receipt {receipt_id}")
             answers[receipt_id] = answer
-        name = body.get("model")
-        card = await self.card(up, name, headers) if isinstance(name, str) else {}
-        model = self.backends.get(card.get("model_id", ""))
-        if model is None:
-            return [], f"this verifier holds no model {name!r} to check its answers with"
-        report = await asyncio.to_thread(bind_answers, endpoint, body, response, answers, model.tokenizer,
-                                         model_id=card.get("model_id"), max_context=card.get("max_context"))
-        node_ids = {a.receipt.node_id for a in answers.values()} or {up.node_id or up.url}
+        report = await asyncio.to_thread(bind_answers, req.endpoint, req.fields, received, answers, req.tokenizer,
+                                         model_id=req.model.model_id, max_context=req.model.max_context)
         if not report.ok:
-            for node_id in node_ids:
-                await asyncio.to_thread(self.ledger.record_refusal, next(iter(answers), ""), node_id, report.summary())
-            return [], f"the answer of node {', '.join(sorted(node_ids))} is not the answer to this request: {report.summary()}"
+            raise Refused(f"the answer of upstream {up.url} is not the answer to this request: {report.summary()}")
         for receipt_id, node_id in receipts:
             if not await asyncio.to_thread(self.ledger.first_sight, receipt_id, node_id):
-                await asyncio.to_thread(self.ledger.record_refusal, receipt_id, node_id, "receipt served before")
-                return [], f"node {node_id} served receipt {receipt_id} before: a replay"
-        return list(answers.values()), None
+                raise Refused(f"upstream {up.url} served receipt {receipt_id} before: a replay")
+        return [answers[report.receipts[index]] for index in range(len(req.choices))]
 
-    def _withheld(self, receipt_id: str, node_id: str) -> None:
-        """A failed audit of an answer whose evidence never came (its model is unknown)."""
-        self.ledger.open_audit(receipt_id, node_id, "")
+    async def refuse(self, up: Upstream, why: str) -> None:
+        """Count a refused answer against the connection that served it."""
+        log.warning("refused an answer from %s: %s", up.url, why)
+        await asyncio.to_thread(self.ledger.record_refusal, "", up.ledger_id, why)
+
+    def _withheld(self, receipt_id: str, ledger_id: str) -> None:
+        """A failed audit of the connection whose evidence never came (its model is unknown)."""
+        self.ledger.open_audit(receipt_id, ledger_id, "")
         self.ledger.close_audit(receipt_id, "withheld")
 
     def answered(self, answers: Sequence[AnswerFile]) -> None:
@@ -252,7 +279,10 @@ class Sidecar:
 
     def spawn(self, coroutine) -> None:
         """Run ``coroutine`` after the response (audits must not delay the client)."""
-        task = asyncio.create_task(coroutine)
+        self.track(asyncio.create_task(coroutine))
+
+    def track(self, task: asyncio.Task) -> None:
+        """Keep ``task`` until done (``drain`` waits for it): a relay whose client left, an audit."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -380,94 +410,68 @@ def _endpoint(path: str) -> Endpoint:
 
 async def proxy_post(request: web.Request) -> web.StreamResponse:
     """Forward a completion request with a seed the sidecar drew when the client gave none (a node
-    that picks its own seed can grind it), bind the answer to the request before the client
-    sees its end, and audit a share; or, with redundancy n, the same request to n nodes."""
+    that picks its own seed can grind it), bind the answer and serve it rebuilt from what the node
+    signed (``node.sidecar.relay``), and audit a share; or, with redundancy n, the same request to
+    n nodes. The work goes on in its own task when the client hangs up: binding and audit finish."""
     sidecar = request.app[SIDECAR]
-    raw = await read_body(request)
-    headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
-    body = json_object(raw)
-    n = _redundancy(request, body)
-    if body.get("seed") is None:
-        body["seed"] = secrets.randbits(63)  # the sidecar's CSPRNG: committed as a client seed
+    fields = json_object(await read_body(request))
+    n = _redundancy(request, fields)
+    if fields.get("seed") is None:
+        fields["seed"] = secrets.randbits(63)  # the sidecar's CSPRNG: committed as a client seed
+    req = await asyncio.to_thread(sidecar.client_request, _endpoint(request.path), fields)
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    headers["Content-Type"] = "application/json"
     if n > 1:
-        return await _redundant(request, sidecar, body, n, headers)
+        return await _redundant(request, sidecar, req, n, headers)
     await sidecar.identify()
     (up,) = sidecar.pick(1)
-    return await _forward(request, sidecar, up, body, headers)
+    task = asyncio.create_task(_forward(request, sidecar, up, req, headers))
+    sidecar.track(task)
+    return await asyncio.shield(task)
 
 
-async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, body: dict, headers: dict) -> web.StreamResponse:
-    endpoint = _endpoint(request.path)
+async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, req: ClientRequest, headers: dict) -> web.StreamResponse:
     try:
-        upstream = await sidecar.session.post(f"{up.url}{request.path}", data=json.dumps(body).encode(), headers=headers)
+        upstream = await sidecar.session.post(f"{up.url}{request.path}", data=json.dumps(req.fields).encode(), headers=headers,
+                                              allow_redirects=False)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise APIError(502, f"upstream node {up.url} unreachable: {exc}", code="upstream_unreachable") from exc
     async with upstream:
-        content_type = upstream.headers.get("Content-Type", "application/json")
-        if not content_type.startswith("text/event-stream"):
-            data = await upstream.read()
-            if upstream.status != 200:
-                return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
-            try:
-                response = json.loads(data)
-            except ValueError:
-                raise APIError(502, f"upstream node {up.node_id or up.url} answered no JSON", code="upstream_error") from None
-            answers, refused = await sidecar.check_answer(up, endpoint, body, response, headers)
-            if refused:
-                raise APIError(502, refused, code="answer_refused")
-            sidecar.answered(answers)
-            return web.Response(body=data, status=upstream.status, headers={"Content-Type": content_type})
-        response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        chunks: list[dict] = []
-        received = 0
+        if not 200 <= upstream.status < 300:
+            if upstream.status < 400:  # a redirect, or no answer at all
+                await sidecar.refuse(up, f"answered {upstream.status}, not an answer")
+                raise APIError(502, f"upstream answered {upstream.status}, not an answer", code="answer_refused")
+            raise upstream_error(upstream.status, await upstream.read())
+        if req.body.stream:
+            return await relay_stream(sidecar, up, req, upstream, request, hold=sidecar.hold_streams)
         try:
-            async for line in upstream.content:  # SSE: one "data: {...}" per line; [DONE] only once bound
-                if line.startswith(b"data: [DONE]"):
-                    break
-                received += len(line)
-                if received > MAX_STREAM_BYTES:  # kept for binding: an endless stream must not grow memory
-                    break
-                if line.startswith(b"data: {"):
-                    try:
-                        chunks.append(json.loads(line[6:]))
-                    except (ValueError, RecursionError):  # not a chunk: binding then finds the answer unbound
-                        chunks.append({})
-                await response.write(line)
-            answers, refused = await sidecar.check_answer(up, endpoint, body, chunks, headers)
-            if refused:
-                error = APIError(502, refused, code="answer_refused").body().model_dump_json()
-                await response.write(f"data: {error}\n\n".encode())
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-            sidecar.answered(answers)
-        except ConnectionResetError:  # the client left: what it received is not checked
-            log.debug("client left before the end of the stream")
-        return response
+            return await relay_json(sidecar, up, req, await upstream.read())
+        except Refused as exc:
+            await sidecar.refuse(up, str(exc))
+            raise APIError(502, str(exc), code="answer_refused") from None
 
 
-async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int, headers: dict) -> web.Response:
+async def _redundant(request: web.Request, sidecar: Sidecar, req: ClientRequest, n: int, headers: dict) -> web.Response:
     """The same request, with one seed, on ``n`` distinct nodes; their answers must agree."""
-    if body.get("stream"):
+    if req.body.stream:
         raise APIError(400, "redundant execution returns one agreed answer: set stream to false", code="invalid_redundancy")
     await sidecar.identify()
     chosen = sidecar.pick(n)
-    payload = json.dumps(body).encode()
+    payload = json.dumps(req.fields).encode()
 
-    async def ask(up: Upstream) -> tuple[dict, list[AnswerFile]]:
+    async def ask(up: Upstream) -> tuple[BaseModel, list[AnswerFile]]:
         try:
-            async with sidecar.session.post(f"{up.url}{request.path}", data=payload, headers=headers) as resp:
-                out = await resp.json(content_type=None)
-                status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            async with sidecar.session.post(f"{up.url}{request.path}", data=payload, headers=headers, allow_redirects=False) as resp:
+                data, status = await resp.read(), resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise APIError(502, f"node {up.node_id or up.url} failed: {exc}", code="upstream_unreachable") from exc
-        if status != 200:
-            message = out.get("error", {}).get("message", str(out)) if isinstance(out, dict) else str(out)
-            raise APIError(status if status < 500 else 502, f"node {up.node_id or up.url}: {message}", code="upstream_error")
-        answers, refused = await sidecar.check_answer(up, _endpoint(request.path), body, out, headers)
-        if refused:
-            raise APIError(502, refused, code="answer_refused")
-        return out, answers
+        if not 200 <= status < 300:
+            raise upstream_error(status if status >= 400 else 502, data)
+        try:
+            return await rebuild_json(sidecar, up, req, data)
+        except Refused as exc:
+            await sidecar.refuse(up, str(exc))
+            raise APIError(502, str(exc), code="answer_refused") from None
 
     results = await asyncio.gather(*(ask(up) for up in chosen))
     (first, first_answers), rest = results[0], results[1:]
@@ -477,26 +481,20 @@ async def _redundant(request: web.Request, sidecar: Sidecar, body: dict, n: int,
         if problem:
             sidecar.spawn(sidecar.audit_all([a for _, group in results for a in group]))  # escalate: who lied?
             raise APIError(502, f"nodes {chosen[0].node_id} and {up.node_id} disagree: {problem}", code="redundancy_disagreement")
-    first["proofmesh_redundancy"] = {
+    body = first.model_dump(mode="json")
+    body["proofmesh_redundancy"] = {
         "agreed": True,
-        "answers": [{"node_id": up.node_id, "proofmesh": [a.model_dump(include={"receipt", "signature", "public_key"})
-                                                           for a in answers]} for up, (_, answers) in zip(chosen, results)],
+        "answers": [{"node_id": answers[0].receipt.node_id, "proofmesh": [a.model_dump(include={"receipt", "signature", "public_key"})
+                                                                          for a in answers]} for _, answers in results],
     }
     for _, answers in results:  # their evidence is in hand already
         sidecar.answered(answers)
-    return web.json_response(first)
+    return web.json_response(body)
 
 
 async def proxy_models(request: web.Request) -> web.Response:
-    sidecar = request.app[SIDECAR]
-    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-    await sidecar.identify()
-    (up,) = sidecar.pick(1)
-    try:
-        async with sidecar.session.get(f"{up.url}/v1/models", headers=headers) as upstream:
-            return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        raise APIError(502, f"upstream node unreachable: {exc}", code="upstream_unreachable") from exc
+    """The models this sidecar checks answers with (its own, not an upstream's list)."""
+    return web.Response(body=ModelList(data=request.app[SIDECAR].model_cards()).model_dump_json(), content_type="application/json")
 
 
 async def submit_audit(request: web.Request) -> web.Response:

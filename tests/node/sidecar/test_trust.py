@@ -164,8 +164,12 @@ def test_a_lying_operator_is_caught_every_time_and_an_honest_one_passes(models, 
                     assert refused.value.status_code == 502
                     error = refused.value.body
                     assert error["code"] == "answer_refused", error
-                    rep = ledger.reputation(key.node_id)
+                    # Counted against the connection that served it, not the node its receipts name:
+                    # an upstream that relays another's answers could otherwise sink that node.
+                    rep = ledger.reputation(sidecar.upstreams[0].ledger_id)
                     assert rep.failures >= 1 and rep.score < 0.5 and not rep.convicted
+                    node = ledger.reputation(key.node_id)
+                    assert node.failures == 0 and node.score >= 0.5  # (replay: its first, honest answer passed)
                     return
                 answer = client.chat.completions.create(model="tiny", **ask)
                 receipt_id = answer.model_extra["proofmesh"]["receipt"]["receipt_id"]
