@@ -26,7 +26,7 @@ disagreement and every answer is audited, so the one that lied is convicted.
 
 Routes: the proxied ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``; ``POST
 /v1/audits`` (an answer file: audited now, the record returned); ``GET /v1/audits/{receipt_id}``;
-``GET /v1/audits?node_id=&state=&limit=``; ``GET /health``; ``GET /``, the operator's status page
+``GET /v1/audits?node_id=&state=&limit=`` (those two for the sidecar's operator only); ``GET /health``; ``GET /``, the operator's status page
 (``node/sidecar/status_page.py``).
 """
 
@@ -47,8 +47,9 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from node.api.errors import (HOLDS_API_KEY, APIError, describe_validation_error, errors_middleware, json_object, read_body,
-                             require_api_key)
+from node.api.errors import (IS_OPERATOR, APIError, describe_validation_error, errors_middleware, json_object, read_body,
+                             require_api_key, require_operator)
+from node.api.evidence_tokens import peer_receipt_path, receipt_path
 from node.api.metrics import TokenRate
 from node.api.status_page import html_response
 from node.sidecar.status_page import sidecar_page
@@ -87,13 +88,14 @@ def audit_draw(secret: bytes, receipt_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / U64
 
 
-def receipts_in(body: Any) -> Iterator[tuple[str, str]]:
-    """``(receipt_id, node_id)`` of every ``proofmesh.receipt`` in a response body or stream chunk."""
+def receipts_in(body: Any) -> Iterator[tuple[str, str, str | None]]:
+    """``(receipt_id, node_id, evidence_token)`` of every ``proofmesh.receipt`` in a response body or stream chunk."""
     if isinstance(body, dict):
         proof = body.get("proofmesh")
         receipt = proof.get("receipt") if isinstance(proof, dict) else None
         if isinstance(receipt, dict) and "receipt_id" in receipt:
-            yield str(receipt["receipt_id"]), str(receipt.get("node_id", ""))
+            token = proof.get("evidence_token")
+            yield str(receipt["receipt_id"]), str(receipt.get("node_id", "")), token if isinstance(token, str) else None
         for key, value in body.items():
             if key != "proofmesh":
                 yield from receipts_in(value)
@@ -179,14 +181,14 @@ class Sidecar:
                 log.warning("no model list from %s: %s", up.url, exc)
         return self._cards.get(name, {})
 
-    async def evidence(self, up: Upstream, receipt_id: str, node_id: str) -> AnswerFile | None:
+    async def evidence(self, up: Upstream, receipt_id: str, node_id: str, token: str | None) -> AnswerFile | None:
         """The answer file behind a receipt: from ``up`` if it signed it, else through ``up`` from
         the peer that did (a gateway relays other nodes' answers; their evidence stays with them).
         Retried until ``evidence_deadline_s``: None then means it was withheld."""
         deadline = asyncio.get_running_loop().time() + self.evidence_deadline_s
         delay = 0.05
         while True:
-            for path in (f"/v1/receipts/{receipt_id}", f"/v1/peers/{node_id}/receipts/{receipt_id}"):
+            for path in (receipt_path(receipt_id, token), peer_receipt_path(node_id, receipt_id, token)):
                 try:
                     async with self.session.get(f"{up.url}{path}", timeout=aiohttp.ClientTimeout(total=self.evidence_deadline_s)) as resp:
                         body, status = await resp.read(), resp.status
@@ -210,8 +212,8 @@ class Sidecar:
         served before, is refused and counted against its node in the ledger."""
         receipts = dict.fromkeys(receipts_in(response))  # a response repeats the first choice's receipt
         answers: dict[str, AnswerFile] = {}
-        for receipt_id, node_id in receipts:
-            answer = await self.evidence(up, receipt_id, node_id)
+        for receipt_id, node_id, token in receipts:
+            answer = await self.evidence(up, receipt_id, node_id, token)
             if answer is None or answer.receipt.receipt_id != receipt_id:
                 await asyncio.to_thread(self._withheld, receipt_id, node_id)
                 return [], f"node {node_id} withheld the evidence of receipt {receipt_id}"
@@ -228,7 +230,7 @@ class Sidecar:
             for node_id in node_ids:
                 await asyncio.to_thread(self.ledger.record_refusal, next(iter(answers), ""), node_id, report.summary())
             return [], f"the answer of node {', '.join(sorted(node_ids))} is not the answer to this request: {report.summary()}"
-        for receipt_id, node_id in receipts:
+        for receipt_id, node_id, _ in receipts:
             if not await asyncio.to_thread(self.ledger.first_sight, receipt_id, node_id):
                 await asyncio.to_thread(self.ledger.record_refusal, receipt_id, node_id, "receipt served before")
                 return [], f"node {node_id} served receipt {receipt_id} before: a replay"
@@ -515,6 +517,9 @@ async def submit_audit(request: web.Request) -> web.Response:
 
 
 async def get_audit(request: web.Request) -> web.Response:
+    """The operator's: which answers were audited must stay hidden from the nodes (and a
+    receipt id from the other clients: ``node/api/evidence_tokens.py``)."""
+    require_operator(request, "an audit record")
     record = request.app[SIDECAR].ledger.audit(request.match_info["receipt_id"])
     if record is None:
         return APIError(404, f"no audit of receipt {request.match_info['receipt_id']!r}", code="audit_not_found").response()
@@ -522,6 +527,8 @@ async def get_audit(request: web.Request) -> web.Response:
 
 
 async def list_audits(request: web.Request) -> web.Response:
+    """The operator's, as ``get_audit``."""
+    require_operator(request, "the audit list")
     q = request.query
     state = q.get("state")
     if state is not None and state not in AUDIT_STATES:
@@ -542,12 +549,14 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    return html_response(await sidecar_page(request.app[SIDECAR], request[HOLDS_API_KEY]))
+    return html_response(await sidecar_page(request.app[SIDECAR], request[IS_OPERATOR]))
 
 
-def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = ()) -> web.Application:
-    """The sidecar's app; with ``api_keys`` every /v1 route needs one (audits and proofs included)."""
-    app = web.Application(client_max_size=16 << 20, middlewares=[errors_middleware(), require_api_key(api_keys)])  # long answer files
+def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = (), operator_keys: Sequence[str] = ()) -> web.Application:
+    """The sidecar's app; with ``api_keys`` every /v1 route needs one (audits and proofs included);
+    reading audits needs one of ``operator_keys`` (none: nobody reads them over HTTP)."""
+    app = web.Application(client_max_size=16 << 20,  # long answer files
+                          middlewares=[errors_middleware(), require_api_key(api_keys, operator_keys)])
     app[SIDECAR] = sidecar
     for path in PROXIED_POSTS:
         app.router.add_post(path, proxy_post)

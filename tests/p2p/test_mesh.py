@@ -31,6 +31,7 @@ from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
+from node.api.evidence_tokens import receipt_path
 from p2p.errors import StreamFailed
 from p2p.host import Host
 from p2p.wire import (
@@ -168,7 +169,7 @@ def test_verify_and_evidence_over_the_network(mesh, tiny_model):
 
     fetched = gateway.get(f"/v1/peers/{signer.peer_id}/receipts/{receipt_id}")
     answer = AnswerFile.model_validate(fetched)
-    assert answer == AnswerFile.model_validate(signer.get(f"/v1/receipts/{receipt_id}"))
+    assert answer == AnswerFile.model_validate(signer.get(receipt_path(receipt_id, body["proofmesh"]["evidence_token"])))
     assert verify_receipt(answer.receipt, answer.signature, bytes.fromhex(answer.public_key))
 
     status, _, attestation = _post(gateway, "/v1/peers/verify", fetched, timeout=120)
