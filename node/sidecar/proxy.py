@@ -26,8 +26,8 @@ disagreement and every answer is audited, so the one that lied is convicted.
 
 Routes: the proxied ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``; ``POST
 /v1/audits`` (an answer file: audited now, the record returned); ``GET /v1/audits/{receipt_id}``;
-``GET /v1/audits?node_id=&state=&limit=`` (those two for the sidecar's operator only); ``GET /health``; ``GET /``, the operator's status page
-(``node/sidecar/status_page.py``).
+``GET /v1/audits?node_id=&state=&limit=`` (those two for the sidecar's operator only); ``GET
+/health``; ``GET /``, the operator's status page (``node/sidecar/status_page.py``).
 """
 
 from __future__ import annotations
