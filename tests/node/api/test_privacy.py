@@ -3,9 +3,9 @@
 (with an API key and its own operator key) that audits every answer, real SQLite behind both.
 
 A client asks through the sidecar with a secret in its prompt. A second client, holding the
-same API key or none, learns the receipt id (it could from the open status pages, /health or the
-sidecar's audit list before this change; now it finds it nowhere) and asks for the answer file:
-404, as for a receipt that does not exist. The asking client opens it with the evidence token its
+same API key or none, looks for the receipt id (before this change the node's open status page
+and the sidecar's audit list showed it; now neither does, nor /health) and, knowing it anyway,
+asks for the answer file: 404, as for a receipt that does not exist. The asking client opens it with the evidence token its
 response carried; the operators read what is theirs. (Over p2p: tests/p2p/test_mesh.py.)
 """
 
@@ -72,14 +72,14 @@ def test_a_receipt_id_alone_opens_no_answer_file(servers):
         assert time.monotonic() < deadline, "the audit did not settle"
         time.sleep(0.1)
 
+    for path in ("/v1/audits", f"/v1/audits/{receipt_id}"):  # the sidecar's audits: not for its API key
+        listed = httpx.get(servers.sidecar_url + path, headers=bearer(API_KEY))
+        assert listed.status_code == 403 and listed.json()["error"]["code"] == "operator_only"
     for headers in ({}, bearer(API_KEY)):  # no key, or the key every client shares
-        # The receipt id is on no page, no health report, no audit list a client can read...
+        # The receipt id is on no page and no health report a client can read...
         for url in (servers.node_url, servers.sidecar_url):
             for path in ("/", "/health"):
                 assert receipt_id not in httpx.get(url + path, headers=headers).text, (url, path)
-        for path in ("/v1/audits", f"/v1/audits/{receipt_id}"):
-            listed = httpx.get(servers.sidecar_url + path, headers=bearer(API_KEY))
-            assert listed.status_code == 403 and listed.json()["error"]["code"] == "operator_only"
         # ... and knowing it anyway opens nothing: the answer of a receipt that does not exist.
         for query in ("", "?token=", "?token=" + "0" * 64, f"?token={token[:-1]}"):
             refused = httpx.get(f"{servers.node_url}/v1/receipts/{receipt_id}{query}", headers=headers)
