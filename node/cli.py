@@ -236,7 +236,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     def ready(url: str) -> None:
         served = ", ".join(m.name for m in models) or "no model (gateway)"
-        auth = f", {len(api_keys)} API key(s) required" if api_keys else ""
+        auth = (f", {len(api_keys)} API key(s) required" if api_keys else "") + (", operator key set" if args.operator_key else "")
         if network is not None:
             node = app[NODE]
             _progress(f"p2p peer id {node.network.peer_id}")
@@ -245,7 +245,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _progress(f"serving {served} on {url}/v1 (Ctrl-C to stop{auth})")
 
     try:
-        app = make_app(models, key, store, api_keys=api_keys, max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
+        app = make_app(models, key, store, api_keys=api_keys, operator_keys=args.operator_key or (), max_queue=DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue,
                        network=network, ledger=ledger, fraud_quorum=args.fraud_quorum)
         asyncio.run(serve_until_signalled(app, args.host, args.port, ready))
     except OSError as exc:  # the address is taken or cannot be bound
@@ -377,7 +377,7 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
                       f"{f' and {args.validators} peer(s)' if args.validators else ''} (Ctrl-C to stop)")
 
         try:
-            await serve_until_signalled(make_sidecar_app(sidecar, args.api_key or ()), args.host, args.port, ready)
+            await serve_until_signalled(make_sidecar_app(sidecar, args.api_key or (), args.operator_key or ()), args.host, args.port, ready)
         finally:
             if gateway is not None:
                 await gateway.cleanup()
@@ -461,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: asyncio.run(_generate(a)))
 
     p = sub.add_parser("verify", help="re-check an answer file (or a fraud proof) by teacher-forced re-execution")
-    p.add_argument("file", help="answer file (JSON: receipt, signature, public key, evidence) or fraud proof")
+    p.add_argument("file", help="answer file (JSON: receipt, signature, public key, evidence) or fraud proof; fetch an "
+                   "answer file with its evidence token from the response's proofmesh object: "
+                   "curl 'NODE/v1/receipts/RECEIPT_ID?token=EVIDENCE_TOKEN' > answer.json")
     p.add_argument("--proof-out", help="on a fraud verdict, write a fraud proof signed with this node's key here")
     p.add_argument("--request", help="the client's request body (JSON): also check that the answer is this request's "
                    "(prompt rendering, sampling parameters, text and finish received); needs --response")
@@ -483,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=None, help="Ed25519 identity key file (default: node_key.pem in the model store; "
                    "created on first use)")
     p.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")
+    p.add_argument("--operator-key", action="append", help="the operator's key (repeatable): 'Authorization: Bearer KEY' "
+                   "reads any answer file without its evidence token and lists the signed receipts on the status page; "
+                   "also an API key. Without one nobody does")
     p.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a batch slot before "
                    "new ones get 429 (default 64)")
     p.add_argument("--p2p-listen", action="append", metavar="MULTIADDR",
@@ -527,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", default=None, help="SQLite ledger (default: ledger.sqlite in the model store)")
     p.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' on /v1 (repeatable); "
                    "clients' keys are passed on to the upstream")
+    p.add_argument("--operator-key", action="append", help="the operator's key (repeatable): 'Authorization: Bearer KEY' "
+                   "reads the audits (GET /v1/audits, the status page's list); also an API key. Without one nobody does")
     _add_weights_option(p)
     p.set_defaults(func=_cmd_verifier)
 

@@ -351,9 +351,10 @@ class PeerNetwork:
                 problems.append(f"{peer_id}: {exc}")
         raise NoPeerAvailable(f"no peer could verify the answer ({'; '.join(problems) or 'none serves its model'})")
 
-    async def evidence(self, peer_id: str, receipt_id: str) -> AnswerFile:
-        """The answer file behind ``receipt_id``, from the peer that signed it."""
-        return await self.bridge.call(self.protocols.evidence, peer_id, receipt_id)
+    async def evidence(self, peer_id: str, receipt_id: str, token: str) -> AnswerFile:
+        """The answer file behind ``receipt_id``, from the peer that signed it, which serves it
+        only with the receipt's evidence ``token``."""
+        return await self.bridge.call(self.protocols.evidence, peer_id, receipt_id, token)
 
     async def spread_fraud(self, notice: FraudNotice) -> int:
         """Start a fraud notice on its way to every known peer; returns how many took it."""

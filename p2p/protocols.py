@@ -4,7 +4,7 @@
     /proofmesh/infer/1     InferRequest -> InferAccepted, then InferHead holding a whole answer,
                            or InferHead, InferData..., InferEnd for a stream (repeatable)
     /proofmesh/verify/1    VerifyRequest -> Reply(attestation)
-    /proofmesh/evidence/1  EvidenceRequest -> Reply(answer)
+    /proofmesh/evidence/1  EvidenceRequest (receipt id, evidence token) -> Reply(answer)
     /proofmesh/fraud/1     FraudNotice, one way: the node decides (``LocalNode.fraud``) and the
                            notice it returns goes on to every other known peer (a flood; each
                            node relays a given notice once)
@@ -96,8 +96,9 @@ class LocalNode(Protocol):
     async def verify(self, answer: AnswerFile) -> Attestation:
         """Re-check ``answer`` on a local model; raises ``LookupError`` if none fits."""
 
-    async def evidence(self, receipt_id: str) -> AnswerFile | None:
-        """The answer file behind one of this node's receipts, while it is retained."""
+    async def evidence(self, receipt_id: str, token: str) -> AnswerFile | None:
+        """The answer file behind one of this node's receipts, while it is retained, if ``token``
+        is that receipt's evidence token (None otherwise, as for an unknown receipt)."""
 
     async def fraud(self, notice: FraudNotice, sender: str) -> FraudNotice | None:
         """Act on a fraud notice from ``sender``; returns the notice to pass on, or None."""
@@ -265,7 +266,7 @@ class Protocols:
     async def _serve_evidence(self, stream: FramedStream) -> None:
         with self.limits.admit(stream.remote_peer, EVIDENCE_PROTOCOL):
             request = await stream.read(EvidenceRequest)
-            answer = await self.bridge.call_asyncio(self.local.evidence, request.receipt_id)
+            answer = await self.bridge.call_asyncio(self.local.evidence, request.receipt_id, request.token)
             await stream.write(Reply(answer=answer) if answer else Reply(error=f"no receipt {request.receipt_id} here"))
 
     async def _serve_fraud(self, stream: FramedStream) -> None:
@@ -311,8 +312,8 @@ class Protocols:
             raise BadSignature(f"{peer_id} sent no attestation signed by itself")
         return reply.attestation
 
-    async def evidence(self, peer_id: str, receipt_id: str) -> AnswerFile:
-        reply = await self._ask(peer_id, EVIDENCE_PROTOCOL, EvidenceRequest(receipt_id=receipt_id), VERIFY_TIMEOUT_S)
+    async def evidence(self, peer_id: str, receipt_id: str, token: str) -> AnswerFile:
+        reply = await self._ask(peer_id, EVIDENCE_PROTOCOL, EvidenceRequest(receipt_id=receipt_id, token=token), VERIFY_TIMEOUT_S)
         if reply.answer is None or reply.answer.receipt.receipt_id != receipt_id or reply.answer.receipt.node_id != peer_id:
             raise RemoteError(f"{peer_id} sent no answer file of its own for {receipt_id}")
         return reply.answer

@@ -37,6 +37,7 @@ CAPS_PROTOCOL = "/proofmesh/caps/1"
 INFER_PROTOCOL = "/proofmesh/infer/1"
 VERIFY_PROTOCOL = "/proofmesh/verify/1"
 EVIDENCE_PROTOCOL = "/proofmesh/evidence/1"
+EVIDENCE_TOKEN_MAX_CHARS = 128  # a node's evidence tokens are 64 hex digits; room for another scheme, no more
 FRAUD_PROTOCOL = "/proofmesh/fraud/1"
 
 # Caps per protocol: a capability table of 256 peers is ~200 KB; an HTTP request body is capped
@@ -300,9 +301,12 @@ class VerifyRequest(Message):
 
 
 class EvidenceRequest(Message):
-    """``/proofmesh/evidence/1``: the answer file behind one of the listener's receipts."""
+    """``/proofmesh/evidence/1``: the answer file behind one of the listener's receipts, with the
+    evidence token its client was given (the listener serves the file only if it is that
+    receipt's: an answer file holds a client's conversation, and a receipt id is no secret)."""
 
     receipt_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    token: Annotated[str, Field(max_length=EVIDENCE_TOKEN_MAX_CHARS)]
 
 
 class FraudNotice(Message):

@@ -7,7 +7,7 @@ health/metrics. Every answer is signed as it finishes and its answer file kept i
 store (``node/api/service.py``), so ``GET /v1/receipts/{id}`` serves what ``proofmesh verify`` checks.
 
     GET  /v1/models                  POST /v1/completions        POST /v1/chat/completions
-    GET  /v1/receipts/{receipt_id}   GET  /health                GET  /metrics
+    GET  /v1/receipts/{receipt_id}?token=   GET  /health         GET  /metrics
     GET  /v1/peers ...               (with a p2p network: node/api/peering.py)
     GET  /                           the operator's status page (HTML: node/api/status_page.py)
 
@@ -16,7 +16,12 @@ code}}`` — node errors and HTTP errors with their own status, anything unexpec
 whose traceback goes to the log, never to the client. With API keys set, ``/v1/*`` needs
 ``Authorization: Bearer KEY``; ``/health`` and ``/metrics`` stay open for probes, and so does
 ``/``, which then shows what ``/health`` does and leaves out what only ``/v1`` routes show
-(receipts, peers, convictions) unless the request bears a key.
+(peers, convictions) unless the request bears a key.
+
+An answer file holds a client's conversation, so it is served only with its evidence token
+(``?token=``, returned with the answer: ``node/api/evidence_tokens.py``) or to the operator
+(``Authorization: Bearer OPERATOR_KEY``, ``--operator-key``); the receipts the node signed are
+listed on ``/`` to the operator alone, each linked with its token.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from node.api import routes
 from node.errors import ConfigError
 from node.runtime.loading import LoadedModel
-from node.api.errors import HOLDS_API_KEY, APIError, Handler, errors_middleware, require_api_key
+from node.api.errors import HOLDS_API_KEY, IS_OPERATOR, APIError, Handler, errors_middleware, require_api_key
+from node.api.evidence_tokens import TOKEN_PARAM, receipt_path
 from node.api.service import NODE, Node
 from node.api.status_page import MAX_ROWS, Cell, StatusPage, Table, Tone, ago, html_response, locked_table, rate_cell, receipt_cell
 from node.runtime.engine import DEFAULT_MAX_QUEUE
@@ -81,11 +87,18 @@ async def _metrics(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 async def get_receipt(request: web.Request) -> web.Response:
-    """The answer file behind a receipt while it is retained: what ``proofmesh verify`` takes."""
+    """The answer file behind a receipt while it is retained: what ``proofmesh verify`` takes.
+    Only with the receipt's evidence token (``?token=``) or to the operator; otherwise the
+    answer is the unknown receipt's 404, given before the store is read, so a refusal says
+    nothing of which receipt ids exist."""
     node = request.app[NODE]
     receipt_id = request.match_info["receipt_id"]
-    answer = node.store.get(receipt_id)
-    node.metrics.receipt_lookups.labels("found" if answer else "missing").inc()
+    if request[IS_OPERATOR] or node.evidence_tokens.admits(receipt_id, request.query.get(TOKEN_PARAM)):
+        answer = node.store.get(receipt_id)
+        node.metrics.receipt_lookups.labels("found" if answer else "missing").inc()
+    else:
+        answer = None
+        node.metrics.receipt_lookups.labels("refused").inc()
     if answer is None:
         raise APIError(404, f"no receipt {receipt_id!r} here (unknown, or past the retention window)",
                        param="receipt_id", code="receipt_not_found")
@@ -123,8 +136,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    """GET /: the node at a glance for its operator (what /health says, plus the answers it signed
-    last, its peers and the convictions it knows of)."""
+    """GET /: the node at a glance (what /health says; with the API key its peers and the
+    convictions it knows of; to the operator also the answers it signed last)."""
     node = request.app[NODE]
     answers, size = await asyncio.to_thread(node.store.stats)
     network, status = node.network, _status(node)
@@ -139,15 +152,19 @@ async def status_page(request: web.Request) -> web.Response:
         (Cell(s.name), Cell(s.loaded.model_id), Cell(s.loaded.backend), Cell(str(s.loaded.max_context)),
          Cell(str(s.engine.queue_depth)), Cell(str(s.engine.running)))
         for s in node.models.values()], "none: a gateway to its peers' models")
+    signed = _signed_answers_table(node) if request[IS_OPERATOR] else locked_table("Answers signed", operator=True)
     if not request[HOLDS_API_KEY]:
-        tables = [locked_table("Answers signed"), locked_table("Peers"), locked_table("Fraud convictions")]
+        tables = [signed, locked_table("Peers"), locked_table("Fraud convictions")]
     else:
-        tables = [_signed_answers_table(node), _peers_table(node), await _convictions_table(request.app, node)]
+        tables = [signed, _peers_table(node), await _convictions_table(request.app, node)]
     return html_response(StatusPage("ProofMesh node", facts, [models, *tables]))
 
 
 def _signed_answers_table(node: Node) -> Table:
-    rows = [(receipt_cell(a.receipt_id, "v1/receipts"), Cell(a.model), Cell(str(a.output_tokens)), ago(a.signed_at))
+    """The operator's: each receipt links to its answer file with its token (relative), so the
+    link opens in any browser and can be handed to a verifier."""
+    rows = [(Cell(a.receipt_id, href=receipt_path(a.receipt_id, node.evidence_tokens.token(a.receipt_id)).removeprefix("/")),
+             Cell(a.model), Cell(str(a.output_tokens)), ago(a.signed_at))
             for a in reversed(node.signed_answers)]
     return Table(f"Answers signed (the last {MAX_ROWS} since start; each links to its answer file)",
                  ("receipt", "model", "tokens", "signed"), rows, "none yet")
@@ -192,6 +209,7 @@ def make_app(
     store: EvidenceStore,
     *,
     api_keys: Sequence[str] = (),
+    operator_keys: Sequence[str] = (),
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = MAX_BODY_BYTES,
     network: NetworkConfig | None = None,
@@ -203,11 +221,12 @@ def make_app(
     stays the caller's to close. With ``network`` the node joins the p2p network on startup
     (``node/api/peering.py``); then it may serve no model itself (a gateway). Its convictions and
     their fraud proofs go to ``ledger`` (kept across restarts; without one, in memory); a node
-    without a network loads no libp2p at all."""
+    without a network loads no libp2p at all. ``operator_keys``: the bearer keys of the node's
+    operator, who may read every answer file (``node.api.errors.IS_OPERATOR``)."""
     if not models and network is None:
         raise ConfigError("make_app needs at least one model (or a p2p network to forward to)")
     node = Node(models, key, store, max_queue=max_queue)
-    middlewares = [_metrics, errors_middleware(lambda: node.shutting_down), require_api_key(api_keys)]
+    middlewares = [_metrics, errors_middleware(lambda: node.shutting_down), require_api_key(api_keys, operator_keys)]
     if network is not None:
         from node.api import peering  # libp2p only for a node that joins a network
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from node.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from node.models.tokenizer import TextTokenizer
-from node.runtime.engine import GenerationRequest
+from node.runtime.events import GenerationRequest
 from verify.binding import choice_seed, default_max_tokens, requested_max_tokens, requested_sampling
 from verify.structured import tools_in_effect
 

@@ -2,7 +2,8 @@
 ``{"error": {message, type, param, code}}``):
 
 - the client's mistakes -> 4xx with a message (a request the engine cannot take, an unknown
-  model, a body that does not validate, a missing API key, a full queue as 429);
+  model, a body that does not validate, a missing API key as 401, an operator's route without
+  the operator key as 403, a full queue as 429);
 - the server's faults -> 500: its configuration (``ConfigError``), a broken invariant
   (``RuntimeFault``) or anything unexpected, with an error id that the log shows beside the
   traceback; never plain text, never a traceback to the client.
@@ -36,7 +37,7 @@ BODY_TIMEOUT_S = 30.0  # a request body (at most 1 MiB) that takes longer to arr
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
 class APIError(Exception):
@@ -143,17 +144,28 @@ HOLDS_API_KEY = web.RequestKey("holds_api_key", bool)
 """Set on every request: whether it may see what the /v1 routes show (no keys set, or a valid one
 sent). The open status page (``GET /``) reads it to leave those parts out for everyone else."""
 
+IS_OPERATOR = web.RequestKey("is_operator", bool)
+"""Set on every request: whether it bears an operator key (``--operator-key``). The operator may
+read what belongs to every client: any answer file, the receipts a node signed, a sidecar's
+audits. Without operator keys nobody is the operator over HTTP; an API key never is (a key
+shared by many clients must not let one read another's answers: issue 21, attack 11)."""
 
-def require_api_key(api_keys: Sequence[str]) -> Callable:
-    """Middleware: with keys set, every /v1 route needs ``Authorization: Bearer KEY`` (the node's and the sidecar's)."""
-    keys = [k.encode() for k in api_keys]
+
+def require_api_key(api_keys: Sequence[str], operator_keys: Sequence[str] = ()) -> Callable:
+    """Middleware: with keys set, every /v1 route needs ``Authorization: Bearer KEY`` (the node's and the sidecar's);
+    an operator key counts as an API key too. Sets ``HOLDS_API_KEY`` and ``IS_OPERATOR``."""
+    keys, operators = [k.encode() for k in api_keys], [k.encode() for k in operator_keys]
+
+    def matches(token: bytes, candidates: list[bytes]) -> bool:
+        # compare_digest against every key: no timing hint about which prefix matched
+        return any([hmac.compare_digest(token, k) for k in candidates])
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        # compare_digest against every key: no timing hint about which prefix matched
-        request[HOLDS_API_KEY] = not keys or (scheme.lower() == "bearer" and any(
-            hmac.compare_digest(token.strip().encode(), k) for k in keys))
+        bearer = token.strip().encode() if scheme.lower() == "bearer" else None
+        request[IS_OPERATOR] = bearer is not None and matches(bearer, operators)
+        request[HOLDS_API_KEY] = not keys or request[IS_OPERATOR] or (bearer is not None and matches(bearer, keys))
         if not request[HOLDS_API_KEY] and request.path.startswith("/v1/"):
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
         return await handler(request)
@@ -161,5 +173,11 @@ def require_api_key(api_keys: Sequence[str]) -> Callable:
     return check
 
 
-__all__ = ["APIError", "HOLDS_API_KEY", "Handler", "api_error_of", "json_object", "read_body", "describe_validation_error", "errors_middleware", "parse_body",
-           "require_api_key"]
+def require_operator(request: web.Request, what: str) -> None:
+    """403 unless the request bears an operator key; ``what``: what it asked for, in words."""
+    if not request[IS_OPERATOR]:
+        raise APIError(403, f"{what} is for the operator only (send Authorization: Bearer OPERATOR_KEY)", code="operator_only")
+
+
+__all__ = ["APIError", "HOLDS_API_KEY", "IS_OPERATOR", "Handler", "api_error_of", "json_object", "read_body", "describe_validation_error",
+           "errors_middleware", "parse_body", "require_api_key", "require_operator"]

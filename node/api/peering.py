@@ -14,7 +14,12 @@ does not serve, or serves but is too full to admit, to the network and relays th
     GET  /v1/peers                                 known peers: capabilities, load, last seen
     POST /v1/peers/verify[?exclude=ID,...]         an answer file -> a peer's signed attestation
     POST /v1/fraud-proofs                          a fraud proof: re-checked here if possible, then spread
-    GET  /v1/peers/{peer_id}/receipts/{receipt_id} an answer file, fetched from its signer
+    GET  /v1/peers/{peer_id}/receipts/{receipt_id}?token=
+                                                   an answer file, fetched from its signer
+
+That last route is no way around the evidence token (``node/api/evidence_tokens.py``): this node
+cannot check another node's tokens, so it passes the token on and the signer decides; without
+one it asks nobody. Its own operator key is no master key for other nodes' answers.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ from aiohttp import web
 from node.errors import ConfigError, EngineBusyError
 from node.runtime.loading import LoadedModel
 from node.api.errors import RETRY_AFTER_S, APIError, Handler, json_object, parse_body, read_body
+from node.api.evidence_tokens import TOKEN_PARAM
 from node.api.service import NODE, Node
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError, Unavailable
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
-from p2p.wire import FRAUD_PROTOCOL, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
+from p2p.wire import EVIDENCE_TOKEN_MAX_CHARS, FRAUD_PROTOCOL, FraudNotice, InferData, InferEnd, InferHead, InferRequest, ModelOffer
 from verify.attestation import Attestation
 from verify.evidence import AnswerFile, Fingerprint, position_fingerprint
 from verify.fraud import FraudProof, accusation_problems, check_fraud_proof, sign_verdict
@@ -146,8 +152,10 @@ class NodeServices:
         fingerprints = backend.fingerprints[:len(answer.evidence.output_ids)]
         return Attestation.sign(sign_verdict(verdict, self.node.key), fingerprints, self.node.key)
 
-    async def evidence(self, receipt_id: str) -> AnswerFile | None:
-        return self.node.store.get(receipt_id)
+    async def evidence(self, receipt_id: str, token: str) -> AnswerFile | None:
+        if not self.node.evidence_tokens.admits(receipt_id, token):
+            return None  # as for an unknown receipt: which ids exist is not told
+        return await asyncio.to_thread(self.node.store.get, receipt_id)
 
     async def fraud(self, notice: FraudNotice, sender: str) -> FraudNotice | None:
         """Act on a fraud proof, and say what to pass on (None: nothing).
@@ -364,8 +372,12 @@ async def get_fraud_proof(request: web.Request) -> web.Response:
 @routes.get("/v1/peers/{peer_id}/receipts/{receipt_id}")
 async def evidence_from_peer(request: web.Request) -> web.Response:
     peer_id, receipt_id = request.match_info["peer_id"], request.match_info["receipt_id"]
+    token = request.query.get(TOKEN_PARAM)
+    if not token or len(token) > EVIDENCE_TOKEN_MAX_CHARS:
+        raise APIError(404, f"no receipt {receipt_id!r} without its evidence token (?{TOKEN_PARAM}=)", param=TOKEN_PARAM,
+                       code="receipt_not_found")
     try:
-        answer = await request.app[NODE].network.evidence(peer_id, receipt_id)
+        answer = await request.app[NODE].network.evidence(peer_id, receipt_id, token)
     except RemoteError as exc:
         raise APIError(404, str(exc), code="receipt_not_found") from exc
     except P2PError as exc:

@@ -8,7 +8,7 @@ are rejected rather than ignored, so a client never gets an answer to a question
 The routes turn a request into sampling parameters with ``verify.binding``'s rules (the ones a
 client's binding check expects), so the engine never sees API objects.
 
-Responses add a ``proofmesh`` object (receipt, signature, public key, backend): on the response
+Responses add a ``proofmesh`` object (receipt, signature, public key, backend, evidence token): on the response
 and on each choice (with ``n > 1`` every choice has its own receipt; the top-level one is the
 first choice's), and on the stream chunk that carries a choice's ``finish_reason``.
 """
@@ -295,12 +295,16 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class ProofMeshInfo(BaseModel):
-    """What lets a client check an answer: the signed receipt and who signed it."""
+    """What lets a client check an answer: the signed receipt and who signed it, and the token
+    that opens its answer file (``GET /v1/receipts/{id}?token=``; ``node.api.evidence_tokens``).
+    The token is the asking client's alone: it is in no receipt or answer file (those are shown
+    to others), only here."""
 
     receipt: Receipt
     signature: str
     public_key: str
     backend: str
+    evidence_token: str
 
 
 class UsageInfo(BaseModel):

@@ -1,5 +1,6 @@
-"""What every route of the node shares: the served models and their engines, the identity key,
-the evidence store and metrics (errors and their statuses: ``node.api.errors``).
+"""What every route of the node shares: the served models and their engines, the identity key
+and the evidence tokens derived from it, the evidence store and metrics (errors and their
+statuses: ``node.api.errors``).
 
 ``Node.answers`` is the single path from an HTTP request to the engine: it runs a request's
 choices, signs each answer as it finishes and keeps its evidence, so no route can hand out an
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from node.api.answers import answer_file
 from node.api.errors import RETRY_AFTER_S, APIError
+from node.api.evidence_tokens import EvidenceTokens
 from node.api.metrics import NodeMetrics, TokenRate
 from node.api.protocol import ModelCard, ProofMeshInfo
 from node.api.rendering import ChoiceEvent, TokenTexts
@@ -69,11 +71,12 @@ class SignedAnswer:
 
 
 class Node:
-    """What the routes share: models, identity, evidence store, metrics, shutdown state, and what
-    the status page shows live (the token rate, the answers signed last)."""
+    """What the routes share: models, identity, evidence store and who may read it, metrics,
+    shutdown state, and what the status page shows live (the token rate, the answers signed last)."""
 
     def __init__(self, models: Sequence[LoadedModel], key: NodeKey, store: EvidenceStore, *, max_queue: int):
         self.key = key
+        self.evidence_tokens = EvidenceTokens(key)
         self.store = store
         self.metrics = NodeMetrics()
         self.token_rate = TokenRate()
@@ -150,13 +153,14 @@ class Node:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _seal(self, served: ServedModel, result: GenerationResult) -> ProofMeshInfo:
-        """Sign a finished answer and keep its evidence (one SQLite transaction: all or nothing)."""
+        """Sign a finished answer and keep its evidence (one SQLite transaction: all or nothing);
+        the asking client gets the token that opens its answer file."""
         answer = answer_file(result, self.key, model_id=served.loaded.model_id, backend=served.loaded.backend)
         self.store.put(answer)
         self.metrics.observe_answer(served.name, len(result.prompt_ids), len(result.output_ids), result.time_to_first_token)
         self.signed_answers.append(SignedAnswer(answer.receipt.receipt_id, served.name, len(result.output_ids), answer.receipt.created))
         return ProofMeshInfo(receipt=answer.receipt, signature=answer.signature, public_key=answer.public_key,
-                             backend=served.loaded.backend)
+                             backend=served.loaded.backend, evidence_token=self.evidence_tokens.token(answer.receipt.receipt_id))
 
     async def close(self) -> None:
         for served in self.models.values():

@@ -80,9 +80,13 @@ def rate_cell(tokens_per_second: float, window_s: int) -> Cell:
     return Cell(f"{tokens_per_second:.1f} tokens/s (last {window_s} s)")
 
 
-def locked_table(title: str) -> Table:
-    """A table whose rows come from ``/v1`` routes, for a request without the API key: those
-    routes' rule holds here too (a sidecar's audits must stay hidden from the nodes it audits)."""
+def locked_table(title: str, *, operator: bool = False) -> Table:
+    """A table whose rows come from ``/v1`` routes, for a request without the key those routes
+    need: their rule holds here too. ``operator``: rows only the operator may see (the receipts a
+    node signed, a sidecar's audits: clients must not learn one another's receipt ids, nor
+    nodes which of their answers were audited)."""
+    if operator:
+        return Table(title, (), (), "for the operator only (send Authorization: Bearer OPERATOR_KEY)")
     return Table(title, (), (), "needs the API key (send Authorization: Bearer KEY), as the /v1 routes do")
 
 

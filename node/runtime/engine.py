@@ -37,12 +37,12 @@ from node.errors import ContextLengthError, EngineBusyError, RequestError
 from node.compiler.targets import usable_cores
 from node.runtime.model_runtime import ModelRuntime
 from node.models.tokenizer import TextTokenizer
-from node.runtime.events import AnswerText, GenerationResult, TokenEvent
+from node.runtime.events import AnswerText, GenerationRequest, GenerationResult, TokenEvent
 from verify.canonical import request_hash as compute_request_hash
 from verify.evidence import Fingerprint, position_fingerprint
 from verify.grammar import GrammarError, GrammarState
-from verify.receipts import FinishReason, SeedSource
-from verify.sampling import SamplingParams, sample_token
+from verify.receipts import FinishReason
+from verify.sampling import sample_token
 
 T = TypeVar("T")
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a batch slot before new ones are refused
@@ -71,13 +71,6 @@ def _settle(done: asyncio.Future, result: Any, error: BaseException | None) -> N
         done.set_exception(error)
     else:
         done.set_result(result)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    seed_source: SeedSource = "node"  # who chose params.seed (committed in the receipt)
 
 
 @dataclass(eq=False)  # identity: the batch lists hold each sequence once

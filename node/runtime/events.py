@@ -1,5 +1,6 @@
-"""What an answer looks like token by token: the events the engine streams (the last one holds
-the finished answer, ``GenerationResult``), and the same events rebuilt from a signed answer file.
+"""What an answer is made of: the request the engine serves (``GenerationRequest``), the events
+it streams token by token (the last one holds the finished answer, ``GenerationResult``), and the
+same events rebuilt from a signed answer file. No model code: the verifier sidecar uses it too.
 
 An answer's text, finish and logprobs are functions of its output ids, its sampling parameters
 (stop strings, max_tokens), the tokenizer and its fingerprints. ``AnswerText`` is that function
@@ -16,6 +17,13 @@ from node.models.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.evidence import AnswerFile, Fingerprint
 from verify.receipts import FinishReason, SeedSource
 from verify.sampling import SamplingParams, StopChecker
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    seed_source: SeedSource = "node"  # who chose params.seed (committed in the receipt)
+
 
 @dataclass
 class GenerationResult:
@@ -104,4 +112,4 @@ def replay(answer: AnswerFile, tokenizer: TextTokenizer) -> list[TokenEvent]:
     return events
 
 
-__all__ = ["AnswerText", "GenerationResult", "TokenEvent", "replay"]
+__all__ = ["AnswerText", "GenerationRequest", "GenerationResult", "TokenEvent", "replay"]

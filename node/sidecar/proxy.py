@@ -35,8 +35,8 @@ disagreement and every answer is audited, so the one that lied is convicted.
 
 Routes: the proxied ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``; ``POST
 /v1/audits`` (an answer file: audited now, the record returned); ``GET /v1/audits/{receipt_id}``;
-``GET /v1/audits?node_id=&state=&limit=``; ``GET /health``; ``GET /``, the operator's status page
-(``node/sidecar/status_page.py``).
+``GET /v1/audits?node_id=&state=&limit=`` (those two for the sidecar's operator only); ``GET
+/health``; ``GET /``, the operator's status page (``node/sidecar/status_page.py``).
 """
 
 from __future__ import annotations
@@ -49,33 +49,32 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from node.api.errors import (HOLDS_API_KEY, APIError, describe_validation_error, errors_middleware, json_object, read_body,
-                             require_api_key)
+from node.api.errors import (IS_OPERATOR, APIError, describe_validation_error, errors_middleware, json_object, read_body,
+                             require_api_key, require_operator)
+from node.api.evidence_tokens import peer_receipt_path, receipt_path
 from node.api.metrics import TokenRate
 from node.api.protocol import ModelCard, ModelList
 from node.api.rendering import TokenTexts
 from node.api.status_page import html_response
-from node.models.tokenizer import TextTokenizer
-from node.sidecar.relay import ClientRequest, Refused, parse_request, rebuild_json, relay_json, relay_stream, upstream_error
+from node.sidecar.relay import (AuditModel, ClientRequest, Refused, Upstream, parse_request, rebuild_json, receipts_in,
+                                relay_json, relay_stream, upstream_error)
 from node.sidecar.status_page import sidecar_page
 from verify.attestation import Attestation
 from verify.binding import Endpoint, bind_answers
 from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, SignedVerdict, sign_verdict
 from verify.identity import NodeKey
-from verify.ledger import AUDIT_STATES, NEUTRAL, AuditRecord, Ledger
+from verify.ledger import AUDIT_STATES, AuditRecord, Ledger
 from verify.redundancy import disagreement
 from verify.sampling import U64
-from verify.verifier import ScoringBackend, verify_answer
+from verify.verifier import verify_answer
 
 log = logging.getLogger("proofmesh.sidecar")
 
@@ -87,46 +86,10 @@ REDUNDANCY_HEADER = "X-ProofMesh-Redundancy"
 EVIDENCE_DEADLINE_S = 5.0
 
 
-@dataclass
-class Upstream:
-    url: str
-    node_id: str | None = None  # what its /health declares, once it answered: never trusted to blame
-
-    @property
-    def ledger_id(self) -> str:
-        """Who refusals count against: this connection, whatever node it says it is."""
-        return f"upstream:{self.url}"
-
-
 def audit_draw(secret: bytes, receipt_id: str) -> float:
     """A uniform number in [0, 1) fixed by the secret and the receipt id: audit iff below the rate."""
     digest = hmac.new(secret, receipt_id.encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") / U64
-
-
-def receipts_in(body: Any) -> Iterator[tuple[str, str]]:
-    """``(receipt_id, node_id)`` of every ``proofmesh.receipt`` in a response body or stream chunk."""
-    if isinstance(body, dict):
-        proof = body.get("proofmesh")
-        receipt = proof.get("receipt") if isinstance(proof, dict) else None
-        if isinstance(receipt, dict) and "receipt_id" in receipt:
-            yield str(receipt["receipt_id"]), str(receipt.get("node_id", ""))
-        for key, value in body.items():
-            if key != "proofmesh":
-                yield from receipts_in(value)
-    elif isinstance(body, list):
-        for item in body:
-            yield from receipts_in(item)
-
-
-class AuditModel(ScoringBackend, Protocol):
-    """A model the sidecar holds: it re-executes audits, binds answers to requests with its
-    tokenizer and rebuilds them for clients (node's ``LoadedModel``)."""
-
-    name: str  # its registry name or path: clients call it by the last component
-    tokenizer: TextTokenizer
-    max_context: int
-    backend: str
 
 
 class Sidecar:
@@ -211,14 +174,14 @@ class Sidecar:
         return [ModelCard(id=Path(m.name).name, created=self.started, model_id=model_id, backend=m.backend,
                           max_context=m.max_context) for model_id, m in sorted(self.backends.items())]
 
-    async def evidence(self, up: Upstream, receipt_id: str, node_id: str) -> AnswerFile | None:
+    async def evidence(self, up: Upstream, receipt_id: str, node_id: str, token: str | None) -> AnswerFile | None:
         """The answer file behind a receipt: from ``up`` if it signed it, else through ``up`` from
         the peer that did (a gateway relays other nodes' answers; their evidence stays with them).
         Retried until ``evidence_deadline_s``: None then means it was withheld."""
         deadline = asyncio.get_running_loop().time() + self.evidence_deadline_s
         delay = 0.05
         while True:
-            for path in (f"/v1/receipts/{receipt_id}", f"/v1/peers/{node_id}/receipts/{receipt_id}"):
+            for path in (receipt_path(receipt_id, token), peer_receipt_path(node_id, receipt_id, token)):
                 try:
                     async with self.session.get(f"{up.url}{path}", timeout=aiohttp.ClientTimeout(total=self.evidence_deadline_s)) as resp:
                         body, status = await resp.read(), resp.status
@@ -241,8 +204,8 @@ class Sidecar:
         a failed audit of the connection), not the request's answer, a receipt served before."""
         receipts = dict.fromkeys(receipts_in(received))  # a response repeats the first choice's receipt
         answers: dict[str, AnswerFile] = {}
-        for receipt_id, node_id in receipts:
-            answer = await self.evidence(up, receipt_id, node_id)
+        for receipt_id, node_id, token in receipts:
+            answer = await self.evidence(up, receipt_id, node_id, token)
             if answer is None or answer.receipt.receipt_id != receipt_id:
                 await asyncio.to_thread(self._withheld, receipt_id, up.ledger_id)
                 raise Refused(f"upstream {up.url} withheld the evidence of receipt {receipt_id}")
@@ -251,7 +214,7 @@ class Sidecar:
                                          model_id=req.model.model_id, max_context=req.model.max_context)
         if not report.ok:
             raise Refused(f"the answer of upstream {up.url} is not the answer to this request: {report.summary()}")
-        for receipt_id, node_id in receipts:
+        for receipt_id, node_id, _ in receipts:
             if not await asyncio.to_thread(self.ledger.first_sight, receipt_id, node_id):
                 raise Refused(f"upstream {up.url} served receipt {receipt_id} before: a replay")
         return [answers[report.receipts[index]] for index in range(len(req.choices))]
@@ -513,6 +476,9 @@ async def submit_audit(request: web.Request) -> web.Response:
 
 
 async def get_audit(request: web.Request) -> web.Response:
+    """The operator's: which answers were audited must stay hidden from the nodes (and a
+    receipt id from the other clients: ``node/api/evidence_tokens.py``)."""
+    require_operator(request, "an audit record")
     record = request.app[SIDECAR].ledger.audit(request.match_info["receipt_id"])
     if record is None:
         return APIError(404, f"no audit of receipt {request.match_info['receipt_id']!r}", code="audit_not_found").response()
@@ -520,6 +486,8 @@ async def get_audit(request: web.Request) -> web.Response:
 
 
 async def list_audits(request: web.Request) -> web.Response:
+    """The operator's, as ``get_audit``."""
+    require_operator(request, "the audit list")
     q = request.query
     state = q.get("state")
     if state is not None and state not in AUDIT_STATES:
@@ -540,12 +508,14 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    return html_response(await sidecar_page(request.app[SIDECAR], request[HOLDS_API_KEY]))
+    return html_response(await sidecar_page(request.app[SIDECAR], request[IS_OPERATOR]))
 
 
-def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = ()) -> web.Application:
-    """The sidecar's app; with ``api_keys`` every /v1 route needs one (audits and proofs included)."""
-    app = web.Application(client_max_size=16 << 20, middlewares=[errors_middleware(), require_api_key(api_keys)])  # long answer files
+def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = (), operator_keys: Sequence[str] = ()) -> web.Application:
+    """The sidecar's app; with ``api_keys`` every /v1 route needs one (audits and proofs included);
+    reading audits needs one of ``operator_keys`` (none: nobody reads them over HTTP)."""
+    app = web.Application(client_max_size=16 << 20,  # long answer files
+                          middlewares=[errors_middleware(), require_api_key(api_keys, operator_keys)])
     app[SIDECAR] = sidecar
     for path in PROXIED_POSTS:
         app.router.add_post(path, proxy_post)
@@ -568,4 +538,4 @@ def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = ()) -> web.Appl
     return app
 
 
-__all__ = ["Sidecar", "audit_draw", "make_sidecar_app", "receipts_in"]
+__all__ = ["Sidecar", "Upstream", "audit_draw", "make_sidecar_app"]

@@ -23,10 +23,10 @@ parser differential waiting to happen).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Iterator
+from typing import Any, Protocol, Sequence
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -37,14 +37,12 @@ from node.api.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatC
                                CompletionResponse, ErrorResponse, ProofMeshInfo, SamplingRequest, UsageInfo)
 from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Renderer, TokenTexts
 from node.models.tokenizer import TextTokenizer
-from node.runtime.engine import GenerationRequest
+from node.runtime.events import GenerationRequest
 from node.runtime.events import AnswerText, TokenEvent, replay
 from node.sidecar.sse import SSEDecoder
 from verify.binding import Endpoint
 from verify.evidence import AnswerFile
-
-if TYPE_CHECKING:
-    from node.sidecar.proxy import AuditModel, Sidecar, Upstream
+from verify.verifier import ScoringBackend
 
 log = logging.getLogger("proofmesh.sidecar")
 
@@ -58,6 +56,37 @@ _MODELS: dict[Endpoint, tuple[type[SamplingRequest], type[BaseModel], type[BaseM
     "chat": (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk),
     "completions": (CompletionRequest, CompletionResponse, CompletionResponse),
 }
+
+
+@dataclass
+class Upstream:
+    url: str
+    node_id: str | None = None  # what its /health declares, once it answered: never trusted to blame
+
+    @property
+    def ledger_id(self) -> str:
+        """Who refusals count against: this connection, whatever node it says it is."""
+        return f"upstream:{self.url}"
+
+
+class AuditModel(ScoringBackend, Protocol):
+    """A model the sidecar holds: it re-executes audits, binds answers to requests with its
+    tokenizer and rebuilds them for clients (node's ``LoadedModel``)."""
+
+    name: str  # its registry name or path: clients call it by the last component
+    tokenizer: TextTokenizer
+    max_context: int
+    backend: str
+
+
+class AnswerChecker(Protocol):
+    """What a relay needs of the sidecar (``node.sidecar.proxy.Sidecar``)."""
+
+    async def bind(self, up: Upstream, req: "ClientRequest", received: dict | list[dict]) -> list[AnswerFile]: ...
+
+    async def refuse(self, up: Upstream, why: str) -> None: ...
+
+    def answered(self, answers: Sequence[AnswerFile]) -> None: ...
 
 
 class Refused(Exception):
@@ -74,13 +103,13 @@ class ClientRequest:
     body: SamplingRequest
     fields: dict[str, Any]  # the forwarded JSON body, as binding reads it
     model_name: str  # the sidecar's name for its model, what responses name
-    model: "AuditModel"
+    model: AuditModel
     token_texts: TokenTexts
     prompts: list[list[int]]
     choices: list[GenerationRequest]
 
     @classmethod
-    def of(cls, endpoint: Endpoint, body: SamplingRequest, fields: dict[str, Any], model_name: str, model: "AuditModel",
+    def of(cls, endpoint: Endpoint, body: SamplingRequest, fields: dict[str, Any], model_name: str, model: AuditModel,
            token_texts: TokenTexts) -> "ClientRequest":
         prompts = prompt_ids(body, model.tokenizer)
         return cls(endpoint, body, fields, model_name, model, token_texts, prompts,
@@ -141,20 +170,39 @@ def upstream_error(status: int, data: bytes) -> APIError:
 # ---------------------------------------------------------------------- rebuilding
 
 
-def served_proof(answer: AnswerFile) -> ProofMeshInfo:
+def receipts_in(body: Any) -> Iterator[tuple[str, str, str | None]]:
+    """``(receipt_id, node_id, evidence_token)`` of every ``proofmesh.receipt`` in a response body or stream chunk."""
+    if isinstance(body, dict):
+        proof = body.get("proofmesh")
+        receipt = proof.get("receipt") if isinstance(proof, dict) else None
+        if isinstance(receipt, dict) and "receipt_id" in receipt:
+            token = proof.get("evidence_token")
+            yield str(receipt["receipt_id"]), str(receipt.get("node_id", "")), token if isinstance(token, str) else None
+        for key, value in body.items():
+            if key != "proofmesh":
+                yield from receipts_in(value)
+    elif isinstance(body, list):
+        for item in body:
+            yield from receipts_in(item)
+
+
+def served_proof(answer: AnswerFile, received: dict | list[dict]) -> ProofMeshInfo:
     """The proof a client gets: the answer file's receipt, signature and key (binding checked the
-    served ones are the same), with the backend the receipt names."""
+    served ones are the same), the backend the receipt names, and the evidence token the node
+    gave (the sidecar fetched the answer file with it, so it opens the file for the client too)."""
+    token = next((t for rid, _, t in receipts_in(received) if rid == answer.receipt.receipt_id and t), None)
     return ProofMeshInfo(receipt=answer.receipt, signature=answer.signature, public_key=answer.public_key,
-                         backend=answer.receipt.backend)
+                         backend=answer.receipt.backend, evidence_token=token or "")
 
 
-def rebuilt_choices(req: ClientRequest, answers: Sequence[AnswerFile]) -> list[list[ChoiceEvent]]:
+def rebuilt_choices(req: ClientRequest, answers: Sequence[AnswerFile], received: dict | list[dict]) -> list[list[ChoiceEvent]]:
     """Every choice's events as the node's engine made them, from its answer file."""
     out = []
     for index, answer in enumerate(answers):
         events = replay(answer, req.tokenizer)
         last = len(events) - 1
-        out.append([ChoiceEvent(index, e, served_proof(answer) if t == last else None) for t, e in enumerate(events)])
+        proof = served_proof(answer, received)
+        out.append([ChoiceEvent(index, e, proof if t == last else None) for t, e in enumerate(events)])
     return out
 
 
@@ -181,18 +229,19 @@ def comparable(response: BaseModel) -> dict:
 # ---------------------------------------------------------------------- JSON answers
 
 
-async def rebuild_json(sidecar: "Sidecar", up: "Upstream", req: ClientRequest, data: bytes) -> tuple[BaseModel, list[AnswerFile]]:
+async def rebuild_json(sidecar: AnswerChecker, up: Upstream, req: ClientRequest, data: bytes) -> tuple[BaseModel, list[AnswerFile]]:
     """A whole answer parsed, bound, rebuilt from its answer files and compared with the parse:
     the response to serve and the answer files behind it (``Refused`` if any step fails)."""
     parsed = parse_response(req.endpoint, data)
-    answers = await sidecar.bind(up, req, parsed.model_dump(mode="json"))
-    rebuilt = req.renderer(answers[0].receipt.backend).response(rebuilt_choices(req, answers), req.prompt_tokens)
+    received = parsed.model_dump(mode="json")
+    answers = await sidecar.bind(up, req, received)
+    rebuilt = req.renderer(answers[0].receipt.backend).response(rebuilt_choices(req, answers, received), req.prompt_tokens)
     if (where := first_difference(comparable(rebuilt), comparable(parsed))) is not None:
         raise Refused(f"the upstream's response differs from what its signed answers rebuild to at {where}")
     return rebuilt, answers
 
 
-async def relay_json(sidecar: "Sidecar", up: "Upstream", req: ClientRequest, data: bytes) -> web.Response:
+async def relay_json(sidecar: AnswerChecker, up: Upstream, req: ClientRequest, data: bytes) -> web.Response:
     """A whole answer, served from its rebuild; then audited."""
     rebuilt, answers = await rebuild_json(sidecar, up, req, data)
     sidecar.answered(answers)
@@ -266,7 +315,7 @@ class _Rebuilt:
         return events
 
 
-async def relay_stream(sidecar: "Sidecar", up: "Upstream", req: ClientRequest, upstream, request: web.Request,
+async def relay_stream(sidecar: AnswerChecker, up: Upstream, req: ClientRequest, upstream, request: web.Request,
                        hold: bool) -> web.StreamResponse:
     """A streamed answer: shown as it is rebuilt from the chunks' token ids, finished once bound."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -304,7 +353,7 @@ async def relay_stream(sidecar: "Sidecar", up: "Upstream", req: ClientRequest, u
                 raise Refused(f"choice {index}: the streamed token ids are not the committed output ids")
         if renderer.common["system_fingerprint"] != answers[0].receipt.backend:
             raise Refused("the stream's system_fingerprint is not the backend its receipt names")
-        for index, events in enumerate(rebuilt_choices(req, answers)):
+        for index, events in enumerate(rebuilt_choices(req, answers, chunks)):
             for item in events[rebuilt.shown[index]:]:
                 await client.chunk(renderer.chunk(item))
         if req.body.include_usage:
@@ -322,5 +371,5 @@ async def relay_stream(sidecar: "Sidecar", up: "Upstream", req: ClientRequest, u
     return response
 
 
-__all__ = ["ClientRequest", "MAX_STREAM_BYTES", "Refused", "parse_request", "parse_response", "rebuild_json", "relay_json", "relay_stream",
-           "upstream_error"]
+__all__ = ["AnswerChecker", "AuditModel", "ClientRequest", "MAX_STREAM_BYTES", "Refused", "Upstream", "parse_request",
+           "parse_response", "rebuild_json", "receipts_in", "relay_json", "relay_stream", "upstream_error"]

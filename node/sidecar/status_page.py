@@ -42,10 +42,11 @@ def _state_cell(state: AuditState) -> Cell:
     return Cell(state, tone=tone)
 
 
-async def sidecar_page(sidecar: SidecarState, holds_api_key: bool) -> StatusPage:
-    """The page; its ledger reads run off the event loop. Audits are what the /v1 routes guard
-    (which answers were audited must stay hidden from the nodes), so they need the key as there;
-    upstreams and reputation say no more than /health's conviction list and audit rate."""
+async def sidecar_page(sidecar: SidecarState, is_operator: bool) -> StatusPage:
+    """The page; its ledger reads run off the event loop. Audits are the operator's, as on the
+    /v1 routes (which answers were audited must stay hidden from the nodes, and receipt ids from
+    other clients); upstreams and reputation say no more than /health's conviction list and
+    audit rate."""
     known = [up.node_id for up in sidecar.upstreams if up.node_id is not None]
     reputations = await asyncio.to_thread(lambda: {node_id: sidecar.ledger.reputation(node_id) for node_id in known})
     facts = [
@@ -56,8 +57,8 @@ async def sidecar_page(sidecar: SidecarState, holds_api_key: bool) -> StatusPage
     ]
     upstreams = Table("Upstream nodes", ("url", "node id", "reputation", "passes", "failures", "standing"), [
         (Cell(up.url), *_reputation_cells(reputations.get(up.node_id))) for up in sidecar.upstreams], "none")
-    if not holds_api_key:
-        return StatusPage("ProofMesh verifier", facts, [upstreams, locked_table("Audits")])
+    if not is_operator:
+        return StatusPage("ProofMesh verifier", facts, [upstreams, locked_table("Audits", operator=True)])
     audits = await asyncio.to_thread(sidecar.ledger.audits, limit=MAX_ROWS)
     return StatusPage("ProofMesh verifier", facts, [upstreams, _audits_table(audits)])
 

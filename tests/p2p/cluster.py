@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
 SHARED_DIRS = ("libs", "prepared", "manifests")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+OPERATOR_KEY = "verifier-operator"  # what a test's `proofmesh verifier --operator-key` gets: it reads the audits
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 
 
 def tiny_cluster(tmp_path_factory, name: str = "tiny") -> tuple["Cluster", Path]:

@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, NodeProcess, tiny_cluster
+from node.api.evidence_tokens import receipt_path
+from tests.p2p.cluster import OPERATOR, OPERATOR_KEY, REPO_ROOT, SHARED_DIRS, NodeProcess, tiny_cluster
 from verify.evidence import AnswerFile
 from verify.ledger import Ledger
 
@@ -61,7 +62,7 @@ def test_a_node_killed_mid_answer_fails_cleanly_and_restarts_intact(cluster):
     node = cluster.wait_ready(cluster.start("server", [str(cluster.tiny)]))
     status, text = _post(node, {"model": MODEL, "prompt": "keep this", "max_tokens": 4, "seed": 1})
     assert status == 200, text
-    kept = json.loads(text)["proofmesh"]["receipt"]["receipt_id"]
+    kept = json.loads(text)["proofmesh"]  # its evidence token outlives the process: derived from the key
 
     started = threading.Event()
 
@@ -92,9 +93,9 @@ def test_a_node_killed_mid_answer_fails_cleanly_and_restarts_intact(cluster):
 
     again = cluster.wait_ready(cluster.start("server", [str(cluster.tiny)]))
     assert again.get("/health")["node_id"] == node.peer_id  # the same key
-    with urllib.request.urlopen(f"{again.url}/v1/receipts/{kept}", timeout=30) as response:
+    with urllib.request.urlopen(again.url + receipt_path(kept["receipt"]["receipt_id"], kept["evidence_token"]), timeout=30) as response:
         answer = AnswerFile.model_validate_json(response.read())  # evidence written before the kill is there
-    assert answer.receipt.receipt_id == kept and answer.evidence.digest() == answer.receipt.evidence_hash
+    assert answer.receipt.receipt_id == kept["receipt"]["receipt_id"] and answer.evidence.digest() == answer.receipt.evidence_hash
     ledger = Ledger(cluster.root / "server" / "node-ledger.sqlite")
     assert ledger.convicted() == set()
     ledger.close()
@@ -129,7 +130,7 @@ def _start_verifier(cluster, upstream: str, home) -> tuple[subprocess.Popen, str
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "verifier", "--upstream", upstream, "--model", str(cluster.tiny),
-             "--device", "cpu", "--audit-rate", "1", "--port", "0"],
+             "--device", "cpu", "--audit-rate", "1", "--port", "0", "--operator-key", OPERATOR_KEY],
             cwd=REPO_ROOT, env={**os.environ, "PROOFMESH_HOME": str(home)}, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
     while True:
@@ -155,7 +156,7 @@ def test_a_sidecar_killed_with_requests_in_flight_restarts_with_its_ledger(clust
         assert done.status_code == 200, done.text
         audited = done.json()["proofmesh"]["receipt"]["receipt_id"]
         deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/v1/audits/{audited}", timeout=10).json().get("state") in (None, "pending"):
+        while httpx.get(f"{url}/v1/audits/{audited}", headers=OPERATOR, timeout=10).json().get("state") in (None, "pending"):
             assert time.monotonic() < deadline, "the answer was not audited"
             time.sleep(0.2)
 
@@ -172,7 +173,7 @@ def test_a_sidecar_killed_with_requests_in_flight_restarts_with_its_ledger(clust
         node.kill(signal.SIGCONT)
 
         verifier, url = _start_verifier(cluster, node.url, home)  # the same home: key, ledger
-        record = httpx.get(f"{url}/v1/audits/{audited}", timeout=10).json()
+        record = httpx.get(f"{url}/v1/audits/{audited}", headers=OPERATOR, timeout=10).json()
         assert record["state"] == "pass" and record["verdicts"][0]["verifier_id"] == httpx.get(f"{url}/health").json()["verifier_id"]
         again = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "and on", "max_tokens": 3}, timeout=60)
         assert again.status_code == 200, again.text

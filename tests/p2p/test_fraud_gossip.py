@@ -13,6 +13,7 @@ import httpx
 
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
+from node.api.evidence_tokens import receipt_path
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
@@ -108,8 +109,9 @@ def test_a_fraud_proof_spreads_and_the_network_stops_routing_to_the_cheat(tmp_pa
             assert gateway.peer_id in page and "convicted" in page
             assert any(f'href="v1/fraud-proofs/{r.receipt_id}"' in page for r in sidecar.ledger.audits(state="fraud"))
             # Framing the honest node with one of its receipts, evidence altered, a fresh key's verdict: refused.
-            mine = complete(honest.url, "tiny", 999)["proofmesh"]["receipt"]["receipt_id"]
-            genuine = AnswerFile.model_validate_json(httpx.get(f"{honest.url}/v1/receipts/{mine}").content)
+            proof = complete(honest.url, "tiny", 999)["proofmesh"]
+            mine = proof["receipt"]["receipt_id"]
+            genuine = AnswerFile.model_validate_json(httpx.get(honest.url + receipt_path(mine, proof["evidence_token"])).content)
             ev = genuine.evidence
             altered = genuine.model_copy(update={"evidence": ev.model_copy(update={"output_ids": [*ev.output_ids[:-1], 5]})})
             lie = Verdict(receipt_id=mine, verdict="fraud", reasons=["output_hash does not match"], failures=[])

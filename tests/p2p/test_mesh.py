@@ -31,6 +31,7 @@ from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
+from node.api.evidence_tokens import peer_receipt_path, receipt_path
 from p2p.errors import StreamFailed
 from p2p.host import Host
 from p2p.wire import (
@@ -164,11 +165,12 @@ def test_verify_and_evidence_over_the_network(mesh, tiny_model):
     gateway, servers = mesh
     status, headers, body = _completion(gateway, tiny_model.name, max_tokens=12, temperature=0.8)
     signer = next(s for s in servers if s.peer_id == headers["X-ProofMesh-Peer"])
-    receipt_id = body["proofmesh"]["receipt"]["receipt_id"]
+    receipt_id, token = body["proofmesh"]["receipt"]["receipt_id"], body["proofmesh"]["evidence_token"]
 
-    fetched = gateway.get(f"/v1/peers/{signer.peer_id}/receipts/{receipt_id}")
+    # Through the gateway over /proofmesh/evidence/1: the signer serves the file for its token only.
+    fetched = gateway.get(peer_receipt_path(signer.peer_id, receipt_id, token))
     answer = AnswerFile.model_validate(fetched)
-    assert answer == AnswerFile.model_validate(signer.get(f"/v1/receipts/{receipt_id}"))
+    assert answer == AnswerFile.model_validate(signer.get(receipt_path(receipt_id, token)))
     assert verify_receipt(answer.receipt, answer.signature, bytes.fromhex(answer.public_key))
 
     status, _, attestation = _post(gateway, "/v1/peers/verify", fetched, timeout=120)
@@ -189,10 +191,12 @@ def test_verify_and_evidence_over_the_network(mesh, tiny_model):
     assert status == 200 and attestation["verdict"]["verdict"]["verdict"] == "unattributable"
     assert attestation["verdict"]["verdict"] == _local_verdict(forged, tiny_model, signer)
 
-    missing = urllib.request.Request(f"{gateway.url}/v1/peers/{signer.peer_id}/receipts/{'0' * 32}")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(missing, timeout=30)
-    assert err.value.code == 404
+    # No way around the token: without it, or with another, the gateway gets nothing from the signer.
+    for path in (peer_receipt_path(signer.peer_id, "0" * 32, token), peer_receipt_path(signer.peer_id, receipt_id, None),
+                 peer_receipt_path(signer.peer_id, receipt_id, "0" * 64)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(gateway.url + path, timeout=30)
+        assert err.value.code == 404, path
 
 
 def _local_verdict(answer: AnswerFile, tiny_model: Path, signer: NodeProcess) -> dict:

@@ -36,7 +36,7 @@ class FakeNode:
     async def verify(self, answer):
         raise LookupError("no model")
 
-    async def evidence(self, receipt_id):
+    async def evidence(self, receipt_id, token):
         return None
 
 

@@ -20,10 +20,11 @@ import pytest
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
+from node.api.evidence_tokens import receipt_path
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from p2p.network import NetworkConfig
 from tests.node.api.http_fixtures import serving
-from tests.p2p.cluster import REPO_ROOT, SHARED_DIRS, tiny_cluster
+from tests.p2p.cluster import OPERATOR, OPERATOR_KEY, REPO_ROOT, SHARED_DIRS, tiny_cluster
 from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -58,8 +59,8 @@ def honest_answer(server) -> AnswerFile:
                        "prompt": "hello world", "max_tokens": 8, "seed": 3}).encode()
     request = urllib.request.Request(f"{server.url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
-        receipt_id = json.load(response)["proofmesh"]["receipt"]["receipt_id"]
-    with urllib.request.urlopen(f"{server.url}/v1/receipts/{receipt_id}", timeout=30) as response:
+        proof = json.load(response)["proofmesh"]
+    with urllib.request.urlopen(server.url + receipt_path(proof["receipt"]["receipt_id"], proof["evidence_token"]), timeout=30) as response:
         return AnswerFile.model_validate_json(response.read())
 
 
@@ -124,7 +125,7 @@ def test_the_verifier_joins_the_network_itself(network, tmp_path):
     with open(log, "wb") as out:
         verifier = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "verifier", "--bootstrap", server.addrs[0], "--model", str(auditor.path),
-             "--device", "cpu", "--audit-rate", "1", "--port", "0"],
+             "--device", "cpu", "--audit-rate", "1", "--port", "0", "--operator-key", OPERATOR_KEY],
             cwd=REPO_ROOT, env={**os.environ, "PROOFMESH_HOME": str(home)}, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
@@ -142,7 +143,7 @@ def test_the_verifier_joins_the_network_itself(network, tmp_path):
         receipt = out["proofmesh"]["receipt"]
         assert receipt["node_id"] in {server.peer_id, honest.peer_id, lazy.peer_id}
         deadline = time.monotonic() + 60
-        while (record := httpx.get(f"{url}/v1/audits/{receipt['receipt_id']}", timeout=10)).status_code != 200 \
+        while (record := httpx.get(f"{url}/v1/audits/{receipt['receipt_id']}", headers=OPERATOR, timeout=10)).status_code != 200 \
                 or record.json()["state"] == "pending":
             assert time.monotonic() < deadline, "the relayed answer was not audited"
             time.sleep(0.3)

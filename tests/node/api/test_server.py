@@ -26,6 +26,7 @@ from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
+from node.api.evidence_tokens import receipt_path
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
 from verify.evidence import AnswerFile
@@ -37,6 +38,7 @@ from verify.verifier import verify_answer
 
 LIMITS = CacheLimits(max_batch_size=16, max_total_tokens=4096, prefill_chunk=64)
 API_KEY = "sk-proofmesh-test"
+OPERATOR_KEY = "sk-proofmesh-operator"
 MODEL = "tiny"
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -59,7 +61,7 @@ def node(tiny_folder, store, tmp_path_factory):
     key = NodeKey.generate()
     evidence = EvidenceStore(tmp_path_factory.mktemp("evidence") / "evidence.sqlite")
     try:
-        with serving(make_app([model], key, evidence, api_keys=[API_KEY])) as url:
+        with serving(make_app([model], key, evidence, api_keys=[API_KEY], operator_keys=[OPERATOR_KEY])) as url:
             yield SimpleNamespace(url=url, key=key, evidence=evidence, model=model)
     finally:
         evidence.close()
@@ -92,8 +94,9 @@ def check_receipt(node, proof: dict, *, text_tokens: int | None = None) -> Recei
     return receipt
 
 
-def fetch_answer(http, receipt_id: str) -> AnswerFile:
-    response = http.get(f"/v1/receipts/{receipt_id}")
+def fetch_answer(http, proof: dict) -> AnswerFile:
+    """The answer file of a ``proofmesh`` object, opened with its evidence token."""
+    response = http.get(receipt_path(proof["receipt"]["receipt_id"], proof["evidence_token"]))
     assert response.status_code == 200, response.text
     return AnswerFile.model_validate_json(response.content)
 
@@ -134,13 +137,21 @@ def test_models_health_and_metrics(client, http, node):
     assert after[f'proofmesh_queue_depth{{model="{MODEL}"}}'] == after[f'proofmesh_running_sequences{{model="{MODEL}"}}'] == 0
 
 
-def test_status_page_is_open_but_lists_receipts_only_to_a_key_holder(client, http, node):
-    """GET / follows /health (open), and what it shows from /v1 routes follows theirs (the key)."""
-    receipt_id = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).model_extra["proofmesh"]["receipt"]["receipt_id"]
+def test_status_page_is_open_but_lists_receipts_only_to_the_operator(client, http, node):
+    """GET / follows /health (open), what it shows from /v1 routes follows theirs (the key), and
+    the receipts signed, like the answer files, are the operator's: a key shared by many clients
+    opens neither another's receipt ids nor, knowing one, its answer file."""
+    proof = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).model_extra["proofmesh"]
+    receipt_id = proof["receipt"]["receipt_id"]
     public = httpx.get(f"{node.url}/")
     assert public.status_code == 200 and public.headers["Content-Type"].startswith("text/html")
     assert node.key.node_id in public.text and "needs the API key" in public.text and receipt_id not in public.text
-    assert f'href="v1/receipts/{receipt_id}"' in http.get("/").text
+    keyed = http.get("/").text
+    assert "for the operator only" in keyed and receipt_id not in keyed
+    assert_openai_error(http.get(f"/v1/receipts/{receipt_id}"), 404, code="receipt_not_found")
+    operator = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+    assert f'href="{receipt_path(receipt_id, proof["evidence_token"])[1:]}"' in httpx.get(f"{node.url}/", headers=operator).text
+    assert httpx.get(f"{node.url}/v1/receipts/{receipt_id}", headers=operator).status_code == 200
 
 
 def test_chat_answer_carries_a_receipt_that_verifies(client, http, node, verifier):
@@ -154,7 +165,7 @@ def test_chat_answer_carries_a_receipt_that_verifies(client, http, node, verifie
     assert out.usage.prompt_tokens == receipt.n_prompt_tokens
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
-    answer = fetch_answer(http, receipt.receipt_id)
+    answer = fetch_answer(http, proof_of(out))
     assert answer.receipt == receipt and answer.evidence.sampling.seed == 7
     assert node.model.tokenizer.decode(answer.evidence.output_ids) == choice.message.content
     assert verify_answer(answer, verifier).verdict == "pass"
@@ -163,9 +174,9 @@ def test_chat_answer_carries_a_receipt_that_verifies(client, http, node, verifie
 def test_completion_answer_file_passes_proofmesh_verify(client, http, tiny_folder, store, tmp_path):
     out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0.0)
     assert out.object == "text_completion" and out.usage.completion_tokens == 8
-    receipt_id = proof_of(out)["receipt"]["receipt_id"]
     path = tmp_path / "answer.json"
-    path.write_bytes(http.get(f"/v1/receipts/{receipt_id}").content)
+    proof = proof_of(out)
+    path.write_bytes(http.get(receipt_path(proof["receipt"]["receipt_id"], proof["evidence_token"])).content)
     env = {**os.environ, "PROOFMESH_HOME": str(store)}
     checked = subprocess.run([sys.executable, "-m", "node.cli", "verify", str(path), "--model", str(tiny_folder),
                               "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
@@ -218,7 +229,7 @@ def test_async_client_chat_and_completions_streamed_and_not(node, verifier, http
     for proof in proofs:
         receipt = check_receipt(node, proof)
         assert 0 <= receipt.seed < 2**64  # drawn by the node and committed
-        assert verify_answer(fetch_answer(http, receipt.receipt_id), verifier).verdict == "pass"
+        assert verify_answer(fetch_answer(http, proof), verifier).verdict == "pass"
     assert chat_chunks[-1].choices[0].finish_reason is not None and comp_chunks[-1].choices[0].finish_reason is not None
 
 

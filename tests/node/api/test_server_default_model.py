@@ -14,6 +14,7 @@ import pytest
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.loading import load_model
 from node.api.app import make_app
+from node.api.evidence_tokens import receipt_path
 from tests.node.api.http_fixtures import serving
 from verify.evidence import AnswerFile
 from verify.evidence_store import EvidenceStore
@@ -37,7 +38,7 @@ def test_default_model_answers_over_http_with_a_receipt_that_verifies(tmp_path):
                 streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
                     model=DEFAULT_MODEL, messages=FRANCE, max_tokens=24, temperature=0.0, stream=True))
             proof = out.model_extra["proofmesh"]
-            answer = AnswerFile.model_validate_json(httpx.get(f"{url}/v1/receipts/{proof['receipt']['receipt_id']}").content)
+            answer = AnswerFile.model_validate_json(httpx.get(url + receipt_path(proof["receipt"]["receipt_id"], proof["evidence_token"])).content)
         # the server (and its engine) is gone: the same runtime can now re-check the answer
         text = out.choices[0].message.content
         assert "Paris" in text and streamed == text
@@ -72,8 +73,9 @@ def test_default_model_answers_in_json_and_calls_a_tool_and_both_verify(tmp_path
                 called = client.chat.completions.create(
                     model=DEFAULT_MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
                     tools=[weather], tool_choice="required", max_tokens=60, temperature=0.0)
-            answers = [AnswerFile.model_validate_json(httpx.get(f"{url}/v1/receipts/{r.model_extra['proofmesh']['receipt']['receipt_id']}").content)
-                       for r in (parsed, called)]
+            proofs = [r.model_extra["proofmesh"] for r in (parsed, called)]
+            answers = [AnswerFile.model_validate_json(httpx.get(url + receipt_path(p["receipt"]["receipt_id"], p["evidence_token"])).content)
+                       for p in proofs]
         assert "Paris" in parsed.choices[0].message.parsed.capital
         call = called.choices[0].message.tool_calls[0]
         assert call.function.name == "get_weather" and "Paris" in call.function.arguments

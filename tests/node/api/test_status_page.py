@@ -1,8 +1,9 @@
 """The operator's status page (``GET /``) of a node and of a verifier sidecar, loaded in a real
 headless Chromium against real servers on 127.0.0.1: a node on a tiny model, and a sidecar in
-front of it, after real completions. The page names the node, its model and the receipt it just
-signed, whose link opens the answer file; the sidecar's names its upstream and the audit, whose
-link opens the audit record. Screenshots land in ``tests/screenshots/`` (git-ignored) to look at.
+front of it, after real completions. To their operator (the browser sends the operator key, set
+through the DevTools protocol), the page names the node, its model and the receipt it just
+signed, whose link opens the answer file with its evidence token; the sidecar's names its
+upstream and the audit, whose link opens the audit record. Screenshots land in ``tests/screenshots/`` (git-ignored) to look at.
 
 Without Chromium (``/usr/bin/chromium`` and ``/usr/bin/chromedriver``, Debian's ``chromium`` and
 ``chromium-driver``) the browser tests skip, except in CI (``CI`` set), where they fail: there
@@ -25,6 +26,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from node.api.app import make_app
+from node.api.evidence_tokens import receipt_path
 from node.api.metrics import TokenRate
 from node.api.status_page import MAX_CELL_CHARS
 from node.runtime.loading import load_model
@@ -42,6 +44,7 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "screenshots"
 LIMITS = CacheLimits(max_batch_size=8, max_total_tokens=2048, prefill_chunk=64)
 MODEL = "tiny"
 API_KEY = "sk-status-page-test"
+OPERATOR_KEY = "sk-status-page-operator"  # the node's and the sidecar's: one browser shows both
 HOSTILE = "<script>alert(1)</script>"
 PAGE_LOAD_S = 30
 
@@ -73,16 +76,16 @@ def browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def network(tmp_path_factory, store):
     """A node on the tiny model (no API key: the page's receipt links then open in a browser),
-    and a sidecar in front of it that audits every answer."""
+    and a sidecar in front of it that audits every answer; both with the operator key."""
     folder = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("status") / MODEL)
     served, auditor = (load_model(str(folder), device="cpu", limits=LIMITS, root=store) for _ in range(2))
     node_key = NodeKey.generate()
     evidence = EvidenceStore(tmp_path_factory.mktemp("evidence") / "evidence.sqlite")
     ledger = Ledger(tmp_path_factory.mktemp("ledger") / "ledger.sqlite")
     try:
-        with serving(make_app([served], node_key, evidence)) as node_url:
+        with serving(make_app([served], node_key, evidence, operator_keys=[OPERATOR_KEY])) as node_url:
             sidecar = Sidecar([node_url], ledger, NodeKey.generate(), {auditor.model_id: auditor}, audit_rate=1.0)
-            with serving(make_sidecar_app(sidecar)) as sidecar_url:
+            with serving(make_sidecar_app(sidecar, operator_keys=[OPERATOR_KEY])) as sidecar_url:
                 yield SimpleNamespace(node_url=node_url, node_key=node_key, model_id=served.model_id,
                                       sidecar_url=sidecar_url, sidecar=sidecar)
     finally:
@@ -90,15 +93,18 @@ def network(tmp_path_factory, store):
         ledger.close()
 
 
-def complete(base_url: str, prompt: str) -> str:
-    """One real completion; its receipt id."""
+def complete(base_url: str, prompt: str) -> dict:
+    """One real completion; its ``proofmesh`` object."""
     response = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "seed": 7},
                           timeout=60)
     assert response.status_code == 200, response.text
-    return response.json()["proofmesh"]["receipt"]["receipt_id"]
+    return response.json()["proofmesh"]
 
 
 def open_page(browser, url: str) -> str:
+    """``url`` as the operator sees it: every request of the browser bears the operator key."""
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Bearer {OPERATOR_KEY}"}})
     browser.get(url)
     return browser.find_element(By.TAG_NAME, "body").text
 
@@ -108,7 +114,7 @@ def follow(browser, link_text: str) -> dict:
     JSON the browser then shows (Chromium wraps a JSON document in a <pre>)."""
     WebDriverWait(browser, PAGE_LOAD_S).until(lambda d: d.find_elements(By.LINK_TEXT, link_text))
     browser.find_element(By.LINK_TEXT, link_text).click()
-    WebDriverWait(browser, PAGE_LOAD_S).until(lambda d: d.current_url.endswith("/" + link_text))
+    WebDriverWait(browser, PAGE_LOAD_S).until(lambda d: f"/{link_text}" in d.current_url)
     return json.loads(browser.find_element(By.TAG_NAME, "pre").text)
 
 
@@ -121,7 +127,8 @@ def screenshot(browser, name: str) -> None:
 
 
 def test_node_status_page_shows_the_node_its_model_and_the_receipt_it_signed(browser, network):
-    receipt_id = complete(network.node_url, "Once upon a time")
+    proof = complete(network.node_url, "Once upon a time")
+    receipt_id = proof["receipt"]["receipt_id"]
     text = open_page(browser, network.node_url + "/")
     assert browser.title == "ProofMesh node"
     assert network.node_key.node_id in text and network.model_id in text and receipt_id in text
@@ -129,11 +136,11 @@ def test_node_status_page_shows_the_node_its_model_and_the_receipt_it_signed(bro
     screenshot(browser, "status_page.png")
     answer = follow(browser, receipt_id)
     assert answer["receipt"]["receipt_id"] == receipt_id and answer["receipt"]["node_id"] == network.node_key.node_id
-    assert browser.current_url == f"{network.node_url}/v1/receipts/{receipt_id}"
+    assert browser.current_url == network.node_url + receipt_path(receipt_id, proof["evidence_token"])
 
 
 def test_sidecar_status_page_shows_its_upstream_and_the_audit(browser, network):
-    receipt_id = complete(network.sidecar_url, "The verifier checks")
+    receipt_id = complete(network.sidecar_url, "The verifier checks")["receipt"]["receipt_id"]
     deadline = time.monotonic() + 60
     while (audit := network.sidecar.ledger.audit(receipt_id)) is None or audit.state == "pending":
         assert time.monotonic() < deadline, "the audit did not settle"
@@ -153,23 +160,23 @@ def test_sidecar_status_page_shows_its_upstream_and_the_audit(browser, network):
 
 @pytest.fixture
 def guarded_sidecar(tmp_path):
-    """A sidecar with an API key whose ledger holds an audit recorded under a stranger's string
+    """A sidecar with an API key and an operator key whose ledger holds an audit recorded under a stranger's string
     (a withheld answer is recorded under whatever receipt id the node sent). It serves no request
     here, so any object stands in for its model."""
     ledger = Ledger(tmp_path / "ledger.sqlite")
     ledger.open_audit(HOSTILE, "<img src=x onerror=alert(2)>", "")
     ledger.close_audit(HOSTILE, "withheld")
     ledger.open_audit("f" * 100_000, "node", "")  # a megabyte-sized "receipt id" would be as cheap to send
-    sidecar = Sidecar(["http://127.0.0.1:9"], ledger, NodeKey.generate(), {"a" * 64: object()}, audit_rate=0.5)
+    sidecar = Sidecar(["http://127.0.0.1:9"], ledger, NodeKey.generate(), {"a" * 64: SimpleNamespace(name="m", tokenizer=None)}, audit_rate=0.5)
     try:
-        with serving(make_sidecar_app(sidecar, api_keys=[API_KEY])) as url:
+        with serving(make_sidecar_app(sidecar, api_keys=[API_KEY], operator_keys=[OPERATOR_KEY])) as url:
             yield url
     finally:
         ledger.close()
 
 
 def test_strangers_text_is_escaped_cut_short_and_never_a_link(guarded_sidecar):
-    page = httpx.get(f"{guarded_sidecar}/", headers={"Authorization": f"Bearer {API_KEY}"})
+    page = httpx.get(f"{guarded_sidecar}/", headers={"Authorization": f"Bearer {OPERATOR_KEY}"})
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "&lt;img src=x onerror=alert(2)&gt;" in page.text
     assert "<script" not in page.text and "<img" not in page.text
@@ -177,13 +184,17 @@ def test_strangers_text_is_escaped_cut_short_and_never_a_link(guarded_sidecar):
     assert "f" * (MAX_CELL_CHARS - 1) + "…" in page.text and "f" * MAX_CELL_CHARS not in page.text
 
 
-def test_the_page_is_open_but_shows_v1_data_only_with_the_api_key(guarded_sidecar):
-    """The /health rule for the page itself (probes and browsers send no key), the /v1 rule for
-    what it shows from /v1 routes; the JSON error handling of every other route is unchanged."""
-    page = httpx.get(f"{guarded_sidecar}/")
-    assert page.status_code == 200 and "needs the API key" in page.text and "alert" not in page.text
+def test_the_page_is_open_but_shows_the_audits_only_to_the_operator(guarded_sidecar):
+    """The /health rule for the page itself (probes and browsers send no key), the audit routes'
+    rule (the operator's) for the audits it shows; the JSON error handling of every other route
+    is unchanged."""
+    for headers in ({}, {"Authorization": f"Bearer {API_KEY}"}):
+        page = httpx.get(f"{guarded_sidecar}/", headers=headers)
+        assert page.status_code == 200 and "for the operator only" in page.text and "alert" not in page.text
     refused = httpx.get(f"{guarded_sidecar}/v1/audits")
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    keyed = httpx.get(f"{guarded_sidecar}/v1/audits", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert keyed.status_code == 403 and keyed.json()["error"]["type"] == "permission_error"
     assert httpx.get(f"{guarded_sidecar}/nope").json()["error"]["type"] == "not_found_error"
     assert httpx.post(f"{guarded_sidecar}/").status_code == 405
 

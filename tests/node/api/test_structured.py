@@ -17,6 +17,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from bench.cheats import claim, real_fingerprints
+from node.api.evidence_tokens import receipt_path
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.test_server import MODEL, client, fetch_answer, http, node, verifier  # noqa: F401
 from verify.binding import bind_answers
@@ -51,8 +52,7 @@ def checked(node, http, verifier, body: dict, response: dict | list[dict]) -> li
     """Every choice's answer file passes the verifier and binds to ``body`` and ``response``."""
     chunks = [response] if isinstance(response, dict) else response
     proofs = [c.get("proofmesh") or chunk.get("proofmesh") for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
-    receipts = {p["receipt"]["receipt_id"] for p in proofs}
-    answers = {rid: fetch_answer(http, rid) for rid in receipts}
+    answers = {p["receipt"]["receipt_id"]: fetch_answer(http, p) for p in proofs}
     for answer in answers.values():
         assert answer.evidence.sampling.grammar is not None or not (body.get("response_format") or body.get("tool_choice") == "required")
         verdict = verify_answer(answer, verifier)
@@ -169,8 +169,8 @@ def test_a_token_outside_the_grammar_is_fraud_even_re_signed_by_the_node(node, h
 def test_proofmesh_verify_passes_a_tool_call_and_catches_a_served_call_that_is_not_the_committed_one(node, http, tiny_folder, store, tmp_path):
     body = {"model": MODEL, "messages": ASK, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 80, "seed": 8}
     response = http.post("/v1/chat/completions", json=body).json()
-    receipt_id = response["choices"][0]["proofmesh"]["receipt"]["receipt_id"]
-    (tmp_path / "answer.json").write_bytes(http.get(f"/v1/receipts/{receipt_id}").content)
+    proof = response["choices"][0]["proofmesh"]
+    (tmp_path / "answer.json").write_bytes(http.get(receipt_path(proof["receipt"]["receipt_id"], proof["evidence_token"])).content)
     (tmp_path / "request.json").write_text(json.dumps(body))
     env = {**os.environ, "PROOFMESH_HOME": str(store)}
 
@@ -197,7 +197,7 @@ def test_an_answer_drawn_without_its_grammar_is_fraud_though_every_token_won_its
     greedy answer under the client's schema: every token is the model's own favourite, so only the
     verifier's rebuilt mask tells it from an honest constrained answer."""
     free = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "seed": 3, "max_tokens": 12, "temperature": 0}).json()
-    honest = fetch_answer(http, free["choices"][0]["proofmesh"]["receipt"]["receipt_id"])
+    honest = fetch_answer(http, free["choices"][0]["proofmesh"])
     assert verify_answer(honest, verifier).verdict == "pass"
     ev = honest.evidence
     schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}

@@ -18,6 +18,7 @@ import pytest
 from node.runtime.loading import LoadedModel, load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
+from node.api.evidence_tokens import receipt_path
 from node.sidecar.proxy import Sidecar, audit_draw, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
@@ -29,6 +30,8 @@ from verify.ledger import Ledger
 
 LIMITS = CacheLimits(max_batch_size=8, max_total_tokens=2048, prefill_chunk=64)
 HELLO = [{"role": "user", "content": "Hello there"}]
+OPERATOR_KEY = "sidecar-operator"
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}  # reads the audits
 
 
 @dataclasses.dataclass
@@ -59,14 +62,14 @@ def node_serving(model, tmp_path, name: str = "node"):
 
 def sidecar_for(upstream: str, auditor, tmp_path, rate: float):
     sidecar = Sidecar([upstream] if isinstance(upstream, str) else upstream, Ledger(tmp_path / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor}, audit_rate=rate)
-    return sidecar, serving(make_sidecar_app(sidecar))
+    return sidecar, serving(make_sidecar_app(sidecar, operator_keys=[OPERATOR_KEY]))
 
 
 def settled(sidecar_url: str, expected: int, timeout: float = 60) -> list[dict]:
     """The sidecar's audits once ``expected`` of them are no longer pending."""
     deadline = time.monotonic() + timeout
     while True:
-        audits = httpx.get(f"{sidecar_url}/v1/audits", timeout=10).json()["data"]
+        audits = httpx.get(f"{sidecar_url}/v1/audits", headers=OPERATOR, timeout=10).json()["data"]
         done = [a for a in audits if a["state"] != "pending"]
         if len(done) >= expected or time.monotonic() > deadline:
             return done
@@ -97,8 +100,8 @@ def test_honest_answers_pass_through_unchanged_and_their_audits_pass(models, tmp
             assert all(len(a["verdicts"]) == 1 for a in audits)
             node_id = audits[0]["node_id"]
             assert sidecar.ledger.reputation(node_id).passes == 2
-            assert httpx.get(f"{url}/v1/audits/nope").status_code == 404
-            assert httpx.get(f"{url}/v1/audits", params={"state": "bogus"}).status_code == 400
+            assert httpx.get(f"{url}/v1/audits/nope", headers=OPERATOR).status_code == 404
+            assert httpx.get(f"{url}/v1/audits", params={"state": "bogus"}, headers=OPERATOR).status_code == 400
     evidence.close()
 
 
@@ -168,10 +171,10 @@ def test_clients_submit_answer_files(models, tmp_path):
         with app as url:
             out = httpx.post(f"{node_url}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 6, "seed": 3}).json()
             receipt_id = out["proofmesh"]["receipt"]["receipt_id"]
-            answer = AnswerFile.model_validate_json(httpx.get(f"{node_url}/v1/receipts/{receipt_id}").content)
+            answer = AnswerFile.model_validate_json(httpx.get(node_url + receipt_path(receipt_id, out["proofmesh"]["evidence_token"])).content)
             record = httpx.post(f"{url}/v1/audits", content=answer.model_dump_json(), timeout=60).json()
             assert record["state"] == "pass" and record["receipt_id"] == receipt_id
-            assert httpx.get(f"{url}/v1/audits/{receipt_id}").json()["state"] == "pass"
+            assert httpx.get(f"{url}/v1/audits/{receipt_id}", headers=OPERATOR).json()["state"] == "pass"
             bad = httpx.post(f"{url}/v1/audits", content=b'{"receipt": 1}')
             assert bad.status_code == 400 and "answer file" in bad.json()["error"]["message"]
     evidence.close()

@@ -21,10 +21,11 @@ from aiohttp import web
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
+from node.api.evidence_tokens import receipt_path
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
-from tests.node.sidecar.test_sidecar import settled
+from tests.node.sidecar.test_sidecar import OPERATOR_KEY, settled
 from verify.evidence import AnswerFile, Fingerprint, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.fraud import FraudProof, sign_verdict
@@ -79,7 +80,7 @@ class LyingOperator:
             status, data = await self._node(session, "POST", "/v1/chat/completions", body)
             out = json.loads(data)
             receipt_id = out["proofmesh"]["receipt"]["receipt_id"]
-            _, raw = await self._node(session, "GET", f"/v1/receipts/{receipt_id}")
+            _, raw = await self._node(session, "GET", receipt_path(receipt_id, out["proofmesh"]["evidence_token"]))
         answer = AnswerFile.model_validate_json(raw)
         choice = out["choices"][0]
         if self.mode == "text-swap":
@@ -94,7 +95,8 @@ class LyingOperator:
             answer = resign(self.key, answer, **change)
             self.files[answer.receipt.receipt_id] = answer
             proof = {"receipt": answer.receipt.model_dump(mode="json"), "signature": answer.signature,
-                     "public_key": answer.public_key, "backend": answer.receipt.backend}
+                     "public_key": answer.public_key, "backend": answer.receipt.backend,
+                     "evidence_token": choice["proofmesh"]["evidence_token"]}
             out["proofmesh"] = choice["proofmesh"] = proof
             choice["finish_reason"] = answer.receipt.finish_reason
         elif self.mode == "substituted":  # the file served later is another, re-signed one
@@ -112,7 +114,7 @@ class LyingOperator:
         if receipt_id in self.files:
             return web.Response(body=self.files[receipt_id].model_dump_json(), content_type="application/json")
         async with aiohttp.ClientSession() as session:
-            status, raw = await self._node(session, "GET", f"/v1/receipts/{receipt_id}")
+            status, raw = await self._node(session, "GET", request.path_qs)  # the client's token goes on
         return web.Response(status=status, body=raw, content_type="application/json")
 
     async def passthrough(self, request: web.Request) -> web.Response:
@@ -152,7 +154,7 @@ def test_a_lying_operator_is_caught_every_time_and_an_honest_one_passes(models, 
             ledger = Ledger(tmp_path / "ledger.sqlite")
             sidecar = Sidecar([front], ledger, NodeKey.generate(), {models.auditor.model_id: models.auditor}, audit_rate=1.0,
                               evidence_deadline_s=0.5)
-            with serving(make_sidecar_app(sidecar)) as url, \
+            with serving(make_sidecar_app(sidecar, operator_keys=[OPERATOR_KEY])) as url, \
                     openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60) as client:
                 ask = dict(ASK)
                 ask.pop("model")
@@ -202,7 +204,7 @@ def test_framing_attempts_convict_nobody(models, tmp_path):
     with honest_node(models, tmp_path) as (node_url, key):
         out = httpx.post(f"{node_url}/v1/chat/completions", json=ASK, timeout=60).json()
         receipt_id = out["proofmesh"]["receipt"]["receipt_id"]
-        honest = AnswerFile.model_validate_json(httpx.get(f"{node_url}/v1/receipts/{receipt_id}").content)
+        honest = AnswerFile.model_validate_json(httpx.get(node_url + receipt_path(receipt_id, out["proofmesh"]["evidence_token"])).content)
         ev = honest.evidence
         altered = honest.model_copy(update={"evidence": ev.model_copy(update={"output_ids": [*ev.output_ids[:-1], 5]})})
         lie = Verdict(receipt_id=receipt_id, verdict="fraud", reasons=["output_hash does not match"], failures=[])
