@@ -366,7 +366,7 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
             upstreams = upstreams or [gateway_url]
         try:
             sidecar = Sidecar(upstreams, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate,
-                              validators=args.validators, validator_gateway=gateway_url)
+                              validators=args.validators, validator_gateway=gateway_url, hold_streams=args.hold_streams)
         except ValueError as exc:
             raise ProofMeshNodeError(str(exc)) from None
 
@@ -524,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the model(s) the upstream serves, pulled and loaded here)")
     p.add_argument("--validators", type=int, default=0, help="also re-check each audit on this many peers, drawn at random by "
                    "the verifier's own gateway (needs --bootstrap); their verdicts are held to the outcome")
+    p.add_argument("--hold-streams", action="store_true", help="show a streamed answer only once it is bound to its "
+                   "request (default: its text as it is rebuilt from the node's token ids, the finish once bound)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100, help="0 picks a free port")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
