@@ -235,10 +235,16 @@ async def rebuild_json(sidecar: AnswerChecker, up: Upstream, req: ClientRequest,
     parsed = parse_response(req.endpoint, data)
     received = parsed.model_dump(mode="json")
     answers = await sidecar.bind(up, req, received)
+    return checked_rebuild(req, parsed, received, answers), answers
+
+
+def checked_rebuild(req: ClientRequest, parsed: BaseModel, received: dict, answers: Sequence[AnswerFile]) -> BaseModel:
+    """The response rebuilt from bound answer files, which must equal the parse but for the
+    sidecar's own fields (``Refused`` names the first difference)."""
     rebuilt = req.renderer(answers[0].receipt.backend).response(rebuilt_choices(req, answers, received), req.prompt_tokens)
     if (where := first_difference(comparable(rebuilt), comparable(parsed))) is not None:
         raise Refused(f"the upstream's response differs from what its signed answers rebuild to at {where}")
-    return rebuilt, answers
+    return rebuilt
 
 
 async def relay_json(sidecar: AnswerChecker, up: Upstream, req: ClientRequest, data: bytes) -> web.Response:
@@ -371,5 +377,5 @@ async def relay_stream(sidecar: AnswerChecker, up: Upstream, req: ClientRequest,
     return response
 
 
-__all__ = ["AnswerChecker", "AuditModel", "ClientRequest", "MAX_STREAM_BYTES", "Refused", "Upstream", "parse_request",
+__all__ = ["AnswerChecker", "AuditModel", "ClientRequest", "checked_rebuild", "MAX_STREAM_BYTES", "Refused", "Upstream", "parse_request",
            "parse_response", "rebuild_json", "receipts_in", "relay_json", "relay_stream", "upstream_error"]
