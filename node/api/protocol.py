@@ -294,6 +294,18 @@ class ChatCompletionRequest(SamplingRequest):
 # ---------------------------------------------------------------------- responses
 
 
+class _LeavesOutNone(BaseModel):
+    """A response part that leaves out the fields named in ``left_out_when_none`` (``None``:
+    every field) while they are None, as OpenAI's objects do (a delta names only what changed)."""
+
+    left_out_when_none: ClassVar[tuple[str, ...] | None] = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_none(self, handler) -> dict[str, Any]:
+        names = self.left_out_when_none
+        return {k: v for k, v in handler(self).items() if v is not None or (names is not None and k not in names)}
+
+
 class ProofMeshInfo(BaseModel):
     """What lets a client check an answer: the signed receipt and who signed it, and the token
     that opens its answer file (``GET /v1/receipts/{id}?token=``; ``node.api.evidence_tokens``).
@@ -375,18 +387,12 @@ class ChatLogprobs(BaseModel):
         return cls(content=content)
 
 
-class _StreamedTokenIds(BaseModel):
+class _StreamedTokenIds(_LeavesOutNone):
     """Extension of a stream chunk's choice: the ids of the tokens whose text it shows (the
     verifier sidecar rebuilds a stream's text from them); left out where unset."""
 
+    left_out_when_none: ClassVar[tuple[str, ...]] = ("token_ids",)
     token_ids: list[int] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_no_ids(self, handler) -> dict[str, Any]:
-        out = handler(self)
-        if out.get("token_ids") is None:
-            out.pop("token_ids", None)
-        return out
 
 
 class CompletionChoice(_StreamedTokenIds):
@@ -420,15 +426,11 @@ class ServedFunction(BaseModel):
     arguments: str  # JSON text, as OpenAI serves it
 
 
-class ServedToolCall(BaseModel):
+class ServedToolCall(_LeavesOutNone):
     index: int | None = None  # streams only: which call a delta belongs to
     id: str
     type: Literal["function"] = "function"
     function: ServedFunction
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
     @classmethod
     def of(cls, calls: Sequence[ToolCall], receipt_id: str, streamed: bool = False) -> list["ServedToolCall"]:
@@ -440,18 +442,12 @@ class ServedToolCall(BaseModel):
 ServedFinishReason = FinishReason | Literal["tool_calls"]
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(_LeavesOutNone):
+    left_out_when_none: ClassVar[tuple[str, ...]] = ("tool_calls",)  # content and refusal are shown as null
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
     tool_calls: list[ServedToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_no_calls(self, handler) -> dict[str, Any]:
-        out = handler(self)
-        if out.get("tool_calls") is None:
-            out.pop("tool_calls", None)
-        return out
 
 
 class ChatChoice(BaseModel):
@@ -468,15 +464,12 @@ class ChatCompletionResponse(_ResponseHead):
     usage: UsageInfo
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(_LeavesOutNone):
+    """OpenAI's deltas name only what changed: the role once, then content."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ServedToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler) -> dict[str, Any]:
-        # OpenAI's deltas name only what changed: the role once, then content.
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(_StreamedTokenIds):
