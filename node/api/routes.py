@@ -17,6 +17,7 @@ which the openai client raises.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -45,6 +46,7 @@ from node.api.protocol import (
     ServedToolCall,
     UsageInfo,
 )
+from node.api.clients import CLIENT
 from node.api.errors import api_error_of, parse_body
 from node.api.service import NODE, ChoiceEvent, ServedModel
 from verify.binding import choice_seed, default_max_tokens, requested_max_tokens, requested_sampling
@@ -58,12 +60,16 @@ async def list_models(request: web.Request) -> web.Response:
     return _json(ModelList(data=request.app[NODE].model_cards()))
 
 
+# Templating and tokenizing (up to ``MAX_PROMPT_CHARS`` of text, ``MAX_MESSAGES`` messages) and
+# compiling a request's grammar run on worker threads: the event loop stays free for everyone else.
+
+
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, CompletionRequest)
     served = request.app[NODE].model(body.model)
     tok = served.loaded.tokenizer
-    prompts = [tok.encode_prompt(p) if isinstance(p, str) else p for p in body.prompts()]
+    prompts = await asyncio.to_thread(lambda: [tok.encode_prompt(p) if isinstance(p, str) else p for p in body.prompts()])
     return await _respond(request, served, body, prompts, CompletionRenderer(served, body))
 
 
@@ -72,15 +78,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     served = request.app[NODE].model(body.model)
     renderer = ChatRenderer(served, body)
-    prompt = served.loaded.tokenizer.encode_chat([m.for_template() for m in body.messages], renderer.functions)
+    prompt = await asyncio.to_thread(served.loaded.tokenizer.encode_chat, [m.for_template() for m in body.messages],
+                                     renderer.functions)
     return await _respond(request, served, body, [prompt], renderer)
 
 
 # ---------------------------------------------------------------------- the shared path
 
 
-def _generation_requests(served: ServedModel, body: SamplingRequest, prompts: list[list[int]]) -> list[GenerationRequest]:
-    """One engine request per choice, prompt-major (choice index = prompt * n + j)."""
+def _generation_requests(served: ServedModel, body: SamplingRequest, prompts: list[list[int]],
+                         client: str) -> list[GenerationRequest]:
+    """One engine request per choice, prompt-major (choice index = prompt * n + j), each ``client``'s."""
     requests, fields = [], body.model_dump(by_alias=True)  # once: a body may hold a long chat
     for ids in prompts:
         # verify.binding's rules, so the node serves exactly what a client's binding check expects
@@ -88,7 +96,7 @@ def _generation_requests(served: ServedModel, body: SamplingRequest, prompts: li
         for j in range(body.choices_per_prompt):
             seed = choice_seed(fields, j)  # seed + j
             params = requested_sampling(fields, max_tokens=max_tokens, seed=secrets.randbits(64) if seed is None else seed)
-            requests.append(GenerationRequest(tuple(ids), params, "node" if seed is None else "client"))
+            requests.append(GenerationRequest(tuple(ids), params, "node" if seed is None else "client", client))
     return requests
 
 
@@ -96,7 +104,8 @@ async def _respond(request: web.Request, served: ServedModel, body: SamplingRequ
                    renderer: "Renderer") -> web.StreamResponse:
     node = request.app[NODE]
     prompt_tokens = sum(len(p) for p in prompts)
-    async with aclosing(node.answers(served, _generation_requests(served, body, prompts))) as answers:
+    requests = await asyncio.to_thread(_generation_requests, served, body, prompts, request[CLIENT])
+    async with aclosing(node.answers(served, requests)) as answers:
         if not body.stream:
             by_choice: dict[int, list[ChoiceEvent]] = defaultdict(list)
             async for item in answers:
