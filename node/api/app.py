@@ -310,7 +310,7 @@ class _Admitted(_Delegating):
     otherwise it counts against its client until it closes."""
 
     def __init__(self, site: "_CappedSite"):
-        super().__init__(asyncio.Protocol())  # replaced once admitted
+        super().__init__(asyncio.Protocol())  # a do-nothing handler until admitted: a refused one's bytes go nowhere
         self._site = site
         self._client: str | None = None
 
