@@ -170,8 +170,9 @@ class Generator:
 
         async def run() -> list[AnswerFile]:
             gate = asyncio.Semaphore(concurrency)
+            queue = len(requests) + 1  # every request may wait: this one caller is the engine's only client
             async with Engine(self.runtime, self.tokenizer, self.model_id, max_context=self.max_context,
-                              max_queue=len(requests) + 1) as engine:
+                              max_queue=queue, max_queue_per_client=queue) as engine:
 
                 async def one(request: GenerationRequest) -> AnswerFile:
                     async with gate:

@@ -10,6 +10,7 @@
     └── RequestError         a generation request the engine cannot accept (the client's: HTTP 4xx)
         ├── ContextLengthError   prompt + max_tokens exceed the context
         └── EngineBusyError      admission limits reached (callers retry later)
+            └── ClientShareError     this client holds its share already (others are still served)
 
 Over HTTP (``node/api/errors.py``): RequestError is the client's fault (4xx); ConfigError,
 RuntimeFault and anything unexpected are the server's (500, logged with an error id).
@@ -55,3 +56,8 @@ class ContextLengthError(RequestError):
 
 class EngineBusyError(RequestError):
     pass
+
+
+class ClientShareError(EngineBusyError):
+    """One client's share of what every client shares (queue places, evidence, connections) is
+    taken: that client waits while the others are served (HTTP 429, ``client_share_exceeded``)."""

@@ -57,7 +57,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NOISE_DOMAIN = b"proofmesh/gumbel/v1"
 MAX_GRAMMAR_BYTES = 64 * 1024  # a grammar costs every verifier its compile: bounded like any input
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 4  # as OpenAI allows
+# Characters per stop string. OpenAI documents no bound; one is needed: every choice's stop
+# checker holds back and scans up to this much text at every token, and every verifier re-reads
+# the strings. 256 covers any delimiter, tag or sentence an honest client stops at (attack 7 of
+# issue 21 sent four of 249 KB).
+MAX_STOP_CHARS = 256
 U64 = 2**64  # seeds and steps are unsigned 64-bit
 
 
@@ -85,6 +90,8 @@ class SamplingParams(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s for s in value):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in value):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters each")
         return value
 
     def to_canonical_dict(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
@@ -37,6 +38,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.api import routes
+from node.api.clients import client_identity
+from node.api.protocol import ErrorInfo, ErrorResponse
 from node.errors import ConfigError
 from node.runtime.loading import LoadedModel
 from node.api.errors import HOLDS_API_KEY, IS_OPERATOR, APIError, Handler, errors_middleware, require_api_key
@@ -61,6 +64,10 @@ SHUTDOWN_GRACE_S = 10.0
 # Open connections at once (each in-flight request holds one; the queue holds 64 per model), and
 # how long an idle keep-alive connection may hold its socket.
 MAX_CONNECTIONS = 512
+# The share of them one client (by address: ``node.api.clients``) may hold by default: attack 9
+# of issue 21 held all 512 with legal keep-alive connections polling /health; with a share,
+# the other half stays open to everyone else.
+CONNECTION_SHARE_PER_CLIENT = 0.5
 KEEPALIVE_TIMEOUT_S = 15.0
 HEADER_TIMEOUT_S = 10.0  # a new connection's first request head must arrive within this
 
@@ -254,45 +261,30 @@ def make_app(
     return app
 
 
-class _Refused(asyncio.Protocol):
-    """What a connection past the cap gets: a 503 with Retry-After, then the socket closes."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        body = b'{"error":{"message":"too many connections; retry later","type":"server_error","param":null,"code":"server_busy"}}'
-        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        transport.close()
+def _refuse(transport: asyncio.BaseTransport, status: bytes, message: str, kind: str, code: str) -> None:
+    """Answer a connection that is not taken with an OpenAI-shaped error and Retry-After, then close it."""
+    body = ErrorResponse(error=ErrorInfo(message=message, type=kind, code=code)).model_dump_json().encode()
+    transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                    b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    transport.close()
 
 
-class _HeadDeadline(asyncio.Protocol):
-    """aiohttp's handler for one connection, closed if the first request's head (request line and
-    headers) has not arrived within ``HEADER_TIMEOUT_S``: aiohttp sets no such deadline, so a
-    client trickling header bytes would hold its socket (and a slot under the cap) for ever."""
+class _Delegating(asyncio.Protocol):
+    """Passes every call on to ``inner``, aiohttp's handler for one connection (the base of the wrappers below)."""
 
     def __init__(self, inner: asyncio.Protocol):
         self._inner = inner
-        self._tail = b""
-        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT_S, transport.close)
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is not None:
-            window = self._tail + data  # the terminator may straddle two reads
-            if b"\r\n\r\n" in window:  # the head is complete: from here aiohttp's own timeouts apply
-                self._timer.cancel()
-                self._timer = None
-            self._tail = window[-3:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -302,40 +294,107 @@ class _HeadDeadline(asyncio.Protocol):
         self._inner.resume_writing()
 
 
-class _CappedSite(web.TCPSite):
-    """A TCP site that holds at most ``max_connections`` open connections: slow or idle clients
-    cannot take every socket; the ones past the cap are told 503 and closed at once, and a
-    connection whose first request head is not in within ``HEADER_TIMEOUT_S`` is closed."""
+class _HeadDeadline(_Delegating):
+    """Closes the connection if the first request's head (request line and headers) has not
+    arrived within ``HEADER_TIMEOUT_S``: aiohttp sets no such deadline, so a client trickling
+    header bytes would hold its socket (and a slot under the cap) for ever."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int):
+    def __init__(self, inner: asyncio.Protocol):
+        super().__init__(inner)
+        self._tail = b""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT_S, transport.close)
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            window = self._tail + data  # the terminator may straddle two reads
+            if b"\r\n\r\n" in window:  # the head is complete: from here aiohttp's own timeouts apply
+                self._timer.cancel()
+                self._timer = None
+            self._tail = window[-3:]
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        super().connection_lost(exc)
+
+
+class _Admitted(_Delegating):
+    """A connection under the caps: past ``max_connections`` it is told 503, past its client's
+    share (``max_connections_per_client``, counted by address) 429, and closed at once;
+    otherwise it counts against its client until it closes."""
+
+    def __init__(self, site: "_CappedSite"):
+        super().__init__(asyncio.Protocol())  # a do-nothing handler until admitted: a refused one's bytes go nowhere
+        self._site = site
+        self._client: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        site = self._site
+        peer = transport.get_extra_info("peername")
+        client = client_identity(None, peer[0] if isinstance(peer, tuple) else None)
+        if len(site.server.connections) >= site.max_connections:
+            return _refuse(transport, b"503 Service Unavailable", "too many connections; retry later", "server_error", "server_busy")
+        if site.open_by_client[client] >= site.max_connections_per_client:
+            return _refuse(transport, b"429 Too Many Requests",
+                           f"this client holds {site.max_connections_per_client} connections, its share; close one or retry later",
+                           "rate_limit_error", "client_share_exceeded")
+        site.open_by_client[client] += 1
+        self._client = client
+        self._inner = _HeadDeadline(site.server())
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._client is not None:
+            open_by_client = self._site.open_by_client
+            open_by_client[self._client] -= 1
+            if not open_by_client[self._client]:
+                del open_by_client[self._client]
+        super().connection_lost(exc)
+
+
+class _CappedSite(web.TCPSite):
+    """A TCP site that holds at most ``max_connections`` open connections and at most
+    ``max_connections_per_client`` of one client: slow, idle or merely many connections of one
+    client cannot take every socket (``_Admitted``), and a connection whose first request head
+    is not in within ``HEADER_TIMEOUT_S`` is closed (``_HeadDeadline``)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, max_connections: int, max_connections_per_client: int):
         super().__init__(runner, host, port)
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
+        self.open_by_client: Counter[str] = Counter()
+
+    @property
+    def server(self) -> web.Server:
+        return self._runner.server
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
-        server = self._runner.server
-
-        def connection() -> asyncio.Protocol:
-            return _Refused() if len(server.connections) >= self.max_connections else _HeadDeadline(server())
-
-        self._server = await asyncio.get_running_loop().create_server(connection, self._host, self._port,
+        self._server = await asyncio.get_running_loop().create_server(lambda: _Admitted(self), self._host, self._port,
                                                                       backlog=self._backlog)
         self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
-async def start_server(app: web.Application, host: str, port: int,
-                       max_connections: int = MAX_CONNECTIONS) -> tuple[web.AppRunner, int]:
+async def start_server(app: web.Application, host: str, port: int, max_connections: int = MAX_CONNECTIONS,
+                       max_connections_per_client: int | None = None) -> tuple[web.AppRunner, int]:
     """Listen on ``host:port`` (0 = any free port); returns the runner and the bound port.
+    ``max_connections_per_client``: default ``CONNECTION_SHARE_PER_CLIENT`` of ``max_connections``.
 
     ``handler_cancellation``: a client that disconnects cancels its handler at once, which
     cancels its sequences, even while it waits in the queue and nothing is being written.
-    Connections are capped (``max_connections``) and an idle keep-alive connection is closed
+    Connections are capped (``max_connections``, and per client) and an idle keep-alive connection is closed
     after ``KEEPALIVE_TIMEOUT_S`` (aiohttp's default is an hour); request bodies must arrive
     within ``BODY_TIMEOUT_S`` (``node.api.errors.parse_body``)."""
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S,
                            keepalive_timeout=KEEPALIVE_TIMEOUT_S)
     await runner.setup()
-    site = _CappedSite(runner, host, port, max_connections)
+    per_client = max(1, int(max_connections * CONNECTION_SHARE_PER_CLIENT)) if max_connections_per_client is None else max_connections_per_client
+    site = _CappedSite(runner, host, port, max_connections, per_client)
     try:
         await site.start()
     except BaseException:

@@ -35,16 +35,17 @@ def prompt_ids(body: SamplingRequest, tokenizer: TextTokenizer) -> list[list[int
     return [tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in body.prompts()]
 
 
-def generation_requests(body: SamplingRequest, prompts: list[list[int]], max_context: int) -> list[GenerationRequest]:
-    """One engine request per choice, prompt-major (choice index = prompt * n + j). ``max_context``:
-    the serving model's, which bounds a chat's default budget."""
+def generation_requests(body: SamplingRequest, prompts: list[list[int]], max_context: int,
+                        client: str = "") -> list[GenerationRequest]:
+    """One engine request per choice, prompt-major (choice index = prompt * n + j), each ``client``'s
+    (``node.api.clients``). ``max_context``: the serving model's, which bounds a chat's default budget."""
     requests, fields = [], body.model_dump(by_alias=True)  # once: a body may hold a long chat
     for ids in prompts:
         max_tokens = requested_max_tokens(fields) or default_max_tokens(body.endpoint, len(ids), max_context)
         for j in range(body.choices_per_prompt):
             seed = choice_seed(fields, j)  # seed + j
             params = requested_sampling(fields, max_tokens=max_tokens, seed=secrets.randbits(64) if seed is None else seed)
-            requests.append(GenerationRequest(tuple(ids), params, "node" if seed is None else "client"))
+            requests.append(GenerationRequest(tuple(ids), params, "node" if seed is None else "client", client))
     return requests
 
 

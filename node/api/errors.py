@@ -26,8 +26,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
+from node.api.clients import CLIENT, client_identity
 from node.api.protocol import ErrorInfo, ErrorResponse
-from node.errors import ConfigError, ContextLengthError, EngineBusyError, RequestError
+from node.errors import ClientShareError, ConfigError, ContextLengthError, EngineBusyError, RequestError
 from verify.grammar import GrammarError
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def api_error_of(exc: Exception, shutting_down: bool = False) -> APIError:
         return exc
     if isinstance(exc, EngineBusyError):
         status = 503 if shutting_down else 429
-        return APIError(status, str(exc), code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+        code = "client_share_exceeded" if isinstance(exc, ClientShareError) else "server_busy"
+        return APIError(status, str(exc), code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, RequestError):
@@ -125,8 +127,11 @@ def json_object(raw: bytes) -> dict:
 
 
 async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
-    """The JSON body as ``model``; 400 for anything that is not a valid JSON object of it."""
-    return model.model_validate(json_object(await read_body(request)))  # ValidationError -> 400 in the middleware
+    """The JSON body as ``model``; 400 for anything that is not a valid JSON object of it.
+    Parsed and validated on a worker thread: a 1 MiB body takes tens of milliseconds that the
+    event loop owes to every other connection."""
+    raw = await read_body(request)
+    return await asyncio.to_thread(lambda: model.model_validate(json_object(raw)))  # ValidationError -> 400 in the middleware
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -153,19 +158,23 @@ shared by many clients must not let one read another's answers: issue 21, attack
 
 def require_api_key(api_keys: Sequence[str], operator_keys: Sequence[str] = ()) -> Callable:
     """Middleware: with keys set, every /v1 route needs ``Authorization: Bearer KEY`` (the node's and the sidecar's);
-    an operator key counts as an API key too. Sets ``HOLDS_API_KEY`` and ``IS_OPERATOR``."""
-    keys, operators = [k.encode() for k in api_keys], [k.encode() for k in operator_keys]
+    an operator key counts as an API key too. Sets ``HOLDS_API_KEY``, ``IS_OPERATOR`` and the request's client
+    (``node.api.clients.CLIENT``: the key it bears, else its address)."""
+    keys, operators = list(api_keys), list(operator_keys)
 
-    def matches(token: bytes, candidates: list[bytes]) -> bool:
+    def matched(token: bytes | None, candidates: list[str]) -> str | None:
         # compare_digest against every key: no timing hint about which prefix matched
-        return any([hmac.compare_digest(token, k) for k in candidates])
+        hits = [k for k in candidates if token is not None and hmac.compare_digest(token, k.encode())]
+        return hits[0] if hits else None
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         bearer = token.strip().encode() if scheme.lower() == "bearer" else None
-        request[IS_OPERATOR] = bearer is not None and matches(bearer, operators)
-        request[HOLDS_API_KEY] = not keys or request[IS_OPERATOR] or (bearer is not None and matches(bearer, keys))
+        operator, key = matched(bearer, operators), matched(bearer, keys)
+        request[IS_OPERATOR] = operator is not None
+        request[HOLDS_API_KEY] = not keys or operator is not None or key is not None
+        request[CLIENT] = client_identity(operator or key, request.remote)
         if not request[HOLDS_API_KEY] and request.path.startswith("/v1/"):
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
         return await handler(request)

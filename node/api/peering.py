@@ -35,7 +35,7 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from node.errors import ConfigError, EngineBusyError
+from node.errors import ClientShareError, ConfigError, EngineBusyError
 from node.runtime.loading import LoadedModel
 from node.api.errors import RETRY_AFTER_S, APIError, Handler, json_object, parse_body, read_body
 from node.api.evidence_tokens import TOKEN_PARAM
@@ -273,7 +273,8 @@ def _model_of(raw: bytes) -> str | None:
 @web.middleware
 async def forward_to_peers(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Send a request to the best peer when its model is served elsewhere, or served here but
-    full (the engine refused it: nothing was sent yet), and relay the peer's answer."""
+    full (the engine refused it: nothing was sent yet), and relay the peer's answer. A client
+    refused for its own share (``ClientShareError``) is not forwarded."""
     node = request.app[NODE]
     if (node.network is None or request.method != "POST" or request.path not in INFER_PATHS
             or FORWARDED_HEADER in request.headers):
@@ -285,6 +286,8 @@ async def forward_to_peers(request: web.Request, handler: Handler) -> web.Stream
     if node.serves(model):
         try:
             return await handler(request)
+        except ClientShareError:
+            raise  # this client holds its share here: the network's capacity is no way round that
         except EngineBusyError:
             log.info("full: forwarding a request for %s to a peer", model)
     return await _relay(request, node, model, raw)

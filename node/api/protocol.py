@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from verify.binding import Endpoint, call_id, template_message
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import FinishReason, Receipt
-from verify.sampling import U64
+from verify.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, U64
 from verify.structured import ToolCall
 
 if TYPE_CHECKING:  # the wire models never load the engine (nor TVM) at run time
@@ -34,6 +34,15 @@ if TYPE_CHECKING:  # the wire models never load the engine (nor TVM) at run time
 log = logging.getLogger(__name__)
 
 MAX_CHOICES = 16  # prompts x n per request: one request must not fill the batch alone
+# A request's cost is bounded before it is templated, tokenized or scheduled (attack 8 of issue
+# 21: 29,000 one-letter messages in a 1 MiB body cost 0.5-0.8 s of parsing, templating and
+# tokenizing each). Messages: a long agent conversation runs to a few hundred; each one costs its
+# validation and its pass through the template. Characters: prompt text, all of it together;
+# 256 Ki characters is ~64k tokens at 4 characters a token, more than any context served here
+# (the default model's 8,192 tokens are ~40 KB of text), so only a prompt that could never fit
+# is refused, before the tokenizer is made to read it.
+MAX_MESSAGES = 1024
+MAX_PROMPT_CHARS = 1 << 18
 MAX_TOP_LOGPROBS = FINGERPRINT_K  # top logprobs come from the committed top-k fingerprints
 # Below this a temperature is greedy in all but name, and logits / T can overflow float64 (a
 # failed sampling step would fail the whole batch): 0 is how to ask for greedy.
@@ -151,6 +160,16 @@ class SamplingRequest(OpenAIRequest):
     user: Text | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # extension (as vLLM): 0 disables
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        """As OpenAI caps them, and each of bounded length (``verify.sampling`` says why): checked
+        here, before the prompt is tokenized or anything is stored."""
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, each of 1 to {MAX_STOP_CHARS} characters")
+        return value
+
     @field_validator("temperature")
     @classmethod
     def _not_vanishing(cls, value: float | None) -> float | None:
@@ -198,6 +217,8 @@ class CompletionRequest(SamplingRequest):
     def _not_empty(cls, value: list | str) -> list | str:
         if isinstance(value, list) and not value:
             raise ValueError("the prompt list must not be empty")
+        texts = [value] if isinstance(value, str) else [p for p in value if isinstance(p, str)]
+        _check_prompt_chars(sum(map(len, texts)))
         return value
 
     @model_validator(mode="after")
@@ -235,6 +256,12 @@ class ChatMessage(OpenAIRequest):
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise ValueError(f"a {self.role} message needs content")
         return self
+
+    def text_chars(self) -> int:
+        """Characters of text this message brings to the prompt (content, name, call arguments)."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        calls = sum(len(c.function.arguments) + len(c.function.name) for c in self.tool_calls or [])
+        return len(content) + len(self.name or "") + calls
 
     def for_template(self) -> dict[str, str]:
         """The plain {role, content} dict a chat template renders (``verify.binding``)."""
@@ -282,6 +309,20 @@ class ChatCompletionRequest(SamplingRequest):
     def top_logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_enough(cls, value: Any) -> Any:
+        """Counted before any message is validated: too many costs nothing but this."""
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise ValueError(f"{len(value):,} messages; at most {MAX_MESSAGES:,} are served")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _short_enough(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        _check_prompt_chars(sum(m.text_chars() for m in value))
+        return value
+
     @model_validator(mode="after")
     def _check_logprobs(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
@@ -289,6 +330,11 @@ class ChatCompletionRequest(SamplingRequest):
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("'tool_choice' other than 'none' or 'auto' needs 'tools'")
         return self
+
+
+def _check_prompt_chars(chars: int) -> None:
+    if chars > MAX_PROMPT_CHARS:
+        raise ValueError(f"{chars:,} characters of prompt text; at most {MAX_PROMPT_CHARS:,} are served")
 
 
 # ---------------------------------------------------------------------- responses

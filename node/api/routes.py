@@ -15,6 +15,7 @@ which the openai client raises.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -23,6 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from node.api.conversion import generation_requests, prompt_ids
+from node.api.clients import CLIENT
 from node.api.errors import api_error_of, parse_body
 from node.api.protocol import ChatCompletionRequest, CompletionRequest, ModelList, SamplingRequest, UsageInfo
 from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Renderer
@@ -55,9 +57,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _respond(request: web.Request, served: ServedModel, body: SamplingRequest, renderer: Renderer) -> web.StreamResponse:
     node = request.app[NODE]
-    prompts = prompt_ids(body, served.loaded.tokenizer)
+    # Templating and tokenizing (up to MAX_PROMPT_CHARS of text in MAX_MESSAGES messages) and compiling
+    # a grammar run on worker threads: the event loop stays free for everyone else.
+    prompts = await asyncio.to_thread(prompt_ids, body, served.loaded.tokenizer)
     prompt_tokens = sum(len(p) for p in prompts)
-    async with aclosing(node.answers(served, generation_requests(body, prompts, served.loaded.max_context))) as answers:
+    requests = await asyncio.to_thread(generation_requests, body, prompts, served.loaded.max_context, request[CLIENT])
+    async with aclosing(node.answers(served, requests)) as answers:
         if not body.stream:
             by_choice: dict[int, list[ChoiceEvent]] = defaultdict(list)
             async for item in answers:

@@ -26,7 +26,7 @@ from node.api.metrics import NodeMetrics, TokenRate
 from node.api.protocol import ModelCard, ProofMeshInfo
 from node.api.rendering import ChoiceEvent, TokenTexts
 from node.api.status_page import MAX_ROWS
-from node.errors import ConfigError
+from node.errors import ClientShareError, ConfigError
 from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.events import GenerationResult
 from node.runtime.loading import LoadedModel
@@ -121,10 +121,18 @@ class Node:
         with its signed receipt. Leaving early (or being cancelled: a client gone) cancels every
         choice, which frees its batch slot at the engine's next step.
 
-        Submission errors (queue full, prompt too long) arrive before any token: all choices are
-        submitted before the engine can run a step for any of them. A store full of evidence still
-        inside its audit window refuses new work up front (503): evidence is never dropped for room."""
-        if not await asyncio.to_thread(self.store.has_room):
+        The requests are one client's (``GenerationRequest.client``), and their evidence is kept
+        under it. Submission errors (queue full, prompt too long) arrive before any token: all
+        choices are submitted before the engine can run a step for any of them. A client whose
+        evidence takes its share of the store is refused up front (429), and so is everyone while
+        the store is full of evidence still inside its audit window (503): evidence is never
+        dropped for room."""
+        client = requests[0].client
+        over_share, has_room = await asyncio.to_thread(lambda: (self.store.over_share(client), self.store.has_room()))
+        if over_share:
+            raise ClientShareError("this client's evidence takes its share of the evidence store until it ages "
+                                   "past the audit window; retry later")
+        if not has_room:
             raise APIError(503, "the evidence store is full of answers still inside their audit window; retry later",
                            code="evidence_store_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         queue: asyncio.Queue[ChoiceEvent | Exception] = asyncio.Queue()
@@ -156,7 +164,7 @@ class Node:
         """Sign a finished answer and keep its evidence (one SQLite transaction: all or nothing);
         the asking client gets the token that opens its answer file."""
         answer = answer_file(result, self.key, model_id=served.loaded.model_id, backend=served.loaded.backend)
-        self.store.put(answer)
+        self.store.put(answer, client=result.client)
         self.metrics.observe_answer(served.name, len(result.prompt_ids), len(result.output_ids), result.time_to_first_token)
         self.signed_answers.append(SignedAnswer(answer.receipt.receipt_id, served.name, len(result.output_ids), answer.receipt.created))
         return ProofMeshInfo(receipt=answer.receipt, signature=answer.signature, public_key=answer.public_key,

@@ -12,6 +12,17 @@ until a batch slot and KV pages for its whole budget are free (so the cache neve
 mid-answer); a full queue raises ``EngineBusyError``. A caller that stops iterating cancels
 its sequence, which frees its slot before the next step.
 
+No one client takes what every client shares (DESIGN.md, "Who signed what"; a request names
+its client, ``GenerationRequest.client``): one client may hold at most ``max_queue_per_client``
+places in the queue (half of it by default), a free slot goes to the waiting client with the
+fewest sequences running, and prefill is chunked: a step prefills at most
+``prefill_tokens_per_step`` prompt tokens (whole runtime chunks, taken in turn by the clients
+whose prompts are being prefilled), so sequences already decoding get a token every step however
+long the prompts that join, and a long prompt's client cannot hold the engine for one step of
+minutes. A sequence cancelled mid-prefill is dropped before its next chunk. Chunks start at
+multiples of the runtime's ``prefill_chunk``, as one whole prefill's do: an answer's logits do
+not depend on what else was running.
+
 A request with a grammar (JSON mode, a schema, a tool call) keeps a ``GrammarState``: its mask
 joins the seeded draw at every step, exactly as ``verify.sampling`` defines it.
 
@@ -26,14 +37,14 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 import numpy as np
 
-from node.errors import ContextLengthError, EngineBusyError, RequestError
+from node.errors import ClientShareError, ContextLengthError, EngineBusyError, RequestError
 from node.compiler.targets import usable_cores
 from node.runtime.model_runtime import ModelRuntime
 from node.models.tokenizer import TextTokenizer
@@ -46,6 +57,9 @@ from verify.sampling import sample_token
 
 T = TypeVar("T")
 DEFAULT_MAX_QUEUE = 64  # requests that may wait for a batch slot before new ones are refused
+# The share of the queue one client may hold by default: whatever one client sends, the other
+# half stays open to everyone else (attack 10 of issue 21 filled all 64 places with 4 requests).
+QUEUE_SHARE_PER_CLIENT = 0.5
 # Exclusive work (re-checks for peers and for fraud proofs) waiting for the engine's thread at
 # once: past it, new work is refused (EngineBusyError), so re-checks cannot queue up without end.
 MAX_EXCLUSIVE_WAITING = 4
@@ -87,6 +101,7 @@ class _Sequence:
     logprobs: list[float] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
+    prefilled: int = 0  # prompt tokens in the KV cache so far (prefill is chunked over steps)
     finish_reason: FinishReason | None = None
     failed: bool = False  # a step failed under it: its caller got the exception, not a finish
     cancelled: bool = False
@@ -102,12 +117,24 @@ class Engine:
         *,
         max_context: int,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        max_queue_per_client: int | None = None,
+        prefill_tokens_per_step: int | None = None,
     ):
+        """``max_queue_per_client``: places one client may hold in the queue (default
+        ``QUEUE_SHARE_PER_CLIENT`` of ``max_queue``, at least one). ``prefill_tokens_per_step``:
+        prompt tokens one step may prefill (default one runtime chunk, ``prefill_chunk``: a
+        step then costs at most one chunk's prefill plus one decode, and a prompt alone is fed
+        in the very passes one whole prefill made); at least one chunk runs a step."""
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.max_context = max_context
         self.max_queue = max_queue
+        self.max_queue_per_client = (max(1, int(max_queue * QUEUE_SHARE_PER_CLIENT)) if max_queue_per_client is None
+                                     else max_queue_per_client)
+        self.prefill_tokens_per_step = prefill_tokens_per_step or runtime.limits.prefill_chunk
+        self._prefill_turns: dict[str, int] = {}  # client -> when its prompts last got a chunk
+        self._turns = itertools.count()
         self._waiting: list[_Sequence] = []
         self._running: list[_Sequence] = []
         self._ids = itertools.count()
@@ -187,6 +214,7 @@ class Engine:
             request_hash=seq.request_hash,
             params=seq.request.params,
             seed_source=seq.request.seed_source,
+            client=seq.request.client,
             fingerprints=list(seq.fingerprints),
             logprobs=list(seq.logprobs),
             time_to_first_token=(seq.first_token_at or seq.created) - seq.created,
@@ -237,6 +265,9 @@ class Engine:
         self.validate(request)
         if len(self._waiting) >= self.max_queue:
             raise EngineBusyError(f"{len(self._waiting)} requests are already waiting; retry later")
+        if sum(s.request.client == request.client for s in self._waiting) >= self.max_queue_per_client:
+            raise ClientShareError(f"this client already has {self.max_queue_per_client} requests waiting, "
+                                   "its share of the queue; retry later")
         params = request.params
         grammar = None
         if params.grammar is not None:
@@ -289,7 +320,7 @@ class Engine:
                 if idle:
                     self._work_ready.clear()  # under the lock: a submit after this sets it again
                 else:
-                    admitted = self._admit()
+                    self._admit()
             if idle:
                 if pending:
                     self._loop.call_soon_threadsafe(_deliver, pending)
@@ -297,11 +328,11 @@ class Engine:
                 self._work_ready.wait()
                 continue
             try:
-                outputs = self._step(admitted)
+                outputs = self._step()
             except Exception as exc:  # a failed step fails the sequences in it, not the engine
                 log.exception("engine step failed")
                 with self._lock:
-                    failed = list(self._running)  # the admitted ones are in the batch already
+                    failed = list(self._running)
                     for seq in failed:
                         self._retire(seq)
                         seq.failed = True
@@ -314,7 +345,8 @@ class Engine:
             pending += outputs
             now = time.perf_counter()
             # at once: a first token, a last one, or before an exclusive job holds the thread
-            if admitted or self._jobs or now - delivered_at >= self.delivery_interval or any(e.finish_reason for _, e in outputs):
+            if (self._jobs or now - delivered_at >= self.delivery_interval
+                    or any(e.finish_reason or len(s.output_ids) == 1 for s, e in outputs)):
                 self._loop.call_soon_threadsafe(_deliver, pending)
                 pending, delivered_at = [], now
 
@@ -335,21 +367,49 @@ class Engine:
         """KV slots for a sequence's whole budget (prompt + max_tokens), in whole pages."""
         return self.runtime.kv_slots(len(seq.request.prompt_ids) + seq.request.params.max_tokens)
 
-    def _admit(self) -> list[_Sequence]:
-        """Move waiting sequences into the batch while slots and KV pages last (FIFO)."""
-        admitted = []
+    def _admit(self) -> None:
+        """Move waiting sequences into the batch while slots and KV pages last: each free slot
+        to the waiting client with the fewest sequences running (first come among equals). The
+        one chosen waits for pages if they are short (a large request is not overtaken for ever)."""
         reserved = sum(self._kv_reservation(s) for s in self._running)
-        while self._waiting:
-            seq = self._waiting[0]
-            if len(self._running) >= self.runtime.limits.max_batch_size:
-                break
+        load = Counter(s.request.client for s in self._running)
+        while self._waiting and len(self._running) < self.runtime.limits.max_batch_size:
+            seq = min(self._waiting, key=lambda s: load[s.request.client])  # min keeps the first of equals
             if reserved + self._kv_reservation(seq) > self.runtime.kv_capacity:
                 break
-            self._waiting.pop(0)
+            self._waiting.remove(seq)
             reserved += self._kv_reservation(seq)
+            load[seq.request.client] += 1
             self._running.append(seq)
-            admitted.append(seq)
-        return admitted
+
+    def _prefill_plan(self, prefilling: list[_Sequence]) -> list[tuple[_Sequence, int]]:
+        """This step's prefill: (sequence, end of its next chunk) pairs, at most
+        ``prefill_tokens_per_step`` tokens in all (the first chunk always), one chunk at a time
+        to the client whose prompts waited longest for one, each client's sequences in order."""
+        chunk = self.runtime.limits.prefill_chunk
+        queues: dict[str, deque[_Sequence]] = {}
+        for seq in prefilling:
+            queues.setdefault(seq.request.client, deque()).append(seq)
+        self._prefill_turns = {c: t for c, t in self._prefill_turns.items() if c in queues}
+        plan: list[tuple[_Sequence, int]] = []
+        planned: dict[int, int] = {}  # seq id -> end of its last planned chunk
+        used = 0
+        while queues:
+            client = min(queues, key=lambda c: self._prefill_turns.get(c, -1))
+            seq = queues[client][0]
+            start = planned.get(seq.seq_id, seq.prefilled)
+            end = min(len(seq.request.prompt_ids), (start // chunk + 1) * chunk)
+            if plan and used + end - start > self.prefill_tokens_per_step:
+                break
+            plan.append((seq, end))
+            planned[seq.seq_id] = end
+            used += end - start
+            self._prefill_turns[client] = next(self._turns)
+            if end == len(seq.request.prompt_ids):
+                queues[client].popleft()
+                if not queues[client]:
+                    del queues[client]
+        return plan
 
     def _retire(self, seq: _Sequence) -> None:
         """Take a sequence out of the batch and free its KV pages."""
@@ -369,14 +429,22 @@ class Engine:
             self._retire(seq)
 
     # -- one step (worker thread) ---------------------------------------------------
-    def _step(self, admitted: list[_Sequence]) -> list[tuple[_Sequence, TokenEvent]]:
+    def _step(self) -> list[tuple[_Sequence, TokenEvent]]:
+        """One step: this step's prefill chunks (``_prefill_plan``; a prompt's last chunk gives
+        its first token), then one decode for every sequence that had a token before the step."""
         outputs: list[tuple[_Sequence, TokenEvent]] = []
-        decoding = [s for s in self._running if s not in admitted and s.finish_reason is None and not s.cancelled]
-        for seq in admitted:
-            self.runtime.add_sequence(seq.seq_id)
-            seq.in_cache = True
-            logits = self.runtime.prefill(seq.seq_id, list(seq.request.prompt_ids))[-1]
-            outputs.append(self._accept(seq, logits))
+        live = [s for s in self._running if s.finish_reason is None and not s.cancelled]
+        decoding = [s for s in live if s.output_ids]
+        for seq, end in self._prefill_plan([s for s in live if not s.output_ids]):
+            if seq.cancelled:  # its client left while earlier chunks ran: no more work for it
+                continue
+            if not seq.in_cache:
+                self.runtime.add_sequence(seq.seq_id)
+                seq.in_cache = True
+            logits = self.runtime.prefill(seq.seq_id, list(seq.request.prompt_ids[seq.prefilled:end]))
+            seq.prefilled = end
+            if end == len(seq.request.prompt_ids):
+                outputs.append(self._accept(seq, logits[-1]))
         if decoding:
             last = [s.output_ids[-1] for s in decoding]
             logits = self.runtime.decode([s.seq_id for s in decoding], last)

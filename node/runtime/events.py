@@ -23,6 +23,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     seed_source: SeedSource = "node"  # who chose params.seed (committed in the receipt)
+    # Who asked (``node.api.clients.client_identity``): the queue, the slots and the prefill
+    # are shared out by it. Requests that name none (the CLI, benches) are one client.
+    client: str = ""
 
 
 @dataclass
@@ -36,6 +39,7 @@ class GenerationResult:
     request_hash: str
     params: SamplingParams
     seed_source: SeedSource
+    client: str  # who asked (``GenerationRequest.client``): whose share its evidence takes
     fingerprints: list[Fingerprint]  # per output position
     logprobs: list[float]
     time_to_first_token: float

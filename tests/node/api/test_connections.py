@@ -34,7 +34,7 @@ def _port(url: str) -> int:
 
 
 def test_connections_past_the_cap_are_refused_at_once():
-    with serving(_echo_app(), max_connections=3) as url:
+    with serving(_echo_app(), max_connections=3, max_connections_per_client=3) as url:  # one client may take all here
         idle = [socket.create_connection(("127.0.0.1", _port(url))) for _ in range(3)]  # hold every slot, send nothing
         time.sleep(0.3)
         refused = httpx.post(f"{url}/echo", json={"message": "x", "type": "t"}, timeout=10)

@@ -204,3 +204,33 @@ def test_tokens_are_handed_over_in_bursts_but_first_and_last_at_once(tiny_ckpt, 
     assert max(burst) - min(burst) < (arrivals[1] - arrivals[0]) / 4
     _, every = run(go(0.0))
     assert [e.token_id for e in every] == [e.token_id for e in events]
+
+
+def test_long_prompts_join_in_bounded_chunks_and_a_decoding_answer_keeps_its_pace(tiny_ckpt, tiny_runtime):
+    """Issue 21, attack 10 in the engine: while one client's seven long prompts are prefilled,
+    another client's answer already decoding gets a token every step (each step prefills at most
+    one 64-token chunk). (Before: all
+    seven prefills ran back to back in one step, and the victim got one token meanwhile.)"""
+    victim = GenerationRequest(tuple(prompt(tiny_ckpt, "Hello")), SamplingParams(max_tokens=200, temperature=0.0, seed=0,
+                                                                                 stop_token_ids=()), client="victim")
+    flood = [GenerationRequest(tuple([5 + i] * 240), SamplingParams(max_tokens=1, seed=i), client="attacker") for i in range(7)]
+
+    async def go():
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
+            tokens = 0
+            stream = engine.generate(victim)
+            await anext(stream)
+            attacks = [asyncio.ensure_future(engine.complete(r)) for r in flood]
+            await asyncio.sleep(0)  # the attack is submitted
+            at_start = tokens
+            async for _ in stream:
+                tokens += 1
+                if all(a.done() for a in attacks):
+                    break
+            await stream.aclose()
+            results = await asyncio.gather(*attacks)
+            return tokens - at_start, results
+
+    during, results = run(go())
+    assert all(len(r.output_ids) == 1 for r in results)
+    assert during >= 7 * 240 // 64  # one token a step at least while the 7 x 4 chunks went in
