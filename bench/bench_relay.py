@@ -85,7 +85,7 @@ async def _work(http: aiohttp.ClientSession, node_url: str, sidecar: Sidecar, bo
     proof = parse_response("chat", data).model_dump(mode="json")["proofmesh"]
     async with http.get(f"{node_url}{receipt_path(proof['receipt']['receipt_id'], proof['evidence_token'])}") as resp:
         answer = AnswerFile.model_validate_json(await resp.read())
-    req = sidecar.client_request("chat", dict(body))
+    req = sidecar.client_request("chat", dict(body), {})
     start = time.perf_counter()
     parsed = parse_response("chat", data)
     received = parsed.model_dump(mode="json")

@@ -38,7 +38,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from node.api import routes
-from node.api.clients import client_identity
+from node.api.clients import BODY_BUDGET, BodyBudget, client_identity
 from node.api.protocol import ErrorInfo, ErrorResponse
 from node.errors import ConfigError
 from node.runtime.loading import LoadedModel
@@ -240,6 +240,7 @@ def make_app(
         middlewares.append(peering.forward_to_peers)
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[NODE] = node
+    app[BODY_BUDGET] = BodyBudget()
     if network is not None:
         peering.attach(app, node, network, api_keys[0] if api_keys else None,
                        ledger if ledger is not None else Ledger(Path(":memory:")),

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import threading
+import time
+from typing import Callable
 
 from aiohttp import web
 
@@ -23,6 +26,46 @@ IPV6_CLIENT_PREFIX = 64  # one subscriber's block (RFC 6177 allocates at least a
 
 CLIENT = web.RequestKey("client", str)
 """Set on every request by ``node.api.errors.require_api_key``: ``client_identity`` of it."""
+
+# Request body bytes one client may send a second, and at once. Parsing a body holds the GIL
+# (tens of milliseconds for 1 MiB of JSON), so a client sending 1 MiB bodies back to back took
+# the whole process from everyone (attack 8 of issue 21). 1 MiB/s is ~250k tokens of text a
+# second, hundreds of times what a node prefills; the burst lets four full-size bodies through.
+BODY_BYTES_PER_S = 1 << 20
+BODY_BURST_BYTES = 4 << 20
+MAX_TRACKED_CLIENTS = 65536  # past this, the clients whose buckets are full again are forgotten
+
+
+class BodyBudget:
+    """A token bucket of body bytes per client: ``take`` spends from it, or says how long until
+    the client may send that much (nothing is spent then)."""
+
+    def __init__(self, rate: float = BODY_BYTES_PER_S, burst: float = BODY_BURST_BYTES,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (bytes left, when)
+        self._lock = threading.Lock()
+
+    def take(self, client: str, nbytes: int) -> float:
+        """0 when ``client`` may send ``nbytes`` now (they are spent), else the seconds to wait."""
+        now = self.clock()
+        with self._lock:
+            left, then = self._buckets.get(client, (self.burst, now))
+            left = min(self.burst, left + (now - then) * self.rate)
+            if nbytes > left:
+                self._buckets[client] = (left, now)
+                return (min(nbytes, self.burst) - left) / self.rate
+            self._buckets[client] = (left - nbytes, now)
+            if len(self._buckets) > MAX_TRACKED_CLIENTS:
+                self._forget_idle(now)
+            return 0.0
+
+    def _forget_idle(self, now: float) -> None:
+        self._buckets = {c: (left, t) for c, (left, t) in self._buckets.items() if left + (now - t) * self.rate < self.burst}
+
+
+BODY_BUDGET = web.AppKey("body_budget", BodyBudget)
+"""The app's ``BodyBudget``, which ``node.api.errors.read_body`` spends from (node and sidecar)."""
 
 
 def client_identity(api_key: str | None, peer: str | None) -> str:

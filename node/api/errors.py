@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import secrets
 from typing import Awaitable, Callable, Sequence
 
@@ -26,7 +27,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ValidationError
 
-from node.api.clients import CLIENT, client_identity
+from node.api.clients import BODY_BUDGET, CLIENT, client_identity
 from node.api.protocol import ErrorInfo, ErrorResponse
 from node.errors import ClientShareError, ConfigError, ContextLengthError, EngineBusyError, RequestError
 from verify.grammar import GrammarError
@@ -136,13 +137,19 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
 
 async def read_body(request: web.Request) -> bytes:
     """The raw body, within ``BODY_TIMEOUT_S`` (a client trickling bytes cannot hold a handler);
-    past ``client_max_size`` aiohttp raises 413."""
+    past ``client_max_size`` aiohttp raises 413; past its client's ``BodyBudget`` (where the app
+    has one) 429, before anything parses it."""
     try:
-        return await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+        raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", code="request_timeout") from None
     except RequestPayloadError as exc:  # a body that does not decode as its Content-Encoding says, cut short, ...
         raise APIError(400, f"the request body cannot be read: {str(exc).strip()}", code="invalid_body") from None
+    budget = request.app.get(BODY_BUDGET)
+    if budget is not None and (wait := budget.take(request.get(CLIENT, ""), len(raw))):
+        raise APIError(429, f"this client sends more than {budget.rate / 2**20:g} MiB of request bodies a second: "
+                       "retry later", code="client_share_exceeded", headers={"Retry-After": str(math.ceil(wait))})
+    return raw
 
 
 HOLDS_API_KEY = web.RequestKey("holds_api_key", bool)

@@ -15,7 +15,9 @@ its sequence, which frees its slot before the next step.
 No one client takes what every client shares (DESIGN.md, "Who signed what"; a request names
 its client, ``GenerationRequest.client``): one client may hold at most ``max_queue_per_client``
 places in the queue (half of it by default), a free slot goes to the waiting client with the
-fewest sequences running, and prefill is chunked: a step prefills at most
+fewest sequences running and no client's running sequences hold more than three quarters of the
+slots or of the KV pages (there is no preemption: the rest is where a newcomer starts), and
+prefill is chunked: a step prefills at most
 ``prefill_tokens_per_step`` prompt tokens (whole runtime chunks, taken in turn by the clients
 whose prompts are being prefilled), so sequences already decoding get a token every step however
 long the prompts that join, and a long prompt's client cannot hold the engine for one step of
@@ -60,6 +62,10 @@ DEFAULT_MAX_QUEUE = 64  # requests that may wait for a batch slot before new one
 # The share of the queue one client may hold by default: whatever one client sends, the other
 # half stays open to everyone else (attack 10 of issue 21 filled all 64 places with 4 requests).
 QUEUE_SHARE_PER_CLIENT = 0.5
+# The share of the batch slots and of the KV pages one client's running sequences may hold. There
+# is no preemption: a newcomer gets a slot only as one frees, and one client's long prompts (max
+# tokens 1, attack 10) free theirs a whole prefill later, so a quarter is kept for the others.
+RUNNING_SHARE_PER_CLIENT = 0.75
 # Exclusive work (re-checks for peers and for fraud proofs) waiting for the engine's thread at
 # once: past it, new work is refused (EngineBusyError), so re-checks cannot queue up without end.
 MAX_EXCLUSIVE_WAITING = 4
@@ -369,17 +375,32 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting sequences into the batch while slots and KV pages last: each free slot
-        to the waiting client with the fewest sequences running (first come among equals). The
-        one chosen waits for pages if they are short (a large request is not overtaken for ever)."""
+        to the waiting client with the fewest sequences running (first come among equals), none
+        past ``RUNNING_SHARE_PER_CLIENT`` of the slots or the pages. The one chosen waits for pages
+        if they are short (a large request is not overtaken for ever)."""
+        slots = max(1, int(self.runtime.limits.max_batch_size * RUNNING_SHARE_PER_CLIENT))
+        pages = max(self.runtime.kv_capacity * RUNNING_SHARE_PER_CLIENT, 1)
         reserved = sum(self._kv_reservation(s) for s in self._running)
         load = Counter(s.request.client for s in self._running)
+        held = Counter()  # KV slots reserved per client
+        for s in self._running:
+            held[s.request.client] += self._kv_reservation(s)
+
+        def within_share(seq: _Sequence) -> bool:
+            client, need = seq.request.client, self._kv_reservation(seq)
+            return load[client] < slots and (held[client] == 0 or held[client] + need <= pages)
+
         while self._waiting and len(self._running) < self.runtime.limits.max_batch_size:
-            seq = min(self._waiting, key=lambda s: load[s.request.client])  # min keeps the first of equals
+            eligible = [s for s in self._waiting if within_share(s)]
+            if not eligible:
+                break
+            seq = min(eligible, key=lambda s: load[s.request.client])  # min keeps the first of equals
             if reserved + self._kv_reservation(seq) > self.runtime.kv_capacity:
                 break
             self._waiting.remove(seq)
             reserved += self._kv_reservation(seq)
             load[seq.request.client] += 1
+            held[seq.request.client] += self._kv_reservation(seq)
             self._running.append(seq)
 
     def _prefill_plan(self, prefilling: list[_Sequence]) -> list[tuple[_Sequence, int]]:

@@ -56,6 +56,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from node.api.clients import BODY_BUDGET, BodyBudget
 from node.api.errors import (IS_OPERATOR, APIError, describe_validation_error, errors_middleware, json_object, read_body,
                              require_api_key, require_operator)
 from node.api.evidence_tokens import peer_receipt_path, receipt_path
@@ -158,7 +159,7 @@ class Sidecar:
     def chosen(self, receipt_id: str) -> bool:
         return audit_draw(self._secret, receipt_id) < self.audit_rate
 
-    def client_request(self, endpoint: Endpoint, fields: dict) -> ClientRequest:
+    def client_request(self, endpoint: Endpoint, fields: dict, headers: dict[str, str]) -> ClientRequest:
         """The client's request, resolved against the sidecar's own models (by the name clients
         use, or model_id): an upstream's card never decides which model or context binds it."""
         body = parse_request(endpoint, fields)
@@ -167,23 +168,26 @@ class Sidecar:
         if model is None:
             raise APIError(400, f"this verifier holds no model {body.model!r} to check its answers with; GET /v1/models "
                            "lists those it holds", param="model", code="model_not_found")
-        return ClientRequest.of(endpoint, body, fields, Path(model.name).name, model, self._token_texts[model_id])
+        return ClientRequest.of(endpoint, body, fields, headers, Path(model.name).name, model, self._token_texts[model_id])
 
     def model_cards(self) -> list[ModelCard]:
         """The models answers can be checked with here: what ``GET /v1/models`` lists."""
         return [ModelCard(id=Path(m.name).name, created=self.started, model_id=model_id, backend=m.backend,
                           max_context=m.max_context) for model_id, m in sorted(self.backends.items())]
 
-    async def evidence(self, up: Upstream, receipt_id: str, node_id: str, token: str | None) -> AnswerFile | None:
+    async def evidence(self, up: Upstream, receipt_id: str, node_id: str, token: str | None,
+                       headers: dict[str, str]) -> AnswerFile | None:
         """The answer file behind a receipt: from ``up`` if it signed it, else through ``up`` from
         the peer that did (a gateway relays other nodes' answers; their evidence stays with them).
+        Fetched as the client that asked would fetch it (its token, its key: ``headers``).
         Retried until ``evidence_deadline_s``: None then means it was withheld."""
         deadline = asyncio.get_running_loop().time() + self.evidence_deadline_s
         delay = 0.05
         while True:
             for path in (receipt_path(receipt_id, token), peer_receipt_path(node_id, receipt_id, token)):
                 try:
-                    async with self.session.get(f"{up.url}{path}", timeout=aiohttp.ClientTimeout(total=self.evidence_deadline_s)) as resp:
+                    async with self.session.get(f"{up.url}{path}", headers=headers,
+                                                timeout=aiohttp.ClientTimeout(total=self.evidence_deadline_s)) as resp:
                         body, status = await resp.read(), resp.status
                     if status == 200:
                         return AnswerFile.model_validate_json(body)
@@ -205,7 +209,7 @@ class Sidecar:
         receipts = dict.fromkeys(receipts_in(received))  # a response repeats the first choice's receipt
         answers: dict[str, AnswerFile] = {}
         for receipt_id, node_id, token in receipts:
-            answer = await self.evidence(up, receipt_id, node_id, token)
+            answer = await self.evidence(up, receipt_id, node_id, token, req.headers)
             if answer is None or answer.receipt.receipt_id != receipt_id:
                 await asyncio.to_thread(self._withheld, receipt_id, up.ledger_id)
                 raise Refused(f"upstream {up.url} withheld the evidence of receipt {receipt_id}")
@@ -381,9 +385,9 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     n = _redundancy(request, fields)
     if fields.get("seed") is None:
         fields["seed"] = secrets.randbits(63)  # the sidecar's CSPRNG: committed as a client seed
-    req = await asyncio.to_thread(sidecar.client_request, _endpoint(request.path), fields)
-    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-    headers["Content-Type"] = "application/json"
+    auth = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}  # the client's key goes on
+    req = await asyncio.to_thread(sidecar.client_request, _endpoint(request.path), fields, auth)
+    headers = {**auth, "Content-Type": "application/json"}
     if n > 1:
         return await _redundant(request, sidecar, req, n, headers)
     await sidecar.identify()
@@ -517,6 +521,7 @@ def make_sidecar_app(sidecar: Sidecar, api_keys: Sequence[str] = (), operator_ke
     app = web.Application(client_max_size=16 << 20,  # long answer files
                           middlewares=[errors_middleware(), require_api_key(api_keys, operator_keys)])
     app[SIDECAR] = sidecar
+    app[BODY_BUDGET] = BodyBudget()
     for path in PROXIED_POSTS:
         app.router.add_post(path, proxy_post)
     app.router.add_get("/v1/models", proxy_models)

@@ -102,6 +102,7 @@ class ClientRequest:
     endpoint: Endpoint
     body: SamplingRequest
     fields: dict[str, Any]  # the forwarded JSON body, as binding reads it
+    headers: dict[str, str]  # the client's Authorization, passed on upstream (the answer and its evidence are its)
     model_name: str  # the sidecar's name for its model, what responses name
     model: AuditModel
     token_texts: TokenTexts
@@ -109,10 +110,10 @@ class ClientRequest:
     choices: list[GenerationRequest]
 
     @classmethod
-    def of(cls, endpoint: Endpoint, body: SamplingRequest, fields: dict[str, Any], model_name: str, model: AuditModel,
-           token_texts: TokenTexts) -> "ClientRequest":
+    def of(cls, endpoint: Endpoint, body: SamplingRequest, fields: dict[str, Any], headers: dict[str, str], model_name: str,
+           model: AuditModel, token_texts: TokenTexts) -> "ClientRequest":
         prompts = prompt_ids(body, model.tokenizer)
-        return cls(endpoint, body, fields, model_name, model, token_texts, prompts,
+        return cls(endpoint, body, fields, headers, model_name, model, token_texts, prompts,
                    generation_requests(body, prompts, model.max_context))
 
     @property

@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from node.api.app import make_app
+from node.api.clients import BODY_BURST_BYTES, BodyBudget
 from node.api.evidence_tokens import receipt_path
 from node.api.protocol import MAX_MESSAGES, MAX_PROMPT_CHARS
 from node.runtime.loading import load_model
@@ -136,6 +137,22 @@ def test_attack_8_a_request_cost_is_bounded_before_the_node_works_through_it(mod
             stop.set()
             for t in floods:
                 t.join(60)
+        # Back to back, the same bodies soon exceed the client's body budget: 429 before any
+        # parsing (parsing holds the GIL, off the loop or not), while another client is served.
+        statuses = [attacker.post("/v1/chat/completions", content=flood, headers={"Content-Type": "application/json"})
+                    for _ in range(int(BODY_BURST_BYTES / len(flood)) + 2)]
+        assert statuses[-1].status_code == 429 and statuses[-1].json()["error"]["code"] == "client_share_exceeded"
+        assert int(statuses[-1].headers["Retry-After"]) >= 1
+        assert victim_answer(url)
+
+
+def test_a_body_budget_refills_at_its_rate():
+    now = [0.0]
+    budget = BodyBudget(rate=100, burst=300, clock=lambda: now[0])
+    assert budget.take("a", 200) == 0 and budget.take("a", 100) == 0
+    assert budget.take("a", 50) == pytest.approx(0.5) and budget.take("b", 300) == 0  # one client's spending is its own
+    now[0] = 0.5
+    assert budget.take("a", 50) == 0 and budget.take("a", 1) > 0
 
 
 def test_attack_9_one_client_s_keep_alive_connections_leave_room_for_others(model, tmp_path):

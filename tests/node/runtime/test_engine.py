@@ -234,3 +234,30 @@ def test_long_prompts_join_in_bounded_chunks_and_a_decoding_answer_keeps_its_pac
     during, results = run(go())
     assert all(len(r.output_ids) == 1 for r in results)
     assert during >= 7 * 240 // 64  # one token a step at least while the 7 x 4 chunks went in
+
+
+def test_one_client_leaves_a_quarter_of_the_batch_to_whoever_comes_next(tiny_ckpt, tiny_runtime):
+    """Issue 21, attack 10: one client's long answers fill at most three quarters of the batch
+    slots (no preemption: a newcomer starts only where a slot is free), so another client's first
+    token comes while all of them still run. (Before: the first client held all 8 slots, and the
+    newcomer waited for one of its answers to end.)"""
+    slots = tiny_runtime.limits.max_batch_size
+    long_answers = [GenerationRequest(tuple(prompt(tiny_ckpt, f"Story {i}")), SamplingParams(max_tokens=120, seed=i,
+                                      stop_token_ids=()), client="first") for i in range(slots)]
+    newcomer = GenerationRequest(tuple(prompt(tiny_ckpt, "Hello")), SamplingParams(max_tokens=2, seed=0), client="next")
+
+    async def go():
+        async with engine_for(tiny_runtime, tiny_ckpt) as engine:
+            streams = [engine.generate(r) for r in long_answers]
+            for s in streams:  # every one of them started
+                await anext(s)
+            running_first = engine.running
+            result = await engine.complete(newcomer)
+            unfinished = engine.running
+            for s in streams:
+                await s.aclose()
+            return running_first, result, unfinished
+
+    running_first, result, unfinished = run(go())
+    assert running_first <= int(slots * 0.75) < slots
+    assert len(result.output_ids) == 2 and unfinished > 0  # served while long ones still ran

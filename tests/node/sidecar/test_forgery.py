@@ -28,7 +28,7 @@ from node.runtime.loading import load_model
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
-from tests.node.sidecar.test_sidecar import LIMITS, OPERATOR_KEY
+from tests.node.sidecar.test_sidecar import LIMITS, OPERATOR_KEY, settled
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 from verify.ledger import Ledger
@@ -306,3 +306,20 @@ def test_a_hostile_co_upstream_cannot_sink_the_honest_node(honest, tmp_path, mod
             assert served["ok"] >= 1 and (mode == "replay" or served["refused"] >= 1), served
             if served["refused"]:
                 assert attacker.failures >= 1 and attacker.score < 0.5, attacker
+
+
+
+def test_a_node_with_api_keys_behind_the_sidecar_is_served_and_audited(honest, tmp_path, store):
+    """The sidecar fetches evidence as its client would, with the client's key: a keyed node's
+    answers bind and pass their audit (they were all 'withheld' when the fetch bore no key)."""
+    model = load_model(str(honest.auditor.path), device="cpu", limits=LIMITS, root=store)
+    evidence = EvidenceStore(tmp_path / "keyed.sqlite")
+    with serving(make_app([model], NodeKey.generate(), evidence, api_keys=["client-key"])) as node_url:
+        stack, sidecar, ledger, anonymous = _through(honest, tmp_path, [node_url])
+        with stack, openai.OpenAI(base_url=f"{anonymous.url}/v1", api_key="client-key", max_retries=0, timeout=60) as client:
+            answer = client.chat.completions.create(model="tiny", **ASK)
+            assert answer.choices[0].message.content
+            (audit,) = settled(anonymous.url, 1)
+            assert audit["state"] == "pass", audit
+            assert ledger.reputation(sidecar.upstreams[0].ledger_id).failures == 0
+    evidence.close()
