@@ -197,6 +197,21 @@ def _prompts(endpoint: Endpoint, body: Mapping[str, Any], tok: Tokenization) -> 
     return [tok.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompt or []]
 
 
+def token_bytes(text: str) -> list[int] | None:
+    """A token's ``bytes`` as chat logprobs serve them: its UTF-8, or None where the token holds
+    part of a character (its text then reads U+FFFD and has no exact bytes)."""
+    return None if "\ufffd" in text else list(text.encode())
+
+
+def completion_top(top: Sequence[tuple[str, float]], sampled: tuple[str, float]) -> dict[str, float]:
+    """A completion token's ``top_logprobs`` dict: best first, texts that coincide keep the best
+    one's value, and the sampled token is always listed."""
+    out: dict[str, float] = {}
+    for name, value in [*top, sampled]:
+        out.setdefault(name, value)
+    return out
+
+
 def _logprob_problems(endpoint: Endpoint, got: ReceivedChoice, answer: AnswerFile, top_n: int, tok: Tokenization) -> list[str]:
     """The logprobs received against the committed fingerprints: one entry per output token,
     each value a committed logit minus the committed log-normaliser, each top list the first
@@ -226,14 +241,11 @@ def _logprob_problems(endpoint: Endpoint, got: ReceivedChoice, answer: AnswerFil
             return [f"the logprob of token {t} is not the committed one"]
         committed = [(text(i), v) for i, v in fp.top_logprobs()[:top_n]]
         if endpoint == "chat":
-            if entry.get("bytes") != (None if "\ufffd" in entry["token"] else list(entry["token"].encode())):
+            if entry.get("bytes") != token_bytes(entry["token"]):
                 return [f"the bytes of token {t} are not its text's"]
             listed = [(e.get("token"), e.get("logprob")) for e in entry.get("top_logprobs") or []]
-        else:  # a dict by token text: texts that coincide keep the best value; the sampled token is added
-            expected: dict[str, float] = {}
-            for name, value in [*committed, (text(token), fp.token_logprob())]:
-                expected.setdefault(name, value)
-            committed = list(expected.items())
+        else:
+            committed = list(completion_top(committed, (text(token), fp.token_logprob())).items())
             listed = list((entry.get("top") or {}).items())
         if len(listed) != len(committed) or any(a != b or not same(v, w) for (a, v), (b, w) in zip(listed, committed)):
             return [f"the top logprobs of token {t} are not the committed fingerprint's"]
@@ -350,4 +362,5 @@ def call_id(receipt_id: str, k: int) -> str:
 
 
 __all__ = ["BindingReport", "Endpoint", "ReceivedResponse", "Tokenization", "bind_answers", "call_id", "choice_seed",
-           "default_max_tokens", "received_choices", "requested_max_tokens", "requested_sampling", "template_message"]
+           "completion_top", "default_max_tokens", "received_choices", "requested_max_tokens", "requested_sampling",
+           "template_message", "token_bytes"]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, S
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from verify.binding import Endpoint, call_id, template_message
+from verify.binding import Endpoint, call_id, completion_top, template_message, token_bytes
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import FinishReason, Receipt
 from verify.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, U64
@@ -392,14 +392,8 @@ class CompletionLogprobs(BaseModel):
         for tok in tokens:
             offsets.append(start)
             start += len(tok)
-        tops = []
-        for e in events:
-            top: dict[str, float] = {}
-            # Best first; tokens whose texts coincide (partial UTF-8 ones all read U+FFFD) keep
-            # the best one's value, and the sampled token is always listed.
-            for i, lp in [*e.top_logprobs[:top_n], (e.token_id, e.logprob)]:
-                top.setdefault(token_text(i), lp)
-            tops.append(top)
+        tops = [completion_top([(token_text(i), lp) for i, lp in e.top_logprobs[:top_n]], (token_text(e.token_id), e.logprob))
+                for e in events]
         return cls(tokens=tokens, token_logprobs=[e.logprob for e in events], top_logprobs=tops, text_offset=offsets)
 
 
@@ -411,8 +405,7 @@ class TopLogprob(BaseModel):
     @classmethod
     def of(cls, token_id: int, logprob: float, token_text: TokenText) -> "TopLogprob":
         text = token_text(token_id)
-        # A byte-level token may hold part of a UTF-8 character: then there is no exact text.
-        return cls(token=text, logprob=logprob, bytes=None if "\ufffd" in text else list(text.encode()))
+        return cls(token=text, logprob=logprob, bytes=token_bytes(text))
 
 
 class TokenLogprob(TopLogprob):

@@ -223,10 +223,11 @@ class Sidecar:
                 raise Refused(f"upstream {up.url} served receipt {receipt_id} before: a replay")
         return [answers[report.receipts[index]] for index in range(len(req.choices))]
 
-    async def refuse(self, up: Upstream, why: str) -> None:
-        """Count a refused answer against the connection that served it."""
+    async def refuse(self, up: Upstream, why: str) -> APIError:
+        """Count a refused answer against the connection that served it; the error its client gets."""
         log.warning("refused an answer from %s: %s", up.url, why)
         await asyncio.to_thread(self.ledger.record_refusal, "", up.ledger_id, why)
+        return APIError(502, why, code="answer_refused")
 
     def _withheld(self, receipt_id: str, ledger_id: str) -> None:
         """A failed audit of the connection whose evidence never came (its model is unknown)."""
@@ -406,16 +407,14 @@ async def _forward(request: web.Request, sidecar: Sidecar, up: Upstream, req: Cl
     async with upstream:
         if not 200 <= upstream.status < 300:
             if upstream.status < 400:  # a redirect, or no answer at all
-                await sidecar.refuse(up, f"answered {upstream.status}, not an answer")
-                raise APIError(502, f"upstream answered {upstream.status}, not an answer", code="answer_refused")
+                raise await sidecar.refuse(up, f"upstream answered {upstream.status}, not an answer")
             raise upstream_error(upstream.status, await upstream.read())
         if req.body.stream:
             return await relay_stream(sidecar, up, req, upstream, request, hold=sidecar.hold_streams)
         try:
             return await relay_json(sidecar, up, req, await upstream.read())
         except Refused as exc:
-            await sidecar.refuse(up, str(exc))
-            raise APIError(502, str(exc), code="answer_refused") from None
+            raise await sidecar.refuse(up, str(exc)) from None
 
 
 async def _redundant(request: web.Request, sidecar: Sidecar, req: ClientRequest, n: int, headers: dict) -> web.Response:
@@ -437,8 +436,7 @@ async def _redundant(request: web.Request, sidecar: Sidecar, req: ClientRequest,
         try:
             return await rebuild_json(sidecar, up, req, data)
         except Refused as exc:
-            await sidecar.refuse(up, str(exc))
-            raise APIError(502, str(exc), code="answer_refused") from None
+            raise await sidecar.refuse(up, str(exc)) from None
 
     results = await asyncio.gather(*(ask(up) for up in chosen))
     (first, first_answers), rest = results[0], results[1:]

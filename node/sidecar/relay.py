@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from aiohttp import web
@@ -37,8 +37,7 @@ from node.api.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatC
                                CompletionResponse, ErrorResponse, ProofMeshInfo, SamplingRequest, UsageInfo)
 from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Renderer, TokenTexts
 from node.models.tokenizer import TextTokenizer
-from node.runtime.events import GenerationRequest
-from node.runtime.events import AnswerText, TokenEvent, replay
+from node.runtime.events import AnswerText, GenerationRequest, TokenEvent, replay
 from node.sidecar.sse import SSEDecoder
 from verify.binding import Endpoint
 from verify.evidence import AnswerFile
@@ -84,7 +83,7 @@ class AnswerChecker(Protocol):
 
     async def bind(self, up: Upstream, req: "ClientRequest", received: dict | list[dict]) -> list[AnswerFile]: ...
 
-    async def refuse(self, up: Upstream, why: str) -> None: ...
+    async def refuse(self, up: Upstream, why: str) -> APIError: ...
 
     def answered(self, answers: Sequence[AnswerFile]) -> None: ...
 
@@ -187,22 +186,23 @@ def receipts_in(body: Any) -> Iterator[tuple[str, str, str | None]]:
             yield from receipts_in(item)
 
 
-def served_proof(answer: AnswerFile, received: dict | list[dict]) -> ProofMeshInfo:
+def served_proof(answer: AnswerFile, tokens: dict[str, str]) -> ProofMeshInfo:
     """The proof a client gets: the answer file's receipt, signature and key (binding checked the
     served ones are the same), the backend the receipt names, and the evidence token the node
-    gave (the sidecar fetched the answer file with it, so it opens the file for the client too)."""
-    token = next((t for rid, _, t in receipts_in(received) if rid == answer.receipt.receipt_id and t), None)
+    gave (``tokens``: by receipt id; the sidecar fetched the answer file with it, so it opens the
+    file for the client too)."""
     return ProofMeshInfo(receipt=answer.receipt, signature=answer.signature, public_key=answer.public_key,
-                         backend=answer.receipt.backend, evidence_token=token or "")
+                         backend=answer.receipt.backend, evidence_token=tokens.get(answer.receipt.receipt_id, ""))
 
 
 def rebuilt_choices(req: ClientRequest, answers: Sequence[AnswerFile], received: dict | list[dict]) -> list[list[ChoiceEvent]]:
     """Every choice's events as the node's engine made them, from its answer file."""
+    tokens = {receipt_id: token for receipt_id, _, token in receipts_in(received) if token}
     out = []
     for index, answer in enumerate(answers):
         events = replay(answer, req.tokenizer)
         last = len(events) - 1
-        proof = served_proof(answer, received)
+        proof = served_proof(answer, tokens)
         out.append([ChoiceEvent(index, e, proof if t == last else None) for t, e in enumerate(events)])
     return out
 
@@ -371,8 +371,7 @@ async def relay_stream(sidecar: AnswerChecker, up: Upstream, req: ClientRequest,
         await client.chunk(APIError(502, str(exc), code="upstream_error").body())
     except (Refused, asyncio.TimeoutError, OSError) as exc:
         why = str(exc) if isinstance(exc, Refused) else f"the upstream's stream broke off: {exc!r}"
-        await sidecar.refuse(up, why)
-        await client.chunk(APIError(502, why, code="answer_refused").body())
+        await client.chunk((await sidecar.refuse(up, why)).body())
     await client.send(b"data: [DONE]\n\n")
     await client.close()
     return response
