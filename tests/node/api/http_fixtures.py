@@ -9,11 +9,19 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator, Sequence
 
 from aiohttp import web
 
-from node.api.app import start_server
+from node.api.app import make_app, start_server
+from node.runtime.loading import load_model
+from node.runtime.model_runtime import CacheLimits
+from node.sidecar.proxy import Sidecar, make_sidecar_app
+from verify.evidence_store import EvidenceStore
+from verify.identity import NodeKey
+from verify.ledger import Ledger
 
 START_TIMEOUT_S = 60
 
@@ -35,3 +43,24 @@ def serving(app: web.Application, **server_options) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(START_TIMEOUT_S)
         loop.close()
+
+
+@contextmanager
+def audited_node(folder: Path, store: Path, workdir: Path, *, limits: CacheLimits, node_operator_keys: Sequence[str] = (),
+                 sidecar_api_keys: Sequence[str] = (), sidecar_operator_keys: Sequence[str] = ()) -> Iterator[SimpleNamespace]:
+    """A node serving the model in ``folder`` and a sidecar in front of it that audits every
+    answer on its own copy of the model; yields their URLs, the node's key and model, the
+    sidecar and its ledger."""
+    served, auditor = (load_model(str(folder), device="cpu", limits=limits, root=store) for _ in range(2))
+    node_key = NodeKey.generate()
+    evidence = EvidenceStore(workdir / "evidence.sqlite")
+    ledger = Ledger(workdir / "ledger.sqlite")
+    try:
+        with serving(make_app([served], node_key, evidence, operator_keys=node_operator_keys)) as node_url:
+            sidecar = Sidecar([node_url], ledger, NodeKey.generate(), {auditor.model_id: auditor}, audit_rate=1.0)
+            with serving(make_sidecar_app(sidecar, api_keys=sidecar_api_keys, operator_keys=sidecar_operator_keys)) as sidecar_url:
+                yield SimpleNamespace(node_url=node_url, sidecar_url=sidecar_url, node_key=node_key, model=served,
+                                      sidecar=sidecar, ledger=ledger)
+    finally:
+        evidence.close()
+        ledger.close()

@@ -14,23 +14,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
-from node.api.app import make_app
 from node.api.evidence_tokens import EvidenceTokens, receipt_path
-from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
-from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.node.api.http_fixtures import serving
+from tests.node.api.http_fixtures import audited_node
 from verify.evidence import AnswerFile
-from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
-from verify.ledger import Ledger
 
 LIMITS = CacheLimits(max_batch_size=4, max_total_tokens=1024, prefill_chunk=64)
 MODEL = "tiny"
@@ -44,18 +38,9 @@ AUDIT_TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, store):
     folder = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("privacy") / MODEL)
-    served, auditor = (load_model(str(folder), device="cpu", limits=LIMITS, root=store) for _ in range(2))
-    key = NodeKey.generate()
-    evidence = EvidenceStore(tmp_path_factory.mktemp("evidence") / "evidence.sqlite")
-    ledger = Ledger(tmp_path_factory.mktemp("ledger") / "ledger.sqlite")
-    try:
-        with serving(make_app([served], key, evidence, operator_keys=[NODE_OPERATOR])) as node_url:
-            sidecar = Sidecar([node_url], ledger, NodeKey.generate(), {auditor.model_id: auditor}, audit_rate=1.0)
-            with serving(make_sidecar_app(sidecar, api_keys=[API_KEY], operator_keys=[SIDECAR_OPERATOR])) as sidecar_url:
-                yield SimpleNamespace(node_url=node_url, sidecar_url=sidecar_url, ledger=ledger, key=key, tokenizer=served.tokenizer)
-    finally:
-        evidence.close()
-        ledger.close()
+    with audited_node(folder, store, tmp_path_factory.mktemp("privacy-state"), limits=LIMITS, node_operator_keys=[NODE_OPERATOR],
+                      sidecar_api_keys=[API_KEY], sidecar_operator_keys=[SIDECAR_OPERATOR]) as servers:
+        yield servers
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -89,7 +74,7 @@ def test_a_receipt_id_alone_opens_no_answer_file(servers):
 
     # The asking client opens its own with its token, and reads its conversation back.
     answer = AnswerFile.model_validate_json(httpx.get(servers.node_url + receipt_path(receipt_id, token)).content)
-    assert answer.receipt.receipt_id == receipt_id and SECRET in servers.tokenizer.decode(answer.evidence.prompt_ids)
+    assert answer.receipt.receipt_id == receipt_id and SECRET in servers.model.tokenizer.decode(answer.evidence.prompt_ids)
     # The node's operator reads any answer file, and finds the receipts listed, linked with their tokens.
     assert httpx.get(f"{servers.node_url}/v1/receipts/{receipt_id}", headers=bearer(NODE_OPERATOR)).status_code == 200
     assert f'href="{receipt_path(receipt_id, token)[1:]}"' in httpx.get(f"{servers.node_url}/", headers=bearer(NODE_OPERATOR)).text

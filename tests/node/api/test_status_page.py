@@ -25,16 +25,13 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from node.api.app import make_app
 from node.api.evidence_tokens import receipt_path
 from node.api.metrics import TokenRate
 from node.api.status_page import MAX_CELL_CHARS
-from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from tests.node.api.http_fixtures import serving
-from verify.evidence_store import EvidenceStore
+from tests.node.api.http_fixtures import audited_node, serving
 from verify.identity import NodeKey
 from verify.ledger import Ledger
 
@@ -78,19 +75,9 @@ def network(tmp_path_factory, store):
     """A node on the tiny model (no API key: the page's receipt links then open in a browser),
     and a sidecar in front of it that audits every answer; both with the operator key."""
     folder = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("status") / MODEL)
-    served, auditor = (load_model(str(folder), device="cpu", limits=LIMITS, root=store) for _ in range(2))
-    node_key = NodeKey.generate()
-    evidence = EvidenceStore(tmp_path_factory.mktemp("evidence") / "evidence.sqlite")
-    ledger = Ledger(tmp_path_factory.mktemp("ledger") / "ledger.sqlite")
-    try:
-        with serving(make_app([served], node_key, evidence, operator_keys=[OPERATOR_KEY])) as node_url:
-            sidecar = Sidecar([node_url], ledger, NodeKey.generate(), {auditor.model_id: auditor}, audit_rate=1.0)
-            with serving(make_sidecar_app(sidecar, operator_keys=[OPERATOR_KEY])) as sidecar_url:
-                yield SimpleNamespace(node_url=node_url, node_key=node_key, model_id=served.model_id,
-                                      sidecar_url=sidecar_url, sidecar=sidecar)
-    finally:
-        evidence.close()
-        ledger.close()
+    with audited_node(folder, store, tmp_path_factory.mktemp("status-state"), limits=LIMITS,
+                      node_operator_keys=[OPERATOR_KEY], sidecar_operator_keys=[OPERATOR_KEY]) as network:
+        yield network
 
 
 def complete(base_url: str, prompt: str) -> dict:
@@ -131,7 +118,7 @@ def test_node_status_page_shows_the_node_its_model_and_the_receipt_it_signed(bro
     receipt_id = proof["receipt"]["receipt_id"]
     text = open_page(browser, network.node_url + "/")
     assert browser.title == "ProofMesh node"
-    assert network.node_key.node_id in text and network.model_id in text and receipt_id in text
+    assert network.node_key.node_id in text and network.model.model_id in text and receipt_id in text
     assert MODEL in text and "tokens/s" in text and "no network" in text
     screenshot(browser, "status_page.png")
     answer = follow(browser, receipt_id)

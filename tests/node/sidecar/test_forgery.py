@@ -29,6 +29,7 @@ from node.sidecar.proxy import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
 from tests.node.sidecar.test_sidecar import LIMITS, OPERATOR_KEY, settled
+from tests.node.sidecar.test_trust import front_app
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 from verify.ledger import Ledger
@@ -136,12 +137,7 @@ class LyingFront:
         return web.Response(status=status, body=raw, content_type=content_type.split(";")[0] or "application/json")
 
     def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.completion)
-        app.router.add_get("/v1/receipts/{receipt_id}", self.passthrough)
-        app.router.add_get("/v1/models", self.passthrough)
-        app.router.add_get("/health", self.passthrough)
-        return app
+        return front_app(self.completion, self.passthrough, self.passthrough)
 
 
 def _through(honest, tmp_path, fronts: list, **sidecar_options):

@@ -123,12 +123,17 @@ class LyingOperator:
         return web.Response(status=status, body=raw, content_type="application/json")
 
     def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/receipts/{receipt_id}", self.receipt)
-        app.router.add_get("/v1/models", self.passthrough)
-        app.router.add_get("/health", self.passthrough)
-        return app
+        return front_app(self.chat, self.receipt, self.passthrough)
+
+
+def front_app(chat, receipt, passthrough) -> web.Application:
+    """What a front of a node serves the sidecar: chat answers, answer files, and the rest passed through."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/receipts/{receipt_id}", receipt)
+    app.router.add_get("/v1/models", passthrough)
+    app.router.add_get("/health", passthrough)
+    return app
 
 
 @contextmanager
