@@ -104,7 +104,6 @@ class _Sequence:
     grammar: GrammarState | None = None  # where the answer stands in its grammar, if it has one
     output_ids: list[int] = field(default_factory=list)
     fingerprints: list[Fingerprint] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
     text_parts: list[str] = field(default_factory=list)
     first_token_at: float | None = None
     prefilled: int = 0  # prompt tokens in the KV cache so far (prefill is chunked over steps)
@@ -222,7 +221,6 @@ class Engine:
             seed_source=seq.request.seed_source,
             client=seq.request.client,
             fingerprints=list(seq.fingerprints),
-            logprobs=list(seq.logprobs),
             time_to_first_token=(seq.first_token_at or seq.created) - seq.created,
             duration=time.perf_counter() - seq.created,
         )
@@ -486,7 +484,6 @@ class Engine:
         fingerprint = position_fingerprint(logits, token)
         seq.fingerprints.append(fingerprint)
         seq.output_ids.append(token)
-        seq.logprobs.append(fingerprint.token_logprob())
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         text, finish = seq.text.push(token)

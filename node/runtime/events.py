@@ -41,9 +41,13 @@ class GenerationResult:
     seed_source: SeedSource
     client: str  # who asked (``GenerationRequest.client``): whose share its evidence takes
     fingerprints: list[Fingerprint]  # per output position
-    logprobs: list[float]
     time_to_first_token: float
     duration: float
+
+    @property
+    def logprobs(self) -> list[float]:
+        """Each output token's log-softmax, as its fingerprint commits it."""
+        return [f.token_logprob() for f in self.fingerprints]
 
 
 @dataclass(frozen=True)
