@@ -2,8 +2,13 @@
 
 Read with ``gguf.GGUFReader`` (a memory map; format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
 The config comes from the ``llama.*`` metadata, the tokenizer from ``tokenizer.ggml.*`` (see
-``node.models.tokenizer``). Q4_0/Q4_1/Q8_0 matrices stay in their blocks (``QuantizedTensor``, for the
+``node.models.tokenizer``). Matrices of every type in ``node.models.quant.blocks.FORMATS`` (the
+legacy and K-quant blocks, F16, BF16) stay in their stored form (``QuantizedTensor``, for the
 native kernels); every other tensor is read as float32 with ``gguf.quants.dequantize``.
+
+Everything that can refuse a file is decided from its header before any tensor or the
+vocabulary is read: the architecture, every ``llama.*`` key (each one is implemented or refused
+by name, ``IMPLEMENTED_KEYS``) and every tensor's type (all the unsupported ones named at once).
 
 Two layout facts of llama.cpp's converter (``convert_hf_to_gguf.py``) are undone here:
 
@@ -28,11 +33,19 @@ from node.models.tokenizer import TextTokenizer
 
 from node.models.quant.blocks import FORMATS, QuantizedTensor
 
-from .checkpoint import Checkpoint, WeightsDigest, check_weights
+from .checkpoint import Checkpoint, WeightsDigest, check_finite, check_weights, keeps_stored_form
 from .config import LlamaConfig
 
-# Stored types we dequantize; the block formats are those of ggml-common.h.
-SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Stored types we compute with; the block formats are those of ggml-common.h.
+SUPPORTED_GGML_TYPES = ("F32", *FORMATS)
+# ``llama.*`` keys the model implements; any other one changes the computation in llama.cpp's
+# reading of the file (soft-capping, embedding scales, experts, ALiBi, ...) and is refused.
+IMPLEMENTED_KEYS = frozenset({
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+    "attention.key_length", "attention.value_length", "attention.sliding_window",
+    "rope.dimension_count", "rope.freq_base", "rope.scaling.type", "expert_count", "expert_used_count",
+})
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -85,11 +98,41 @@ def read_metadata(reader: Any) -> dict[str, Any]:
     return out
 
 
+def header_metadata(reader: Any) -> dict[str, Any]:
+    """The metadata without the tokenizer's arrays (reading Gemma's 262,144 tokens and scores field
+    by field takes seconds): enough to refuse a file, with the vocabulary's size kept."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if key.startswith("tokenizer.ggml.") and len(field.data) > 1:
+            if key == "tokenizer.ggml.tokens":
+                out["tokenizer.ggml.token_count"] = len(field.data)
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def check_tensor_types(tensors: dict[str, Any], source: str) -> None:
+    """Refuse a file holding any tensor type we cannot compute, naming every one (up to 8)."""
+    bad = [(name, t.tensor_type.name) for name, t in sorted(tensors.items()) if t.tensor_type.name not in SUPPORTED_GGML_TYPES]
+    if bad:
+        listed = ", ".join(f"{name} ({kind})" for name, kind in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ModelLoadError(f"{source}: {len(bad)} tensor(s) have GGML types this node cannot compute: {listed}; "
+                             f"supported: {', '.join(SUPPORTED_GGML_TYPES)}")
+
+
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: str) -> LlamaConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ConfigError(f"{source}: unsupported GGUF architecture {arch!r} (key 'general.architecture'); "
                           "supported: 'llama'")
+    unknown = sorted(k for k in meta if k.startswith("llama.") and k.removeprefix("llama.") not in IMPLEMENTED_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: GGUF key {unknown[0]!r} (= {meta[unknown[0]]!r}) changes the computation and is not "
+                          f"supported" + (f" (nor {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""))
+    if int(meta.get("llama.expert_count", 0) or 0):
+        raise ConfigError(f"{source}: mixture-of-experts models (llama.expert_count={meta['llama.expert_count']}) are not supported")
 
     def need(key: str) -> Any:
         if key not in meta:
@@ -110,8 +153,9 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: s
     if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
         raise ConfigError(f"{source}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported yet; "
                           "load the Hugging Face checkpoint instead")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens else int(need("llama.vocab_size"))
+    tokens = meta.get("tokenizer.ggml.token_count") or len(meta.get("tokenizer.ggml.tokens") or [])
+    vocab = tokens or int(need("llama.vocab_size"))
+    window = meta.get("llama.attention.sliding_window")
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -127,6 +171,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: s
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         max_position_embeddings=int(meta.get("llama.context_length", 2048)),
         model_type="llama",
+        sliding_window=int(window) if window else None,
     )
 
 
@@ -148,9 +193,10 @@ def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as exc:  # the reader raises ValueError/struct errors on garbage
         raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
     source = str(path)
-    meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
-    config = config_from_metadata(meta, set(tensors), source)
+    config = config_from_metadata(header_metadata(reader), set(tensors), source)
+    check_tensor_types(tensors, source)
+    meta = read_metadata(reader)
 
     digest = WeightsDigest(len(tensors))
     weights: dict[str, np.ndarray] = {}
@@ -166,15 +212,13 @@ def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
         hf_name = gguf_to_hf_name(name)
         if hf_name is None:
             raise ModelLoadError(f"{source}: unexpected GGUF tensor {name!r} for the llama architecture")
-        if type_name not in SUPPORTED_GGML_TYPES:
-            raise ModelLoadError(f"{source}: tensor {name!r} has GGML type {type_name}, which is not supported "
-                                 f"(supported: {', '.join(SUPPORTED_GGML_TYPES)})")
         # GGUF shape is ne order (fastest first); numpy order is its reverse.
         shape = [int(d) for d in reversed(t.shape)]
-        if type_name in FORMATS and len(shape) == 2:  # kept as blocks; rows are [out_features]
-            w = QuantizedTensor(type_name, (shape[0], shape[1]), np.ascontiguousarray(t.data).reshape(shape[0], -1))
+        if keeps_stored_form(type_name, shape):  # rows are [out_features]
+            w = QuantizedTensor(type_name, (shape[0], shape[1]), raw.view(np.uint8).reshape(shape[0], -1))
         else:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        check_finite(name, type_name, w, source)
         if ".attn_q." in name or ".attn_k." in name:
             heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
             w = w.with_rows(unpermute_qk_rows(w.blocks, heads)) if isinstance(w, QuantizedTensor) else unpermute_qk_rows(w, heads)
@@ -195,8 +239,11 @@ def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
 
 
 __all__ = [
+    "IMPLEMENTED_KEYS",
     "SUPPORTED_GGML_TYPES",
+    "check_tensor_types",
     "config_from_metadata",
+    "header_metadata",
     "gguf_to_hf_name",
     "load_gguf_checkpoint",
     "permute_qk_rows",
