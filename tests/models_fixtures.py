@@ -18,6 +18,7 @@ import numpy as np
 
 from node.models.llama.checkpoint import expected_weight_shapes
 from node.models.llama.config import LlamaConfig
+from node.models.quant.blocks import FORMATS, QUANTIZABLE_TYPES
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS_ID, EOS_ID = 1, 2  # <|im_start|>, <|im_end|> as in SmolLM2
@@ -243,17 +244,38 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def random_k_blocks(x: np.ndarray, ggml_type: str, seed: int) -> np.ndarray:
+    """(rows, bytes) random blocks of a K-quant type whose dequantized values span what ``x`` spans
+    (any bytes are a valid block; the f16 scales are set so): stand-ins for llama.cpp's quantizer,
+    which the ``gguf`` package does not port."""
+    import gguf
+    from gguf.quants import dequantize
+
+    qt = gguf.GGMLQuantizationType[ggml_type]
+    values, size = gguf.GGML_QUANT_SIZES[qt]
+    rows = x.shape[0]
+    blocks = np.random.default_rng(seed).integers(0, 256, (rows, x.shape[1] // values, size), dtype=np.uint8)
+    scale_fields = FORMATS[ggml_type].f16_fields
+    for at in scale_fields:
+        blocks[:, :, at:at + 2] = np.array([1.0], np.float16).view(np.uint8)
+    spread = float(np.abs(dequantize(blocks.reshape(rows, -1), qt)).max())
+    for at in scale_fields:
+        blocks[:, :, at:at + 2] = np.array([np.abs(x).max() / spread], np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def make_tiny_gguf(
     path: str | Path, *, quant_types: Sequence[str] = ("F32",), tie: bool = True, n_layers: int = 2,
     hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = DEFAULT_VOCAB,
     seed: int = 0, rope_theta: float = 10000.0, add_bos: bool = False, arch: str = "llama",
     raw_types: dict[str, str] | None = None, chat_template: str | None = CHATML_TEMPLATE,
+    extra_metadata: dict[str, float] | None = None,
 ) -> TinyGGUF:
     """Write a llama GGUF as llama.cpp's converter would; 2-D tensors take ``quant_types`` round-robin.
 
     A quantized type whose block does not divide the row length falls back to F16 (if listed) or F32;
     norms stay F32. ``raw_types`` writes the named GGUF tensors as random bytes of another GGML type
-    (to test unsupported types).
+    (to test unsupported types); ``extra_metadata`` adds float keys (to test refused ones).
     """
     import gguf
     from gguf.quants import dequantize, quantize
@@ -289,6 +311,8 @@ def make_tiny_gguf(
     w.add_add_bos_token(add_bos)
     if chat_template is not None:
         w.add_chat_template(chat_template)
+    for key, value in (extra_metadata or {}).items():
+        w.add_float32(key, value)
 
     expected: dict[str, np.ndarray] = {}
     stored_types: dict[str, str] = {}
@@ -320,6 +344,12 @@ def make_tiny_gguf(
         elif tname == "F16":
             w.add_tensor(gname, np.ascontiguousarray(stored, np.float16))
             expected[name] = x.astype(np.float16).astype(np.float32)
+        elif tname not in QUANTIZABLE_TYPES:  # K-quants: gguf cannot quantize them, so random valid blocks
+            qt = gguf.GGMLQuantizationType[tname]
+            blocks = random_k_blocks(x, tname, seed=len(expected))
+            permuted = {"attn_q.weight": heads, "attn_k.weight": kv_heads}.get(gname.split(".", 2)[-1])
+            w.add_tensor(gname, llama_cpp_permute(blocks, permuted) if permuted else blocks, raw_dtype=qt)
+            expected[name] = np.asarray(dequantize(blocks, qt), np.float32).reshape(x.shape)
         else:
             qt = gguf.GGMLQuantizationType[tname]
             w.add_tensor(gname, quantize(stored, qt), raw_dtype=qt)
@@ -336,6 +366,6 @@ def make_tiny_gguf(
 
 __all__ = [
     "BOS_ID", "CHATML_TEMPLATE", "DEFAULT_VOCAB", "EOS_ID", "SPECIAL_TOKENS", "TinyGGUF", "gguf_vocab",
-    "hf_to_gguf_name", "llama_cpp_permute", "make_tiny_gguf", "make_tiny_hf_checkpoint", "random_llama_weights",
+    "hf_to_gguf_name", "llama_cpp_permute", "make_tiny_gguf", "random_k_blocks", "make_tiny_hf_checkpoint", "random_llama_weights",
     "round_to_dtype", "tiny_config", "tiny_hf_expected_weights", "tiny_tokenizer_json", "write_safetensors",
 ]

@@ -249,9 +249,62 @@ def test_gguf_tokenizer_rebuild_matches_tokenizer_json(tmp_path):
     assert gg.fingerprint() == hf.fingerprint()  # same vocab, merges, rules: same tokenizer identity
 
 
-def test_gguf_error_unsupported_tensor_type(tmp_path):
-    g = make_tiny_gguf(tmp_path / "t.gguf", raw_types={"blk.0.ffn_up.weight": "Q5_0"})
-    with pytest.raises(ModelLoadError, match=r"blk\.0\.ffn_up\.weight.*Q5_0"):
+def test_gguf_error_names_every_unsupported_tensor_type(tmp_path):
+    g = make_tiny_gguf(tmp_path / "t.gguf", raw_types={"blk.0.ffn_up.weight": "IQ4_NL", "blk.1.attn_v.weight": "TQ2_0"})
+    with pytest.raises(ModelLoadError, match=r"2 tensor\(s\).*blk\.0\.ffn_up\.weight \(IQ4_NL\), blk\.1\.attn_v\.weight \(TQ2_0\); supported: .*Q4_K"):
+        load_checkpoint(g.path)
+
+
+def test_gguf_error_non_finite_scales(tmp_path):
+    """A block whose f16 scale is infinite would dequantize to NaN: refused at load, named."""
+    g = make_tiny_gguf(tmp_path / "t.gguf", quant_types=("Q8_0",))
+    import gguf
+
+    tensor = next(t for t in gguf.GGUFReader(str(g.path)).tensors if t.name == "blk.1.ffn_down.weight")
+    with open(g.path, "r+b") as f:  # the third block's d field
+        f.seek(int(tensor.data_offset) + 2 * 34)
+        f.write(np.array([np.inf], np.float16).tobytes())
+    with pytest.raises(ModelLoadError, match=r"blk\.1\.ffn_down\.weight.*Q8_0.*1 non-finite scales"):
+        load_checkpoint(g.path)
+
+
+# Config keys that change the computation, each flipped from the tiny model's value: the model
+# must get another model_id or be refused by name (never the same id for another computation).
+FLIPPED_KEYS = {
+    "hidden_act": "gelu_pytorch_tanh", "sliding_window": 8, "rope_theta": 500000.0, "rms_norm_eps": 1e-6,
+    "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True, "head_dim": 8,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 64},
+    "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "partial_rotary_factor": 0.5,
+    "num_key_value_heads": 4, "max_position_embeddings": 128, "quantization_config": {"quant_method": "gptq"},
+}
+
+
+@pytest.mark.parametrize("key", sorted(FLIPPED_KEYS))
+def test_hf_every_computation_key_changes_model_id_or_is_refused(tmp_path, key):
+    from node.models.llama.config import LlamaConfig
+    from node.runtime.loading import manifest_of
+
+    folder = make_tiny_hf_checkpoint(tmp_path / "base")
+    base = json.loads((folder / "config.json").read_text())
+    flipped = {**base, key: FLIPPED_KEYS[key]}
+    if key == "sliding_window":
+        flipped["model_type"], flipped["architectures"] = "mistral", ["MistralForCausalLM"]
+    try:
+        config = LlamaConfig.from_hf_dict(flipped)
+    except ConfigError as exc:
+        assert key in str(exc)
+        return
+    ckpt = load_checkpoint(folder)
+    other = type(ckpt)(**{**ckpt.__dict__, "config": config})
+    assert manifest_of(other).model_id != manifest_of(ckpt).model_id
+    if key == "sliding_window":  # served exactly: no more context than the window
+        assert config.context_limit == 8
+
+
+def test_gguf_error_names_an_unknown_llama_key_before_reading_weights(tmp_path):
+    g = make_tiny_gguf(tmp_path / "t.gguf", extra_metadata={"llama.final_logit_softcapping": 30.0})
+    with pytest.raises(ConfigError, match="llama.final_logit_softcapping"):
         load_checkpoint(g.path)
 
 
