@@ -116,6 +116,7 @@ def test_models_health_and_metrics(client, http, node):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].model_extra["model_id"] == node.model.model_id
+    assert models[0].model_extra["format"] == node.model.manifest.weight_dtype == "safetensors:f32"  # what the folder stores
     health = http.get("/health").json()
     assert health["status"] == "ok" and health["node_id"] == node.key.node_id
     assert health["models"][0]["model_id"] == node.model.model_id and health["models"][0]["backend"] == node.model.backend
