@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from node.errors import ConfigError, ModelLoadError, RequestError
+from node.errors import ConfigError, ModelLoadError, NoChatTemplateError, RequestError
 from verify.canonical import canonical_hash
 from verify.grammar import GrammarVocabulary
 from verify.structured import described, with_tool_prompt
@@ -107,7 +107,8 @@ class TextTokenizer:
                     add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages`` (OpenAI-style dicts with role and content)."""
         if not self.chat_template:
-            raise RequestError(f"model has no chat template (source {self.source or 'unknown'}); use a raw completion")
+            raise NoChatTemplateError(f"this model has no chat template (a base model: {self.source or 'unknown source'}); "
+                                      "send a raw prompt to /v1/completions instead")
         if self._compiled_template is None:
             self._compiled_template = _compile_template(self.chat_template)
         from jinja2 import TemplateError

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.errors import ConfigError, ModelLoadError, RequestError
+from node.errors import ConfigError, ModelLoadError, NoChatTemplateError, RequestError
 from node.models.llama.checkpoint import WeightsDigest, expected_weight_shapes
 from node.models.llama.load import load_checkpoint
 from node.models.llama.gguf_loader import permute_qk_rows, unpermute_qk_rows
@@ -450,7 +450,7 @@ def test_chat_template_errors(tmp_path, tok):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     bare = load_checkpoint(folder).tokenizer
     assert bare.chat_template is None
-    with pytest.raises(RequestError, match="no chat template"):
+    with pytest.raises(NoChatTemplateError, match="no chat template"):
         bare.render_chat(CHAT)
     (folder / "chat_template.jinja").write_text(
         "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}ok")
