@@ -261,27 +261,6 @@ def test_gguf_error_non_llama_architecture(tmp_path):
         load_checkpoint(g.path)
 
 
-def test_gguf_error_sentencepiece_vocab(tmp_path):
-    import gguf
-
-    path = tmp_path / "spm.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, val in [(w.add_block_count, 1), (w.add_embedding_length, 32), (w.add_feed_forward_length, 64),
-                     (w.add_head_count, 2), (w.add_head_count_kv, 2), (w.add_context_length, 64)]:
-        add(val)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    from node.models.llama.gguf_loader import read_metadata
-
-    meta = read_metadata(gguf.GGUFReader(str(path)))
-    with pytest.raises(ModelLoadError, match="'llama' is not supported yet"):
-        TextTokenizer.from_gguf_metadata(meta, source=str(path))
-
-
 # ---------------------------------------------------------------------- weights digest
 
 
