@@ -3,7 +3,7 @@
     ProofMeshNodeError
     ├── ConfigError          bad or unsupported model configuration (names the key)
     ├── ModelLoadError       missing files, unsupported tensor types, shapes that do not match
-    ├── ModelPullError       the default model could not be fetched or failed its checksum
+    ├── ModelPullError       a registry model could not be fetched or failed a checksum
     ├── CompileError         TVM could not build the library for the target
     ├── DeviceError          the requested device is not present on this machine
     ├── RuntimeFault         a broken invariant of the runtime or scheduler: the node's bug (HTTP 500)
