@@ -123,7 +123,7 @@ class TextTokenizer:
         """The chat template applied to ``messages`` (OpenAI-style dicts with role and content)."""
         if not self.chat_template:
             raise NoChatTemplateError(f"this model has no chat template (a base model: {self.source or 'unknown source'}); "
-                                      "send a raw prompt to /v1/completions instead")
+                                      "send it a raw prompt instead (/v1/completions, or proofmesh generate without --chat)")
         if self._compiled_template is None:
             self._compiled_template = _compile_template(self.chat_template)
         from jinja2 import TemplateError
