@@ -57,6 +57,11 @@ class LoadedModel:
         return self.device.description + ("/native" if self.weight_layout else "")
 
     @property
+    def weight_format(self) -> str:
+        """The checkpoint's stored weight types (``gguf:F32+Q4_K+Q6_K``): hashed into ``model_id``."""
+        return self.manifest.weight_dtype
+
+    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 

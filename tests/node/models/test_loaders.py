@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.errors import ConfigError, ModelLoadError, RequestError
+from node.errors import ConfigError, ModelLoadError, NoChatTemplateError, RequestError
 from node.models.llama.checkpoint import WeightsDigest, expected_weight_shapes
 from node.models.llama.load import load_checkpoint
 from node.models.llama.gguf_loader import permute_qk_rows, unpermute_qk_rows
@@ -314,27 +314,6 @@ def test_gguf_error_non_llama_architecture(tmp_path):
         load_checkpoint(g.path)
 
 
-def test_gguf_error_sentencepiece_vocab(tmp_path):
-    import gguf
-
-    path = tmp_path / "spm.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, val in [(w.add_block_count, 1), (w.add_embedding_length, 32), (w.add_feed_forward_length, 64),
-                     (w.add_head_count, 2), (w.add_head_count_kv, 2), (w.add_context_length, 64)]:
-        add(val)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    from node.models.llama.gguf_loader import read_metadata
-
-    meta = read_metadata(gguf.GGUFReader(str(path)))
-    with pytest.raises(ModelLoadError, match="'llama' is not supported yet"):
-        TextTokenizer.from_gguf_metadata(meta, source=str(path))
-
-
 # ---------------------------------------------------------------------- weights digest
 
 
@@ -503,7 +482,7 @@ def test_chat_template_errors(tmp_path, tok):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     bare = load_checkpoint(folder).tokenizer
     assert bare.chat_template is None
-    with pytest.raises(RequestError, match="no chat template"):
+    with pytest.raises(NoChatTemplateError, match="no chat template"):
         bare.render_chat(CHAT)
     (folder / "chat_template.jinja").write_text(
         "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}ok")
