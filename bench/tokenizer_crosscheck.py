@@ -28,7 +28,6 @@ import sys
 import types
 from pathlib import Path
 
-import gguf
 
 from compiled_models.registry import GEMMA_3_270M
 from node.models.llama.gguf_loader import read_metadata
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, default=pulled_path(GEMMA_3_270M), help="the pulled Gemma 3 270M GGUF")
     args = parser.parse_args(argv)
 
-    meta = {k: v for k, v in read_metadata(gguf.GGUFReader(str(args.gguf), "r")).items() if k.startswith("tokenizer.")}
+    meta = {k: v for k, v in read_metadata(args.gguf).items() if k.startswith("tokenizer.")}
     DATA.mkdir(parents=True, exist_ok=True)
     METADATA_FIXTURE.write_bytes(lzma.compress(json.dumps(meta, ensure_ascii=False).encode(), preset=9 | lzma.PRESET_EXTREME))
     print(f"wrote {METADATA_FIXTURE} ({METADATA_FIXTURE.stat().st_size:,} bytes; keys {sorted(meta)})")

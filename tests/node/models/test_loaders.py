@@ -249,6 +249,29 @@ def test_gguf_tokenizer_rebuild_matches_tokenizer_json(tmp_path):
     assert gg.fingerprint() == hf.fingerprint()  # same vocab, merges, rules: same tokenizer identity
 
 
+def test_gguf_file_reads_what_the_gguf_package_reads(tmp_path):
+    """Our one-pass reader against gguf's own GGUFReader (independent of us): every key, every
+    tensor's type, shape and bytes; a file cut anywhere in its header is refused, not misread."""
+    import gguf
+
+    from node.models.gguf_file import GGUFFile
+
+    g = make_tiny_gguf(tmp_path / "t.gguf", quant_types=("Q4_0", "Q8_0", "F16"))
+    ours, theirs = GGUFFile.open(g.path), gguf.GGUFReader(str(g.path))
+    assert ours.metadata == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert len(ours.tensors) == len(theirs.tensors)
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.type_name, mine.shape) == (t.tensor_type.name, tuple(int(d) for d in t.shape))
+        assert bytes(mine.data) == np.ascontiguousarray(t.data).tobytes()
+    data = g.path.read_bytes()
+    first_tensor = min(int(t.data_offset) for t in theirs.tensors)
+    for cut in (3, 20, 200, first_tensor - 40, len(data) - 1):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError):
+            GGUFFile.open(tmp_path / "cut.gguf")
+
+
 def test_gguf_error_names_every_unsupported_tensor_type(tmp_path):
     g = make_tiny_gguf(tmp_path / "t.gguf", raw_types={"blk.0.ffn_up.weight": "IQ4_NL", "blk.1.attn_v.weight": "TQ2_0"})
     with pytest.raises(ModelLoadError, match=r"2 tensor\(s\).*blk\.0\.ffn_up\.weight \(IQ4_NL\), blk\.1\.attn_v\.weight \(TQ2_0\); supported: .*Q4_K"):

@@ -133,6 +133,6 @@ def test_tiny_vocab_from_a_gguf_file(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tok = TextTokenizer.from_gguf_metadata(read_metadata(gguf.GGUFReader(str(path))), source=str(path))
+    tok = TextTokenizer.from_gguf_metadata(read_metadata(path), source=str(path))
     assert tok.encode_prompt("abc é") == [2, ID["a"], ID["bc"], ID["▁"], ID["<0xC3>"], ID["<0xA9>"]]
     assert tok.add_bos  # llama.cpp's default where the file does not say
