@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ def write_f16_copy(source: Path, target: Path) -> Path:
 
     if target.exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     reader = gguf.GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(target) + ".part", arch)
@@ -85,10 +84,14 @@ def llama_cpp_quantize(source: Path, target: Path, ftype: str) -> Path:
 def llama_cpp_measure(path: Path, tokens: int, threads: int) -> dict:
     """llama-cpp-python on the same file: its own process, the same prompt, batch-1 decode as a bare
     eval loop (bench_inference's), and its greedy continuation for the agreement column."""
-    from llama_cpp import Llama
+    import llama_cpp
 
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
     prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)[:16]
+
+    def last_logits() -> np.ndarray:  # (``llm.scores`` stays zero in 0.3.x unless every position's logits are kept)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
     best, greedy = 0.0, []
     for _ in range(3):
         llm.reset()
@@ -96,7 +99,7 @@ def llama_cpp_measure(path: Path, tokens: int, threads: int) -> dict:
         greedy = []
         t = time.perf_counter()
         for _ in range(tokens):
-            greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            greedy.append(int(np.argmax(last_logits())))
             llm.eval([greedy[-1]])
         best = max(best, tokens / (time.perf_counter() - t))
     return {"decode_tok_s_b1": best, "resident_mb": resident_mb(), "prompt": prompt, "greedy": greedy}
@@ -171,23 +174,25 @@ def main() -> None:
         files = [default, f16] + [llama_cpp_quantize(f16, f16.with_name(f16.name.replace("F16", kind)), kind)
                                   for kind in args.llama_cpp_quantize.split(",") if kind]
     results: dict = {"threads": args.threads, "tokens": args.tokens, "cpu": _cpu(), "files": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in files:
-            row = {"file_mb": path.stat().st_size / 2**20}
-            for backend in ("native", "fp32", "llama_cpp"):
-                home = Path(tmp) / f"{path.stem}-{backend}"
-                print(f"{path.name}: {backend} ...", file=sys.stderr, flush=True)
-                row[backend] = run_child(path, backend, args.tokens, args.threads, home)
-                shutil.rmtree(home, ignore_errors=True)
-            native, llama = row["native"], row["llama_cpp"]
-            row["resident_native_over_fp32"] = native["resident_mb"] / row["fp32"]["resident_mb"]
-            row["decode_native_over_fp32"] = native["decode_tok_s_b1"] / row["fp32"]["decode_tok_s_b1"]
-            row["native_fp32_greedy_agree"] = agreement(native["greedy"], row["fp32"]["greedy"])
-            if "greedy" in llama:
-                row["decode_native_over_llama_cpp"] = native["decode_tok_s_b1"] / llama["decode_tok_s_b1"]
-                row["native_llama_cpp_greedy_agree"] = agreement(native["greedy"], llama["greedy"])
-                row["same_prompt_ids"] = native["prompt"] == llama["prompt"]
-            results["files"][path.name] = row
+    home = RESULTS / "work" / "store"  # compiled and prepared once (a node's warm start), kept between runs
+    for path in files:
+        row = {"file_mb": path.stat().st_size / 2**20}
+        for weights in ("native", "fp32"):
+            print(f"{path.name}: compiling and preparing ({weights}) ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "node.cli", "compile", str(path), "--device", "cpu", "--weights", weights],
+                           check=True, capture_output=True, env={**os.environ, "PROOFMESH_HOME": str(home)})
+        for backend in ("native", "fp32", "llama_cpp"):
+            print(f"{path.name}: {backend} ...", file=sys.stderr, flush=True)
+            row[backend] = run_child(path, backend, args.tokens, args.threads, home)
+        native, llama = row["native"], row["llama_cpp"]
+        row["resident_native_over_fp32"] = native["resident_mb"] / row["fp32"]["resident_mb"]
+        row["decode_native_over_fp32"] = native["decode_tok_s_b1"] / row["fp32"]["decode_tok_s_b1"]
+        row["native_fp32_greedy_agree"] = agreement(native["greedy"], row["fp32"]["greedy"])
+        if "greedy" in llama:
+            row["decode_native_over_llama_cpp"] = native["decode_tok_s_b1"] / llama["decode_tok_s_b1"]
+            row["native_llama_cpp_greedy_agree"] = agreement(native["greedy"], llama["greedy"])
+            row["same_prompt_ids"] = native["prompt"] == llama["prompt"]
+        results["files"][path.name] = row
     print(f"\n{args.threads} threads, {args.tokens} decode tokens at batch 1; {results['cpu']}")
     print(f"{'file':<40}{'MiB':>7}{'backend':>10}{'RSS MiB':>9}{'weights':>9}{'tok/s':>8}")
     for name, row in results["files"].items():
