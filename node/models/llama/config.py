@@ -8,7 +8,7 @@ that different ``transformers`` versions write and raises ``ConfigError`` naming
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from node.errors import ConfigError
 
@@ -32,12 +32,14 @@ class LlamaConfig:
     attention_bias: bool = False  # Qwen2 carries a bias on q/k/v projections
     max_position_embeddings: int = 2048
     model_type: str = "llama"
+    # The model types this class describes; a subclass (Qwen3Config) names its own.
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = SUPPORTED_MODEL_TYPES
 
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in self.MODEL_TYPES:
             raise ConfigError(
                 f"unsupported architecture model_type={self.model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"supported: {', '.join(self.MODEL_TYPES)}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(

@@ -1,15 +1,18 @@
-"""Load a llama.cpp GGUF file (``general.architecture == "llama"``) into a ``Checkpoint``.
+"""Load a llama.cpp GGUF file of any registered architecture into a ``Checkpoint``.
 
 Read with ``gguf.GGUFReader`` (a memory map; format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
-The config comes from the ``llama.*`` metadata, the tokenizer from ``tokenizer.ggml.*`` (see
-``node.models.tokenizer``). Q4_0/Q4_1/Q8_0 matrices stay in their blocks (``QuantizedTensor``, for the
+``general.architecture`` picks the entry of ``node.models.architectures`` before any tensor's data is
+read (``llama``, ``qwen2``, ``qwen3``, ``gemma3``; anything else is refused). The config comes from the
+``{arch}.*`` metadata, tensor names from the entry's name map, the tokenizer from ``tokenizer.ggml.*``
+(see ``node.models.tokenizer``). Q4_0/Q4_1/Q8_0 matrices stay in their blocks (``QuantizedTensor``, for the
 native kernels); every other tensor is read as float32 with ``gguf.quants.dequantize``.
 
 Two layout facts of llama.cpp's converter (``convert_hf_to_gguf.py``) are undone here:
 
 * GGUF lists dimensions fastest first (``ne``); ``GGUFReader`` already exposes the data in numpy
   (row-major) order, ``[out_features, in_features]`` for a matrix, which is the HF layout.
-* The rows of ``attn_q`` (with ``n_head``) and ``attn_k`` (with ``n_head_kv``) are permuted from
+* For ``llama`` only (``LlamaModel``; Qwen2/Qwen3/Gemma 3 keep HF's rows for NEOX RoPE), the rows of
+  ``attn_q`` (with ``n_head``) and ``attn_k`` (with ``n_head_kv``) are permuted from
   HF's rotate-half RoPE layout to GGML's interleaved one:
   ``w.reshape(n, 2, hd // 2, *rest).swapaxes(1, 2)``. ``unpermute_qk_rows`` is its inverse, as
   ``transformers``' ``_reverse_permute_weights``: ``w.reshape(n, hd // 2, 2, *rest).swapaxes(1, 2)``.
@@ -17,50 +20,25 @@ Two layout facts of llama.cpp's converter (``convert_hf_to_gguf.py``) are undone
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from node.errors import ConfigError, ModelLoadError
+from node.errors import ModelLoadError
+from node.models import architectures
+from node.models.checkpoint import Checkpoint, WeightsDigest, check_weights
 from node.models.tokenizer import TextTokenizer
 
 from node.models.quant.blocks import FORMATS, QuantizedTensor
 
-from .checkpoint import Checkpoint, WeightsDigest, check_weights
-from .config import LlamaConfig
+from .gguf_names import config_from_metadata, gguf_to_hf_name
 
-# Stored types we dequantize; the block formats are those of ggml-common.h.
-SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-
-
-def gguf_to_hf_name(name: str) -> str | None:
-    """The HF tensor name of a GGUF llama tensor, or None when it has none."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _BLOCK_RE.match(name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
+# Stored types we dequantize; the block formats are those of ggml-common.h. The K-quants and
+# Q5_0/Q5_1 (gemma-3-270m's Q4_K_M file mixes Q4_K, Q6_K, Q5_0, Q8_0) come in as float32 through
+# gguf.quants.dequantize until native kernels read them.
+SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+                        "Q5_K", "Q6_K")
 
 
 def permute_qk_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -85,57 +63,6 @@ def read_metadata(reader: Any) -> dict[str, Any]:
     return out
 
 
-def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], source: str) -> LlamaConfig:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{source}: unsupported GGUF architecture {arch!r} (key 'general.architecture'); "
-                          "supported: 'llama'")
-
-    def need(key: str) -> Any:
-        if key not in meta:
-            raise ConfigError(f"{source}: GGUF metadata is missing required key {key!r}")
-        return meta[key]
-
-    hidden = int(need("llama.embedding_length"))
-    heads = int(need("llama.attention.head_count"))
-    kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
-    head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
-    rot_dim = int(meta.get("llama.rope.dimension_count", head_dim))
-    if rot_dim != head_dim:
-        raise ConfigError(f"{source}: partial rotary embedding (llama.rope.dimension_count={rot_dim}, "
-                          f"head_dim={head_dim}) is not supported")
-    if int(meta.get("llama.attention.value_length", head_dim)) != head_dim:
-        raise ConfigError(f"{source}: llama.attention.value_length differs from key_length; not supported")
-    scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
-        raise ConfigError(f"{source}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported yet; "
-                          "load the Hugging Face checkpoint instead")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens else int(need("llama.vocab_size"))
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(need("llama.feed_forward_length")),
-        num_hidden_layers=int(need("llama.block_count")),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=_f32_value(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=_f32_value(meta.get("llama.rope.freq_base", 10000.0)),
-        rope_scaling=None,
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
-        max_position_embeddings=int(meta.get("llama.context_length", 2048)),
-        model_type="llama",
-    )
-
-
-def _f32_value(x: Any) -> float:
-    """GGUF stores these as float32: take the shortest decimal that is the same float32 (1e-05, not
-    9.999999747378752e-06), so the config reads as the model card's and matches the HF config.json."""
-    return float(str(np.float32(x)))
-
-
 def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
     import gguf
     from gguf.quants import dequantize
@@ -149,8 +76,9 @@ def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
         raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
     source = str(path)
     meta = read_metadata(reader)
+    arch = architectures.of_gguf(meta, source)  # refuses an unknown architecture before any tensor data
     tensors = {t.name: t for t in reader.tensors}
-    config = config_from_metadata(meta, set(tensors), source)
+    config = arch.config_from_gguf(meta, set(tensors), source)
 
     digest = WeightsDigest(len(tensors))
     weights: dict[str, np.ndarray] = {}
@@ -163,9 +91,9 @@ def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
         if raw.nbytes != int(t.n_bytes):
             raise ModelLoadError(f"{source}: tensor {name!r} has {raw.nbytes} bytes, header says {t.n_bytes}")
         digest.add(name, type_name, [int(d) for d in t.shape], memoryview(raw.view(np.uint8).reshape(-1)))
-        hf_name = gguf_to_hf_name(name)
+        hf_name = gguf_to_hf_name(name, arch.gguf_block_names)
         if hf_name is None:
-            raise ModelLoadError(f"{source}: unexpected GGUF tensor {name!r} for the llama architecture")
+            raise ModelLoadError(f"{source}: unexpected GGUF tensor {name!r} for the {arch.model_type} architecture")
         if type_name not in SUPPORTED_GGML_TYPES:
             raise ModelLoadError(f"{source}: tensor {name!r} has GGML type {type_name}, which is not supported "
                                  f"(supported: {', '.join(SUPPORTED_GGML_TYPES)})")
@@ -175,12 +103,12 @@ def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
             w = QuantizedTensor(type_name, (shape[0], shape[1]), np.ascontiguousarray(t.data).reshape(shape[0], -1))
         else:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        if ".attn_q." in name or ".attn_k." in name:
+        if arch.gguf_qk_permuted and (".attn_q." in name or ".attn_k." in name):
             heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
             w = w.with_rows(unpermute_qk_rows(w.blocks, heads)) if isinstance(w, QuantizedTensor) else unpermute_qk_rows(w, heads)
         weights[hf_name] = w if isinstance(w, QuantizedTensor) else np.ascontiguousarray(w, dtype=np.float32)
 
-    check_weights(config, weights, source)
+    check_weights(arch.expected_weight_shapes(config), weights, source)
     tokenizer = TextTokenizer.from_gguf_metadata(meta, source=source)
     if tokenizer.vocab_size != config.vocab_size:
         raise ModelLoadError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")

@@ -1,0 +1,122 @@
+"""Gemma 3's tensors and how each source stores them (after MLC-LLM's ``gemma3_loader.py``).
+
+Names are transformers' ``Gemma3ForCausalLM`` ones. Every norm (``input_layernorm``,
+``post_attention_layernorm``, ``pre_feedforward_layernorm``, ``post_feedforward_layernorm``, the
+per-head ``self_attn.q_norm`` / ``k_norm`` and the final ``model.norm``) computes
+``x / rms(x) * (1 + w)`` (``Gemma3RMSNorm``). llama.cpp's converter (``Gemma3Model.norm_shift``)
+stores ``1 + w`` in the GGUF file; a ``Checkpoint`` holds that same multiplier from both sources,
+so the HF loader adds the 1 (``hf_weight_value``) and the model and the reference multiply by the
+weight as it is. In float32, ``1 + w`` is what transformers computes too (``1.0 + weight.float()``).
+
+GGUF metadata (``gemma3.*``) gives sizes, eps, the global RoPE base and the sliding window; the rest
+is what llama.cpp's ``llama-model.cpp`` fixes for ``LLM_ARCH_GEMMA3``: every 6th layer global, local
+RoPE base 10000, attention scale ``1/sqrt(key_length)`` except for the 62-layer 27B, whose
+``query_pre_attn_scalar`` is ``hidden / heads``. The q/k rows are not permuted (NEOX RoPE).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from node.errors import ConfigError
+from node.models.llama.gguf_names import GGUFMetadata, f32_value
+
+from .config import DEFAULT_SLIDING_PATTERN, GLOBAL, SLIDING, Gemma3Config
+
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+GGUF_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+LLAMA_CPP_SWA_ROPE_BASE = 10_000.0  # llama-model.cpp: rope_freq_base_train_swa for gemma3
+LLAMA_CPP_27B_LAYERS = 62  # llama-model.cpp: the one size whose attention scale is hidden / heads
+
+
+def expected_weight_shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
+    h, hd = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.self_attn.q_proj.weight"] = (q, h)
+        shapes[f"{p}.self_attn.k_proj.weight"] = (kv, h)
+        shapes[f"{p}.self_attn.v_proj.weight"] = (kv, h)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (h, q)
+        shapes[f"{p}.self_attn.q_norm.weight"] = (hd,)
+        shapes[f"{p}.self_attn.k_norm.weight"] = (hd,)
+        shapes[f"{p}.mlp.gate_proj.weight"] = (cfg.intermediate_size, h)
+        shapes[f"{p}.mlp.up_proj.weight"] = (cfg.intermediate_size, h)
+        shapes[f"{p}.mlp.down_proj.weight"] = (h, cfg.intermediate_size)
+        for norm in NORMS:
+            shapes[f"{p}.{norm}.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")  # the converter's own test (Gemma3Model.norm_shift)
+
+
+def hf_weight_value(name: str, w: np.ndarray) -> np.ndarray:
+    """The value a Checkpoint holds for HF tensor ``name``: norms as their multiplier ``1 + w``."""
+    return np.ascontiguousarray(w + np.float32(1.0), dtype=np.float32) if is_norm(name) else w
+
+
+def hf_stored_value(name: str, w: np.ndarray) -> np.ndarray:
+    """Inverse of ``hf_weight_value`` (exact for multipliers >= 0.5, where ``m - 1`` is representable)."""
+    return np.ascontiguousarray(w - np.float32(1.0), dtype=np.float32) if is_norm(name) else w
+
+
+def config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> Gemma3Config:
+    m = GGUFMetadata(meta, source)
+    if m.has("attention.sliding_window_pattern"):
+        raise ConfigError(f"{source}: {m.key('attention.sliding_window_pattern')} is not supported "
+                          "(llama.cpp fixes Gemma 3's pattern at 6 and ignores the key)")
+    if m.get("attn_logit_softcapping", None) is not None:
+        raise ConfigError(f"{source}: {m.key('attn_logit_softcapping')} is not supported")
+    scaling = m.get("rope.scaling.type", "none")
+    if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
+        raise ConfigError(f"{source}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported for Gemma 3")
+    hidden = int(m.need("embedding_length"))
+    heads = int(m.need("attention.head_count"))
+    head_dim = int(m.get("attention.key_length", 256))
+    if int(m.get("attention.value_length", head_dim)) != head_dim:
+        raise ConfigError(f"{source}: {m.key('attention.value_length')} differs from key_length; not supported")
+    n_layers = int(m.need("block_count"))
+    softcap = m.get("final_logit_softcapping", None)
+    return Gemma3Config(
+        vocab_size=m.vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=int(m.need("feed_forward_length")),
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(m.get("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        layer_types=tuple(GLOBAL if (i + 1) % DEFAULT_SLIDING_PATTERN == 0 else SLIDING for i in range(n_layers)),
+        sliding_window=int(m.need("attention.sliding_window")),
+        query_pre_attn_scalar=float(hidden // heads if n_layers == LLAMA_CPP_27B_LAYERS else head_dim),
+        rms_norm_eps=f32_value(m.get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=f32_value(m.get("rope.freq_base", 1_000_000.0)),
+        rope_local_base_freq=LLAMA_CPP_SWA_ROPE_BASE,
+        final_logit_softcapping=None if softcap is None else f32_value(softcap),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        max_position_embeddings=int(m.get("context_length", 32768)),
+    )
+
+
+__all__ = ["GGUF_BLOCK_NAMES", "config_from_gguf", "expected_weight_shapes", "hf_stored_value", "hf_weight_value"]
