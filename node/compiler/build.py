@@ -106,8 +106,9 @@ def export_ir(cfg, target: Target, layout: WeightLayout | None = None):
     """The architecture's module (``node.models.architectures``) exported with its spec."""
     model = architectures.of_config(cfg).model_class()(cfg, target, layout)
     mod, named_params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
-    if target.kind.name == "llvm":  # the model's RoPE mode is NORMAL, as the fast kernels need
-        mod = use_fast_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim)
+    if target.kind.name == "llvm":  # RoPE before attention (NORMAL, or the model's own), as the fast kernels need
+        mod = use_fast_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim,
+                                     sliding_window_size=architectures.of_config(cfg).sliding_window(cfg) or 0)
         mod = use_fast_cpu_rope(mod, cfg)
     return mod, named_params
 

@@ -45,9 +45,10 @@ class Architecture:
     reference: type  # numpy float64 forward: .from_checkpoint(ckpt).logits(ids)
     hf_weight_value: Callable[[str, np.ndarray], np.ndarray] = lambda name, w: w  # HF tensor -> Checkpoint value
     hf_stored_value: Callable[[str, np.ndarray], np.ndarray] = lambda name, w: w  # its inverse, for writing HF folders
-    # The longest prefill chunk the compiled attention computes exactly (None: any): Gemma 3's
-    # in-chunk attention is not windowed, so a chunk must fit in its sliding window.
-    max_prefill_chunk: Callable[[Any], int | None] = lambda config: None
+    # The window of the sliding-window layers, None without any: the CPU build swaps in our sliding
+    # kernels for it, and the runtime keeps prefill chunks within it (the cache's in-chunk attention
+    # is causal but not windowed).
+    sliding_window: Callable[[Any], int | None] = lambda config: None
 
     def model_class(self) -> type:
         """The ``tvm.relax.frontend.nn`` module (imported here, so loading needs no TVM)."""
@@ -125,7 +126,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             reference=NumpyGemma3,
             hf_weight_value=gemma3_loader.hf_weight_value,
             hf_stored_value=gemma3_loader.hf_stored_value,
-            max_prefill_chunk=lambda config: config.sliding_window,
+            sliding_window=lambda config: config.sliding_window,
         ),
     )
 }

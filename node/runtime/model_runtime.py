@@ -49,10 +49,10 @@ class ModelRuntime:
         device: DeviceTarget,
         limits: CacheLimits = CacheLimits(),
     ):
-        longest_chunk = architectures.of_config(cfg).max_prefill_chunk(cfg)
-        if longest_chunk is not None and limits.prefill_chunk > longest_chunk:
+        window = architectures.of_config(cfg).sliding_window(cfg)
+        if window is not None and limits.prefill_chunk > window:  # the in-chunk attention is not windowed
             raise ConfigError(f"prefill chunks of {limits.prefill_chunk} tokens are longer than {cfg.model_type}'s "
-                              f"sliding window ({longest_chunk}), inside which a chunk's attention is computed")
+                              f"sliding window ({window}); a chunk must fit in it")
         self.cfg = cfg
         self.device = device
         self.limits = limits
