@@ -257,7 +257,8 @@ def make_tiny_gguf(
     seed: int = 0, rope_theta: float = 10000.0, add_bos: bool = False, arch: str = "llama",
     raw_types: dict[str, str] | None = None, chat_template: str | None = CHATML_TEMPLATE,
 ) -> TinyGGUF:
-    """Write a llama GGUF as llama.cpp's converter would; 2-D tensors take ``quant_types`` round-robin.
+    """Write a Llama-family GGUF as llama.cpp's converter would; 2-D tensors take ``quant_types``
+    round-robin. q/k rows are permuted for ``arch="llama"`` (LlamaModel), not for ``"qwen2"`` (Qwen2Model).
 
     A quantized type whose block does not divide the row length falls back to F16 (if listed) or F32;
     norms stay F32. ``raw_types`` writes the named GGUF tensors as random bytes of another GGML type
@@ -306,9 +307,9 @@ def make_tiny_gguf(
             if tname not in ("F32", "F16") and x.shape[1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tname]][0]:
                 tname = "F16" if "F16" in quant_types else "F32"
         stored = x
-        if gname.endswith("attn_q.weight"):
+        if arch in ("llama", "mistral") and gname.endswith("attn_q.weight"):  # LlamaModel's converter only
             stored = llama_cpp_permute(x, heads)
-        elif gname.endswith("attn_k.weight"):
+        elif arch in ("llama", "mistral") and gname.endswith("attn_k.weight"):
             stored = llama_cpp_permute(x, kv_heads)
         expected[name] = _add_gguf_tensor(w, gname, stored, tname, unpermuted=x)
         stored_types[gname] = tname
@@ -369,10 +370,10 @@ def tiny_qwen3_config(*, vocab: int = DEFAULT_VOCAB) -> Qwen3Config:
 TINY_GEMMA3_WINDOW = 24  # shorter than the tests' sequences, not a multiple of the 16-token KV page
 
 
-def tiny_gemma3_config(*, vocab: int = DEFAULT_VOCAB, final_logit_softcapping: float | None = 5.0) -> Gemma3Config:
+def tiny_gemma3_config(*, vocab: int = DEFAULT_VOCAB, final_logit_softcapping: float | None = 30.0) -> Gemma3Config:
     """Six layers so that the sixth is global as in llama.cpp's fixed pattern (GGUF has no layer list);
     query_pre_attn_scalar = head_dim because a GGUF file cannot say otherwise below 62 layers; a soft
-    cap low enough to bend the tiny model's logits."""
+    cap that bends the tiny model's logits (up to ~25) without flattening them."""
     n_layers = 6
     return Gemma3Config(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,

@@ -141,9 +141,10 @@ class NumpyLlama:
             x = self._layer(x, i, positions)
         return self._rms_norm(x, self.w["model.norm.weight"])  # (T, C)
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits at every position, (T, vocab)."""
-        return self._head(self.hidden_states(token_ids))
+    def logits(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
+        """Logits at positions ``from_position..`` of a causal pass over ``token_ids``, (T - from, vocab):
+        a large vocabulary's head is paid only for the rows asked for."""
+        return self._head(self.hidden_states(token_ids)[from_position:])
 
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Iterable[int] = ()) -> list[int]:
         """Greedy continuation (argmax, lowest id on ties); stops after an EOS id, which is included."""
