@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from node.errors import ModelLoadError
-from node.models.quant.blocks import QuantizedTensor
+from node.models.quant.blocks import FORMATS, QuantizedTensor
 from node.models.tokenizer import TextTokenizer
 
 DIGEST_VERSION = b"proofmesh-weights-v1"
@@ -71,6 +71,21 @@ def check_weights(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str,
                              + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""))
 
 
+def keeps_stored_form(type_name: str, shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether a tensor stays in its stored form (``QuantizedTensor``): a matrix of a block or
+    16-bit type whose rows hold whole blocks. Anything else is read as float32."""
+    fmt = FORMATS.get(type_name)
+    return fmt is not None and len(shape) == 2 and shape[1] % fmt.block_values == 0
+
+
+def check_finite(name: str, type_name: str, w: np.ndarray | QuantizedTensor, source: str) -> None:
+    """Refuse a weight with NaN or infinite values (or block scales): served, it would answer NaN."""
+    bad = w.non_finite() if isinstance(w, QuantizedTensor) else int(np.count_nonzero(~np.isfinite(w)))
+    if bad:
+        what = "scales" if isinstance(w, QuantizedTensor) and w.format.kind != "float" else "values"
+        raise ModelLoadError(f"{source}: tensor {name!r} ({type_name}) has {bad} non-finite {what}; the file is damaged")
+
+
 class WeightsDigest:
     """Incremental form of the digest in the module docstring; feed tensors in name order."""
 
@@ -99,4 +114,4 @@ class WeightsDigest:
         return self._h.hexdigest()
 
 
-__all__ = ["Checkpoint", "WeightsDigest", "check_weights"]
+__all__ = ["Checkpoint", "WeightsDigest", "check_finite", "check_weights", "keeps_stored_form"]

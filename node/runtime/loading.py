@@ -79,7 +79,7 @@ class LoadedModel:
 
     @property
     def max_context(self) -> int:
-        return min(self.config.max_position_embeddings, self.runtime.limits.max_total_tokens)
+        return min(self.config.context_limit, self.runtime.limits.max_total_tokens)
 
 
 def manifest_of(ckpt: Checkpoint) -> ModelManifest:

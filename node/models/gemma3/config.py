@@ -80,6 +80,11 @@ class Gemma3Config:
         return tuple(kind == SLIDING for kind in self.layer_types)
 
     @property
+    def context_limit(self) -> int:
+        """The longest context computed exactly: all of it (the sliding layers window it themselves)."""
+        return self.max_position_embeddings
+
+    @property
     def rope_scaling_dict(self) -> None:
         """No RoPE scaling (refused at load): what the shared RoPE kernel swap asks of a config."""
         return None

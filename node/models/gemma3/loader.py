@@ -41,6 +41,13 @@ GGUF_BLOCK_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# ``gemma3.*`` keys implemented; any other one (a sliding-window pattern, attention soft-capping,
+# ...) changes the computation in llama.cpp's reading and is refused by name.
+IMPLEMENTED_KEYS = frozenset({
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "attention.key_length", "attention.value_length",
+    "attention.sliding_window", "rope.freq_base", "rope.scaling.type", "final_logit_softcapping", "vocab_size",
+})
 LLAMA_CPP_SWA_ROPE_BASE = 10_000.0  # llama-model.cpp: rope_freq_base_train_swa for gemma3
 LLAMA_CPP_27B_LAYERS = 62  # llama-model.cpp: the one size whose attention scale is hidden / heads
 
@@ -84,11 +91,7 @@ def hf_stored_value(name: str, w: np.ndarray) -> np.ndarray:
 
 def config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> Gemma3Config:
     m = GGUFMetadata(meta, source)
-    if m.has("attention.sliding_window_pattern"):
-        raise ConfigError(f"{source}: {m.key('attention.sliding_window_pattern')} is not supported "
-                          "(llama.cpp fixes Gemma 3's pattern at 6 and ignores the key)")
-    if m.get("attn_logit_softcapping", None) is not None:
-        raise ConfigError(f"{source}: {m.key('attn_logit_softcapping')} is not supported")
+    m.refuse_unknown_keys(IMPLEMENTED_KEYS)  # a sliding_window_pattern too: llama.cpp fixes it at 6
     scaling = m.get("rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
         raise ConfigError(f"{source}: GGUF rope scaling ({scaling!r}, rope_freqs) is not supported for Gemma 3")

@@ -1,14 +1,15 @@
 """The tensors a Llama-family checkpoint holds, by Hugging Face name and shape.
 
-``Checkpoint`` and ``WeightsDigest`` are shared by every architecture and live in
-``node.models.checkpoint``; they are named here too for the modules that always found them here.
+``Checkpoint``, ``WeightsDigest``, ``keeps_stored_form`` and ``check_finite`` are shared by every
+architecture and live in ``node.models.checkpoint``; they are named here too for the modules that
+always found them here.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from node.models.checkpoint import Checkpoint, WeightsDigest
+from node.models.checkpoint import Checkpoint, WeightsDigest, check_finite, keeps_stored_form
 from node.models.checkpoint import check_weights as check_expected_weights
 from node.models.quant.blocks import QuantizedTensor
 
@@ -49,6 +50,8 @@ def check_weights(cfg: LlamaConfig, weights: dict[str, np.ndarray | QuantizedTen
 __all__ = [
     "Checkpoint",
     "WeightsDigest",
+    "check_finite",
     "check_weights",
     "expected_weight_shapes",
+    "keeps_stored_form",
 ]

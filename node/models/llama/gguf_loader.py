@@ -1,11 +1,16 @@
 """Load a llama.cpp GGUF file of any registered architecture into a ``Checkpoint``.
 
 Read with ``gguf.GGUFReader`` (a memory map; format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
-``general.architecture`` picks the entry of ``node.models.architectures`` before any tensor's data is
-read (``llama``, ``qwen2``, ``qwen3``, ``gemma3``; anything else is refused). The config comes from the
-``{arch}.*`` metadata, tensor names from the entry's name map, the tokenizer from ``tokenizer.ggml.*``
-(see ``node.models.tokenizer``). Q4_0/Q4_1/Q8_0 matrices stay in their blocks (``QuantizedTensor``, for the
+``general.architecture`` picks the entry of ``node.models.architectures`` (``llama``, ``qwen2``,
+``qwen3``, ``gemma3``; anything else is refused). The config comes from the ``{arch}.*`` metadata,
+tensor names from the entry's name map, the tokenizer from ``tokenizer.ggml.*`` (see
+``node.models.tokenizer``). Matrices of every type in ``node.models.quant.blocks.FORMATS`` (the
+legacy and K-quant blocks, F16, BF16) stay in their stored form (``QuantizedTensor``, for the
 native kernels); every other tensor is read as float32 with ``gguf.quants.dequantize``.
+
+Everything that can refuse a file is decided from its header before any tensor or the
+vocabulary is read: the architecture, every ``{arch}.*`` key (each one is implemented or refused
+by name: ``gguf_names.IMPLEMENTED_KEYS`` for the Llama family) and every tensor's type (all the unsupported ones named at once).
 
 Two layout facts of llama.cpp's converter (``convert_hf_to_gguf.py``) are undone here:
 
@@ -27,18 +32,15 @@ import numpy as np
 
 from node.errors import ModelLoadError
 from node.models import architectures
-from node.models.checkpoint import Checkpoint, WeightsDigest, check_weights
+from node.models.checkpoint import Checkpoint, WeightsDigest, check_finite, check_weights, keeps_stored_form
 from node.models.tokenizer import TextTokenizer
 
 from node.models.quant.blocks import FORMATS, QuantizedTensor
 
-from .gguf_names import config_from_metadata, gguf_to_hf_name
+from .gguf_names import IMPLEMENTED_KEYS, config_from_metadata, gguf_to_hf_name
 
-# Stored types we dequantize; the block formats are those of ggml-common.h. The K-quants and
-# Q5_0/Q5_1 (gemma-3-270m's Q4_K_M file mixes Q4_K, Q6_K, Q5_0, Q8_0) come in as float32 through
-# gguf.quants.dequantize until native kernels read them.
-SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
-                        "Q5_K", "Q6_K")
+# Stored types we compute with; the block formats are those of ggml-common.h.
+SUPPORTED_GGML_TYPES = ("F32", *FORMATS)
 
 
 def permute_qk_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -61,6 +63,30 @@ def read_metadata(reader: Any) -> dict[str, Any]:
             continue
         out[key] = field.contents()
     return out
+
+
+def header_metadata(reader: Any) -> dict[str, Any]:
+    """The metadata without the tokenizer's arrays (reading Gemma's 262,144 tokens and scores field
+    by field takes seconds): enough to refuse a file, with the vocabulary's size kept."""
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if key.startswith("tokenizer.ggml.") and len(field.data) > 1:
+            if key == "tokenizer.ggml.tokens":
+                out["tokenizer.ggml.token_count"] = len(field.data)
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def check_tensor_types(tensors: dict[str, Any], source: str) -> None:
+    """Refuse a file holding any tensor type we cannot compute, naming every one (up to 8)."""
+    bad = [(name, t.tensor_type.name) for name, t in sorted(tensors.items()) if t.tensor_type.name not in SUPPORTED_GGML_TYPES]
+    if bad:
+        listed = ", ".join(f"{name} ({kind})" for name, kind in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ModelLoadError(f"{source}: {len(bad)} tensor(s) have GGML types this node cannot compute: {listed}; "
+                             f"supported: {', '.join(SUPPORTED_GGML_TYPES)}")
 
 
 class GGUFWeights(NamedTuple):
@@ -103,10 +129,12 @@ def read_gguf_weights(path: str | Path) -> GGUFWeights:
     except Exception as exc:  # the reader raises ValueError/struct errors on garbage
         raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
     source = str(path)
-    meta = read_metadata(reader)
-    arch = architectures.of_gguf(meta, source)  # refuses an unknown architecture before any tensor data
+    header = header_metadata(reader)
+    arch = architectures.of_gguf(header, source)  # refused from the header, before any tensor or the vocabulary
     tensors = {t.name: t for t in reader.tensors}
-    config = arch.config_from_gguf(meta, set(tensors), source)
+    config = arch.config_from_gguf(header, set(tensors), source)
+    check_tensor_types(tensors, source)
+    meta = read_metadata(reader)
 
     digest = WeightsDigest(len(tensors))
     weights: dict[str, np.ndarray] = {}
@@ -122,15 +150,13 @@ def read_gguf_weights(path: str | Path) -> GGUFWeights:
         hf_name = gguf_to_hf_name(name, arch.gguf_block_names)
         if hf_name is None:
             raise ModelLoadError(f"{source}: unexpected GGUF tensor {name!r} for the {arch.model_type} architecture")
-        if type_name not in SUPPORTED_GGML_TYPES:
-            raise ModelLoadError(f"{source}: tensor {name!r} has GGML type {type_name}, which is not supported "
-                                 f"(supported: {', '.join(SUPPORTED_GGML_TYPES)})")
         # GGUF shape is ne order (fastest first); numpy order is its reverse.
         shape = [int(d) for d in reversed(t.shape)]
-        if type_name in FORMATS and len(shape) == 2:  # kept as blocks; rows are [out_features]
-            w = QuantizedTensor(type_name, (shape[0], shape[1]), np.ascontiguousarray(t.data).reshape(shape[0], -1))
+        if keeps_stored_form(type_name, shape):  # rows are [out_features]
+            w = QuantizedTensor(type_name, (shape[0], shape[1]), raw.view(np.uint8).reshape(shape[0], -1))
         else:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        check_finite(name, type_name, w, source)
         if arch.gguf_qk_permuted and (".attn_q." in name or ".attn_k." in name):
             heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
             w = w.with_rows(unpermute_qk_rows(w.blocks, heads)) if isinstance(w, QuantizedTensor) else unpermute_qk_rows(w, heads)
@@ -141,8 +167,11 @@ def read_gguf_weights(path: str | Path) -> GGUFWeights:
 
 
 __all__ = [
+    "IMPLEMENTED_KEYS",
     "SUPPORTED_GGML_TYPES",
+    "check_tensor_types",
     "config_from_metadata",
+    "header_metadata",
     "gguf_to_hf_name",
     "GGUFWeights",
     "load_gguf_checkpoint",

@@ -35,6 +35,14 @@ BLOCK_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# ``{arch}.*`` keys the Llama-family model implements; any other one changes the computation in
+# llama.cpp's reading of the file (soft-capping, embedding scales, experts, ALiBi, ...) and is refused.
+IMPLEMENTED_KEYS = frozenset({
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+    "attention.key_length", "attention.value_length", "attention.sliding_window",
+    "rope.dimension_count", "rope.freq_base", "rope.scaling.type", "expert_count", "expert_used_count",
+})
 
 
 def gguf_to_hf_name(name: str, block_names: Mapping[str, str] = BLOCK_NAMES,
@@ -76,14 +84,28 @@ class GGUFMetadata:
         return self.meta.get(self.key(name), default)
 
     def vocab_size(self) -> int:
-        tokens = self.meta.get("tokenizer.ggml.tokens")
-        return len(tokens) if tokens else int(self.need("vocab_size"))
+        """The vocabulary's size: ``header_metadata`` counts the tokens without reading them."""
+        tokens = self.meta.get("tokenizer.ggml.token_count") or len(self.meta.get("tokenizer.ggml.tokens") or [])
+        return tokens or int(self.need("vocab_size"))
+
+    def refuse_unknown_keys(self, implemented: frozenset[str]) -> None:
+        """Raise ``ConfigError`` naming the first ``{arch}.*`` key the model does not implement."""
+        prefix = f"{self.arch}."
+        unknown = sorted(k for k in self.meta if k.startswith(prefix) and k.removeprefix(prefix) not in implemented)
+        if unknown:
+            raise ConfigError(f"{self.source}: GGUF key {unknown[0]!r} (= {self.meta[unknown[0]]!r}) changes the "
+                              "computation and is not supported"
+                              + (f" (nor {', '.join(unknown[1:4])})" if len(unknown) > 1 else ""))
 
 
 def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], source: str,
                          config_class: type[LlamaConfig] = LlamaConfig, model_type: str = "llama") -> LlamaConfig:
     """A Llama-family config from the ``{general.architecture}.*`` keys."""
     m = GGUFMetadata(meta, source)
+    m.refuse_unknown_keys(IMPLEMENTED_KEYS)
+    if int(m.get("expert_count", 0) or 0):
+        raise ConfigError(f"{source}: mixture-of-experts models ({m.key('expert_count')}={m.get('expert_count', 0)}) "
+                          "are not supported")
     hidden = int(m.need("embedding_length"))
     heads = int(m.need("attention.head_count"))
     kv_heads = int(m.get("attention.head_count_kv", heads))
@@ -113,7 +135,8 @@ def config_from_metadata(meta: Mapping[str, Any], tensor_names: set[str], source
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         max_position_embeddings=int(m.get("context_length", 2048)),
         model_type=model_type,
+        sliding_window=int(window) if (window := m.get("attention.sliding_window", None)) else None,
     )
 
 
-__all__ = ["BLOCK_NAMES", "GGUFMetadata", "GLOBAL_NAMES", "config_from_metadata", "f32_value", "gguf_to_hf_name"]
+__all__ = ["BLOCK_NAMES", "GGUFMetadata", "IMPLEMENTED_KEYS", "GLOBAL_NAMES", "config_from_metadata", "f32_value", "gguf_to_hf_name"]

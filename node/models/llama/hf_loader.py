@@ -31,10 +31,10 @@ import numpy as np
 from node.errors import ConfigError, ModelLoadError
 from node.models.tokenizer import TextTokenizer
 
-from node.models.quant.blocks import BLOCK, FORMATS, QuantizedTensor, quantize
+from node.models.quant.blocks import BLOCK, FORMATS, QUANTIZED_TYPES, QuantizedTensor, quantize
 
 from node.models import architectures
-from node.models.checkpoint import Checkpoint, WeightsDigest, check_weights
+from node.models.checkpoint import Checkpoint, WeightsDigest, check_finite, check_weights, keeps_stored_form
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,11 @@ def load_hf_checkpoint(folder: str | Path) -> Checkpoint:
         if name == "lm_head.weight" and config.tie_word_embeddings:
             log.info("%s: ignoring stored lm_head.weight, the config ties it to the embedding", folder)
             continue
-        if dtype in FORMATS:
+        if keeps_stored_form(dtype, shape):  # blocks, or a 16-bit matrix kept 16-bit
             weights[name] = QuantizedTensor(dtype, (shape[0], shape[1]), np.array(raw).reshape(shape[0], -1))
         else:
             weights[name] = arch.hf_weight_value(name, _to_float32(dtype, shape, raw))
+        check_finite(name, dtype, weights[name], str(folder))
 
     if not config.tie_word_embeddings and "lm_head.weight" not in weights:
         raise ModelLoadError(
@@ -141,7 +142,7 @@ def _read_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.nd
         dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
         if dtype == "U8" and name in quantized:  # llama.cpp blocks: the type and the matrix shape from the metadata
             ggml_type, rows, cols = quantized[name]
-            if ggml_type not in FORMATS or (end - begin) != rows * cols // BLOCK * FORMATS[ggml_type].block_bytes:
+            if ggml_type not in QUANTIZED_TYPES or (end - begin) != rows * cols // FORMATS[ggml_type].block_values * FORMATS[ggml_type].block_bytes:
                 raise ModelLoadError(f"{path}: quantized tensor {name!r} ({ggml_type}, {rows}x{cols}) does not match its bytes")
             dtype, shape = ggml_type, (int(rows), int(cols))
             dtype_size = None

@@ -14,8 +14,11 @@ Exported functions (one spec, ``export_spec``):
 - ``create_paged_kv_cache(...)``: the cache object, sized at run time.
 Weights are parameters (``param_mode: packed``), so one library serves every checkpoint
 of a shape. A weight layout (``native_params``) may keep any projection, the embedding and
-the head in llama.cpp's quantized blocks (``node.models.quant``); the layout is part of the
-library's cache key, never of ``model_id``.
+the head in their stored form, llama.cpp's blocks or 16-bit floats (``node.models.quant``);
+the layout is part of the library's cache key, never of ``model_id``. Where the parts of a
+fused projection are stored in different types (a Q4_K_M file keeps q and k in Q5_0 and v in
+Q8_0), the projection stays one module of per-part matmuls whose outputs are concatenated
+(layout ``"Q5_0+Q5_0+Q8_0"``), so no part is widened to float32.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from .config import LlamaConfig
 ACCUM_DTYPE = "float32"
 ROPE_SCALE = 1  # the KV cache's RoPE position scale (no scaling); the CPU RoPE kernel is built with the same
 Weight = Union[np.ndarray, QuantizedTensor]
-WeightLayout = Mapping[str, str]  # module name ("model.layers.0.mlp.down_proj") -> GGML block type
+WeightLayout = Mapping[str, str]  # module name ("model.layers.0.mlp.down_proj") -> stored type, "+"-joined per part
+FLOAT32 = "F32"  # a part of a mixed projection computed from float32
 # Hugging Face projections fused into one matmul each: (fused name, its parts in row order).
 FUSED_PROJECTIONS = (
     ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -54,10 +58,32 @@ class Linears:
         self.layout = layout
         self.target = target
 
-    def __call__(self, name: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
-        if name in self.layout:
-            return QuantLinear(in_features, out_features, self.layout[name], self.target, bias=bias)
+    def __call__(self, name: str, in_features: int, out_features: int, bias: bool = False,
+                 parts: tuple[int, ...] = ()) -> nn.Module:
+        """``parts``: the rows of each projection fused into this one, in order."""
+        kind = self.layout.get(name)
+        if kind is not None and "+" in kind:
+            return PartedLinear(in_features, parts, kind.split("+"), self.target, bias=bias)
+        if kind is not None and kind != FLOAT32:
+            return QuantLinear(in_features, out_features, kind, self.target, bias=bias)
         return nn.Linear(in_features, out_features, bias=bias)
+
+
+class PartedLinear(nn.Module):
+    """A fused projection whose parts are stored in different types: one matmul per part, the
+    outputs concatenated (the same values as one matmul over the concatenated rows)."""
+
+    def __init__(self, in_features: int, rows: tuple[int, ...], kinds: list[str], target: Target, bias: bool = False):
+        assert len(rows) == len(kinds), f"{len(kinds)} stored types for {len(rows)} parts"
+        self.parts = nn.ModuleList([
+            nn.Linear(in_features, n, bias=False) if kind == FLOAT32 else QuantLinear(in_features, n, kind, target)
+            for n, kind in zip(rows, kinds)
+        ])
+        self.bias = nn.Parameter((sum(rows),), "float32") if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = op.concat([part(x) for part in self.parts], dim=-1)
+        return out + self.bias if self.bias is not None else out
 
 
 class LlamaAttention(nn.Module):
@@ -68,7 +94,9 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.sm_scale = self.head_dim**-0.5
         qkv_rows = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
-        self.qkv_proj = linear(f"{prefix}.qkv_proj", cfg.hidden_size, qkv_rows, bias=cfg.attention_bias)
+        kv_rows = self.num_kv_heads * self.head_dim
+        self.qkv_proj = linear(f"{prefix}.qkv_proj", cfg.hidden_size, qkv_rows, bias=cfg.attention_bias,
+                               parts=(self.num_q_heads * self.head_dim, kv_rows, kv_rows))
         self.o_proj = linear(f"{prefix}.o_proj", self.num_q_heads * self.head_dim, cfg.hidden_size)
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
@@ -89,7 +117,8 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, prefix: str, linear: Linears):
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = linear(f"{prefix}.gate_up_proj", cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.gate_up_proj = linear(f"{prefix}.gate_up_proj", cfg.hidden_size, 2 * cfg.intermediate_size,
+                                   parts=(cfg.intermediate_size, cfg.intermediate_size))
         self.down_proj = linear(f"{prefix}.down_proj", cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -222,10 +251,10 @@ class LlamaForCausalLM(nn.Module):
         }
 
 
-def fuse_hf_weights(cfg: LlamaConfig, weights: Mapping[str, Weight]) -> dict[str, Weight]:
+def fuse_hf_weights(cfg: LlamaConfig, weights: Mapping[str, Weight]) -> dict[str, Weight | list[Weight]]:
     """Map Hugging Face tensor names onto this module's weights, fusing q/k/v and gate/up by rows.
-    Quantized parts of one type stay quantized (rows are independent blocks); otherwise the
-    fused weight is float32."""
+    Parts of one stored type stay in it (rows are independent blocks); parts of several types
+    stay a list of parts (``PartedLinear``); float32 parts are concatenated."""
     part_names = {f".{part}." for _, parts in FUSED_PROJECTIONS for part in parts}
     out = {name: t for name, t in weights.items() if not any(p in name for p in part_names)}
     for i in range(cfg.num_hidden_layers):
@@ -237,24 +266,40 @@ def fuse_hf_weights(cfg: LlamaConfig, weights: Mapping[str, Weight]) -> dict[str
     return out
 
 
-def _concat_rows(parts: list[Weight]) -> Weight:
+def _concat_rows(parts: list[Weight]) -> Weight | list[Weight]:
     if all(isinstance(p, QuantizedTensor) for p in parts) and len({p.ggml_type for p in parts}) == 1:
         return concat_rows(parts)
-    return np.concatenate([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts], axis=0)
+    if any(isinstance(p, QuantizedTensor) for p in parts):
+        return list(parts)
+    return np.concatenate(parts, axis=0)
 
 
-def native_params(fused: Mapping[str, Weight]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The compiled model's parameters and weight layout: every quantized weight the kernels
-    take (rows in whole tiles) as its split block arrays, everything else as float32."""
+def native_params(fused: Mapping[str, Weight | list[Weight]]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The compiled model's parameters and weight layout: every weight the kernels take in its
+    stored form (rows in whole tiles) as its split arrays, everything else as float32."""
     params: dict[str, np.ndarray] = {}
     layout: dict[str, str] = {}
     for name, t in fused.items():
-        if isinstance(t, QuantizedTensor):
-            if t.shape[0] % ROWS == 0:
-                module = name.removesuffix(".weight")
-                layout[module] = t.ggml_type
-                params.update({f"{module}.{suffix}": array for suffix, array in t.split().items()})
-                continue
-            t = t.dequantize()
-        params[name] = t
+        module = name.removesuffix(".weight")
+        if isinstance(t, list):
+            kinds = []
+            for i, part in enumerate(t):
+                kind, arrays = _native_arrays(part)
+                kinds.append(kind)
+                params.update({f"{module}.parts.{i}.{suffix}": array for suffix, array in arrays.items()})
+            layout[module] = "+".join(kinds)
+            continue
+        kind, arrays = _native_arrays(t)
+        if kind != FLOAT32:
+            layout[module] = kind
+            params.update({f"{module}.{suffix}": array for suffix, array in arrays.items()})
+        else:
+            params[name] = arrays["weight"]
     return params, layout
+
+
+def _native_arrays(t: Weight) -> tuple[str, dict[str, np.ndarray]]:
+    """(stored type, its split arrays) for a weight the kernels take, else ("F32", {"weight": float32})."""
+    if isinstance(t, QuantizedTensor) and t.shape[0] % ROWS == 0:
+        return t.ggml_type, t.split()
+    return FLOAT32, {"weight": t.dequantize() if isinstance(t, QuantizedTensor) else t}

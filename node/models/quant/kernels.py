@@ -36,7 +36,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from node.compiler.cpu_schedule import LANES
-from node.models.quant.blocks import BLOCK, FORMATS, TILE_ROWS
+from node.models.quant.blocks import BLOCK, FORMATS, TILE_ROWS, BlockFormat
 
 ROWS = TILE_ROWS  # output rows per tile: 8 accumulators stay in registers with the block's 4 x vectors
 # Token rows up to which the fused nest runs, by bits per weight (measured on cold weights, one
@@ -46,6 +46,13 @@ FUSED_MAX_TOKENS = {4: 2, 8: 4}
 TASKS = 64  # parallel tasks per matmul: many more than cores (balance), few enough to set up cheaply
 CACHE_LINE = 64  # bytes
 PREFETCH_TILES = 4  # decode prefetches the tile this many ahead (measured: 2.6x on a cold Q4_1 GEMV; 2-16 alike)
+
+
+def fused_max_tokens(fmt: BlockFormat) -> int:
+    """Token rows up to which a format's kernel runs the fused nest: the planes formats unpack
+    at least as much per weight as 4-bit blocks, the 16-bit floats fill their tile as cheaply as
+    8-bit ones."""
+    return FUSED_MAX_TOKENS[8 if fmt.kind == "float" or fmt.bits == 8 else 4]
 
 
 def token_tile_for(vector_registers: int) -> int:
@@ -71,21 +78,25 @@ def _prefetch(address):
 
 @T.macro(hygienic=False)
 def _prefetch_block(jo, kb, qs, q_line_rows, d, m):
-    """Prefetch block ``kb`` of row tile ``jo``: its quants and its scales (and mins)."""
+    """Prefetch block ``kb`` of row tile ``jo``: its quants and up to two per-block arrays
+    ``d``, ``m`` (3-D, indexed ``[tile, block, ...]``; None: none)."""
     for line in T.unroll(ROWS // q_line_rows):
         T.evaluate(_prefetch(T.address_of(qs[jo, kb, line * q_line_rows, 0])))
-    T.evaluate(_prefetch(T.address_of(d[jo, kb, 0])))
+    if d is not None:
+        T.evaluate(_prefetch(T.address_of(d[jo, kb, 0])))
     if m is not None:
         T.evaluate(_prefetch(T.address_of(m[jo, kb, 0])))
 
 
 @T.macro(hygienic=False)
-def _matmul_cpu(x, out, n, n_out, k_in, fused_max, token_tile, block_dot, block_scale, block_offset, tile_value, streams):
+def _matmul_cpu(x, out, n, n_out, k_in, fused_max, token_tile, block_dot, block_scale, block_offset, tile_value, streams, halves):
     """The two loop nests of the module docstring, over row tiles ``jo`` of ``ROWS`` rows ``r``.
     ``block_dot(i, jo, r, kb, l)``: lane ``l`` of sum x*q over block ``kb``; ``block_scale`` /
     ``block_offset(jo, r, kb)``: d and m (None: no m); ``tile_value(jo, r, kb, h, l)``: weight
     ``h * 16 + l`` of block ``kb``, dequantized; ``streams``: the arrays ``_prefetch_block`` reads
-    ahead (without it a decode GEMV waited on memory: 2.6 GB/s against numpy's 13).
+    ahead (without it a decode GEMV waited on memory: 2.6 GB/s against numpy's 13); ``halves = 2``:
+    a scale and an offset per 16 weights, so ``block_dot``, ``block_scale`` and ``block_offset``
+    take the half ``h`` after ``kb`` (K-quants with 16-weight sub-blocks).
     Each parallel task takes ``per_task`` consecutive tiles, so its scratch buffers are set up
     once per task rather than once per tile (a per-tile workspace cost as much as the tile)."""
     n_tiles = n_out // ROWS
@@ -94,7 +105,7 @@ def _matmul_cpu(x, out, n, n_out, k_in, fused_max, token_tile, block_dot, block_
         for task in T.parallel((n_tiles + per_task - 1) // per_task):
             with T.sblock("fused"):
                 acc = T.sblock_alloc_buffer([ROWS, LANES], "float32")
-                xs = T.sblock_alloc_buffer([LANES], "float32")
+                xs = T.sblock_alloc_buffer([halves, LANES], "float32")
                 for jo in T.serial(task * per_task, T.min(task * per_task + per_task, n_tiles)):
                     for i in T.serial(n):
                         for r in T.unroll(ROWS):
@@ -102,16 +113,28 @@ def _matmul_cpu(x, out, n, n_out, k_in, fused_max, token_tile, block_dot, block_
                                 acc[r, l] = T.float32(0)
                         for kb in T.serial(k_in // BLOCK):
                             _prefetch_block(T.min(jo + PREFETCH_TILES, n_tiles - 1), kb, *streams)
-                            if block_offset is None:
+                            if block_scale is None:  # 16-bit floats: no scale
+                                for r in T.unroll(ROWS):
+                                    for l in T.vectorized(LANES):
+                                        acc[r, l] = acc[r, l] + block_dot(i, jo, r, kb, l)
+                            elif block_offset is None:
                                 for r in T.unroll(ROWS):
                                     for l in T.vectorized(LANES):
                                         acc[r, l] = acc[r, l] + block_dot(i, jo, r, kb, l) * block_scale(jo, r, kb)
-                            else:
+                            elif halves == 1:
                                 for l in T.vectorized(LANES):
-                                    xs[l] = (x[i, kb * 32 + l] + x[i, kb * 32 + 8 + l]) + (x[i, kb * 32 + 16 + l] + x[i, kb * 32 + 24 + l])
+                                    xs[0, l] = (x[i, kb * 32 + l] + x[i, kb * 32 + 8 + l]) + (x[i, kb * 32 + 16 + l] + x[i, kb * 32 + 24 + l])
                                 for r in T.unroll(ROWS):
                                     for l in T.vectorized(LANES):
-                                        acc[r, l] = acc[r, l] + block_dot(i, jo, r, kb, l) * block_scale(jo, r, kb) + xs[l] * block_offset(jo, r, kb)
+                                        acc[r, l] = acc[r, l] + block_dot(i, jo, r, kb, l) * block_scale(jo, r, kb) + xs[0, l] * block_offset(jo, r, kb)
+                            else:  # a scale and an offset per 16 weights: block_dot/scale/offset take the half h
+                                for h in T.unroll(2):
+                                    for l in T.vectorized(LANES):
+                                        xs[h, l] = x[i, kb * 32 + h * 16 + l] + x[i, kb * 32 + h * 16 + 8 + l]
+                                for r in T.unroll(ROWS):
+                                    for l in T.vectorized(LANES):
+                                        acc[r, l] = acc[r, l] + (block_dot(i, jo, r, kb, 0, l) * block_scale(jo, r, kb, 0) + xs[0, l] * block_offset(jo, r, kb, 0)) + (
+                                            block_dot(i, jo, r, kb, 1, l) * block_scale(jo, r, kb, 1) + xs[1, l] * block_offset(jo, r, kb, 1))
                         for r in T.serial(ROWS):
                             out[i, jo * ROWS + r] = (acc[r, 0] + acc[r, 1] + acc[r, 2] + acc[r, 3]) + (acc[r, 4] + acc[r, 5] + acc[r, 6] + acc[r, 7])
     else:
@@ -186,7 +209,7 @@ def _tile_q8(qs, scale):
 
 
 @T.macro(hygienic=False)
-def _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, dot, qs, block_scale, block_offset, tile_value, streams):
+def _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, dot, qs, block_scale, block_offset, tile_value, streams, halves=1):
     """``_matmul_cpu`` on the model's 3-D activations ``(b, s, k)``, aliased flat: the same memory,
     rows flattened, so no reshape runs around each call (each costs VM time in decode)."""
     b, s = T.int64(), T.int64()
@@ -194,18 +217,201 @@ def _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, dot, qs, 
     out3 = T.match_buffer(var_out, (b, s, n_out), "float32")
     x = T.decl_buffer((b * s, k_in), "float32", data=x3.data)
     out = T.decl_buffer((b * s, n_out), "float32", data=out3.data)
-    _matmul_cpu(x, out, b * s, n_out, k_in, fused_max, token_tile, dot(x, qs), block_scale, block_offset, tile_value, streams)
+    _matmul_cpu(x, out, b * s, n_out, k_in, fused_max, token_tile, dot(x, qs), block_scale, block_offset, tile_value, streams, halves)
+
+
+# ---------------------------------------------------------------------- planes (Q5_x, K-quants)
+
+
+class _Planes:
+    """The callbacks of ``_matmul_cpu`` over a planes format's split arrays (``blocks``'s docstring):
+    ``q = low bits | high planes``, ``w = scale[h] * q + offset[h]``, everything read in registers."""
+
+    def __init__(self, fmt: BlockFormat, qlow, qhigh, d, sc, dmin, mn, m):
+        self.fmt, self.qlow, self.qhigh, self.d, self.sc, self.dmin, self.mn, self.m = fmt, qlow, qhigh, d, sc, dmin, mn, m
+        self.per_super = fmt.blocks_per_super
+
+    def _q(self, jo, r, kb, byte, shift, e):
+        """Weight ``e`` of block ``kb`` as float32: its low bits (byte ``byte`` of qlow shifted by
+        ``shift``) with the high planes' bits ``e`` above them."""
+        fmt = self.fmt
+        v = T.bitwise_and(T.shift_right(T.Cast("int32", self.qlow[jo, kb, r, byte]), shift), (1 << fmt.low_bits) - 1)
+        for p in range(fmt.high_planes):
+            bit = T.bitwise_and(T.shift_right(self.qhigh[jo, kb, r * fmt.high_planes + p], T.Cast("uint32", e)), T.uint32(1))
+            v = T.bitwise_or(v, T.shift_left(T.Cast("int32", bit), fmt.low_bits + p))
+        return T.Cast("float32", v)
+
+    def _lane_q(self, jo, r, kb, j, l):
+        """Weight ``8 j + l`` (j a constant 0..3, l the vector lane)."""
+        if self.fmt.low_bits == 4:  # byte e % 16, nibble e // 16
+            return self._q(jo, r, kb, (j % 2) * 8 + l, 4 * (j // 2), j * 8 + l)
+        return self._q(jo, r, kb, l, 2 * j, j * 8 + l)  # byte e % 8, crumb e // 8
+
+    def dot(self, x, _qs=None):
+        """``block_dot``: lane l of sum x*q over a block (halves = 1) or over half h (halves = 2)."""
+        if self.fmt.halves == 1:
+            return lambda i, jo, r, kb, l: (
+                (x[i, kb * 32 + l] * self._lane_q(jo, r, kb, 0, l) + x[i, kb * 32 + 16 + l] * self._lane_q(jo, r, kb, 2, l))
+                + (x[i, kb * 32 + 8 + l] * self._lane_q(jo, r, kb, 1, l) + x[i, kb * 32 + 24 + l] * self._lane_q(jo, r, kb, 3, l))
+            )
+        return lambda i, jo, r, kb, h, l: (
+            x[i, kb * 32 + h * 16 + l] * self._lane_q(jo, r, kb, 2 * h, l)
+            + x[i, kb * 32 + h * 16 + 8 + l] * self._lane_q(jo, r, kb, 2 * h + 1, l)
+        )
+
+    def _scale(self, jo, r, kb, h):
+        d = T.Cast("float32", self.d[jo, kb // self.per_super, r])
+        return d * T.Cast("float32", self.sc[jo, kb, r * self.fmt.halves + h]) if self.fmt.has_sc else d
+
+    def _offset(self, jo, r, kb, h):
+        fmt = self.fmt
+        if fmt.offset == "m":
+            return T.Cast("float32", self.m[jo, kb, r])
+        offset = T.float32(-fmt.zero) * self._scale(jo, r, kb, h) if fmt.zero else T.float32(0)
+        if fmt.offset == "dmin":
+            offset = offset - T.Cast("float32", self.dmin[jo, kb // self.per_super, r]) * T.Cast("float32", self.mn[jo, kb, r * fmt.halves + h])
+        return offset
+
+    def scale(self):
+        if self.fmt.halves == 1:
+            return lambda jo, r, kb: self._scale(jo, r, kb, 0)
+        return self._scale
+
+    def offset(self):
+        if self.fmt.halves == 1:
+            return lambda jo, r, kb: self._offset(jo, r, kb, 0)
+        return self._offset
+
+    def tile(self):
+        """``tile_value``: weight ``16 h + l`` (l < 16) of block ``kb``, dequantized."""
+        two = self.fmt.halves == 2
+
+        def value(jo, r, kb, h, l):
+            if self.fmt.low_bits == 4:
+                q = self._q(jo, r, kb, l, 4 * h, h * 16 + l)
+            else:
+                q = self._q(jo, r, kb, l % 8, 2 * (2 * h + l // 8), h * 16 + l)
+            half = h if two else 0
+            return q * self._scale(jo, r, kb, half) + self._offset(jo, r, kb, half)
+
+        return value
+
+    def streams(self):
+        """What ``_prefetch_block`` reads ahead: the low bits and two per-block arrays."""
+        line_rows = CACHE_LINE // (BLOCK * self.fmt.low_bits // 8)
+        per_block = [a for a in (self.qhigh, self.sc, self.mn, self.d) if a is not None][:2]
+        if self.per_super != 1 and self.d in per_block:
+            per_block.remove(self.d)
+        return (self.qlow, line_rows, *(per_block + [None, None])[:2])
+
+
+@T.macro(hygienic=False)
+def _planes_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, planes):
+    _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, planes.dot, None, planes.scale(), planes.offset(),
+                   planes.tile(), planes.streams(), planes.fmt.halves)
+
+
+def _planes_matmul_cpu(fmt: BlockFormat, n_out: int, k_in: int, token_tile: int) -> tirx.PrimFunc:
+    """The planes kernel: one signature per set of split arrays (``param_suffixes``)."""
+    shapes = fmt.param_shapes(n_out, k_in)
+    fused_max = fused_max_tokens(fmt)
+    ql_shape, _ = shapes["qlow"]
+    d_shape, _ = shapes["d"]
+    qh_shape = shapes["qhigh"][0] if "qhigh" in shapes else None
+    sc_shape = shapes["sc"][0] if "sc" in shapes else None
+    names = tuple(shapes)
+
+    if names == ("qlow", "qhigh", "d"):  # Q5_0
+
+        @T.prim_func(s_tir=True)
+        def kernel(var_x: T.handle, qlow: T.Buffer(ql_shape, "uint8"), qhigh: T.Buffer(qh_shape, "uint32"),
+                   d: T.Buffer(d_shape, "float16"), var_out: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            _planes_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, _Planes(fmt, qlow, qhigh, d, None, None, None, None))
+
+    elif names == ("qlow", "qhigh", "d", "m"):  # Q5_1
+
+        @T.prim_func(s_tir=True)
+        def kernel(var_x: T.handle, qlow: T.Buffer(ql_shape, "uint8"), qhigh: T.Buffer(qh_shape, "uint32"),
+                   d: T.Buffer(d_shape, "float16"), m: T.Buffer(d_shape, "float16"), var_out: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            _planes_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, _Planes(fmt, qlow, qhigh, d, None, None, None, m))
+
+    elif names == ("qlow", "qhigh", "d", "sc"):  # Q3_K, Q6_K
+
+        @T.prim_func(s_tir=True)
+        def kernel(var_x: T.handle, qlow: T.Buffer(ql_shape, "uint8"), qhigh: T.Buffer(qh_shape, "uint32"),
+                   d: T.Buffer(d_shape, "float16"), sc: T.Buffer(sc_shape, "int8"), var_out: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            _planes_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, _Planes(fmt, qlow, qhigh, d, sc, None, None, None))
+
+    elif names == ("qlow", "d", "sc", "dmin", "mn"):  # Q2_K, Q4_K
+
+        @T.prim_func(s_tir=True)
+        def kernel(var_x: T.handle, qlow: T.Buffer(ql_shape, "uint8"), d: T.Buffer(d_shape, "float16"),
+                   sc: T.Buffer(sc_shape, "int8"), dmin: T.Buffer(d_shape, "float16"), mn: T.Buffer(sc_shape, "int8"),
+                   var_out: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            _planes_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, _Planes(fmt, qlow, None, d, sc, dmin, mn, None))
+
+    elif names == ("qlow", "qhigh", "d", "sc", "dmin", "mn"):  # Q5_K
+
+        @T.prim_func(s_tir=True)
+        def kernel(var_x: T.handle, qlow: T.Buffer(ql_shape, "uint8"), qhigh: T.Buffer(qh_shape, "uint32"),
+                   d: T.Buffer(d_shape, "float16"), sc: T.Buffer(sc_shape, "int8"), dmin: T.Buffer(d_shape, "float16"),
+                   mn: T.Buffer(sc_shape, "int8"), var_out: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            _planes_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, _Planes(fmt, qlow, qhigh, d, sc, dmin, mn, None))
+
+    else:
+        raise ValueError(f"no kernel for {fmt.name}'s arrays {names}")
+    return kernel.without_attr("global_symbol")  # named by the caller, one per shape
+
+
+# ---------------------------------------------------------------------- 16-bit floats
+
+
+def _widen(fmt: BlockFormat, v):
+    """An F16 value, or a BF16 bit pattern, as the float32 it is exactly."""
+    if fmt.name == "F16":
+        return T.Cast("float32", v)
+    return T.reinterpret("float32", T.shift_left(T.Cast("uint32", v), T.uint32(16)))
+
+
+def _float_matmul_cpu(fmt: BlockFormat, n_out: int, k_in: int, token_tile: int) -> tirx.PrimFunc:
+    (w_shape, w_dtype), = fmt.param_shapes(n_out, k_in).values()
+    fused_max = fused_max_tokens(fmt)
+
+    def dot(x, w):
+        return lambda i, jo, r, kb, l: (
+            (x[i, kb * 32 + l] * _widen(fmt, w[jo, kb, r, l]) + x[i, kb * 32 + 8 + l] * _widen(fmt, w[jo, kb, r, 8 + l]))
+            + (x[i, kb * 32 + 16 + l] * _widen(fmt, w[jo, kb, r, 16 + l]) + x[i, kb * 32 + 24 + l] * _widen(fmt, w[jo, kb, r, 24 + l]))
+        )
+
+    def tile(w):
+        return lambda jo, r, kb, h, l: _widen(fmt, w[jo, kb, r, h * 16 + l])
+
+    @T.prim_func(s_tir=True)
+    def kernel(var_x: T.handle, w: T.Buffer(w_shape, w_dtype), var_out: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, dot, w, None, None, tile(w), (w, 1, None, None))
+
+    return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
 
 def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int, token_tile: int = 1) -> tirx.PrimFunc:
     """The scheduled CPU kernel ``(x (b, s, k_in) f32, *split arrays, out (b, s, n_out) f32)``;
     ``token_tile``: token rows per register tile of the tiled nest (``token_tile_for``)."""
     fmt = FORMATS[ggml_type]
-    assert n_out % ROWS == 0 and k_in % BLOCK == 0, f"{n_out}x{k_in} does not tile into {ROWS} rows and {BLOCK}-blocks"
+    assert n_out % ROWS == 0 and k_in % fmt.block_values == 0, f"{n_out}x{k_in} does not tile into {ROWS} rows and {fmt.block_values}-blocks"
+    if fmt.kind == "planes":
+        return _planes_matmul_cpu(fmt, n_out, k_in, token_tile)
+    if fmt.kind == "float":
+        return _float_matmul_cpu(fmt, n_out, k_in, token_tile)
     shapes = fmt.param_shapes(n_out, k_in)
     (q_shape, q_dtype), (s_shape, s_dtype) = shapes["qweight"], shapes["scales"]
     q_line_rows = CACHE_LINE // q_shape[-1]  # rows of a block's quants in one cache line
-    fused_max = FUSED_MAX_TOKENS[fmt.bits]
+    fused_max = fused_max_tokens(fmt)
 
     if ggml_type == "Q4_1":
 
@@ -231,25 +437,50 @@ def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int, token_tile: int = 1)
 def _weight_expr(ggml_type: str, params: list[te.Tensor]):
     """w[row, k] as a TE expression over the split arrays (the definition the CPU kernel optimizes)."""
     fmt = FORMATS[ggml_type]
-    qs, d = params[0], params[1]
+    arrays = dict(zip(fmt.param_suffixes(), params))
+
+    def f32(x):
+        return x.astype("float32")
 
     def weight(row, k):
-        jo, r, kb = row // ROWS, row % ROWS, k // BLOCK
-        scale = d[jo, kb, r].astype("float32")
-        if fmt.bits == 8:
-            return qs[jo, kb, r, k % BLOCK].astype("float32") * scale
-        byte = qs[jo, kb, r, k % 16].astype("int32")
-        q = tirx.bitwise_and(tirx.shift_right(byte, (k % BLOCK // 16 * 4).astype("int32")), 15).astype("float32")
-        if fmt.has_mins:
-            return q * scale + params[2][jo, kb, r].astype("float32")
-        return (q - 8.0) * scale
+        jo, r, kb, e = row // ROWS, row % ROWS, k // BLOCK, k % BLOCK
+        if fmt.kind == "float":
+            v = arrays["qweight"][jo, kb, r, e]
+            if fmt.name == "F16":
+                return f32(v)
+            return tirx.reinterpret("float32", tirx.shift_left(v.astype("uint32"), tirx.const(16, "uint32")))
+        if fmt.kind == "legacy":
+            qs, scale = arrays["qweight"], f32(arrays["scales"][jo, kb, r])
+            if fmt.bits == 8:
+                return f32(qs[jo, kb, r, e]) * scale
+            q = f32(tirx.bitwise_and(tirx.shift_right(qs[jo, kb, r, e % 16].astype("int32"), (e // 16 * 4).astype("int32")), 15))
+            return q * scale + f32(arrays["mins"][jo, kb, r]) if fmt.has_mins else (q - 8.0) * scale
+        # planes: w = scale[h] * q + offset[h] (blocks.py)
+        low_mask, values_per_byte = (1 << fmt.low_bits) - 1, 8 // fmt.low_bits
+        byte = arrays["qlow"][jo, kb, r, e % (BLOCK // values_per_byte)].astype("int32")
+        q = tirx.bitwise_and(tirx.shift_right(byte, (e // (BLOCK // values_per_byte) * fmt.low_bits).astype("int32")), low_mask)
+        for p in range(fmt.high_planes):
+            bit = tirx.bitwise_and(tirx.shift_right(arrays["qhigh"][jo, kb, r * fmt.high_planes + p], e.astype("uint32")), tirx.const(1, "uint32"))
+            q = tirx.bitwise_or(q, tirx.shift_left(bit.astype("int32"), tirx.const(fmt.low_bits + p, "int32")))
+        sub = r * fmt.halves + (e // 16 if fmt.halves == 2 else 0)
+        scale = f32(arrays["d"][jo, kb // fmt.blocks_per_super, r])
+        if fmt.has_sc:
+            scale = scale * f32(arrays["sc"][jo, kb, sub])
+        value = f32(q) * scale
+        if fmt.zero:
+            value = value - float(fmt.zero) * scale
+        if fmt.offset == "dmin":
+            value = value - f32(arrays["dmin"][jo, kb // fmt.blocks_per_super, r]) * f32(arrays["mn"][jo, kb, sub])
+        elif fmt.offset == "m":
+            value = value + f32(arrays["m"][jo, kb, r])
+        return value
 
     return weight
 
 
 def quant_matmul_te(x: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tensor:
     """Unscheduled definition for GPU targets: out = x @ dequantize(params).T (dlight schedules it)."""
-    n_out = params[1].shape[0] * ROWS
+    n_out = params[0].shape[0] * ROWS  # every format's first array is (tiles, blocks, rows in tile, ...)
     k_in = x.shape[1]
     weight = _weight_expr(ggml_type, list(params))
     k = te.reduce_axis((0, k_in), name="k")
@@ -259,8 +490,8 @@ def quant_matmul_te(x: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tens
 def quant_take_te(ids: te.Tensor, ggml_type: str, *params: te.Tensor) -> te.Tensor:
     """Embedding lookup from quantized rows: out[i, :] = dequantize(params)[ids[i], :]."""
     weight = _weight_expr(ggml_type, list(params))
-    hidden = params[1].shape[1] * BLOCK
+    hidden = params[0].shape[1] * BLOCK
     return te.compute((ids.shape[0], hidden), lambda i, k: weight(ids[i], k), name="quant_take")
 
 
-__all__ = ["FUSED_MAX_TOKENS", "quant_matmul_cpu", "token_tile_for", "quant_matmul_te", "quant_take_te"]
+__all__ = ["FUSED_MAX_TOKENS", "fused_max_tokens", "quant_matmul_cpu", "token_tile_for", "quant_matmul_te", "quant_take_te"]

@@ -20,7 +20,7 @@ from .kernels import quant_matmul_cpu, quant_matmul_te, quant_take_te, token_til
 def quant_matmul(x: Tensor, ggml_type: str, params: list[Tensor], target: Target) -> Tensor:
     """``x (b, s, k) @ dequantize(params).T`` -> ``(b, s, n_out)`` in fp32."""
     batch, seq, k_in = x.shape
-    n_out = params[1].shape[0] * TILE_ROWS  # scales: (tiles, blocks, rows in tile)
+    n_out = params[0].shape[0] * TILE_ROWS  # every format's first array: (tiles, blocks, rows in tile, ...)
     name = f"{ggml_type.lower()}_matmul"
     if target.kind.name == "llvm":
         kernel = quant_matmul_cpu(ggml_type, int(n_out), int(k_in), token_tile_for(vector_registers(target)))

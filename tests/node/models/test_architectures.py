@@ -117,12 +117,13 @@ def test_gemma3_keys_it_cannot_compute_are_refused_by_name(key, value):
         Gemma3Config.from_hf_dict(_gemma_hf(**{key: value}))
 
 
-def test_qwen3_sliding_window_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("use_window, limit", [(False, 256), (True, 16)])
+def test_qwen3_sliding_window_applies_only_with_use_sliding_window(tmp_path, use_window, limit):
+    """Released Qwen3 configs write a sliding_window beside use_sliding_window=false: no window then."""
     folder, _ = make_tiny_arch_hf_checkpoint(tmp_path, tiny_qwen3_config())
     raw = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**raw, "use_sliding_window": True, "sliding_window": 16}))
-    with pytest.raises(ConfigError, match="use_sliding_window"):
-        load_checkpoint(folder)
+    (folder / "config.json").write_text(json.dumps({**raw, "use_sliding_window": use_window, "sliding_window": 16}))
+    assert load_checkpoint(folder).config.context_limit == limit
 
 
 @pytest.mark.parametrize("change", [
