@@ -3,12 +3,13 @@
     ProofMeshNodeError
     ├── ConfigError          bad or unsupported model configuration (names the key)
     ├── ModelLoadError       missing files, unsupported tensor types, shapes that do not match
-    ├── ModelPullError       the default model could not be fetched or failed its checksum
+    ├── ModelPullError       a registry model could not be fetched or failed a checksum
     ├── CompileError         TVM could not build the library for the target
     ├── DeviceError          the requested device is not present on this machine
     ├── RuntimeFault         a broken invariant of the runtime or scheduler: the node's bug (HTTP 500)
     └── RequestError         a generation request the engine cannot accept (the client's: HTTP 4xx)
         ├── ContextLengthError   prompt + max_tokens exceed the context
+        ├── NoChatTemplateError  a chat request to a base model (no chat template): raw completions only
         └── EngineBusyError      admission limits reached (callers retry later)
             └── ClientShareError     this client holds its share already (others are still served)
 
@@ -52,6 +53,12 @@ class RequestError(ProofMeshNodeError, ValueError):
 
 class ContextLengthError(RequestError):
     pass
+
+
+class NoChatTemplateError(RequestError):
+    """A chat asked of a model that defines no chat template (a base model such as Gemma 3 270M).
+    Refused rather than rendered with a made-up template: its ids would not be the model's format,
+    and the receipt would commit a prompt the model was never trained to read."""
 
 
 class EngineBusyError(RequestError):

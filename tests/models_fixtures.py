@@ -23,6 +23,7 @@ import numpy as np
 from node.models import architectures
 from node.models.gemma3.config import GLOBAL, SLIDING, Gemma3Config
 from node.models.llama.config import LlamaConfig
+from node.models.quant.blocks import FORMATS, QUANTIZABLE_TYPES
 from node.models.qwen3.config import Qwen3Config
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -251,18 +252,39 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def random_k_blocks(x: np.ndarray, ggml_type: str, seed: int) -> np.ndarray:
+    """(rows, bytes) random blocks of a K-quant type whose dequantized values span what ``x`` spans
+    (any bytes are a valid block; the f16 scales are set so): stand-ins for llama.cpp's quantizer,
+    which the ``gguf`` package does not port."""
+    import gguf
+    from gguf.quants import dequantize
+
+    qt = gguf.GGMLQuantizationType[ggml_type]
+    values, size = gguf.GGML_QUANT_SIZES[qt]
+    rows = x.shape[0]
+    blocks = np.random.default_rng(seed).integers(0, 256, (rows, x.shape[1] // values, size), dtype=np.uint8)
+    scale_fields = FORMATS[ggml_type].f16_fields
+    for at in scale_fields:
+        blocks[:, :, at:at + 2] = np.array([1.0], np.float16).view(np.uint8)
+    spread = float(np.abs(dequantize(blocks.reshape(rows, -1), qt)).max())
+    for at in scale_fields:
+        blocks[:, :, at:at + 2] = np.array([np.abs(x).max() / spread], np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def make_tiny_gguf(
     path: str | Path, *, quant_types: Sequence[str] = ("F32",), tie: bool = True, n_layers: int = 2,
     hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = DEFAULT_VOCAB,
     seed: int = 0, rope_theta: float = 10000.0, add_bos: bool = False, arch: str = "llama",
     raw_types: dict[str, str] | None = None, chat_template: str | None = CHATML_TEMPLATE,
+    extra_metadata: dict[str, float] | None = None,
 ) -> TinyGGUF:
     """Write a Llama-family GGUF as llama.cpp's converter would; 2-D tensors take ``quant_types``
     round-robin. q/k rows are permuted for ``arch="llama"`` (LlamaModel), not for ``"qwen2"`` (Qwen2Model).
 
     A quantized type whose block does not divide the row length falls back to F16 (if listed) or F32;
     norms stay F32. ``raw_types`` writes the named GGUF tensors as random bytes of another GGML type
-    (to test unsupported types).
+    (to test unsupported types); ``extra_metadata`` adds float keys (to test refused ones).
     """
     import gguf
 
@@ -286,6 +308,8 @@ def make_tiny_gguf(
     w.add_rope_freq_base(rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(vocab)
+    for key, value in (extra_metadata or {}).items():
+        w.add_float32(key, value)
 
     expected: dict[str, np.ndarray] = {}
     stored_types: dict[str, str] = {}
@@ -306,12 +330,10 @@ def make_tiny_gguf(
             tname = quant_types[matrices.index(name) % len(quant_types)]
             if tname not in ("F32", "F16") and x.shape[1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tname]][0]:
                 tname = "F16" if "F16" in quant_types else "F32"
-        stored = x
-        if arch in ("llama", "mistral") and gname.endswith("attn_q.weight"):  # LlamaModel's converter only
-            stored = llama_cpp_permute(x, heads)
-        elif arch in ("llama", "mistral") and gname.endswith("attn_k.weight"):
-            stored = llama_cpp_permute(x, kv_heads)
-        expected[name] = _add_gguf_tensor(w, gname, stored, tname, unpermuted=x)
+        permute_heads = None  # LlamaModel's converter permutes q/k rows; Qwen2Model's does not
+        if arch in ("llama", "mistral"):
+            permute_heads = {"attn_q.weight": heads, "attn_k.weight": kv_heads}.get(gname.split(".", 2)[-1])
+        expected[name] = _add_gguf_tensor(w, gname, x, tname, permute_heads=permute_heads, seed=len(expected))
         stored_types[gname] = tname
     _finish(w)
     return TinyGGUF(path, expected, cfg, stored_types)
@@ -332,22 +354,31 @@ def _add_tiny_tokenizer(w, vocab: int, add_bos: bool, chat_template: str | None)
         w.add_chat_template(chat_template)
 
 
-def _add_gguf_tensor(w, gname: str, stored: np.ndarray, tname: str, unpermuted: np.ndarray) -> np.ndarray:
-    """Write ``stored`` as GGML type ``tname``; return the float32 rows the loader must give back
-    (``unpermuted``, as the type stores it: blocks run along rows, so quantization commutes with the
-    row permutation)."""
+def _add_gguf_tensor(w, gname: str, x: np.ndarray, tname: str, permute_heads: int | None = None,
+                     seed: int = 0) -> np.ndarray:
+    """Write HF tensor ``x`` as GGML type ``tname`` (rows permuted for ``permute_heads`` as
+    llama.cpp's LlamaModel does); return the float32 rows the loader must give back: ``x`` as the
+    type stores it, unpermuted (blocks run along rows, so quantization commutes with the row
+    permutation). K-quants, which gguf cannot quantize, are random valid blocks."""
     import gguf
     from gguf.quants import dequantize, quantize
 
+    def permute(a: np.ndarray) -> np.ndarray:
+        return llama_cpp_permute(a, permute_heads) if permute_heads else a
+
     if tname == "F32":
-        w.add_tensor(gname, np.ascontiguousarray(stored, np.float32))
-        return np.array(unpermuted, np.float32)
+        w.add_tensor(gname, np.ascontiguousarray(permute(x), np.float32))
+        return np.array(x, np.float32)
     if tname == "F16":
-        w.add_tensor(gname, np.ascontiguousarray(stored, np.float16))
-        return unpermuted.astype(np.float16).astype(np.float32)
+        w.add_tensor(gname, np.ascontiguousarray(permute(x), np.float16))
+        return x.astype(np.float16).astype(np.float32)
     qt = gguf.GGMLQuantizationType[tname]
-    w.add_tensor(gname, quantize(stored, qt), raw_dtype=qt)
-    return np.asarray(dequantize(quantize(unpermuted, qt), qt), np.float32).reshape(unpermuted.shape)
+    if tname not in QUANTIZABLE_TYPES:
+        blocks = random_k_blocks(x, tname, seed=seed)
+        w.add_tensor(gname, permute(blocks), raw_dtype=qt)
+        return np.asarray(dequantize(blocks, qt), np.float32).reshape(x.shape)
+    w.add_tensor(gname, quantize(permute(x), qt), raw_dtype=qt)
+    return np.asarray(dequantize(quantize(x, qt), qt), np.float32).reshape(x.shape)
 
 
 def _finish(w) -> None:
@@ -466,7 +497,7 @@ def make_tiny_arch_gguf(path: str | Path, cfg, *, quant_types: Sequence[str] = (
         if cfg.model_type == "gemma3" and name.endswith("norm.weight"):
             x = x + np.float32(1.0)  # Gemma3Model.norm_shift
         tname = "F32" if x.ndim == 1 else quant_types[matrices.index(name) % len(quant_types)]
-        expected[name] = _add_gguf_tensor(w, gname, x, tname, unpermuted=x)
+        expected[name] = _add_gguf_tensor(w, gname, x, tname, seed=len(expected))
         stored_types[gname] = tname
     _finish(w)
     return TinyGGUF(path, expected, cfg, stored_types)
@@ -475,7 +506,7 @@ def make_tiny_arch_gguf(path: str | Path, cfg, *, quant_types: Sequence[str] = (
 __all__ = [
     "BOS_ID", "CHATML_TEMPLATE", "DEFAULT_VOCAB", "EOS_ID", "SPECIAL_TOKENS", "TINY_GEMMA3_WINDOW", "TinyGGUF",
     "expected_checkpoint_weights", "gguf_vocab", "hf_to_gguf_name", "llama_cpp_permute", "make_tiny_arch_gguf",
-    "make_tiny_arch_hf_checkpoint", "make_tiny_gguf", "make_tiny_hf_checkpoint", "random_llama_weights",
-    "round_to_dtype", "tiny_config", "tiny_gemma3_config", "tiny_hf_expected_weights", "tiny_qwen3_config",
-    "tiny_tokenizer_json", "write_safetensors",
+    "make_tiny_arch_hf_checkpoint", "make_tiny_gguf", "make_tiny_hf_checkpoint", "random_k_blocks",
+    "random_llama_weights", "round_to_dtype", "tiny_config", "tiny_gemma3_config", "tiny_hf_expected_weights",
+    "tiny_qwen3_config", "tiny_tokenizer_json", "write_safetensors",
 ]

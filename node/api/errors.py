@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from node.api.clients import BODY_BUDGET, CLIENT, client_identity
 from node.api.protocol import ErrorInfo, ErrorResponse
-from node.errors import ClientShareError, ConfigError, ContextLengthError, EngineBusyError, RequestError
+from node.errors import ClientShareError, ConfigError, ContextLengthError, EngineBusyError, NoChatTemplateError, RequestError
 from verify.grammar import GrammarError
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ def api_error_of(exc: Exception, shutting_down: bool = False) -> APIError:
         return APIError(status, str(exc), code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, NoChatTemplateError):
+        return APIError(400, str(exc), param="model", code="no_chat_template")
     if isinstance(exc, RequestError):
         return APIError(400, str(exc))
     if isinstance(exc, GrammarError):

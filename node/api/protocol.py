@@ -532,6 +532,7 @@ class ModelCard(BaseModel):
     model_id: str  # sha256 of the model's manifest: what receipts name
     backend: str
     max_context: int
+    format: str | None = None  # the checkpoint's stored weight types ("gguf:F32+Q4_1+Q8_0"); None for a peer's offer
     peers: list[str] | None = None  # a model served through the network: the peers that serve it
 
 

@@ -97,7 +97,7 @@ class Node:
     def model_cards(self) -> list[ModelCard]:
         """The models served here, then those only a known peer serves (GET /v1/models)."""
         cards = [ModelCard(id=s.name, created=s.created, model_id=s.loaded.model_id, backend=s.loaded.backend,
-                           max_context=s.loaded.max_context) for s in self.models.values()]
+                           max_context=s.loaded.max_context, format=s.loaded.weight_format) for s in self.models.values()]
         if self.network is not None:
             cards += [ModelCard(id=name, created=0, owned_by="proofmesh-network", model_id=offer.model_id,
                                 backend=offer.backend, max_context=offer.max_context, peers=peers)

@@ -22,6 +22,7 @@ from node.runtime.prepared_cache import load_prepared, save_prepared
 from node.models.checkpoint import Checkpoint
 from node.models.llama.load import load_checkpoint
 from node.models.llama.model import fuse_hf_weights, native_params
+from node.runtime.allocator import return_freed_memory
 from node.runtime.model_runtime import CacheLimits, ModelRuntime
 from node.compiler.targets import DeviceTarget, detect
 from node.models.tokenizer import TextTokenizer
@@ -53,6 +54,11 @@ class LoadedModel:
         """The device's description, plus ``/native`` when quantized blocks are computed on in place
         (still fp32 arithmetic: the same precision class and tolerance)."""
         return self.device.description + ("/native" if self.weight_layout else "")
+
+    @property
+    def weight_format(self) -> str:
+        """The checkpoint's stored weight types (``gguf:F32+Q4_K+Q6_K``): hashed into ``model_id``."""
+        return self.manifest.weight_dtype
 
     @property
     def vocab_size(self) -> int:
@@ -117,9 +123,9 @@ def load_model(
     progress: ProgressFn = log.info,
     weights: str = "native",
 ) -> LoadedModel:
-    """``weights="native"`` keeps a GGUF's Q4_0/Q4_1/Q8_0 weights in their blocks and runs the
-    quantized kernels on them; ``"fp32"`` dequantizes every weight at load time. Both are
-    honest backends of the same ``model_id``."""
+    """``weights="native"`` keeps every matrix in its stored form (llama.cpp's blocks, 16-bit
+    floats) and runs the native kernels on them; ``"fp32"`` widens every weight to float32 at
+    load time. Both are honest backends of the same ``model_id``."""
     if weights not in WEIGHT_MODES:
         raise ConfigError(f"unknown weights mode {weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
     start = time.perf_counter()
@@ -134,11 +140,14 @@ def load_model(
              + (f"  weights native ({', '.join(sorted(set(layout.values())))} blocks)" if layout else "  weights fp32"))
     library = compile_model(ckpt.config, target.target, root, layout=layout)
     runtime = ModelRuntime(ckpt.config, library, params, target, limits)
+    config, tokenizer = ckpt.config, ckpt.tokenizer
+    del ckpt, params  # uploaded: the host copies and the load's buffers go back to the OS
+    return_freed_memory()
     return LoadedModel(
         name=model,
         path=path,
-        config=ckpt.config,
-        tokenizer=ckpt.tokenizer,
+        config=config,
+        tokenizer=tokenizer,
         manifest=manifest,
         runtime=runtime,
         device=target,

@@ -2,7 +2,8 @@
 
 Parsing the default GGUF (its 49k-entry vocabulary is read field by field) and dequantizing
 its blocks takes ~5 s on 2 cores; reading the prepared tensors back through safetensors
-takes well under a second. Quantized weights are kept as their blocks (``QuantizedTensor``). The entry is keyed by the source's path, size and
+takes well under a second. Weights are kept in the form they are served in: blocks and 16-bit
+matrices as their stored bytes (``QuantizedTensor``), never a widened copy. The entry is keyed by the source's path, size and
 modification time, so an edited or replaced model file is prepared afresh; the weights
 digest and format are carried over from the real load, so ``model_id`` is unchanged.
 
@@ -31,7 +32,7 @@ from node.models.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-PREPARED_VERSION = 2  # 2: quantized weights stored as blocks
+PREPARED_VERSION = 3  # 2: quantized weights stored as blocks; 3: K-quants too, and 16-bit matrices kept 16-bit
 
 
 def source_key(path: Path) -> str:

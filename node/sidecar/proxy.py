@@ -173,7 +173,7 @@ class Sidecar:
     def model_cards(self) -> list[ModelCard]:
         """The models answers can be checked with here: what ``GET /v1/models`` lists."""
         return [ModelCard(id=Path(m.name).name, created=self.started, model_id=model_id, backend=m.backend,
-                          max_context=m.max_context) for model_id, m in sorted(self.backends.items())]
+                          max_context=m.max_context, format=m.weight_format) for model_id, m in sorted(self.backends.items())]
 
     async def evidence(self, up: Upstream, receipt_id: str, node_id: str, token: str | None,
                        headers: dict[str, str]) -> AnswerFile | None:

@@ -76,6 +76,7 @@ class AuditModel(ScoringBackend, Protocol):
     tokenizer: TextTokenizer
     max_context: int
     backend: str
+    weight_format: str  # the checkpoint's stored weight types, as GET /v1/models shows them
 
 
 class AnswerChecker(Protocol):

@@ -1,6 +1,6 @@
 """Load a llama.cpp GGUF file of any registered architecture into a ``Checkpoint``.
 
-Read with ``gguf.GGUFReader`` (a memory map; format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
+Read with ``node.models.gguf_file`` (a memory map; format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
 ``general.architecture`` picks the entry of ``node.models.architectures`` (``llama``, ``qwen2``,
 ``qwen3``, ``gemma3``; anything else is refused). The config comes from the ``{arch}.*`` metadata,
 tensor names from the entry's name map, the tokenizer from ``tokenizer.ggml.*`` (see
@@ -14,8 +14,8 @@ by name: ``gguf_names.IMPLEMENTED_KEYS`` for the Llama family) and every tensor'
 
 Two layout facts of llama.cpp's converter (``convert_hf_to_gguf.py``) are undone here:
 
-* GGUF lists dimensions fastest first (``ne``); ``GGUFReader`` already exposes the data in numpy
-  (row-major) order, ``[out_features, in_features]`` for a matrix, which is the HF layout.
+* GGUF lists dimensions fastest first (``ne``); the data is in numpy (row-major) order for the
+  reversed shape, ``[out_features, in_features]`` for a matrix, which is the HF layout.
 * For ``llama`` only (``LlamaModel``; Qwen2/Qwen3/Gemma 3 keep HF's rows for NEOX RoPE), the rows of
   ``attn_q`` (with ``n_head``) and ``attn_k`` (with ``n_head_kv``) are permuted from
   HF's rotate-half RoPE layout to GGML's interleaved one:
@@ -33,6 +33,7 @@ import numpy as np
 from node.errors import ModelLoadError
 from node.models import architectures
 from node.models.checkpoint import Checkpoint, WeightsDigest, check_finite, check_weights, keeps_stored_form
+from node.models.gguf_file import GGUFFile, GGUFTensor
 from node.models.tokenizer import TextTokenizer
 
 from node.models.quant.blocks import FORMATS, QuantizedTensor
@@ -55,34 +56,14 @@ def unpermute_qk_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_metadata(reader: Any) -> dict[str, Any]:
-    """Every GGUF key/value as plain Python values (strings, numbers, lists)."""
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        out[key] = field.contents()
-    return out
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Every GGUF key/value of the file at ``path`` as plain Python values (strings, numbers, lists)."""
+    return GGUFFile.open(path).metadata
 
 
-def header_metadata(reader: Any) -> dict[str, Any]:
-    """The metadata without the tokenizer's arrays (reading Gemma's 262,144 tokens and scores field
-    by field takes seconds): enough to refuse a file, with the vocabulary's size kept."""
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if key.startswith("tokenizer.ggml.") and len(field.data) > 1:
-            if key == "tokenizer.ggml.tokens":
-                out["tokenizer.ggml.token_count"] = len(field.data)
-            continue
-        out[key] = field.contents()
-    return out
-
-
-def check_tensor_types(tensors: dict[str, Any], source: str) -> None:
+def check_tensor_types(tensors: dict[str, GGUFTensor], source: str) -> None:
     """Refuse a file holding any tensor type we cannot compute, naming every one (up to 8)."""
-    bad = [(name, t.tensor_type.name) for name, t in sorted(tensors.items()) if t.tensor_type.name not in SUPPORTED_GGML_TYPES]
+    bad = [(name, t.type_name) for name, t in sorted(tensors.items()) if t.type_name not in SUPPORTED_GGML_TYPES]
     if bad:
         listed = ", ".join(f"{name} ({kind})" for name, kind in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise ModelLoadError(f"{source}: {len(bad)} tensor(s) have GGML types this node cannot compute: {listed}; "
@@ -124,38 +105,31 @@ def read_gguf_weights(path: str | Path) -> GGUFWeights:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file does not exist: {path}")
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as exc:  # the reader raises ValueError/struct errors on garbage
-        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
     source = str(path)
-    header = header_metadata(reader)
-    arch = architectures.of_gguf(header, source)  # refused from the header, before any tensor or the vocabulary
-    tensors = {t.name: t for t in reader.tensors}
-    config = arch.config_from_gguf(header, set(tensors), source)
+    file = GGUFFile.open(path)
+    meta, tensors = file.metadata, file.tensors
+    arch = architectures.of_gguf(meta, source)  # refused from the header, before any tensor is touched
+    config = arch.config_from_gguf(meta, set(tensors), source)
     check_tensor_types(tensors, source)
-    meta = read_metadata(reader)
 
     digest = WeightsDigest(len(tensors))
     weights: dict[str, np.ndarray] = {}
     stored_types = set()
     for name in sorted(tensors):
         t = tensors[name]
-        type_name = t.tensor_type.name
+        type_name = t.type_name
         stored_types.add(type_name)
-        raw = np.ascontiguousarray(t.data)
-        if raw.nbytes != int(t.n_bytes):
-            raise ModelLoadError(f"{source}: tensor {name!r} has {raw.nbytes} bytes, header says {t.n_bytes}")
-        digest.add(name, type_name, [int(d) for d in t.shape], memoryview(raw.view(np.uint8).reshape(-1)))
+        raw = t.data  # a view of the memory map: the blocks are copied once, where they are kept
+        digest.add(name, type_name, t.shape, memoryview(raw))
         hf_name = gguf_to_hf_name(name, arch.gguf_block_names)
         if hf_name is None:
             raise ModelLoadError(f"{source}: unexpected GGUF tensor {name!r} for the {arch.model_type} architecture")
         # GGUF shape is ne order (fastest first); numpy order is its reverse.
         shape = [int(d) for d in reversed(t.shape)]
         if keeps_stored_form(type_name, shape):  # rows are [out_features]
-            w = QuantizedTensor(type_name, (shape[0], shape[1]), raw.view(np.uint8).reshape(shape[0], -1))
+            w = QuantizedTensor(type_name, (shape[0], shape[1]), np.array(raw).reshape(shape[0], -1))
         else:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+            w = np.asarray(dequantize(raw, gguf.GGMLQuantizationType[type_name]), dtype=np.float32).reshape(shape)
         check_finite(name, type_name, w, source)
         if arch.gguf_qk_permuted and (".attn_q." in name or ".attn_k." in name):
             heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
@@ -171,7 +145,6 @@ __all__ = [
     "SUPPORTED_GGML_TYPES",
     "check_tensor_types",
     "config_from_metadata",
-    "header_metadata",
     "gguf_to_hf_name",
     "GGUFWeights",
     "load_gguf_checkpoint",

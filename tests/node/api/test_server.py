@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,6 +117,7 @@ def test_models_health_and_metrics(client, http, node):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert models[0].model_extra["model_id"] == node.model.model_id
+    assert models[0].model_extra["format"] == node.model.manifest.weight_dtype == "safetensors:f32"  # what the folder stores
     health = http.get("/health").json()
     assert health["status"] == "ok" and health["node_id"] == node.key.node_id
     assert health["models"][0]["model_id"] == node.model.model_id and health["models"][0]["backend"] == node.model.backend
@@ -388,6 +390,31 @@ def test_error_statuses(node, verifier, tmp_path):
             assert busy.headers["Retry-After"] == "1"
             streamed = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60)
             assert_openai_error(streamed, 429)  # before any byte of the stream
+    finally:
+        evidence.close()
+
+
+def test_a_base_model_serves_completions_and_refuses_chat(tiny_folder, store, tmp_path):
+    """A model without a chat template (a base model, as Gemma 3 270M is) answers raw completions,
+    and a chat request, streamed or not, gets a 400 naming the missing template instead of a
+    rendering the model never learnt. Same shape as the module's model: its library is reused."""
+    base = shutil.copytree(tiny_folder, tmp_path / "base")
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
+    del tok_cfg["chat_template"]
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    model = load_model(str(base), device="cpu", limits=LIMITS, root=store)
+    assert model.tokenizer.chat_template is None
+    evidence = EvidenceStore(tmp_path / "evidence.sqlite")
+    try:
+        with serving(make_app([model], NodeKey.generate(), evidence)) as url:
+            done = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "Hello", "max_tokens": 3}, timeout=60)
+            assert done.status_code == 200, done.text
+            assert done.json()["usage"]["completion_tokens"] == 3
+            for stream in (False, True):
+                chat = {"model": "base", "messages": HELLO, "max_tokens": 3, "stream": stream}
+                error = assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60), 400,
+                                            param="model", code="no_chat_template")
+                assert "no chat template" in error["message"] and error["type"] == "invalid_request_error"
     finally:
         evidence.close()
 

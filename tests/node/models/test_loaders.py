@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.errors import ConfigError, ModelLoadError, RequestError
+from node.errors import ConfigError, ModelLoadError, NoChatTemplateError, RequestError
 from node.models.llama.checkpoint import WeightsDigest, expected_weight_shapes
 from node.models.llama.load import load_checkpoint
 from node.models.llama.gguf_loader import permute_qk_rows, unpermute_qk_rows
@@ -249,9 +249,85 @@ def test_gguf_tokenizer_rebuild_matches_tokenizer_json(tmp_path):
     assert gg.fingerprint() == hf.fingerprint()  # same vocab, merges, rules: same tokenizer identity
 
 
-def test_gguf_error_unsupported_tensor_type(tmp_path):
-    g = make_tiny_gguf(tmp_path / "t.gguf", raw_types={"blk.0.ffn_up.weight": "IQ2_XXS"})
-    with pytest.raises(ModelLoadError, match=r"blk\.0\.ffn_up\.weight.*IQ2_XXS"):
+def test_gguf_file_reads_what_the_gguf_package_reads(tmp_path):
+    """Our one-pass reader against gguf's own GGUFReader (independent of us): every key, every
+    tensor's type, shape and bytes; a file cut anywhere in its header is refused, not misread."""
+    import gguf
+
+    from node.models.gguf_file import GGUFFile
+
+    g = make_tiny_gguf(tmp_path / "t.gguf", quant_types=("Q4_0", "Q8_0", "F16"))
+    ours, theirs = GGUFFile.open(g.path), gguf.GGUFReader(str(g.path))
+    assert ours.metadata == {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert len(ours.tensors) == len(theirs.tensors)
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.type_name, mine.shape) == (t.tensor_type.name, tuple(int(d) for d in t.shape))
+        assert bytes(mine.data) == np.ascontiguousarray(t.data).tobytes()
+    data = g.path.read_bytes()
+    first_tensor = min(int(t.data_offset) for t in theirs.tensors)
+    for cut in (3, 20, 200, first_tensor - 40, len(data) - 1):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError):
+            GGUFFile.open(tmp_path / "cut.gguf")
+
+
+def test_gguf_error_names_every_unsupported_tensor_type(tmp_path):
+    g = make_tiny_gguf(tmp_path / "t.gguf", raw_types={"blk.0.ffn_up.weight": "IQ4_NL", "blk.1.attn_v.weight": "TQ2_0"})
+    with pytest.raises(ModelLoadError, match=r"2 tensor\(s\).*blk\.0\.ffn_up\.weight \(IQ4_NL\), blk\.1\.attn_v\.weight \(TQ2_0\); supported: .*Q4_K"):
+        load_checkpoint(g.path)
+
+
+def test_gguf_error_non_finite_scales(tmp_path):
+    """A block whose f16 scale is infinite would dequantize to NaN: refused at load, named."""
+    g = make_tiny_gguf(tmp_path / "t.gguf", quant_types=("Q8_0",))
+    import gguf
+
+    tensor = next(t for t in gguf.GGUFReader(str(g.path)).tensors if t.name == "blk.1.ffn_down.weight")
+    with open(g.path, "r+b") as f:  # the third block's d field
+        f.seek(int(tensor.data_offset) + 2 * 34)
+        f.write(np.array([np.inf], np.float16).tobytes())
+    with pytest.raises(ModelLoadError, match=r"blk\.1\.ffn_down\.weight.*Q8_0.*1 non-finite scales"):
+        load_checkpoint(g.path)
+
+
+# Config keys that change the computation, each flipped from the tiny model's value: the model
+# must get another model_id or be refused by name (never the same id for another computation).
+FLIPPED_KEYS = {
+    "hidden_act": "gelu_pytorch_tanh", "sliding_window": 8, "rope_theta": 500000.0, "rms_norm_eps": 1e-6,
+    "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True, "head_dim": 8,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 64},
+    "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "partial_rotary_factor": 0.5,
+    "num_key_value_heads": 4, "max_position_embeddings": 128, "quantization_config": {"quant_method": "gptq"},
+}
+
+
+@pytest.mark.parametrize("key", sorted(FLIPPED_KEYS))
+def test_hf_every_computation_key_changes_model_id_or_is_refused(tmp_path, key):
+    from node.models.llama.config import LlamaConfig
+    from node.runtime.loading import manifest_of
+
+    folder = make_tiny_hf_checkpoint(tmp_path / "base")
+    base = json.loads((folder / "config.json").read_text())
+    flipped = {**base, key: FLIPPED_KEYS[key]}
+    if key == "sliding_window":
+        flipped["model_type"], flipped["architectures"] = "mistral", ["MistralForCausalLM"]
+    try:
+        config = LlamaConfig.from_hf_dict(flipped)
+    except ConfigError as exc:
+        assert key in str(exc)
+        return
+    ckpt = load_checkpoint(folder)
+    other = type(ckpt)(**{**ckpt.__dict__, "config": config})
+    assert manifest_of(other).model_id != manifest_of(ckpt).model_id
+    if key == "sliding_window":  # served exactly: no more context than the window
+        assert config.context_limit == 8
+
+
+def test_gguf_error_names_an_unknown_llama_key_before_reading_weights(tmp_path):
+    g = make_tiny_gguf(tmp_path / "t.gguf", extra_metadata={"llama.final_logit_softcapping": 30.0})
+    with pytest.raises(ConfigError, match="llama.final_logit_softcapping"):
         load_checkpoint(g.path)
 
 
@@ -259,27 +335,6 @@ def test_gguf_error_unregistered_architecture(tmp_path):
     g = make_tiny_gguf(tmp_path / "t.gguf", arch="phi3")
     with pytest.raises(ConfigError, match=r"unsupported GGUF architecture 'phi3'.*supported: 'llama'.*'gemma3'"):
         load_checkpoint(g.path)
-
-
-def test_gguf_error_sentencepiece_vocab(tmp_path):
-    import gguf
-
-    path = tmp_path / "spm.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, val in [(w.add_block_count, 1), (w.add_embedding_length, 32), (w.add_feed_forward_length, 64),
-                     (w.add_head_count, 2), (w.add_head_count_kv, 2), (w.add_context_length, 64)]:
-        add(val)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    from node.models.llama.gguf_loader import read_metadata
-
-    meta = read_metadata(gguf.GGUFReader(str(path)))
-    with pytest.raises(ModelLoadError, match="'llama' is not supported yet"):
-        TextTokenizer.from_gguf_metadata(meta, source=str(path))
 
 
 # ---------------------------------------------------------------------- weights digest
@@ -450,7 +505,7 @@ def test_chat_template_errors(tmp_path, tok):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     bare = load_checkpoint(folder).tokenizer
     assert bare.chat_template is None
-    with pytest.raises(RequestError, match="no chat template"):
+    with pytest.raises(NoChatTemplateError, match="no chat template"):
         bare.render_chat(CHAT)
     (folder / "chat_template.jinja").write_text(
         "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}ok")

@@ -93,7 +93,8 @@ def test_honest_answers_pass_through_unchanged_and_their_audits_pass(models, tmp
             streamed = "".join(c.choices[0].text for c in client.completions.create(
                 model="tiny", prompt="Once upon", max_tokens=10, seed=2, stream=True) if c.choices)
             assert streamed == direct.completions.create(model="tiny", prompt="Once upon", max_tokens=10, seed=2).choices[0].text
-            assert [m.id for m in client.models.list().data] == ["tiny"]
+            listed = client.models.list().data
+            assert [m.id for m in listed] == ["tiny"] and listed[0].model_extra["format"] == models.auditor.weight_format
             audits = settled(url, 2)
             assert len(audits) == 2 and {a["state"] for a in audits} == {"pass"}
             assert via.model_extra["proofmesh"]["receipt"]["receipt_id"] in {a["receipt_id"] for a in audits}
