@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +160,14 @@ def test_gemma3_gguf_pattern_key_is_refused(tmp_path):
 def gemma3_ckpt(tmp_path_factory):
     folder, _ = make_tiny_arch_hf_checkpoint(tmp_path_factory.mktemp("g3"), tiny_gemma3_config())
     return load_checkpoint(folder)
+
+
+def test_gemma3_quantized_folder_keeps_its_norms(tmp_path, gemma3_ckpt):
+    """``proofmesh compile --quantize`` writes HF folders: Gemma's norms go back to ``w`` on disk, so
+    the folder reloads with the same ``1 + w`` multipliers (not ``2 + w``)."""
+    from node.models.llama.hf_loader import save_quantized
+
+    out = save_quantized(gemma3_ckpt, Path(gemma3_ckpt.source), tmp_path / "q8", "Q8_0")
+    again = load_checkpoint(out)
+    for name in (n for n in gemma3_ckpt.weights if n.endswith("norm.weight")):
+        np.testing.assert_array_equal(again.weights[name], gemma3_ckpt.weights[name], err_msg=name)
