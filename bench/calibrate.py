@@ -12,7 +12,8 @@ with 1 thread and TVM host with 1 thread (each in a subprocess: TVM's thread cou
 process), and the independent float64 numpy reference. Quantized models run natively on every
 TVM backend (kernels over the GGML blocks); for them the dequantized fp32 path (``host-fp32``)
 is one more generator (batch 8) and one more verifier, so native and fp32 check each other. Models, one row group per weight dtype:
-the default model (GGUF Q4_1/Q8_0) and tiny random models (fp32 and bf16 safetensors, GGUF Q8_0).
+the default model (GGUF Q4_1/Q8_0, or the real models given with ``--model``) and tiny random
+models (fp32 and bf16 safetensors, GGUF Q8_0, and a Q4_K_M-like mix of Q4_K, Q6_K, Q5_0, Q8_0).
 
 A share of the honest answers (``--grammar-share``, default a quarter) are structured output
 drawn under a grammar's mask (``bench.harness.STRUCTURED``: JSON mode, a JSON schema, a forced
@@ -21,6 +22,7 @@ the table repeats their statistics on their own, with the false fraud verdicts t
 tolerances (``verify.verifier.Tolerances``, finish rules included) would give.
 
     python -m bench.calibrate [--default-answers 80] [--tiny-answers 1200] [--grammar-share 0.25] [--out bench/calibration]
+                              [--tiny-models tiny-q4_k_m,...] [--model LABEL=MODEL ...]
 
 Writes ``calibration.json`` (every pair's statistics and the chosen tolerances) and
 ``calibration.md`` (the table) under ``--out``; both are committed.
@@ -89,7 +91,7 @@ def answer_stats(answers: list[AnswerFile], backend) -> list[dict]:
 
 def verify_in_subprocess(model: str, root: Path, target: str, threads: int, answers_path: Path) -> list[dict]:
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "bench.calibrate", "--verify-files", str(answers_path), "--model", model,
+    cmd = [sys.executable, "-m", "bench.calibrate", "--verify-files", str(answers_path), "--verify-model", model,
            "--target", target, "--root", str(root)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
@@ -232,14 +234,18 @@ def main() -> None:
     ap.add_argument("--tiny-answers", type=int, default=1200)
     ap.add_argument("--grammar-share", type=float, default=0.25, help="share of requests for structured output")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--tiny-models", help="comma-separated tiny models to run (default: all; '' for none)")
+    ap.add_argument("--model", action="append", metavar="LABEL=MODEL",
+                    help="a real model (registry name or path) to calibrate with --default-answers answers; "
+                         "repeatable (default: the default model)")
     ap.add_argument("--verify-files", type=Path, help=argparse.SUPPRESS)  # subprocess mode
-    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--verify-model", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.verify_files:
         answers = [AnswerFile.model_validate_json(line) for line in args.verify_files.read_text().splitlines()]
-        print(json.dumps(answer_stats(answers, _load(args.model, args.target, args.root))))
+        print(json.dumps(answer_stats(answers, _load(args.verify_model, args.target, args.root))))
         return
 
     from tests.models_fixtures import make_tiny_gguf, make_tiny_hf_checkpoint
@@ -248,16 +254,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_root = Path(tmp)
         tiny = {
-            "tiny-fp32": (str(make_tiny_hf_checkpoint(tmp_root / "fp32", seed=0)), "safetensors:f32"),
-            "tiny-bf16": (str(make_tiny_hf_checkpoint(tmp_root / "bf16", seed=1, dtype="bfloat16")), "safetensors:bf16"),
-            "tiny-q8_0": (str(make_tiny_gguf(tmp_root / "q8.gguf", quant_types=("Q8_0",), seed=2).path), "gguf:Q8_0"),
+            "tiny-fp32": lambda: (make_tiny_hf_checkpoint(tmp_root / "fp32", seed=0), "safetensors:f32"),
+            "tiny-bf16": lambda: (make_tiny_hf_checkpoint(tmp_root / "bf16", seed=1, dtype="bfloat16"), "safetensors:bf16"),
+            "tiny-q8_0": lambda: (make_tiny_gguf(tmp_root / "q8.gguf", quant_types=("Q8_0",), seed=2).path, "gguf:Q8_0"),
+            "tiny-q4_k_m": lambda: (make_tiny_gguf(tmp_root / "q4km.gguf", quant_types=("Q4_K", "Q6_K", "Q5_0", "Q8_0"), seed=3,
+                                                   hidden=256, intermediate=512).path, "gguf:F32+Q4_K+Q5_0+Q6_K+Q8_0"),
         }
-        for i, (label, (path, dtype)) in enumerate(tiny.items()):
-            rows += calibrate_model(label, path, dtype, tmp_root / "store", args.tiny_answers // len(tiny), (16, 64, 128), seed=i,
-                                    grammar_share=args.grammar_share)
-        if args.default_answers:
-            rows += calibrate_model("smollm2-135m", DEFAULT_MODEL, "gguf:Q4_1+Q8_0", model_store.store_root(),
-                                    args.default_answers, (16, 64, 256, 512), seed=99, grammar_share=args.grammar_share)
+        chosen_tiny = [t for t in (args.tiny_models.split(",") if args.tiny_models else tiny) if t]
+        for i, label in enumerate(chosen_tiny):
+            path, dtype = tiny[label]()
+            rows += calibrate_model(label, str(path), dtype, tmp_root / "store", args.tiny_answers // len(chosen_tiny),
+                                    (16, 64, 128), seed=i, grammar_share=args.grammar_share)
+        for i, spec in enumerate(args.model or [f"smollm2-135m={DEFAULT_MODEL}"] if args.default_answers else []):
+            label, model = spec.split("=", 1)
+            path = model_store.resolve(model)
+            dtype = load_checkpoint_cached(path, model_store.store_root(), progress=lambda m: None, keep_quantized=True).weight_format
+            rows += calibrate_model(label, model, dtype, model_store.store_root(), args.default_answers, (16, 64, 256, 512),
+                                    seed=99 + i, grammar_share=args.grammar_share)
     chosen = choose_tolerances(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps({"rows": rows, "tolerances": chosen}, indent=1))

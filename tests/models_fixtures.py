@@ -253,9 +253,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def random_k_blocks(x: np.ndarray, ggml_type: str, seed: int) -> np.ndarray:
-    """(rows, bytes) random blocks of a K-quant type whose dequantized values span what ``x`` spans
-    (any bytes are a valid block; the f16 scales are set so): stand-ins for llama.cpp's quantizer,
-    which the ``gguf`` package does not port."""
+    """(rows, bytes) random blocks of a K-quant type whose dequantized values have about ``x``'s
+    spread (any bytes are a valid block; the f16 scales are set so that a uniform spread has x's
+    standard deviation): stand-ins for llama.cpp's quantizer, which the ``gguf`` package does not port."""
     import gguf
     from gguf.quants import dequantize
 
@@ -268,7 +268,7 @@ def random_k_blocks(x: np.ndarray, ggml_type: str, seed: int) -> np.ndarray:
         blocks[:, :, at:at + 2] = np.array([1.0], np.float16).view(np.uint8)
     spread = float(np.abs(dequantize(blocks.reshape(rows, -1), qt)).max())
     for at in scale_fields:
-        blocks[:, :, at:at + 2] = np.array([np.abs(x).max() / spread], np.float16).view(np.uint8)
+        blocks[:, :, at:at + 2] = np.array([np.sqrt(3.0) * x.std() / spread], np.float16).view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
