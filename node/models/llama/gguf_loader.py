@@ -26,7 +26,7 @@ Two layout facts of llama.cpp's converter (``convert_hf_to_gguf.py``) are undone
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -70,35 +70,7 @@ def check_tensor_types(tensors: dict[str, GGUFTensor], source: str) -> None:
                              f"supported: {', '.join(SUPPORTED_GGML_TYPES)}")
 
 
-class GGUFWeights(NamedTuple):
-    """A GGUF file's model without its tokenizer (what a forward pass needs)."""
-
-    meta: dict[str, Any]
-    config: Any
-    weights: dict[str, np.ndarray | QuantizedTensor]
-    weights_digest: str
-    weight_format: str
-    source: str
-
-
 def load_gguf_checkpoint(path: str | Path) -> Checkpoint:
-    model = read_gguf_weights(path)
-    tokenizer = TextTokenizer.from_gguf_metadata(model.meta, source=model.source)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ModelLoadError(f"{model.source}: tokenizer has {tokenizer.vocab_size} tokens, "
-                             f"the model {model.config.vocab_size}")
-    return Checkpoint(
-        config=model.config,
-        weights=model.weights,
-        tokenizer=tokenizer,
-        weights_digest=model.weights_digest,
-        weight_format=model.weight_format,
-        source=model.source,
-    )
-
-
-def read_gguf_weights(path: str | Path) -> GGUFWeights:
-    """Config and weights of a GGUF file; its tokenizer is ``load_gguf_checkpoint``'s to read."""
     import gguf
     from gguf.quants import dequantize
 
@@ -137,7 +109,17 @@ def read_gguf_weights(path: str | Path) -> GGUFWeights:
         weights[hf_name] = w if isinstance(w, QuantizedTensor) else np.ascontiguousarray(w, dtype=np.float32)
 
     check_weights(arch.expected_weight_shapes(config), weights, source)
-    return GGUFWeights(meta, config, weights, digest.hexdigest(), "gguf:" + "+".join(sorted(stored_types)), source)
+    tokenizer = TextTokenizer.from_gguf_metadata(meta, source=source)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ModelLoadError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+    return Checkpoint(
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        weights_digest=digest.hexdigest(),
+        weight_format="gguf:" + "+".join(sorted(stored_types)),
+        source=source,
+    )
 
 
 __all__ = [
@@ -146,9 +128,7 @@ __all__ = [
     "check_tensor_types",
     "config_from_metadata",
     "gguf_to_hf_name",
-    "GGUFWeights",
     "load_gguf_checkpoint",
-    "read_gguf_weights",
     "permute_qk_rows",
     "unpermute_qk_rows",
 ]
