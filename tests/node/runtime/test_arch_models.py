@@ -10,11 +10,13 @@ far beyond the tolerance).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
 
 from node.compiler.build import compile_model
+from node.compiler.targets import cuda_target_for_arch
 from node.errors import ConfigError
 from node.models import architectures
 from node.models.llama.load import load_checkpoint
@@ -118,3 +120,9 @@ def test_gemma3_sliding_window_is_what_the_model_computes(gemma3):
 def test_gemma3_refuses_prefill_chunks_longer_than_the_window(gemma3):
     with pytest.raises(ConfigError, match="sliding window"):
         gemma3.runtime("hf", dataclasses.replace(LIMITS, prefill_chunk=TINY_GEMMA3_WINDOW + 1))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="TVM needs nvcc to build CUDA kernels")
+def test_gemma3_cuda_library_compiles_without_a_gpu(tmp_path):
+    """The GPU path builds (its own RoPE op, TVM's GPU sliding-window kernels); it runs where a GPU is lent."""
+    assert compile_model(tiny_gemma3_config(), cuda_target_for_arch("sm_90"), tmp_path).path.exists()
