@@ -410,7 +410,7 @@ def tiny_gemma3_config(*, vocab: int = DEFAULT_VOCAB, final_logit_softcapping: f
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
         layer_types=tuple(GLOBAL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)),
-        sliding_window=TINY_GEMMA3_WINDOW, query_pre_attn_scalar=32.0, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        sliding_window=TINY_GEMMA3_WINDOW, query_pre_attn_scalar=32, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
         rope_local_base_freq=10_000.0, final_logit_softcapping=final_logit_softcapping, tie_word_embeddings=True,
         max_position_embeddings=256,
     )

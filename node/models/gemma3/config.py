@@ -41,7 +41,7 @@ class Gemma3Config:
     head_dim: int
     layer_types: tuple[str, ...]  # per layer: "sliding_attention" or "full_attention"
     sliding_window: int  # keys a sliding layer sees, the query's own included
-    query_pre_attn_scalar: float
+    query_pre_attn_scalar: int  # an int in transformers (256 for 270M; 168 = hidden / heads for 27B)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0  # global layers
     rope_local_base_freq: float = 10_000.0  # sliding layers
@@ -135,7 +135,7 @@ class Gemma3Config:
             head_dim=int(cfg.get("head_dim", 256)),
             layer_types=tuple(layer_types),
             sliding_window=int(need("sliding_window")),
-            query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+            query_pre_attn_scalar=int(cfg.get("query_pre_attn_scalar", 256)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(cfg.get("rope_theta", global_rope.get("rope_theta", 1_000_000.0))),
             rope_local_base_freq=float(cfg.get("rope_local_base_freq", local_rope.get("rope_theta", 10_000.0))),

@@ -112,7 +112,7 @@ def config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: st
         head_dim=head_dim,
         layer_types=tuple(GLOBAL if (i + 1) % DEFAULT_SLIDING_PATTERN == 0 else SLIDING for i in range(n_layers)),
         sliding_window=int(m.need("attention.sliding_window")),
-        query_pre_attn_scalar=float(hidden // heads if n_layers == LLAMA_CPP_27B_LAYERS else head_dim),
+        query_pre_attn_scalar=hidden // heads if n_layers == LLAMA_CPP_27B_LAYERS else head_dim,
         rms_norm_eps=f32_value(m.get("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=f32_value(m.get("rope.freq_base", 1_000_000.0)),
         rope_local_base_freq=LLAMA_CPP_SWA_ROPE_BASE,

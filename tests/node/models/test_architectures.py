@@ -128,7 +128,7 @@ def test_qwen3_sliding_window_applies_only_with_use_sliding_window(tmp_path, use
 
 
 @pytest.mark.parametrize("change", [
-    {"sliding_window": 25}, {"query_pre_attn_scalar": 24.0}, {"rope_local_base_freq": 20_000.0},
+    {"sliding_window": 25}, {"query_pre_attn_scalar": 24}, {"rope_local_base_freq": 20_000.0},
     {"rope_theta": 2e6}, {"final_logit_softcapping": None}, {"rms_norm_eps": 1e-5},
     {"layer_types": ("full_attention",) * 6}, {"tie_word_embeddings": False},
 ])
