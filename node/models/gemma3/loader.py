@@ -22,21 +22,16 @@ import numpy as np
 
 from node.errors import ConfigError
 from node.models.llama.gguf_names import GGUFMetadata, f32_value
+from node.models.qwen3.loader import GGUF_BLOCK_NAMES as QWEN3_BLOCK_NAMES
+from node.models.qwen3.loader import expected_weight_shapes as qwen3_weight_shapes
 
 from .config import DEFAULT_SLIDING_PATTERN, GLOBAL, SLIDING, Gemma3Config
 
-NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+# Qwen3's names (Llama's and the q/k norms) except the norms around the MLP: llama.cpp calls the
+# norm before it ``ffn_norm`` (Llama's ``post_attention_layernorm``), and Gemma's
+# ``post_attention_layernorm`` (after attention, before the residual add) ``post_attention_norm``.
 GGUF_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
+    **QWEN3_BLOCK_NAMES,
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
@@ -53,25 +48,11 @@ LLAMA_CPP_27B_LAYERS = 62  # llama-model.cpp: the one size whose attention scale
 
 
 def expected_weight_shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
-    h, hd = cfg.hidden_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    """Qwen3's tensors (Llama's and the q/k norms) and the two norms around the MLP."""
+    shapes = qwen3_weight_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}"
-        shapes[f"{p}.self_attn.q_proj.weight"] = (q, h)
-        shapes[f"{p}.self_attn.k_proj.weight"] = (kv, h)
-        shapes[f"{p}.self_attn.v_proj.weight"] = (kv, h)
-        shapes[f"{p}.self_attn.o_proj.weight"] = (h, q)
-        shapes[f"{p}.self_attn.q_norm.weight"] = (hd,)
-        shapes[f"{p}.self_attn.k_norm.weight"] = (hd,)
-        shapes[f"{p}.mlp.gate_proj.weight"] = (cfg.intermediate_size, h)
-        shapes[f"{p}.mlp.up_proj.weight"] = (cfg.intermediate_size, h)
-        shapes[f"{p}.mlp.down_proj.weight"] = (h, cfg.intermediate_size)
-        for norm in NORMS:
-            shapes[f"{p}.{norm}.weight"] = (h,)
-    shapes["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+        for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            shapes[f"model.layers.{i}.{norm}.weight"] = (cfg.hidden_size,)
     return shapes
 
 
