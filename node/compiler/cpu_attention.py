@@ -11,8 +11,12 @@ exactly the verifier's workload. This kernel has the same signature and results,
 - vectorizes the q.k dot product as ``LANES`` partial sums (then folds them) and the
   probability-weighted sum of values along ``d``.
 
+The paged prefill and decode kernels also come in the cache's sliding-window form (Gemma 3's
+``mha_sliding`` layers: length info (3, b) with the window's offset in its first page), replacing
+TVM's, whose CPU prefill gives NaN.
+
 Supported: ``rotary_mode == 0`` only (RoPE applied before attention: the cache's NORMAL rope
-mode, the one our model uses); ``compile`` checks that the model asks for nothing else.
+mode, or NONE where the model rotates q and k itself, as Gemma 3 does); each kernel asserts it.
 ``lse`` is log2-based as in TVM's kernels, so the cache can merge it with paged attention.
 """
 
