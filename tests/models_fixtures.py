@@ -1,10 +1,14 @@
-"""Tiny Llama checkpoints written to disk for tests: a Hugging Face folder and a GGUF file.
+"""Tiny checkpoints written to disk for tests: a Hugging Face folder and a GGUF file, for Llama and
+for each other registered architecture (Qwen3, Gemma 3).
 
 Both are built from the same deterministic pieces: random weights from a fixed numpy seed and a
 small byte-level BPE trained with ``tokenizers`` on a short text, with the ChatML special tokens
 ``<|endoftext|>`` (0), ``<|im_start|>`` (1), ``<|im_end|>`` (2). The GGUF writer stores q/k rows
 permuted as llama.cpp's converter does and quantizes with ``gguf.quants``, so the loaders' name maps,
 un-permutation and dequantization are exercised against values computed here independently.
+Qwen3 and Gemma 3 GGUF files take their tensor names from ``gguf``'s own ``TensorNameMap`` (llama.cpp's
+map, not ours), keep q/k rows unpermuted and, for Gemma 3, store every norm as ``w + 1``, as
+``convert_hf_to_gguf.py`` does.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from node.models.llama.checkpoint import expected_weight_shapes
+from node.models import architectures
+from node.models.gemma3.config import GLOBAL, SLIDING, Gemma3Config
 from node.models.llama.config import LlamaConfig
 from node.models.quant.blocks import FORMATS, QUANTIZABLE_TYPES
+from node.models.qwen3.config import Qwen3Config
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BOS_ID, EOS_ID = 1, 2  # <|im_start|>, <|im_end|> as in SmolLM2
@@ -99,13 +105,15 @@ def tiny_config(
     )
 
 
-def random_llama_weights(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """float32 HF-named weights, deterministic in (config, seed), scaled so activations stay O(1)."""
+def random_llama_weights(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 HF-named weights as transformers holds them, deterministic in (config, seed), scaled so
+    activations stay O(1). Gemma 3's norms hold ``w`` of its ``1 + w`` multiplier, so theirs are near 0."""
     rng = np.random.default_rng(seed)
+    norm_offset = 0.0 if cfg.model_type == "gemma3" else 1.0
     out = {}
-    for name, shape in sorted(expected_weight_shapes(cfg).items()):
+    for name, shape in sorted(architectures.of_config(cfg).expected_weight_shapes(cfg).items()):
         if name.endswith("norm.weight"):
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
+            w = norm_offset + 0.1 * rng.standard_normal(shape)
         elif name.endswith(".bias"):
             w = 0.1 * rng.standard_normal(shape)
         elif name == "model.embed_tokens.weight":
@@ -271,14 +279,14 @@ def make_tiny_gguf(
     raw_types: dict[str, str] | None = None, chat_template: str | None = CHATML_TEMPLATE,
     extra_metadata: dict[str, float] | None = None,
 ) -> TinyGGUF:
-    """Write a llama GGUF as llama.cpp's converter would; 2-D tensors take ``quant_types`` round-robin.
+    """Write a Llama-family GGUF as llama.cpp's converter would; 2-D tensors take ``quant_types``
+    round-robin. q/k rows are permuted for ``arch="llama"`` (LlamaModel), not for ``"qwen2"`` (Qwen2Model).
 
     A quantized type whose block does not divide the row length falls back to F16 (if listed) or F32;
     norms stay F32. ``raw_types`` writes the named GGUF tensors as random bytes of another GGML type
     (to test unsupported types); ``extra_metadata`` adds float keys (to test refused ones).
     """
     import gguf
-    from gguf.quants import dequantize, quantize
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +297,7 @@ def make_tiny_gguf(
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-test-llama")
+    _add_tiny_tokenizer(w, vocab, add_bos, chat_template)
     w.add_block_count(n_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(hidden)
@@ -299,18 +308,6 @@ def make_tiny_gguf(
     w.add_rope_freq_base(rope_theta)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_vocab_size(vocab)
-    tokens, merges, types = gguf_vocab(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_merges(merges)
-    w.add_token_types(types)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(add_bos)
-    if chat_template is not None:
-        w.add_chat_template(chat_template)
     for key, value in (extra_metadata or {}).items():
         w.add_float32(key, value)
 
@@ -333,39 +330,183 @@ def make_tiny_gguf(
             tname = quant_types[matrices.index(name) % len(quant_types)]
             if tname not in ("F32", "F16") and x.shape[1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tname]][0]:
                 tname = "F16" if "F16" in quant_types else "F32"
-        stored = x
-        if gname.endswith("attn_q.weight"):
-            stored = llama_cpp_permute(x, heads)
-        elif gname.endswith("attn_k.weight"):
-            stored = llama_cpp_permute(x, kv_heads)
-        if tname == "F32":
-            w.add_tensor(gname, np.ascontiguousarray(stored, np.float32))
-            expected[name] = x.copy()
-        elif tname == "F16":
-            w.add_tensor(gname, np.ascontiguousarray(stored, np.float16))
-            expected[name] = x.astype(np.float16).astype(np.float32)
-        elif tname not in QUANTIZABLE_TYPES:  # K-quants: gguf cannot quantize them, so random valid blocks
-            qt = gguf.GGMLQuantizationType[tname]
-            blocks = random_k_blocks(x, tname, seed=len(expected))
-            permuted = {"attn_q.weight": heads, "attn_k.weight": kv_heads}.get(gname.split(".", 2)[-1])
-            w.add_tensor(gname, llama_cpp_permute(blocks, permuted) if permuted else blocks, raw_dtype=qt)
-            expected[name] = np.asarray(dequantize(blocks, qt), np.float32).reshape(x.shape)
-        else:
-            qt = gguf.GGMLQuantizationType[tname]
-            w.add_tensor(gname, quantize(stored, qt), raw_dtype=qt)
-            # Blocks run along rows, so quantization commutes with the row permutation: the
-            # loader must give back the dequantized *unpermuted* rows.
-            expected[name] = np.asarray(dequantize(quantize(x, qt), qt), np.float32).reshape(x.shape)
+        permute_heads = None  # LlamaModel's converter permutes q/k rows; Qwen2Model's does not
+        if arch in ("llama", "mistral"):
+            permute_heads = {"attn_q.weight": heads, "attn_k.weight": kv_heads}.get(gname.split(".", 2)[-1])
+        expected[name] = _add_gguf_tensor(w, gname, x, tname, permute_heads=permute_heads, seed=len(expected))
         stored_types[gname] = tname
+    _finish(w)
+    return TinyGGUF(path, expected, cfg, stored_types)
+
+
+def _add_tiny_tokenizer(w, vocab: int, add_bos: bool, chat_template: str | None) -> None:
+    tokens, merges, types = gguf_vocab(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(types)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+
+def _add_gguf_tensor(w, gname: str, x: np.ndarray, tname: str, permute_heads: int | None = None,
+                     seed: int = 0) -> np.ndarray:
+    """Write HF tensor ``x`` as GGML type ``tname`` (rows permuted for ``permute_heads`` as
+    llama.cpp's LlamaModel does); return the float32 rows the loader must give back: ``x`` as the
+    type stores it, unpermuted (blocks run along rows, so quantization commutes with the row
+    permutation). K-quants, which gguf cannot quantize, are random valid blocks."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    def permute(a: np.ndarray) -> np.ndarray:
+        return llama_cpp_permute(a, permute_heads) if permute_heads else a
+
+    if tname == "F32":
+        w.add_tensor(gname, np.ascontiguousarray(permute(x), np.float32))
+        return np.array(x, np.float32)
+    if tname == "F16":
+        w.add_tensor(gname, np.ascontiguousarray(permute(x), np.float16))
+        return x.astype(np.float16).astype(np.float32)
+    qt = gguf.GGMLQuantizationType[tname]
+    if tname not in QUANTIZABLE_TYPES:
+        blocks = random_k_blocks(x, tname, seed=seed)
+        w.add_tensor(gname, permute(blocks), raw_dtype=qt)
+        return np.asarray(dequantize(blocks, qt), np.float32).reshape(x.shape)
+    w.add_tensor(gname, quantize(permute(x), qt), raw_dtype=qt)
+    return np.asarray(dequantize(quantize(x, qt), qt), np.float32).reshape(x.shape)
+
+
+def _finish(w) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# ---------------------------------------------------------------------- Qwen3 and Gemma 3
+
+
+def tiny_qwen3_config(*, vocab: int = DEFAULT_VOCAB) -> Qwen3Config:
+    """head_dim 32 with hidden 64 and 4 heads: not hidden / heads, so it must come from the config."""
+    return Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                       rope_theta=1_000_000.0, tie_word_embeddings=True, max_position_embeddings=256)
+
+
+TINY_GEMMA3_WINDOW = 24  # shorter than the tests' sequences, not a multiple of the 16-token KV page
+
+
+def tiny_gemma3_config(*, vocab: int = DEFAULT_VOCAB, final_logit_softcapping: float | None = 30.0) -> Gemma3Config:
+    """Six layers so that the sixth is global as in llama.cpp's fixed pattern (GGUF has no layer list);
+    query_pre_attn_scalar = head_dim because a GGUF file cannot say otherwise below 62 layers; a soft
+    cap that bends the tiny model's logits (up to ~25) without flattening them."""
+    n_layers = 6
+    return Gemma3Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        layer_types=tuple(GLOBAL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)),
+        sliding_window=TINY_GEMMA3_WINDOW, query_pre_attn_scalar=32, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+        rope_local_base_freq=10_000.0, final_logit_softcapping=final_logit_softcapping, tie_word_embeddings=True,
+        max_position_embeddings=256,
+    )
+
+
+def _hf_config_json(cfg) -> dict:
+    """config.json as transformers writes it for ``cfg``'s architecture."""
+    common = {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        "torch_dtype": "float32", "attention_bias": False,
+    }
+    if cfg.model_type == "qwen3":
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **common,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_hidden_layers}
+    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **common,
+            "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "rope_local_base_freq": cfg.rope_local_base_freq,
+            "final_logit_softcapping": cfg.final_logit_softcapping, "attn_logit_softcapping": None,
+            "hidden_activation": "gelu_pytorch_tanh", "rope_scaling": None}
+
+
+def expected_checkpoint_weights(cfg, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a Checkpoint holds for HF weights ``hf``: the same, except Gemma 3's norms, held as the
+    multiplier ``1 + w`` (computed in float32, as transformers and llama.cpp's converter do)."""
+    if cfg.model_type != "gemma3":
+        return {k: np.array(v, np.float32) for k, v in hf.items()}
+    return {k: (v + np.float32(1.0)) if k.endswith("norm.weight") else np.array(v, np.float32) for k, v in hf.items()}
+
+
+def make_tiny_arch_hf_checkpoint(folder: str | Path, cfg, *, seed: int = 0) -> tuple[Path, dict[str, np.ndarray]]:
+    """A float32 HF folder of ``cfg`` (Qwen3 or Gemma 3) with the tiny tokenizer; returns the folder and
+    the weights ``load_checkpoint`` must give back."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(_hf_config_json(cfg), indent=2))
+    hf = random_llama_weights(cfg, seed)
+    write_safetensors(folder / "model.safetensors", hf)
+    (folder / "tokenizer.json").write_text(tiny_tokenizer_json(cfg.vocab_size))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID], "unk_token": SPECIAL_TOKENS[0],
+         "pad_token": SPECIAL_TOKENS[0], "chat_template": CHATML_TEMPLATE}))
+    return folder, expected_checkpoint_weights(cfg, hf)
+
+
+def make_tiny_arch_gguf(path: str | Path, cfg, *, quant_types: Sequence[str] = ("F32",), seed: int = 0) -> TinyGGUF:
+    """``cfg`` (Qwen3 or Gemma 3) as llama.cpp's converter writes it: ``gguf``'s name map, rows as HF
+    has them, Gemma 3's norms stored as ``w + 1``; 2-D tensors take ``quant_types`` round-robin."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arch = {"qwen3": gguf.MODEL_ARCH.QWEN3, "gemma3": gguf.MODEL_ARCH.GEMMA3}[cfg.model_type]
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    hf = random_llama_weights(cfg, seed)
+    w = gguf.GGUFWriter(str(path), cfg.model_type)
+    w.add_name(f"tiny-test-{cfg.model_type}")
+    _add_tiny_tokenizer(w, cfg.vocab_size, add_bos=False, chat_template=CHATML_TEMPLATE)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.model_type == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
+        if cfg.final_logit_softcapping is not None:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    else:
+        w.add_rope_dimension_count(cfg.head_dim)
+    expected: dict[str, np.ndarray] = {}
+    stored_types: dict[str, str] = {}
+    matrices = sorted(n for n in hf if hf[n].ndim == 2)
+    for name in sorted(hf):
+        gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        x = hf[name]
+        if cfg.model_type == "gemma3" and name.endswith("norm.weight"):
+            x = x + np.float32(1.0)  # Gemma3Model.norm_shift
+        tname = "F32" if x.ndim == 1 else quant_types[matrices.index(name) % len(quant_types)]
+        expected[name] = _add_gguf_tensor(w, gname, x, tname, seed=len(expected))
+        stored_types[gname] = tname
+    _finish(w)
     return TinyGGUF(path, expected, cfg, stored_types)
 
 
 __all__ = [
-    "BOS_ID", "CHATML_TEMPLATE", "DEFAULT_VOCAB", "EOS_ID", "SPECIAL_TOKENS", "TinyGGUF", "gguf_vocab",
-    "hf_to_gguf_name", "llama_cpp_permute", "make_tiny_gguf", "random_k_blocks", "make_tiny_hf_checkpoint", "random_llama_weights",
-    "round_to_dtype", "tiny_config", "tiny_hf_expected_weights", "tiny_tokenizer_json", "write_safetensors",
+    "BOS_ID", "CHATML_TEMPLATE", "DEFAULT_VOCAB", "EOS_ID", "SPECIAL_TOKENS", "TINY_GEMMA3_WINDOW", "TinyGGUF",
+    "expected_checkpoint_weights", "gguf_vocab", "hf_to_gguf_name", "llama_cpp_permute", "make_tiny_arch_gguf",
+    "make_tiny_arch_hf_checkpoint", "make_tiny_gguf", "make_tiny_hf_checkpoint", "random_k_blocks",
+    "random_llama_weights", "round_to_dtype", "tiny_config", "tiny_gemma3_config", "tiny_hf_expected_weights",
+    "tiny_qwen3_config", "tiny_tokenizer_json", "write_safetensors",
 ]

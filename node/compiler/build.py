@@ -27,8 +27,8 @@ from node.compiler.cpu_attention import use_fast_cpu_attention
 from node.compiler.cpu_rope import use_fast_cpu_rope
 from node.compiler.cpu_schedule import ElementwiseCPU, NTMatmulCPU
 from node.errors import CompileError
-from node.models.llama.config import LlamaConfig
-from node.models.llama.model import LlamaForCausalLM, WeightLayout
+from node.models import architectures
+from node.models.llama.model import WeightLayout
 from node.models.quant.blocks import SPLIT_LAYOUT_VERSION
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _cpu_features_digest() -> str:
     return "unknown"
 
 
-def library_cache_key(cfg: LlamaConfig, target: Target, layout: WeightLayout | None = None) -> str:
+def library_cache_key(cfg, target: Target, layout: WeightLayout | None = None) -> str:
     """Shape, target, TVM and, for natively quantized weights, their layout (which block type
     each weight keeps): another layout is another library, the same ``model_id``."""
     payload = {
@@ -102,16 +102,18 @@ class CompiledLibrary:
         return tvm.runtime.load_module(str(self.path))
 
 
-def export_ir(cfg: LlamaConfig, target: Target, layout: WeightLayout | None = None):
-    model = LlamaForCausalLM(cfg, target, layout)
+def export_ir(cfg, target: Target, layout: WeightLayout | None = None):
+    """The architecture's module (``node.models.architectures``) exported with its spec."""
+    model = architectures.of_config(cfg).model_class()(cfg, target, layout)
     mod, named_params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
-    if target.kind.name == "llvm":  # the model's RoPE mode is NORMAL, as the fast kernels need
-        mod = use_fast_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim)
+    if target.kind.name == "llvm":  # RoPE before attention (NORMAL, or the model's own), as the fast kernels need
+        mod = use_fast_cpu_attention(mod, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim,
+                                     sliding_window_size=architectures.of_config(cfg).sliding_window(cfg) or 0)
         mod = use_fast_cpu_rope(mod, cfg)
     return mod, named_params
 
 
-def compile_model(cfg: LlamaConfig, target: Target, cache_dir: Path, *, layout: WeightLayout | None = None,
+def compile_model(cfg, target: Target, cache_dir: Path, *, layout: WeightLayout | None = None,
                   force: bool = False) -> CompiledLibrary:
     """Return the cached library for (shape, target, TVM, weight layout), building it on a miss."""
     key = library_cache_key(cfg, target, layout)

@@ -11,8 +11,12 @@ exactly the verifier's workload. This kernel has the same signature and results,
 - vectorizes the q.k dot product as ``LANES`` partial sums (then folds them) and the
   probability-weighted sum of values along ``d``.
 
+The paged prefill and decode kernels also come in the cache's sliding-window form (Gemma 3's
+``mha_sliding`` layers: length info (3, b) with the window's offset in its first page), replacing
+TVM's, whose CPU prefill gives NaN.
+
 Supported: ``rotary_mode == 0`` only (RoPE applied before attention: the cache's NORMAL rope
-mode, the one our model uses); ``compile`` checks that the model asks for nothing else.
+mode, or NONE where the model rotates q and k itself, as Gemma 3 does); each kernel asserts it.
 ``lse`` is log2-based as in TVM's kernels, so the cache can merge it with paged attention.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
 from tvm.script import tirx as T
 
 from node.compiler.cpu_schedule import LANES
@@ -125,12 +130,44 @@ def ragged_prefill_attention_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
     return batch_prefill_ragged_kv
 
 
-def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = KV_PAGE_SIZE):
+def _kv_len(page_indptr, b, page_size: int, length_info, sliding: bool):
+    """Keys sequence ``b`` holds in the pages handed to the kernel (TVM's ``_get_kv_chunk_len``; for a
+    sliding layer the cache hands over only the pages of the last ``window`` keys, from an offset)."""
+    n_pages = page_indptr[b + 1] - page_indptr[b]
+    return T.if_then_else(n_pages > 0, _get_kv_chunk_len(n_pages, page_size, b, length_info, sliding), 0)
+
+
+def _first_visible_key(causal, kv_len, qo_len, q_idx, window: int):
+    """The first of the ``kv_len`` cached keys query ``q_idx`` of the chunk may see. TVM's masks
+    (``_causal_or_sliding_cross_mask``): in a sliding layer, a query ``q_idx`` rows into its chunk sees
+    ``window - q_idx - 1`` cached keys (the rest of its window is in the chunk); else all."""
+    if window:
+        return T.if_then_else(causal > 0, T.max(kv_len - T.max(window - q_idx - 1, 0), 0), 0)
+    return 0
+
+
+def _n_visible_keys(causal, kv_len, qo_len, q_idx, window: int):
+    if window:
+        return kv_len - _first_visible_key(causal, kv_len, qo_len, q_idx, window)
+    return T.max(T.if_then_else(causal > 0, T.min(kv_len, kv_len - qo_len + q_idx + 1), kv_len), 0)
+
+
+def _page_slot(pages, page_values, page_indptr, b, pos, kv, head, i, page_size: int, length_info, sliding: bool):
+    """Element ``i`` of the key (kv 0) or value (kv 1) at visible position ``pos`` of sequence ``b``."""
+    offset = _get_seq_offset(pos, b, length_info, sliding)  # past the window's start in its first page
+    return pages[page_values[page_indptr[b] + offset // page_size], kv, head, offset % page_size, i]
+
+
+def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = KV_PAGE_SIZE,
+                                sliding_window_size: int = 0):
     """Queries of the current chunk against the keys and values in the cache's pages (TVM's
-    ``batch_prefill_paged_kv_cpu`` without sliding window: same signature and results). TVM's
-    version walks every slot of the whole cache for every query and head; this one walks the
-    sequence's own keys."""
+    ``batch_prefill_paged_kv_cpu``, and with ``sliding_window_size`` its ``..._sliding_window``
+    form, whose length info is (3, b): last page length, window offset, sink length). Same signature
+    and results, except that TVM's sliding CPU kernel gives NaN (it rescales by ``scale_O[d_idx]`` of
+    a one-element buffer and reads ``new_m`` unset for masked keys). TVM's version walks every slot of
+    the whole cache for every query and head; this one walks the keys the query sees."""
     group_size = h_q // h_kv
+    sliding = sliding_window_size > 0
     assert d % LANES == 0, "head dim must split into vector lanes"
 
     @T.prim_func(s_tir=True)
@@ -140,7 +177,7 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
         var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
         var_page_indptr: T.handle,  # [batch_size + 1]
         var_page_values: T.handle,  # [nnz_pages]
-        var_length_info: T.handle,  # [b]: KV slots used in each sequence's last page
+        var_length_info: T.handle,  # [b]: KV slots used in each sequence's last page; sliding: [3, b]
         var_k_rope_pos_offset: T.handle,  # [b]
         var_q_rope_position: T.handle,  # [total_len]
         var_output: T.handle,  # [total_len, h_q, d]
@@ -171,7 +208,7 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
         q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)  # noqa: F841
         output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
         lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
-        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
+        length_info = _declare_length_info(var_length_info, batch_size, sliding, length_info_elem_offset)
 
         T.Assert(rotary_mode == 0, "ProofMesh's CPU prefill attention expects RoPE applied before attention")
         for b in T.serial(batch_size):
@@ -183,21 +220,31 @@ def paged_prefill_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_si
                     stats = T.sblock_alloc_buffer([2], "float32")  # running max, sum of exp2
                     for q_idx in T.serial(q_indptr[b + 1] - q_indptr[b]):
                         _attend(
-                            q, q_indptr[b] + q_idx, h, T.max(T.if_then_else(causal > 0, T.min(T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0) - (q_indptr[b + 1] - q_indptr[b]) + q_idx + 1), T.if_then_else(page_indptr[b + 1] > page_indptr[b], (page_indptr[b + 1] - page_indptr[b] - 1) * page_size + length_info[b], 0)), 0),
-                            lambda k_idx, i: pages[page_values[page_indptr[b] + k_idx // page_size], 0, h // group_size, k_idx % page_size, i],
-                            lambda k_idx, i: pages[page_values[page_indptr[b] + k_idx // page_size], 1, h // group_size, k_idx % page_size, i],
+                            q, q_indptr[b] + q_idx, h,
+                            _n_visible_keys(causal, _kv_len(page_indptr, b, page_size, length_info, sliding),
+                                            q_indptr[b + 1] - q_indptr[b], q_idx, sliding_window_size),
+                            lambda k_idx, i: _page_slot(pages, page_values, page_indptr, b, _first_visible_key(
+                                causal, _kv_len(page_indptr, b, page_size, length_info, sliding), q_indptr[b + 1] - q_indptr[b],
+                                q_idx, sliding_window_size) + k_idx, 0, h // group_size, i, page_size, length_info, sliding),
+                            lambda k_idx, i: _page_slot(pages, page_values, page_indptr, b, _first_visible_key(
+                                causal, _kv_len(page_indptr, b, page_size, length_info, sliding), q_indptr[b + 1] - q_indptr[b],
+                                q_idx, sliding_window_size) + k_idx, 1, h // group_size, i, page_size, length_info, sliding),
                             output, lse, sm_scale, d, dtype, scores, lanes, acc, stats,
                         )
 
     return batch_prefill_paged_kv_cpu
 
 
-def paged_decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = KV_PAGE_SIZE):
-    """One new query per sequence against its cached keys (TVM's ``batch_decode_paged_kv_cpu``
-    without sliding window: same signature and results). TVM's version is serial over every
+def paged_decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_size: int = KV_PAGE_SIZE,
+                               sliding_window_size: int = 0):
+    """One new query per sequence against its cached keys (TVM's ``batch_decode_paged_kv_cpu``, and
+    with ``sliding_window_size`` its ``..._sliding_window`` form, which reads the window's pages from
+    their offset: same signature and results; the cache appends before decoding, so the window's
+    keys end with the query's own). TVM's version is serial over every
     sequence and head, scalar, and rescales the output at every key; this one runs
     (sequence, head) pairs in parallel, vectorized, with one pass for the max and one for the sum."""
     group_size = h_q // h_kv
+    sliding = sliding_window_size > 0
     assert d % LANES == 0, "head dim must split into vector lanes"
 
     @T.prim_func(s_tir=True)
@@ -206,7 +253,7 @@ def paged_decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_siz
         pages_handle: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
         page_table_indptr_handle: T.handle,  # [B + 1]
         page_table_values_handle: T.handle,  # [nnz_pages]
-        var_length_info: T.handle,  # [B]: KV slots used in each sequence's last page
+        var_length_info: T.handle,  # [B]: KV slots used in each sequence's last page; sliding: [3, B]
         k_rope_pos_offset_handle: T.handle,
         q_rope_position_handle: T.handle,
         output_handle: T.handle,  # [B, h_q, d]
@@ -233,7 +280,7 @@ def paged_decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_siz
         q_rope_position = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_position_elem_offset)  # noqa: F841
         output = T.match_buffer(output_handle, (B, h_q, d), dtype)
         lse = T.match_buffer(lse_handle, (B, h_q), "float32")
-        length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
+        length_info = _declare_length_info(var_length_info, B, sliding, length_info_elem_offset)
 
         T.Assert(rotary_mode == 0, "ProofMesh's CPU decode attention expects RoPE applied before attention")
         for bh in T.parallel(B * h_q):
@@ -244,10 +291,11 @@ def paged_decode_attention_cpu(h_kv: int, h_q: int, d: int, dtype: str, page_siz
                 stats = T.sblock_alloc_buffer([2], "float32")  # max, sum of exp2
                 _attend(
                     Q, bh // h_q, bh % h_q,
-                    T.if_then_else(page_indptr[bh // h_q + 1] > page_indptr[bh // h_q],
-                                   (page_indptr[bh // h_q + 1] - page_indptr[bh // h_q] - 1) * page_size + length_info[bh // h_q], 0),
-                    lambda k_idx, i: pages[page_values[page_indptr[bh // h_q] + k_idx // page_size], 0, bh % h_q // group_size, k_idx % page_size, i],
-                    lambda k_idx, i: pages[page_values[page_indptr[bh // h_q] + k_idx // page_size], 1, bh % h_q // group_size, k_idx % page_size, i],
+                    _kv_len(page_indptr, bh // h_q, page_size, length_info, sliding),
+                    lambda k_idx, i: _page_slot(pages, page_values, page_indptr, bh // h_q, k_idx, 0, bh % h_q // group_size,
+                                                i, page_size, length_info, sliding),
+                    lambda k_idx, i: _page_slot(pages, page_values, page_indptr, bh // h_q, k_idx, 1, bh % h_q // group_size,
+                                                i, page_size, length_info, sliding),
                     output, lse, sm_scale, d, dtype, scores, lanes, acc, stats,
                 )
 
@@ -260,14 +308,24 @@ KERNELS = {
     "batch_prefill_paged_kv_cpu": paged_prefill_attention_cpu,
     "batch_decode_paged_kv_cpu": paged_decode_attention_cpu,
 }
+# Their forms for sliding-window layers (Gemma 3), built for the window the model compiles in.
+SLIDING_KERNELS = {
+    "batch_prefill_paged_kv_cpu_sliding_window": paged_prefill_attention_cpu,
+    "batch_decode_paged_kv_cpu_sliding_window": paged_decode_attention_cpu,
+}
 
 
 def use_fast_cpu_attention(mod, num_key_value_heads: int, num_attention_heads: int, head_dim: int,
-                           page_size: int = KV_PAGE_SIZE, dtype: str = "float32"):
-    """Swap TVM's CPU prefill attention kernels for ours in an exported module (same signatures)."""
+                           page_size: int = KV_PAGE_SIZE, dtype: str = "float32", sliding_window_size: int = 0):
+    """Swap TVM's CPU attention kernels for ours in an exported module (same signatures); with a
+    ``sliding_window_size`` (a model with sliding layers), the sliding-window kernels too."""
     present = {gv.name_hint for gv in mod.get_global_vars()}
     for name, make in KERNELS.items():
         if name in present:
             kernel = make(num_key_value_heads, num_attention_heads, head_dim, dtype, page_size)
+            mod[name] = kernel.with_attr("global_symbol", name)
+    for name, make in SLIDING_KERNELS.items():
+        if sliding_window_size and name in present:
+            kernel = make(num_key_value_heads, num_attention_heads, head_dim, dtype, page_size, sliding_window_size)
             mod[name] = kernel.with_attr("global_symbol", name)
     return mod

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -19,9 +19,8 @@ from node.errors import ConfigError
 from node.compiler.build import compile_model
 from node.runtime.model_store import ModelManifest, ProgressFn
 from node.runtime.prepared_cache import load_prepared, save_prepared
-from node.models.llama.checkpoint import Checkpoint
+from node.models.checkpoint import Checkpoint
 from node.models.llama.load import load_checkpoint
-from node.models.llama.config import LlamaConfig
 from node.models.llama.model import fuse_hf_weights, native_params
 from node.runtime.allocator import return_freed_memory
 from node.runtime.model_runtime import CacheLimits, ModelRuntime
@@ -38,7 +37,7 @@ WEIGHT_MODES = ("native", "fp32")
 class LoadedModel:
     name: str
     path: Path
-    config: LlamaConfig
+    config: Any  # the architecture's config (node.models.architectures)
     tokenizer: TextTokenizer
     manifest: ModelManifest
     runtime: ModelRuntime

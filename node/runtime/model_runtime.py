@@ -21,8 +21,8 @@ from tvm.runtime import ShapeTuple
 
 from node.compiler.build import CompiledLibrary
 from node.compiler.cpu_attention import KV_PAGE_SIZE
-from node.errors import ContextLengthError, ModelLoadError, RuntimeFault
-from node.models.llama.config import LlamaConfig
+from node.errors import ConfigError, ContextLengthError, ModelLoadError, RuntimeFault
+from node.models import architectures
 from node.compiler.targets import DeviceTarget
 
 PAGE_SIZE = KV_PAGE_SIZE  # tokens per KV page (16): what the CPU attention kernels are built for
@@ -43,12 +43,16 @@ class CacheLimits:
 class ModelRuntime:
     def __init__(
         self,
-        cfg: LlamaConfig,
+        cfg,  # the architecture's config (node.models.architectures)
         library: CompiledLibrary,
         params: dict[str, np.ndarray],
         device: DeviceTarget,
         limits: CacheLimits = CacheLimits(),
     ):
+        window = architectures.of_config(cfg).sliding_window(cfg)
+        if window is not None and limits.prefill_chunk > window:  # the in-chunk attention is not windowed
+            raise ConfigError(f"prefill chunks of {limits.prefill_chunk} tokens are longer than {cfg.model_type}'s "
+                              f"sliding window ({window}); a chunk must fit in it")
         self.cfg = cfg
         self.device = device
         self.limits = limits

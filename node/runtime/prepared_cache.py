@@ -25,8 +25,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
-from node.models.llama.checkpoint import Checkpoint
-from node.models.llama.config import LlamaConfig
+from node.models import architectures
+from node.models.checkpoint import Checkpoint
 from node.models.quant.blocks import QuantizedTensor
 from node.models.tokenizer import TextTokenizer
 
@@ -57,8 +57,6 @@ def load_prepared(root: Path, path: Path) -> Checkpoint | None:
         return None
     meta = json.loads(meta_path.read_text())
     shape = dict(meta["config"])
-    if shape.get("rope_scaling"):
-        shape["rope_scaling"] = tuple(sorted(shape["rope_scaling"].items()))
     tok = meta["tokenizer"]
     tokenizer = TextTokenizer(
         Tokenizer.from_str(tok["json"]),
@@ -72,7 +70,7 @@ def load_prepared(root: Path, path: Path) -> Checkpoint | None:
     for name, (ggml_type, rows, cols) in meta["quantized"].items():
         weights[name] = QuantizedTensor(ggml_type, (rows, cols), weights[name])
     return Checkpoint(
-        config=LlamaConfig(**shape),
+        config=architectures.of_model_type(shape["model_type"]).config_from_shape_dict(shape),
         weights=weights,
         tokenizer=tokenizer,
         weights_digest=meta["weights_digest"],

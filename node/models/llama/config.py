@@ -14,7 +14,7 @@ than the window (``context_limit``): within it, windowed attention is full atten
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from node.errors import ConfigError
 
@@ -40,12 +40,14 @@ class LlamaConfig:
     model_type: str = "llama"
     hidden_act: str = "silu"  # the MLP's gate activation: SwiGLU
     sliding_window: int | None = None  # attention window (Mistral, Qwen2 with use_sliding_window)
+    # The model types this class describes; a subclass (Qwen3Config) names its own.
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = SUPPORTED_MODEL_TYPES
 
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in self.MODEL_TYPES:
             raise ConfigError(
                 f"unsupported architecture model_type={self.model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"supported: {', '.join(self.MODEL_TYPES)}"
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"unsupported activation hidden_act={self.hidden_act!r} (key 'hidden_act'); "
@@ -119,12 +121,12 @@ class LlamaConfig:
 
 def _hf_sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
     """The window the config's attention uses, or None: Mistral applies ``sliding_window``
-    whenever it is set; Qwen2 only with ``use_sliding_window``; ``layer_types`` (newer
+    whenever it is set; Qwen2 and Qwen3 only with ``use_sliding_window``; ``layer_types`` (newer
     transformers) marks windowed layers ``sliding_attention``."""
     window = cfg.get("sliding_window")
     if window is None:
         return None
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         return None
     if "layer_types" in cfg and "sliding_attention" not in (cfg["layer_types"] or []):
         return None

@@ -1,7 +1,9 @@
-"""Load a Hugging Face Llama-family checkpoint folder into a ``Checkpoint``.
+"""Load a Hugging Face checkpoint folder of any registered architecture into a ``Checkpoint``.
 
 The folder holds ``config.json``, one or several ``*.safetensors`` shards and the tokenizer files.
-Names are kept as in ``transformers`` (the loader is an identity name map); values become float32.
+``config.json`` alone picks the architecture (``node.models.architectures``) before any tensor is
+read. Names are kept as in ``transformers`` (the loader is an identity name map; an architecture
+may derive a tensor's value, as Gemma 3 does for its norms); values become float32.
 
 The safetensors format is read directly (8-byte little-endian header length, JSON header with
 ``dtype``/``shape``/``data_offsets`` per tensor, then the raw little-endian data; see
@@ -31,17 +33,13 @@ from node.models.tokenizer import TextTokenizer
 
 from node.models.quant.blocks import BLOCK, FORMATS, QUANTIZED_TYPES, QuantizedTensor, quantize
 
-from .checkpoint import Checkpoint, WeightsDigest, check_finite, check_weights, keeps_stored_form
-from .config import LlamaConfig
+from node.models import architectures
+from node.models.checkpoint import Checkpoint, WeightsDigest, check_finite, check_weights, keeps_stored_form
 
 log = logging.getLogger(__name__)
 
 # HF ``architectures`` entry -> the ``model_type`` it implies.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
+SUPPORTED_ARCHITECTURES = {name: entry.model_type for name, entry in architectures.SUPPORTED_HF.items()}
 # Stored dtype -> little-endian numpy dtype of the raw data (bf16 read as its bit pattern).
 _STORED_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 QUANT_METADATA_KEY = "proofmesh.ggml_types"
@@ -54,7 +52,8 @@ def load_hf_checkpoint(folder: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise ModelLoadError(f"model folder does not exist: {folder}")
     cfg_dict = _read_config(folder)
-    config = _config_from_dict(cfg_dict, folder)
+    arch = architectures.of_hf_config(cfg_dict, str(folder))
+    config = arch.config_from_hf({**cfg_dict, "model_type": arch.model_type})
 
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
@@ -79,14 +78,14 @@ def load_hf_checkpoint(folder: str | Path) -> Checkpoint:
         if keeps_stored_form(dtype, shape):  # blocks, or a 16-bit matrix kept 16-bit
             weights[name] = QuantizedTensor(dtype, (shape[0], shape[1]), np.array(raw).reshape(shape[0], -1))
         else:
-            weights[name] = _to_float32(dtype, shape, raw)
+            weights[name] = arch.hf_weight_value(name, _to_float32(dtype, shape, raw))
         check_finite(name, dtype, weights[name], str(folder))
 
     if not config.tie_word_embeddings and "lm_head.weight" not in weights:
         raise ModelLoadError(
             f"{folder}: missing tensor 'lm_head.weight' while config.json says tie_word_embeddings=false"
         )
-    check_weights(config, weights, str(folder))
+    check_weights(arch.expected_weight_shapes(config), weights, str(folder))
     tokenizer = TextTokenizer.from_hf_folder(folder, cfg_dict)
     if tokenizer.vocab_size > config.vocab_size:
         raise ModelLoadError(
@@ -114,26 +113,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} is not a JSON object")
     return cfg
-
-
-def _config_from_dict(cfg: dict[str, Any], folder: Path) -> LlamaConfig:
-    archs = cfg.get("architectures") or []
-    if archs:
-        known = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
-        if not known:
-            raise ConfigError(
-                f"{folder}: unsupported architecture {archs[0]!r} (key 'architectures'); "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        implied = SUPPORTED_ARCHITECTURES[known[0]]
-        if "model_type" in cfg and cfg["model_type"] != implied:
-            raise ConfigError(
-                f"{folder}: architectures={known[0]!r} but model_type={cfg['model_type']!r} (key 'model_type')"
-            )
-        cfg = {**cfg, "model_type": implied}
-    elif "model_type" not in cfg:
-        raise ConfigError(f"{folder}: config.json names neither 'architectures' nor 'model_type'")
-    return LlamaConfig.from_hf_dict(cfg)
 
 
 def _read_safetensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
@@ -204,6 +183,7 @@ def save_quantized(ckpt: Checkpoint, source: Path, out: Path, ggml_type: str) ->
 
     arrays: dict[str, np.ndarray] = {}
     quantized: dict[str, list] = {}
+    arch = architectures.of_config(ckpt.config)
     for name, w in ckpt.weights.items():
         w = w.dequantize() if isinstance(w, QuantizedTensor) else w
         if w.ndim == 2 and w.shape[1] % BLOCK == 0:
@@ -211,7 +191,7 @@ def save_quantized(ckpt: Checkpoint, source: Path, out: Path, ggml_type: str) ->
             arrays[name] = q.blocks
             quantized[name] = [ggml_type, *q.shape]
         else:
-            arrays[name] = np.ascontiguousarray(w, dtype=np.float32)
+            arrays[name] = np.ascontiguousarray(arch.hf_stored_value(name, w), dtype=np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:

@@ -87,10 +87,12 @@ class PartedLinear(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, prefix: str, linear: Linears):
+    def __init__(self, cfg: LlamaConfig, layer_id: int, linear: Linears):
+        prefix = f"model.layers.{layer_id}.self_attn"
         self.num_q_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
+        self.sm_scale = self.head_dim**-0.5
         qkv_rows = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
         kv_rows = self.num_kv_heads * self.head_dim
         self.qkv_proj = linear(f"{prefix}.qkv_proj", cfg.hidden_size, qkv_rows, bias=cfg.attention_bias,
@@ -100,11 +102,19 @@ class LlamaAttention(nn.Module):
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
-        out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5)
+        qkv = self.before_cache(qkv, cache)
+        out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.sm_scale)
         return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))  # (b, s, hidden)
+
+    def before_cache(self, qkv: Tensor, cache: PagedKVCache) -> Tensor:
+        """The fused (b, s, q + 2 kv heads, head_dim) rows as the cache takes them: Llama's as
+        projected (the cache applies RoPE); Qwen3 and Gemma 3 norm q and k here first."""
+        return qkv
 
 
 class LlamaMLP(nn.Module):
+    activation = staticmethod(op.silu)  # SwiGLU; Gemma 3's GeGLU names its own
+
     def __init__(self, cfg: LlamaConfig, prefix: str, linear: Linears):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = linear(f"{prefix}.gate_up_proj", cfg.hidden_size, 2 * cfg.intermediate_size,
@@ -113,16 +123,19 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)  # each (b, s, intermediate)
-        return self.down_proj(op.silu(gate) * up)
+        return self.down_proj(self.activation(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_class = LlamaAttention  # what an architecture built on this layer swaps
+    mlp_class = LlamaMLP
+
     def __init__(self, cfg: LlamaConfig, layer_id: int, linear: Linears):
         self.layer_id = layer_id
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.self_attn = LlamaAttention(cfg, f"model.layers.{layer_id}.self_attn", linear)
+        self.self_attn = self.attention_class(cfg, layer_id, linear)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.mlp = LlamaMLP(cfg, f"model.layers.{layer_id}.mlp", linear)
+        self.mlp = self.mlp_class(cfg, f"model.layers.{layer_id}.mlp", linear)
 
     def forward(self, x: Tensor, cache: PagedKVCache) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cache, self.layer_id)
@@ -130,11 +143,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_class = LlamaDecoderLayer
+
     def __init__(self, cfg: LlamaConfig, linear: Linears):
         embed_type = linear.layout.get("model.embed_tokens")
         self.embed_tokens = (QuantEmbedding(cfg.vocab_size, cfg.hidden_size, embed_type, linear.target) if embed_type
                              else nn.Embedding(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, i, linear) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.layer_class(cfg, i, linear) for i in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
 
     def forward(self, input_ids: Tensor, cache: PagedKVCache) -> Tensor:
@@ -145,11 +160,13 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_class = LlamaModel
+
     def __init__(self, cfg: LlamaConfig, target: Target, layout: WeightLayout | None = None):
         self.cfg = cfg
         self.target = target
         linear = Linears(layout or {}, target)
-        self.model = LlamaModel(cfg, linear)
+        self.model = self.model_class(cfg, linear)
         if not cfg.tie_word_embeddings:
             self.lm_head = linear("lm_head", cfg.hidden_size, cfg.vocab_size)
 
@@ -180,7 +197,6 @@ class LlamaForCausalLM(nn.Module):
     ) -> PagedKVCache:
         cfg = self.cfg
         return TIRPagedKVCache(
-            attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
@@ -194,16 +210,20 @@ class LlamaForCausalLM(nn.Module):
             v_head_dim=cfg.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
             rope_scale=ROPE_SCALE,
-            rope_theta=cfg.rope_theta,
             rope_scaling=cfg.rope_scaling_dict or {},
             rope_ext_factors=rx.prim_value(0),
             rotary_dim=cfg.head_dim,
             enable_disaggregation=False,
             dtype="float32",
             target=self.target,
+            **self.attention_kinds(),
         )
+
+    def attention_kinds(self) -> dict:
+        """The cache arguments an architecture varies: Llama's layers all attend to every key,
+        with RoPE applied by the cache (Gemma 3 slides some layers and applies its own RoPE)."""
+        return {"attn_kind": "mha", "rope_mode": RopeMode.NORMAL, "rope_theta": self.cfg.rope_theta}
 
     def export_spec(self) -> dict:
         packed = {"param_mode": "packed", "effect_mode": "none"}

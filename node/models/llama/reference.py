@@ -57,9 +57,9 @@ class NumpyLlama:
         var = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
         return x / np.sqrt(var + self.cfg.rms_norm_eps) * weight
 
-    def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
         """x: (n_heads, T, hd); rotate-half layout: pairs are (i, i + hd/2)."""
-        freqs = positions[:, None].astype(np.float64) * self.inv_freq[None, :]  # (T, hd/2)
+        freqs = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (T, hd/2)
         emb = np.concatenate([freqs, freqs], axis=-1)  # (T, hd)
         cos, sin = np.cos(emb).astype(self.dtype), np.sin(emb).astype(self.dtype)
         half = x.shape[-1] // 2
@@ -78,12 +78,14 @@ class NumpyLlama:
         q = self._linear(x, f"{p}.q_proj").reshape(T, nh, hd).transpose(1, 0, 2)  # (nh, T, hd)
         k = self._linear(x, f"{p}.k_proj").reshape(T, nkv, hd).transpose(1, 0, 2)  # (nkv, T, hd)
         v = self._linear(x, f"{p}.v_proj").reshape(T, nkv, hd).transpose(1, 0, 2)  # (nkv, T, hd)
-        q, k = self._rope(q, positions), self._rope(k, positions)
+        q, k = self._norm_qk(q, k, i)
+        inv_freq = self._inv_freq(i)
+        q, k = self._rope(q, positions, inv_freq), self._rope(k, positions, inv_freq)
         group = nh // nkv
         k, v = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)  # (nh, T, hd): head h uses kv h // group
-        scores = q @ k.transpose(0, 2, 1) / np.sqrt(hd).astype(self.dtype)  # (nh, T, T)
-        causal = np.triu(np.ones((T, T), dtype=bool), k=1)
-        scores = np.where(causal[None], -np.inf, scores)
+        scores = q @ k.transpose(0, 2, 1) * self._attention_scale()  # (nh, T, T)
+        hidden = self._hidden_keys(T, i)  # (T, T): key j is invisible to query t
+        scores = np.where(hidden[None], -np.inf, scores)
         scores = scores - scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
@@ -94,8 +96,37 @@ class NumpyLlama:
         p = f"model.layers.{i}.mlp"
         gate = self._linear(x, f"{p}.gate_proj")  # (T, I)
         up = self._linear(x, f"{p}.up_proj")  # (T, I)
-        silu = gate / (1 + np.exp(-gate))
-        return self._linear(silu * up, f"{p}.down_proj")  # (T, C)
+        return self._linear(self._activation(gate) * up, f"{p}.down_proj")  # (T, C)
+
+    # ------------------------------------------------------------------ what other architectures vary
+
+    def _activation(self, gate: np.ndarray) -> np.ndarray:
+        return gate / (1 + np.exp(-gate))  # SiLU
+
+    def _norm_qk(self, q: np.ndarray, k: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """q (nh, T, hd), k (nkv, T, hd) before RoPE: Llama leaves them as projected."""
+        return q, k
+
+    def _inv_freq(self, i: int) -> np.ndarray:
+        return self.inv_freq
+
+    def _attention_scale(self) -> float:
+        return 1.0 / math.sqrt(self.cfg.head_dim)
+
+    def _hidden_keys(self, T: int, i: int) -> np.ndarray:
+        """Causal: query t sees keys 0..t."""
+        return np.triu(np.ones((T, T), dtype=bool), k=1)
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.w["model.embed_tokens.weight"][ids]  # (T, C)
+
+    def _layer(self, x: np.ndarray, i: int, positions: np.ndarray) -> np.ndarray:
+        p = f"model.layers.{i}"
+        x = x + self._attention(self._rms_norm(x, self.w[f"{p}.input_layernorm.weight"]), i, positions)
+        return x + self._mlp(self._rms_norm(x, self.w[f"{p}.post_attention_layernorm.weight"]), i)
+
+    def _head(self, hidden: np.ndarray) -> np.ndarray:
+        return hidden @ self.lm_head.T
 
     # ------------------------------------------------------------------ forward
 
@@ -105,23 +136,22 @@ class NumpyLlama:
         assert ids.ndim == 1 and ids.size > 0, "token_ids must be a non-empty 1-D sequence"
         assert ids.min() >= 0 and ids.max() < self.cfg.vocab_size, "token id outside the vocabulary"
         positions = np.arange(ids.size)
-        x = self.w["model.embed_tokens.weight"][ids]  # (T, C)
+        x = self._embed(ids)  # (T, C)
         for i in range(self.cfg.num_hidden_layers):
-            p = f"model.layers.{i}"
-            x = x + self._attention(self._rms_norm(x, self.w[f"{p}.input_layernorm.weight"]), i, positions)
-            x = x + self._mlp(self._rms_norm(x, self.w[f"{p}.post_attention_layernorm.weight"]), i)
+            x = self._layer(x, i, positions)
         return self._rms_norm(x, self.w["model.norm.weight"])  # (T, C)
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits at every position, (T, vocab)."""
-        return self.hidden_states(token_ids) @ self.lm_head.T
+    def logits(self, token_ids: Sequence[int], from_position: int = 0) -> np.ndarray:
+        """Logits at positions ``from_position..`` of a causal pass over ``token_ids``, (T - from, vocab):
+        a large vocabulary's head is paid only for the rows asked for."""
+        return self._head(self.hidden_states(token_ids)[from_position:])
 
     def greedy(self, prompt_ids: Sequence[int], max_new_tokens: int, eos_ids: Iterable[int] = ()) -> list[int]:
         """Greedy continuation (argmax, lowest id on ties); stops after an EOS id, which is included."""
         eos = set(int(e) for e in eos_ids)
         ids, out = list(prompt_ids), []
         for _ in range(max_new_tokens):
-            last = self.hidden_states(ids)[-1] @ self.lm_head.T  # (vocab,)
+            last = self._head(self.hidden_states(ids)[-1:])[0]  # (vocab,)
             tok = int(np.argmax(last))
             out.append(tok)
             ids.append(tok)
