@@ -84,13 +84,12 @@ def llama_cpp_quantize(source: Path, target: Path, ftype: str) -> Path:
 def llama_cpp_measure(path: Path, tokens: int, threads: int) -> dict:
     """llama-cpp-python on the same file: its own process, the same prompt, batch-1 decode as a bare
     eval loop (bench_inference's), and its greedy continuation for the agreement column."""
-    import llama_cpp
+    from llama_cpp import Llama
 
-    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+    from bench.bench_inference import llama_cpp_last_logits
+
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
     prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)[:16]
-
-    def last_logits() -> np.ndarray:  # (``llm.scores`` stays zero in 0.3.x unless every position's logits are kept)
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
     best, greedy = 0.0, []
     for _ in range(3):
@@ -99,7 +98,7 @@ def llama_cpp_measure(path: Path, tokens: int, threads: int) -> dict:
         greedy = []
         t = time.perf_counter()
         for _ in range(tokens):
-            greedy.append(int(np.argmax(last_logits())))
+            greedy.append(int(np.argmax(llama_cpp_last_logits(llm))))
             llm.eval([greedy[-1]])
         best = max(best, tokens / (time.perf_counter() - t))
     return {"decode_tok_s_b1": best, "resident_mb": resident_mb(), "prompt": prompt, "greedy": greedy}

@@ -177,6 +177,14 @@ def bench_torch(tokens: int, prefill_len: int, threads: int) -> dict:
     return out
 
 
+def llama_cpp_last_logits(llm) -> np.ndarray:
+    """The last evaluated position's logits of a llama-cpp-python ``Llama`` (its ``scores`` array
+    stays zero in 0.3.x unless every position's logits are kept, so an argmax over it is token 0)."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def bench_llamacpp(tokens: int, prefill_len: int, threads: int) -> dict:
     from llama_cpp import Llama
 
@@ -189,7 +197,7 @@ def bench_llamacpp(tokens: int, prefill_len: int, threads: int) -> dict:
         llm.eval(prompt)
         t = time.perf_counter()
         for _ in range(tokens):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(llama_cpp_last_logits(llm)))
             llm.eval([nxt])
         out["decode_tok_s_b1"] = tokens / (time.perf_counter() - t)
     long = llm.tokenize((PROMPT * 64).encode(), add_bos=True)[:prefill_len]
