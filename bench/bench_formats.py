@@ -89,7 +89,7 @@ def llama_cpp_measure(path: Path, tokens: int, threads: int) -> dict:
     from bench.bench_inference import llama_cpp_last_logits
 
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)[:16]
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)[:16]  # BOS where the vocabulary asks for one
 
     best, greedy = 0.0, []
     for _ in range(3):
