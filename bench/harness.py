@@ -114,6 +114,8 @@ def structured_prompt(tokenizer: TextTokenizer, kind: str, question: str, system
     """Prompt ids and grammar of a chat request asking ``question`` in the ``kind`` format, as
     the node would build them (the tool prompt added for templates that do not know tools)."""
     body = STRUCTURED[kind][0]
+    if tokenizer.chat_template is None:  # a base model: the question as a raw prompt, the grammar all the same
+        return tuple(tokenizer.encode_prompt(question)), structured_grammar(kind)
     messages = ([{"role": "system", "content": SYSTEM}] if system else []) + [{"role": "user", "content": question}]
     return tuple(tokenizer.encode_chat(messages, tools_in_effect(body))), structured_grammar(kind)
 
@@ -221,7 +223,7 @@ def request_mix(
     rng = random.Random(seed)
     out, turns = [], StructuredTurns(tokenizer, max_context)
     for i in range(count):
-        if i % 3 == 2:
+        if i % 3 == 2 or tokenizer.chat_template is None:  # a base model gets raw prompts only
             prompt_ids = tokenizer.encode_prompt(rng.choice(COMPLETIONS))
         else:
             messages = [{"role": "user", "content": rng.choice(PROMPTS)}]
