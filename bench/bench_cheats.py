@@ -13,7 +13,7 @@ text swapped, the parameters swapped) are checked by ``verify.binding`` from the
 response alone, before any model work; the same run times the binding check against the
 generation time of the answers it checks (what the verifier sidecar adds to every answer).
 
-    python -m bench.bench_cheats [--answers 24] [--tokens 64] [--only NAME ...]
+    python -m bench.bench_cheats [--answers 24] [--tokens 64] [--only NAME ...] [--model gemma-3-270m]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -55,12 +56,15 @@ def main() -> None:
     ap.add_argument("--answers", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--only", nargs="*", help="run just these cheats")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="the model answers claim (default: the default model; "
+                    "another one also gets the default model's text claimed under its id)")
     args = ap.parse_args()
     root = model_store.store_root()
-    model = load_model(DEFAULT_MODEL, device="cpu", progress=lambda m: None)
+    model = load_model(args.model, device="cpu", progress=lambda m: None)
     keep = list(range(0, model.config.num_hidden_layers, 2))  # a cheaper model: every other layer
     cheap = cheap_generator(model, skip_layers(*[i for i in range(model.config.num_hidden_layers) if i not in keep]), root)
-    ctx = CheatContext(model=model, key=NodeKey.generate(), root=root, cheap=cheap, rng=random.Random(0))
+    other = load_model(DEFAULT_MODEL, device="cpu", progress=lambda m: None) if args.model != DEFAULT_MODEL else None
+    ctx = CheatContext(model=model, key=NodeKey.generate(), root=root, cheap=cheap, rng=random.Random(0), other=other)
     tol = Tolerances()
 
     names = list(CONTROLS) + [n for n in CHEATS if not args.only or n in args.only]
@@ -71,6 +75,8 @@ def main() -> None:
         t = time.perf_counter()
         run = CHEATS.get(name) or CONTROLS[name]
         answers = run(ctx, requests)
+        if not answers:  # a cheat this model cannot be put to (another model's text on the default model)
+            continue
         verdicts = [verify_answer(a, model, tol) for a in answers]
         lengths = [len(a.evidence.output_ids) for a in answers]
         diffs = [v.max_logit_diff for v in verdicts if v.max_logit_diff is not None]
@@ -99,8 +105,11 @@ def main() -> None:
         fmt = lambda x: f"{x:>11.1e}" if x is not None else f"{'-':>11}"  # noqa: E731
         print(f"{name:<32}{r['mean_tokens']:>7.1f}" + "".join(f"{r['by_prefix'][p]:>7.0%}" for p in prefixes)
               + f"{r['positions_flagged']:>10.1%}" + fmt(r["max_diff_median"]) + fmt(r["min_lead_median"]))
-    binding = binding_rows(ctx, args.answers, args.tokens)
-    write_json(RESULTS / "cheats.json", {"tau": tol.tau, "eps": tol.eps, "results": results, "binding": binding})
+    # binding is of chat answers: a base model (no chat template) has none
+    binding = binding_rows(ctx, args.answers, args.tokens) if model.tokenizer.chat_template is not None else None
+    name = "cheats.json" if args.model == DEFAULT_MODEL else f"cheats-{Path(args.model).name}.json"
+    write_json(RESULTS / name, {"model": args.model, "model_id": model.model_id, "tau": tol.tau, "eps": tol.eps,
+                                "results": results, "binding": binding})
 
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",

@@ -131,6 +131,7 @@ class CheatContext:
     root: Path
     cheap: Generator  # a cheaper model under the real model_id
     rng: random.Random
+    other: LoadedModel | None = None  # another model whose text is claimed under this one's id
 
 
 Cheat = Callable[[CheatContext, Sequence[GenerationRequest]], list[AnswerFile]]
@@ -163,6 +164,21 @@ def _cheap_model(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> li
 
 def _cheap_decode_real_fingerprints(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
     return [_refingerprinted(ctx, a.evidence.prompt_ids, a.evidence.output_ids, a.evidence.sampling) for a in _cheap_model(ctx, requests)]
+
+
+def _other_model_text(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
+    """Another (smaller) model writes the answer to the same prompt text; its text, tokenized as
+    the claimed model tokenizes it, is claimed with the fingerprints a real prefill gives it."""
+    if ctx.other is None:
+        return []
+    own, other = ctx.model.tokenizer, ctx.other.tokenizer
+    asked = [GenerationRequest(tuple(other.encode_prompt(own.decode(r.prompt_ids))), r.params) for r in requests]
+    out = []
+    for r, a in zip(requests, Generator.of(ctx.other).answers(asked, ctx.key, concurrency=8)):
+        ids = own.encode_prompt(other.decode(a.evidence.output_ids))
+        ids = [i for i in ids if i != own.bos_token_id][: r.params.max_tokens] or [own.eos_token_ids[0]]
+        out.append(_refingerprinted(ctx, r.prompt_ids, ids, r.params))
+    return out
 
 
 def honest_answers(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
@@ -292,6 +308,7 @@ CHEATS: dict[str, Cheat] = {
     "skipped-layer": _skip_middle_layer,
     "cheaper-model": _cheap_model,
     "cheap-decode-real-fingerprints": _cheap_decode_real_fingerprints,
+    "other-model-text": _other_model_text,
     "truncated-prompt": _truncated_prompt,
     "fabricated-tokens": _fabricated_tokens,
     "edited-token": _edited_token,
