@@ -46,7 +46,7 @@ from bench.harness import STRUCTURED, Generator, NumpyBackend, request_mix, stru
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
 from node.runtime.loading import LoadedModel, load_checkpoint_cached, load_model
-from node.models.llama.reference import NumpyLlama
+from node.models import architectures
 from node.runtime.model_runtime import CacheLimits
 from node.compiler.targets import GENERIC_X86_CPU, DeviceTarget, cpu_target, detect
 from verify.evidence import AnswerFile
@@ -131,7 +131,8 @@ def calibrate_model(label: str, model: str, dtype: str, root: Path, n_answers: i
     key = NodeKey.generate()
     host, generic = _load(model, "host", root), _load(model, "generic", root)
     fp32 = _load(model, "host", root, weights="fp32") if host.weight_layout else None
-    reference = NumpyBackend(host, NumpyLlama.from_checkpoint(load_checkpoint_cached(host.path, root, progress=lambda m: None)))
+    ckpt = load_checkpoint_cached(host.path, root, progress=lambda m: None)
+    reference = NumpyBackend(host, architectures.of_config(ckpt.config).reference.from_checkpoint(ckpt))  # the model's own float64 forward
     requests = request_mix(host.tokenizer, n_answers, seed=seed, lengths=lengths, grammar_share=grammar_share,
                            max_context=host.max_context)
     generators = {"host-b1": (host, 1), "generic-b8": (generic, 8)} | ({"host-fp32-b8": (fp32, 8)} if fp32 else {})

@@ -245,7 +245,7 @@ def request_mix(
 class NumpyBackend:
     """The independent float64 numpy forward as a verifier backend (no TVM involved)."""
 
-    def __init__(self, model: LoadedModel, reference: NumpyLlama):
+    def __init__(self, model: LoadedModel, reference: NumpyLlama):  # or any architecture's reference (same interface)
         self.model_id = model.model_id
         self.vocab_size = model.vocab_size
         # the finish rules and grammar masks: the tokenizer's
