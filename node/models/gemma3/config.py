@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from node.errors import ConfigError
+from node.models.llama.config import DecoderShape
 
 SLIDING, GLOBAL = "sliding_attention", "full_attention"  # transformers' names for the layer kinds
 DEFAULT_SLIDING_PATTERN = 6  # Gemma 3: five sliding layers, then a global one (llama.cpp hard-codes it too)
@@ -31,14 +32,7 @@ SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 
 
 @dataclass(frozen=True)
-class Gemma3Config:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
+class Gemma3Config(DecoderShape):
     layer_types: tuple[str, ...]  # per layer: "sliding_attention" or "full_attention"
     sliding_window: int  # keys a sliding layer sees, the query's own included
     query_pre_attn_scalar: int  # an int in transformers (256 for 270M; 168 = hidden / heads for 27B)

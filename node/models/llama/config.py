@@ -22,7 +22,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class DecoderShape:
+    """The sizes every decoder architecture has, first in each config (and so in its manifest)."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -30,6 +32,10 @@ class LlamaConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+
+
+@dataclass(frozen=True)
+class LlamaConfig(DecoderShape):
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     # HF ``rope_scaling`` dict (e.g. llama3) or None; stored as sorted items to stay hashable.
@@ -165,4 +171,4 @@ REFUSED_WHEN = {
 }
 
 
-__all__ = ["REFUSED_WHEN", "SUPPORTED_ACTIVATIONS", "SUPPORTED_MODEL_TYPES", "LlamaConfig", "refuse_computation_keys"]
+__all__ = ["DecoderShape", "REFUSED_WHEN", "SUPPORTED_ACTIVATIONS", "SUPPORTED_MODEL_TYPES", "LlamaConfig", "refuse_computation_keys"]
