@@ -122,8 +122,9 @@ class TextTokenizer:
                     add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages`` (OpenAI-style dicts with role and content)."""
         if not self.chat_template:
-            raise NoChatTemplateError(f"this model has no chat template (a base model: {self.source or 'unknown source'}); "
-                                      "send it a raw prompt instead (/v1/completions, or proofmesh generate without --chat)")
+            # (the source path stays out: the message goes to HTTP clients, the path is the operator's)
+            raise NoChatTemplateError("this model has no chat template (a base model); send it a raw prompt instead "
+                                      "(/v1/completions, or proofmesh generate without --chat)")
         if self._compiled_template is None:
             self._compiled_template = _compile_template(self.chat_template)
         from jinja2 import TemplateError
