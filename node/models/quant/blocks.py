@@ -78,10 +78,6 @@ class BlockFormat:
     f16_fields: tuple[int, ...] = (0,)  # byte offsets of the block's f16 scales and mins
 
     @property
-    def bits_per_weight(self) -> float:
-        return self.block_bytes * 8 / self.block_values
-
-    @property
     def blocks_per_super(self) -> int:
         """32-weight blocks sharing one ``d`` (and ``dmin``)."""
         return self.block_values // BLOCK

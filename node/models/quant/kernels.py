@@ -378,6 +378,11 @@ def _widen(fmt: BlockFormat, v):
     return T.reinterpret("float32", T.shift_left(T.Cast("uint32", v), T.uint32(16)))
 
 
+def _tile_float(fmt: BlockFormat, w):
+    """``tile_value`` of a 16-bit matrix: weight ``16 h + l`` of block ``kb``, widened."""
+    return lambda jo, r, kb, h, l: _widen(fmt, w[jo, kb, r, h * 16 + l])
+
+
 def _float_matmul_cpu(fmt: BlockFormat, n_out: int, k_in: int, token_tile: int) -> tirx.PrimFunc:
     (w_shape, w_dtype), = fmt.param_shapes(n_out, k_in).values()
     fused_max = fused_max_tokens(fmt)
@@ -388,13 +393,10 @@ def _float_matmul_cpu(fmt: BlockFormat, n_out: int, k_in: int, token_tile: int) 
             + (x[i, kb * 32 + 16 + l] * _widen(fmt, w[jo, kb, r, 16 + l]) + x[i, kb * 32 + 24 + l] * _widen(fmt, w[jo, kb, r, 24 + l]))
         )
 
-    def tile(w):
-        return lambda jo, r, kb, h, l: _widen(fmt, w[jo, kb, r, h * 16 + l])
-
     @T.prim_func(s_tir=True)
     def kernel(var_x: T.handle, w: T.Buffer(w_shape, w_dtype), var_out: T.handle):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, dot, w, None, None, tile(w), (w, 1, None, None))
+        _matmul_cpu_3d(var_x, var_out, n_out, k_in, fused_max, token_tile, dot, w, None, None, _tile_float(fmt, w), (w, 1, None, None))
 
     return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
@@ -434,46 +436,30 @@ def quant_matmul_cpu(ggml_type: str, n_out: int, k_in: int, token_tile: int = 1)
     return kernel.without_attr("global_symbol")  # named by the caller, one per shape
 
 
-def _weight_expr(ggml_type: str, params: list[te.Tensor]):
-    """w[row, k] as a TE expression over the split arrays (the definition the CPU kernel optimizes)."""
-    fmt = FORMATS[ggml_type]
-    arrays = dict(zip(fmt.param_suffixes(), params))
+def _tile_value(fmt: BlockFormat, arrays: dict):
+    """The ``tile_value(jo, r, kb, h, l)`` of ``fmt`` over its split arrays (TIR buffers or TE
+    tensors): the one definition of each format's dequantized weight, which the CPU kernel's tiled
+    nest and the TE definition below both evaluate."""
+    if fmt.kind == "float":
+        return _tile_float(fmt, arrays["qweight"])
+    if fmt.kind == "planes":
+        return _Planes(fmt, arrays["qlow"], arrays.get("qhigh"), arrays["d"], arrays.get("sc"), arrays.get("dmin"),
+                       arrays.get("mn"), arrays.get("m")).tile()
+    qs, d = arrays["qweight"], arrays["scales"]
+    if fmt.bits == 8:
+        return _tile_q8(qs, _f32(d))
+    return _tile_q4(qs, _f32(d), _f32(arrays["mins"]) if fmt.has_mins else _minus_8(d))
 
-    def f32(x):
-        return x.astype("float32")
+
+def _weight_expr(ggml_type: str, params: list[te.Tensor]):
+    """w[row, k] as a TE expression over the split arrays (the definition the CPU kernel optimizes):
+    weight ``k % 32`` of block ``k // 32``, the tiled nest's ``tile_value`` at ``h, l = divmod(k % 32, 16)``."""
+    fmt = FORMATS[ggml_type]
+    tile_value = _tile_value(fmt, dict(zip(fmt.param_suffixes(), params)))
 
     def weight(row, k):
-        jo, r, kb, e = row // ROWS, row % ROWS, k // BLOCK, k % BLOCK
-        if fmt.kind == "float":
-            v = arrays["qweight"][jo, kb, r, e]
-            if fmt.name == "F16":
-                return f32(v)
-            return tirx.reinterpret("float32", tirx.shift_left(v.astype("uint32"), tirx.const(16, "uint32")))
-        if fmt.kind == "legacy":
-            qs, scale = arrays["qweight"], f32(arrays["scales"][jo, kb, r])
-            if fmt.bits == 8:
-                return f32(qs[jo, kb, r, e]) * scale
-            q = f32(tirx.bitwise_and(tirx.shift_right(qs[jo, kb, r, e % 16].astype("int32"), (e // 16 * 4).astype("int32")), 15))
-            return q * scale + f32(arrays["mins"][jo, kb, r]) if fmt.has_mins else (q - 8.0) * scale
-        # planes: w = scale[h] * q + offset[h] (blocks.py)
-        low_mask, values_per_byte = (1 << fmt.low_bits) - 1, 8 // fmt.low_bits
-        byte = arrays["qlow"][jo, kb, r, e % (BLOCK // values_per_byte)].astype("int32")
-        q = tirx.bitwise_and(tirx.shift_right(byte, (e // (BLOCK // values_per_byte) * fmt.low_bits).astype("int32")), low_mask)
-        for p in range(fmt.high_planes):
-            bit = tirx.bitwise_and(tirx.shift_right(arrays["qhigh"][jo, kb, r * fmt.high_planes + p], e.astype("uint32")), tirx.const(1, "uint32"))
-            q = tirx.bitwise_or(q, tirx.shift_left(bit.astype("int32"), tirx.const(fmt.low_bits + p, "int32")))
-        sub = r * fmt.halves + (e // 16 if fmt.halves == 2 else 0)
-        scale = f32(arrays["d"][jo, kb // fmt.blocks_per_super, r])
-        if fmt.has_sc:
-            scale = scale * f32(arrays["sc"][jo, kb, sub])
-        value = f32(q) * scale
-        if fmt.zero:
-            value = value - float(fmt.zero) * scale
-        if fmt.offset == "dmin":
-            value = value - f32(arrays["dmin"][jo, kb // fmt.blocks_per_super, r]) * f32(arrays["mn"][jo, kb, sub])
-        elif fmt.offset == "m":
-            value = value + f32(arrays["m"][jo, kb, r])
-        return value
+        e = k % BLOCK
+        return tile_value(row // ROWS, row % ROWS, k // BLOCK, e // 16, e % 16)
 
     return weight
 

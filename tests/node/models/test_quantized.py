@@ -10,12 +10,13 @@ import shutil
 import numpy as np
 import pytest
 import tvm
+from tvm import te
 
 from node.api.answers import answer_file
 from node.compiler.build import compile_model
 from node.runtime.loading import load_checkpoint_cached, load_model, model_parameters
 from node.models.quant.blocks import FORMATS, QuantizedTensor, planes_dequantize
-from node.models.quant.kernels import fused_max_tokens, quant_matmul_cpu, token_tile_for
+from node.models.quant.kernels import fused_max_tokens, quant_matmul_cpu, quant_take_te, token_tile_for
 from node.runtime.model_runtime import CacheLimits
 from node.compiler.targets import cuda_target_for_arch, vector_registers
 from tvm.target import Target
@@ -98,6 +99,21 @@ def test_kernels_dequantize_as_gguf_does(ggml_type):
     if qt.format.kind == "planes":  # the formula the kernels compute, on the decoded planes
         np.testing.assert_array_max_ulp(planes_dequantize(ggml_type, qt.blocks.reshape(-1, qt.format.block_bytes)).reshape(qt.shape),
                                         expected, maxulp=1)
+
+
+@pytest.mark.parametrize("ggml_type", sorted(FORMATS))
+def test_embedding_rows_are_gguf_dequantize(ggml_type):
+    """The TE definition (the embedding lookup, and every GPU matmul) evaluates the same per-format
+    dequantization as the CPU kernel's tiled nest: a row taken must be gguf's row, bit for bit."""
+    qt = random_blocks(ggml_type, rows=16, cols=_cols(ggml_type), seed=7)
+    split, names = qt.split(), qt.format.param_suffixes()
+    ids = te.placeholder((5,), "int32", "ids")
+    params = [te.placeholder(split[n].shape, str(split[n].dtype), n) for n in names]
+    lib = tvm.compile(te.create_prim_func([ids, *params, quant_take_te(ids, ggml_type, *params)]), target="llvm")
+    dev, rows = tvm.cpu(), np.array([0, 3, 7, 8, 15], np.int32)
+    out = tvm.runtime.tensor(np.zeros((5, qt.shape[1]), np.float32), dev)
+    lib(tvm.runtime.tensor(rows, dev), *[tvm.runtime.tensor(split[n], dev) for n in names], out)
+    np.testing.assert_array_equal(out.numpy(), qt.dequantize()[rows])
 
 
 @pytest.mark.parametrize("ggml_type", NEST_TYPES)
