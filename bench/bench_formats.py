@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import RESULTS, write_json
+from bench.report import RESULTS, machine, resident_mb, write_json
 
 PROMPT = "The history of the printing press begins in"
 
@@ -86,7 +86,7 @@ def llama_cpp_measure(path: Path, tokens: int, threads: int) -> dict:
     eval loop (bench_inference's), and its greedy continuation for the agreement column."""
     from llama_cpp import Llama
 
-    from bench.bench_inference import llama_cpp_last_logits
+    from bench.llama_cpp_baseline import last_logits
 
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
     prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)[:16]  # BOS where the vocabulary asks for one
@@ -98,20 +98,16 @@ def llama_cpp_measure(path: Path, tokens: int, threads: int) -> dict:
         greedy = []
         t = time.perf_counter()
         for _ in range(tokens):
-            greedy.append(int(np.argmax(llama_cpp_last_logits(llm))))
+            greedy.append(int(np.argmax(last_logits(llm))))
             llm.eval([greedy[-1]])
         best = max(best, tokens / (time.perf_counter() - t))
     return {"decode_tok_s_b1": best, "resident_mb": resident_mb(), "prompt": prompt, "greedy": greedy}
 
 
-def resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def measure(path: Path, weights: str, tokens: int) -> dict:
     """One file, one weights mode, in this (fresh) process."""
     from bench.bench_inference import raw_decode_rate
+    from bench.check_reference import greedy as greedy_continuation
     from node.runtime.allocator import keep_freed_memory
     from node.runtime.loading import load_model
 
@@ -121,11 +117,7 @@ def measure(path: Path, weights: str, tokens: int) -> dict:
     prompt = model.tokenizer.encode_prompt(PROMPT)[:16]
     raw_decode_rate(rt, prompt, 1, 8)  # warm-up
     rate = max(raw_decode_rate(rt, prompt, 1, tokens) for _ in range(3))
-    rt.add_sequence(1)
-    greedy = [int(np.argmax(rt.prefill(1, prompt)[-1]))]
-    for _ in range(tokens - 1):
-        greedy.append(int(np.argmax(rt.decode([1], [greedy[-1]])[0])))
-    rt.remove_sequence(1)
+    greedy, _ = greedy_continuation(rt, prompt, tokens)
     return {"resident_mb": resident_mb(), "weight_mb": rt.weight_bytes / 2**20, "kv_cache_mb": rt.kv_cache_bytes / 2**20,
             "decode_tok_s_b1": rate, "backend": model.backend, "layout": sorted(set(model.weight_layout.values())),
             "prompt": prompt, "greedy": greedy}
@@ -172,7 +164,7 @@ def main() -> None:
         f16 = write_f16_copy(default, RESULTS / "work" / (default.stem.split(".")[0] + ".F16.gguf"))
         files = [default, f16] + [llama_cpp_quantize(f16, f16.with_name(f16.name.replace("F16", kind)), kind)
                                   for kind in args.llama_cpp_quantize.split(",") if kind]
-    results: dict = {"threads": args.threads, "tokens": args.tokens, "cpu": _cpu(), "files": {}}
+    results: dict = {"threads": args.threads, "tokens": args.tokens, "machine": machine(), "files": {}}
     home = RESULTS / "work" / "store"  # compiled and prepared once (a node's warm start), kept between runs
     for path in files:
         row = {"file_mb": path.stat().st_size / 2**20}
@@ -192,7 +184,8 @@ def main() -> None:
             row["native_llama_cpp_greedy_agree"] = agreement(native["greedy"], llama["greedy"])
             row["same_prompt_ids"] = native["prompt"] == llama["prompt"]
         results["files"][path.name] = row
-    print(f"\n{args.threads} threads, {args.tokens} decode tokens at batch 1; {results['cpu']}")
+    host = results["machine"]
+    print(f"\n{args.threads} threads, {args.tokens} decode tokens at batch 1; {host['cpu']}, {host['cores']} cores, mcpu {host['mcpu']}")
     print(f"{'file':<40}{'MiB':>7}{'backend':>10}{'RSS MiB':>9}{'weights':>9}{'tok/s':>8}")
     for name, row in results["files"].items():
         for backend in ("native", "fp32", "llama_cpp"):
@@ -209,14 +202,6 @@ def main() -> None:
                      f"{row['native_llama_cpp_greedy_agree']}/{args.tokens}" + ("" if row["same_prompt_ids"] else " (other prompt ids)"))
         print(f"{'':<40}{line}")
     write_json(RESULTS / "formats.json", results)
-
-
-def _cpu() -> str:
-    import tvm
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, mcpu {tvm.get_global_func('target.llvm_get_system_cpu')()}"
 
 
 if __name__ == "__main__":

@@ -32,19 +32,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench.report import RESULTS, write_json
+from bench.report import RESULTS, machine, write_json
 
 TEMPERATURES = (0.0, 0.8)
-
-
-def machine() -> dict:
-    """The CPU this ran on (model name, LLVM's mcpu, AVX-512) and the thread count."""
-    from node.compiler.targets import host_cpu_name, usable_cores
-
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(key)), "")  # noqa: E731
-    return {"cpu": field("model name"), "mcpu": host_cpu_name(), "avx512": "avx512f" in field("flags").split(),
-            "cores": usable_cores(), "threads": int(os.environ.get("TVM_NUM_THREADS", usable_cores()))}
 
 
 def _stats(values: list[float]) -> dict:

@@ -29,7 +29,8 @@ from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
 from node.models.llama.load import load_checkpoint  # numpy and gguf only: no TVM in the baselines' processes
 from node.runtime.allocator import keep_freed_memory
-from bench.report import RESULTS, write_json
+from bench.llama_cpp_baseline import last_logits
+from bench.report import RESULTS, resident_mb, write_json
 
 PROMPT = "The history of the printing press begins in"
 BACKENDS = ("tvm_native", "tvm_fp32", "torch_eager_fp32", "llama_cpp")
@@ -38,12 +39,6 @@ BACKENDS = ("tvm_native", "tvm_fp32", "torch_eager_fp32", "llama_cpp")
 def _prompt_ids(tokenizer, n: int) -> list[int]:
     ids = tokenizer.encode_prompt(PROMPT * 64)
     return ids[:n]
-
-
-def resident_mb() -> float:
-    """This process's resident set size now (MiB)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def memory_bandwidth_gb_s(threads: int, size_mb: int = 512) -> float:
@@ -177,14 +172,6 @@ def bench_torch(tokens: int, prefill_len: int, threads: int) -> dict:
     return out
 
 
-def llama_cpp_last_logits(llm) -> np.ndarray:
-    """The last evaluated position's logits of a llama-cpp-python ``Llama`` (its ``scores`` array
-    stays zero in 0.3.x unless every position's logits are kept, so an argmax over it is token 0)."""
-    import llama_cpp
-
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-
-
 def bench_llamacpp(tokens: int, prefill_len: int, threads: int) -> dict:
     from llama_cpp import Llama
 
@@ -197,7 +184,7 @@ def bench_llamacpp(tokens: int, prefill_len: int, threads: int) -> dict:
         llm.eval(prompt)
         t = time.perf_counter()
         for _ in range(tokens):
-            nxt = int(np.argmax(llama_cpp_last_logits(llm)))
+            nxt = int(np.argmax(last_logits(llm)))
             llm.eval([nxt])
         out["decode_tok_s_b1"] = tokens / (time.perf_counter() - t)
     long = llm.tokenize((PROMPT * 64).encode(), add_bos=True)[:prefill_len]
