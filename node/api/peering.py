@@ -141,7 +141,7 @@ class NodeServices:
         yield InferEnd()
 
     async def verify(self, answer: AnswerFile) -> Attestation:
-        served = next((s for s in self.node.models.values() if s.loaded.model_id == answer.receipt.model_id), None)
+        served = self.node.by_model_id(answer.receipt.model_id)
         if served is None:
             raise LookupError(f"model {answer.receipt.model_id} is not served here")
         backend = _RecordingBackend(served.loaded, answer.evidence.output_ids)
@@ -178,7 +178,7 @@ class NodeServices:
             return None
         if receipt.node_id in network.table.convicted():
             return None
-        served = next((s for s in self.node.models.values() if s.loaded.model_id == receipt.model_id), None)
+        served = self.node.by_model_id(receipt.model_id)
         if served is not None:
             if receipt.receipt_id in self._fraud_seen:
                 return None  # re-checked already: one model run per receipt, whatever the vouchers

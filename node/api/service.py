@@ -19,17 +19,16 @@ from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from aiohttp import web
 
-from node.api.answers import answer_file
 from node.api.errors import RETRY_AFTER_S, APIError
 from node.api.evidence_tokens import EvidenceTokens
 from node.api.metrics import NodeMetrics, TokenRate
 from node.api.protocol import ModelCard, ProofMeshInfo
 from node.api.rendering import ChoiceEvent, TokenTexts
-from node.api.status_page import MAX_ROWS
 from node.errors import ClientShareError, ConfigError
 from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.events import GenerationResult
 from node.runtime.loading import LoadedModel
+from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 
@@ -37,6 +36,11 @@ if TYPE_CHECKING:
     from p2p.network import PeerNetwork
 
 log = logging.getLogger(__name__)
+
+# The answers signed last that the node remembers for its status page (``node.api.status_page``
+# lists the newest of them): kept in memory, since the store would need a decode per row for
+# the model and token count; a hundred bytes each.
+SIGNED_ANSWERS_KEPT = 50
 
 # ---------------------------------------------------------------------- node state
 
@@ -80,9 +84,7 @@ class Node:
         self.store = store
         self.metrics = NodeMetrics()
         self.token_rate = TokenRate()
-        # Kept in memory (the store would need a decode per row for the model and token count);
-        # so the page lists the answers signed since this process started.
-        self.signed_answers: deque[SignedAnswer] = deque(maxlen=MAX_ROWS)
+        self.signed_answers: deque[SignedAnswer] = deque(maxlen=SIGNED_ANSWERS_KEPT)  # since this process started
         self.shutting_down = False
         self.url: str | None = None  # set once the HTTP server is bound
         self.network: PeerNetwork | None = None  # set when the node joins a p2p network
@@ -104,13 +106,17 @@ class Node:
                       for name, (offer, peers) in sorted(self.network.table.offers().items()) if not self.serves(name)]
         return cards
 
+    def by_model_id(self, model_id: str) -> ServedModel | None:
+        """The served model whose weights hash to ``model_id`` (what receipts and answer files name)."""
+        return next((s for s in self.models.values() if s.loaded.model_id == model_id), None)
+
     def serves(self, name: str) -> bool:
         """Whether a model called ``name`` (or whose model_id is ``name``) is served here."""
-        return name in self.models or any(s.loaded.model_id == name for s in self.models.values())
+        return name in self.models or self.by_model_id(name) is not None
 
     def model(self, name: str) -> ServedModel:
         """The served model called ``name`` (or whose model_id is ``name``)."""
-        served = self.models.get(name) or next((s for s in self.models.values() if s.loaded.model_id == name), None)
+        served = self.models.get(name) or self.by_model_id(name)
         if served is None:
             raise APIError(400, f"model {name!r} is not served here; GET /v1/models lists them",
                            param="model", code="model_not_found")
@@ -173,6 +179,13 @@ class Node:
     async def close(self) -> None:
         for served in self.models.values():
             await served.engine.close()
+
+
+def answer_file(result: GenerationResult, key: NodeKey, *, model_id: str, backend: str) -> AnswerFile:
+    """A finished generation as the answer file verifiers take, its receipt signed with ``key``."""
+    return sign_answer(key, model_id=model_id, backend=backend, prompt_ids=result.prompt_ids, output_ids=result.output_ids,
+                       params=result.params, fingerprints=result.fingerprints, finish_reason=result.finish_reason,
+                       seed_source=result.seed_source)
 
 
 NODE = web.AppKey("node", Node)
