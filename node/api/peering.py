@@ -35,11 +35,12 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from node.errors import ClientShareError, ConfigError, EngineBusyError
-from node.runtime.loading import LoadedModel
 from node.api.errors import RETRY_AFTER_S, APIError, Handler, json_object, parse_body, read_body
 from node.api.evidence_tokens import TOKEN_PARAM
+from node.api.server import json_response
 from node.api.service import NODE, Node
+from node.errors import ClientShareError, ConfigError, EngineBusyError
+from node.runtime.loading import LoadedModel
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError, Unavailable
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
@@ -343,7 +344,7 @@ async def verify_on_peer(request: web.Request) -> web.Response:
         attestation = await request.app[NODE].network.verify(answer, exclude)
     except NoPeerAvailable as exc:
         raise APIError(503, str(exc), code="no_peer_available") from exc
-    return web.Response(body=attestation.model_dump_json(), content_type="application/json")
+    return json_response(attestation)
 
 
 @routes.post("/v1/fraud-proofs")
@@ -369,7 +370,7 @@ async def get_fraud_proof(request: web.Request) -> web.Response:
     proof = request.app[SERVICES].ledger.fraud_proof(receipt_id)
     if proof is None:
         raise APIError(404, f"no fraud proof for receipt {receipt_id!r} here", param="receipt_id", code="fraud_proof_not_found")
-    return web.Response(body=proof.model_dump_json(), content_type="application/json")
+    return json_response(proof)
 
 
 @routes.get("/v1/peers/{peer_id}/receipts/{receipt_id}")
@@ -385,4 +386,4 @@ async def evidence_from_peer(request: web.Request) -> web.Response:
         raise APIError(404, str(exc), code="receipt_not_found") from exc
     except P2PError as exc:
         raise APIError(502, f"cannot fetch the evidence from {peer_id}: {exc}", code="peer_failed") from exc
-    return web.Response(body=answer.model_dump_json(), content_type="application/json")
+    return json_response(answer)
