@@ -6,6 +6,8 @@ already loaded (so tests and benchmarks run it in-process), an identity key and 
 store, and wires the route tables: OpenAI (``node/api/routes.py``), receipts, and
 health/metrics. Every answer is signed as it finishes and its answer file kept in the evidence
 store (``node/api/service.py``), so ``GET /v1/receipts/{id}`` serves what ``proofmesh verify`` checks.
+The handlers read the store and the ledger through ``node.blocking.off_loop``: their locks are
+held across fsync'd commits, never by the event loop.
 
     GET  /v1/models                  POST /v1/completions        POST /v1/chat/completions
     GET  /v1/receipts/{receipt_id}?token=   GET  /health         GET  /metrics
@@ -27,7 +29,6 @@ listed on ``/`` to the operator alone, each linked with its token.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
@@ -43,6 +44,7 @@ from node.api.server import ON_BOUND, json_response
 from node.api.service import NODE, Node
 from node.api.status_page import (MAX_ROWS, Cell, StatusPage, Tone, convictions_table, html_response, locked_table,
                                   models_table, peers_table, rate_cell, signed_answers_table)
+from node.blocking import off_loop
 from node.errors import ConfigError
 from node.runtime.engine import DEFAULT_MAX_QUEUE
 from node.runtime.loading import LoadedModel
@@ -86,7 +88,7 @@ async def get_receipt(request: web.Request) -> web.Response:
     node = request.app[NODE]
     receipt_id = request.match_info["receipt_id"]
     if request[IS_OPERATOR] or node.evidence_tokens.admits(receipt_id, request.query.get(TOKEN_PARAM)):
-        answer = node.store.get(receipt_id)
+        answer = await off_loop(node.store.get, receipt_id)
         node.metrics.receipt_lookups.labels("found" if answer else "missing").inc()
     else:
         answer = None
@@ -110,7 +112,7 @@ def _status(node: Node) -> NodeStatus:
 
 async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    answers, size = node.store.stats()
+    answers, size = await off_loop(node.store.stats)
     status = _status(node)
     return web.json_response({
         "status": status,
@@ -131,7 +133,7 @@ async def status_page(request: web.Request) -> web.Response:
     """GET /: the node at a glance (what /health says; with the API key its peers and the
     convictions it knows of; to the operator also the answers it signed last)."""
     node = request.app[NODE]
-    answers, size = await asyncio.to_thread(node.store.stats)
+    answers, size = await off_loop(node.store.stats)
     network, status = node.network, _status(node)
     facts = [
         ("status", Cell(status, tone=_STATUS_TONES[status])),
@@ -154,13 +156,13 @@ async def _convictions(app: web.Application, node: Node) -> list[Conviction] | N
         return None
     from node.api import peering  # loaded already: the node joined a network
 
-    return await asyncio.to_thread(app[peering.SERVICES].ledger.convictions, limit=MAX_ROWS)
+    return await off_loop(app[peering.SERVICES].ledger.convictions, limit=MAX_ROWS)
 
 
 async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE]
     states = [(s.name, s.engine.queue_depth, s.engine.running) for s in node.models.values()]
-    body = node.metrics.render(states, node.store.stats())
+    body = node.metrics.render(states, await off_loop(node.store.stats))
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -4,7 +4,9 @@ statuses: ``node.api.errors``).
 
 ``Node.answers`` is the single path from an HTTP request to the engine: it runs a request's
 choices, signs each answer as it finishes and keeps its evidence, so no route can hand out an
-answer without a receipt.
+answer without a receipt. Signing and the evidence commit run off the event loop
+(``node.blocking.off_loop``), and a choice's last event, which carries its receipt, is yielded
+only once its evidence is committed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from node.api.evidence_tokens import EvidenceTokens
 from node.api.metrics import NodeMetrics, TokenRate
 from node.api.protocol import ModelCard, ProofMeshInfo
 from node.api.rendering import ChoiceEvent, TokenTexts
+from node.blocking import off_loop
 from node.errors import ClientShareError, ConfigError
 from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.events import GenerationResult
@@ -134,7 +137,7 @@ class Node:
         the store is full of evidence still inside its audit window (503): evidence is never
         dropped for room."""
         client = requests[0].client
-        over_share, has_room = await asyncio.to_thread(lambda: (self.store.over_share(client), self.store.has_room()))
+        over_share, has_room = await off_loop(lambda: (self.store.over_share(client), self.store.has_room()))
         if over_share:
             raise ClientShareError("this client's evidence takes its share of the evidence store until it ages "
                                    "past the audit window; retry later")
@@ -147,8 +150,8 @@ class Node:
             try:
                 async for event in served.engine.generate(request):
                     self.token_rate.add(1)  # every event is one sampled token
-                    proof = self._seal(served, event.result) if event.result is not None else None
-                    queue.put_nowait(ChoiceEvent(index, event, proof))
+                    proof = await self._seal(served, event.result) if event.result is not None else None
+                    queue.put_nowait(ChoiceEvent(index, event, proof))  # a receipt only once its evidence is kept
             except Exception as exc:  # handed to the consumer, which raises it
                 queue.put_nowait(exc)
 
@@ -166,15 +169,20 @@ class Node:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _seal(self, served: ServedModel, result: GenerationResult) -> ProofMeshInfo:
-        """Sign a finished answer and keep its evidence (one SQLite transaction: all or nothing);
-        the asking client gets the token that opens its answer file."""
-        answer = answer_file(result, self.key, model_id=served.loaded.model_id, backend=served.loaded.backend)
-        self.store.put(answer, client=result.client)
+    async def _seal(self, served: ServedModel, result: GenerationResult) -> ProofMeshInfo:
+        """Sign a finished answer and keep its evidence (one SQLite transaction: all or nothing),
+        both off the loop; the asking client gets the token that opens its answer file."""
+        answer = await off_loop(self._sign_and_keep, served, result)
         self.metrics.observe_answer(served.name, len(result.prompt_ids), len(result.output_ids), result.time_to_first_token)
         self.signed_answers.append(SignedAnswer(answer.receipt.receipt_id, served.name, len(result.output_ids), answer.receipt.created))
         return ProofMeshInfo(receipt=answer.receipt, signature=answer.signature, public_key=answer.public_key,
                              backend=served.loaded.backend, evidence_token=self.evidence_tokens.token(answer.receipt.receipt_id))
+
+    def _sign_and_keep(self, served: ServedModel, result: GenerationResult) -> AnswerFile:
+        """On a worker thread: the Ed25519 signature, zlib and the fsync'd commit."""
+        answer = answer_file(result, self.key, model_id=served.loaded.model_id, backend=served.loaded.backend)
+        self.store.put(answer, client=result.client)
+        return answer
 
     async def close(self) -> None:
         for served in self.models.values():
