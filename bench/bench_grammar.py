@@ -130,7 +130,7 @@ def engine_rows(model, kinds: list[str], answers: int, max_tokens: int, key) -> 
     the unconstrained answer capped at the constrained one's length); also the constrained
     answer files, for the verifier's side."""
     from bench.harness import STRUCTURED, structured_prompt
-    from node.api.answers import answer_file
+    from node.api.service import answer_file
     from node.runtime.engine import Engine, GenerationRequest
     from verify.sampling import SamplingParams
 

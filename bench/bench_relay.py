@@ -27,8 +27,9 @@ import aiohttp
 
 from bench.report import RESULTS, write_json
 from compiled_models.registry import DEFAULT_MODEL
-from node.api.app import make_app, start_server
+from node.api.app import make_app
 from node.api.evidence_tokens import receipt_path
+from node.api.server import start_server
 from node.compiler.targets import configure_threads
 from node.runtime.allocator import keep_freed_memory
 from node.runtime.loading import load_model

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from node.api.answers import answer_file
+from node.api.service import answer_file
 from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.loading import LoadedModel
 from node.models.llama.reference import NumpyLlama

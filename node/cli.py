@@ -216,7 +216,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from node.runtime import model_store
     from node.runtime.loading import load_model
-    from node.api.app import make_app, serve_until_signalled
+    from node.api.app import make_app
+    from node.api.server import serve_until_signalled
     from node.api.service import NODE
     from node.runtime.engine import DEFAULT_MAX_QUEUE
     from verify.evidence_store import EvidenceStore
@@ -328,7 +329,8 @@ def _upstream_models(args: argparse.Namespace) -> list:
 def _cmd_verifier(args: argparse.Namespace) -> int:
     from node.runtime import model_store
     from node.runtime.loading import load_model
-    from node.api.app import make_app, serve_until_signalled, start_server
+    from node.api.app import make_app
+    from node.api.server import serve_until_signalled, start_server
     from node.sidecar.proxy import Sidecar, make_sidecar_app
     from p2p.network import NetworkConfig
     from verify.evidence_store import EvidenceStore

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from node.api.clients import BODY_BUDGET, CLIENT, client_identity
 from node.api.protocol import ErrorInfo, ErrorResponse
+from node.api.server import json_response
 from node.errors import ClientShareError, ConfigError, ContextLengthError, EngineBusyError, NoChatTemplateError, RequestError
 from verify.grammar import GrammarError
 
@@ -56,8 +57,7 @@ class APIError(Exception):
         return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code))
 
     def response(self) -> web.Response:
-        return web.Response(status=self.status, body=self.body().model_dump_json(), headers=self.headers,
-                            content_type="application/json")
+        return json_response(self.body(), status=self.status, headers=self.headers)
 
 
 def describe_validation_error(exc: ValidationError, *, as_options: bool = False) -> tuple[str, str | None]:

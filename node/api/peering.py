@@ -35,11 +35,13 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
-from node.errors import ClientShareError, ConfigError, EngineBusyError
-from node.runtime.loading import LoadedModel
 from node.api.errors import RETRY_AFTER_S, APIError, Handler, json_object, parse_body, read_body
 from node.api.evidence_tokens import TOKEN_PARAM
+from node.api.server import json_response
 from node.api.service import NODE, Node
+from node.blocking import off_loop
+from node.errors import ClientShareError, ConfigError, EngineBusyError
+from node.runtime.loading import LoadedModel
 from p2p.errors import NoPeerAvailable, P2PError, RemoteError, Unavailable
 from p2p.network import SSE_CONTENT_TYPE, NetworkConfig, PeerNetwork
 from p2p.protocols import InferPart
@@ -141,7 +143,7 @@ class NodeServices:
         yield InferEnd()
 
     async def verify(self, answer: AnswerFile) -> Attestation:
-        served = next((s for s in self.node.models.values() if s.loaded.model_id == answer.receipt.model_id), None)
+        served = self.node.by_model_id(answer.receipt.model_id)
         if served is None:
             raise LookupError(f"model {answer.receipt.model_id} is not served here")
         backend = _RecordingBackend(served.loaded, answer.evidence.output_ids)
@@ -150,12 +152,12 @@ class NodeServices:
         except EngineBusyError as exc:
             raise Unavailable(str(exc)) from exc
         fingerprints = backend.fingerprints[:len(answer.evidence.output_ids)]
-        return Attestation.sign(sign_verdict(verdict, self.node.key), fingerprints, self.node.key)
+        return await off_loop(lambda: Attestation.sign(sign_verdict(verdict, self.node.key), fingerprints, self.node.key))
 
     async def evidence(self, receipt_id: str, token: str) -> AnswerFile | None:
         if not self.node.evidence_tokens.admits(receipt_id, token):
             return None  # as for an unknown receipt: which ids exist is not told
-        return await asyncio.to_thread(self.node.store.get, receipt_id)
+        return await off_loop(self.node.store.get, receipt_id)
 
     async def fraud(self, notice: FraudNotice, sender: str) -> FraudNotice | None:
         """Act on a fraud proof, and say what to pass on (None: nothing).
@@ -178,7 +180,7 @@ class NodeServices:
             return None
         if receipt.node_id in network.table.convicted():
             return None
-        served = next((s for s in self.node.models.values() if s.loaded.model_id == receipt.model_id), None)
+        served = self.node.by_model_id(receipt.model_id)
         if served is not None:
             if receipt.receipt_id in self._fraud_seen:
                 return None  # re-checked already: one model run per receipt, whatever the vouchers
@@ -191,8 +193,8 @@ class NodeServices:
             if not check.upheld:
                 log.warning("fraud proof against %s from %s does not hold: %s", receipt.node_id, sender, check.reasons)
                 return None
-            self._convict(proof, "re-checked the proof on the model")
-            voucher = sign_verdict(check.recomputed, self.node.key)
+            await self._convict(proof, "re-checked the proof on the model")
+            voucher = await off_loop(sign_verdict, check.recomputed, self.node.key)
             return notice.model_copy(update={"vouchers": [*notice.vouchers, voucher]})
         signed = {v.verifier_id for v in (proof.verdict, *notice.vouchers) if v.signature_is_valid()
                   and v.verdict.verdict == "fraud" and v.verdict.receipt_id == receipt.receipt_id}
@@ -203,9 +205,9 @@ class NodeServices:
         observed = network.table.observed(receipt.model_id)
         trusted = {v for v in vouched if v in observed}
         if self.node.key.node_id in vouched:
-            self._convict(proof, "the accusation is signed with this node's own key")
+            await self._convict(proof, "the accusation is signed with this node's own key")
         elif self.fraud_quorum and len(trusted) >= self.fraud_quorum:
-            self._convict(proof, f"vouched for by {len(trusted)} observed serving peers: {', '.join(sorted(trusted))}")
+            await self._convict(proof, f"vouched for by {len(trusted)} observed serving peers: {', '.join(sorted(trusted))}")
         return notice
 
     def _remember(self, receipt_id: str, vouchers: set[str]) -> set[str]:
@@ -217,9 +219,9 @@ class NodeServices:
             self._fraud_seen.popitem(last=False)
         return known
 
-    def _convict(self, proof: FraudProof, why: str) -> None:
+    async def _convict(self, proof: FraudProof, why: str) -> None:
         receipt = proof.answer.receipt
-        self.ledger.add_fraud_proof(proof)  # persisted first: a conviction survives a restart
+        await off_loop(self.ledger.add_fraud_proof, proof)  # persisted first: a conviction survives a restart
         self.node.network.table.convict(receipt.node_id)
         log.warning("convicted %s of fraud (receipt %s): %s", receipt.node_id, receipt.receipt_id, why)
 
@@ -343,7 +345,7 @@ async def verify_on_peer(request: web.Request) -> web.Response:
         attestation = await request.app[NODE].network.verify(answer, exclude)
     except NoPeerAvailable as exc:
         raise APIError(503, str(exc), code="no_peer_available") from exc
-    return web.Response(body=attestation.model_dump_json(), content_type="application/json")
+    return json_response(attestation)
 
 
 @routes.post("/v1/fraud-proofs")
@@ -366,10 +368,10 @@ async def submit_fraud_proof(request: web.Request) -> web.Response:
 async def get_fraud_proof(request: web.Request) -> web.Response:
     """The proof a conviction rests on, so anyone holding the model can re-check why."""
     receipt_id = request.match_info["receipt_id"]
-    proof = request.app[SERVICES].ledger.fraud_proof(receipt_id)
+    proof = await off_loop(request.app[SERVICES].ledger.fraud_proof, receipt_id)
     if proof is None:
         raise APIError(404, f"no fraud proof for receipt {receipt_id!r} here", param="receipt_id", code="fraud_proof_not_found")
-    return web.Response(body=proof.model_dump_json(), content_type="application/json")
+    return json_response(proof)
 
 
 @routes.get("/v1/peers/{peer_id}/receipts/{receipt_id}")
@@ -385,4 +387,4 @@ async def evidence_from_peer(request: web.Request) -> web.Response:
         raise APIError(404, str(exc), code="receipt_not_found") from exc
     except P2PError as exc:
         raise APIError(502, f"cannot fetch the evidence from {peer_id}: {exc}", code="peer_failed") from exc
-    return web.Response(body=answer.model_dump_json(), content_type="application/json")
+    return json_response(answer)

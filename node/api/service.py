@@ -4,7 +4,9 @@ statuses: ``node.api.errors``).
 
 ``Node.answers`` is the single path from an HTTP request to the engine: it runs a request's
 choices, signs each answer as it finishes and keeps its evidence, so no route can hand out an
-answer without a receipt.
+answer without a receipt. Signing and the evidence commit run off the event loop
+(``node.blocking.off_loop``), and a choice's last event, which carries its receipt, is yielded
+only once its evidence is committed.
 """
 
 from __future__ import annotations
@@ -19,17 +21,17 @@ from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 from aiohttp import web
 
-from node.api.answers import answer_file
 from node.api.errors import RETRY_AFTER_S, APIError
 from node.api.evidence_tokens import EvidenceTokens
 from node.api.metrics import NodeMetrics, TokenRate
 from node.api.protocol import ModelCard, ProofMeshInfo
 from node.api.rendering import ChoiceEvent, TokenTexts
-from node.api.status_page import MAX_ROWS
+from node.blocking import off_loop
 from node.errors import ClientShareError, ConfigError
 from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.events import GenerationResult
 from node.runtime.loading import LoadedModel
+from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
     from p2p.network import PeerNetwork
 
 log = logging.getLogger(__name__)
+
+# The answers signed last that the node remembers for its status page (``node.api.status_page``
+# lists the newest of them): kept in memory, since the store would need a decode per row for
+# the model and token count; a hundred bytes each.
+SIGNED_ANSWERS_KEPT = 50
 
 # ---------------------------------------------------------------------- node state
 
@@ -80,9 +87,7 @@ class Node:
         self.store = store
         self.metrics = NodeMetrics()
         self.token_rate = TokenRate()
-        # Kept in memory (the store would need a decode per row for the model and token count);
-        # so the page lists the answers signed since this process started.
-        self.signed_answers: deque[SignedAnswer] = deque(maxlen=MAX_ROWS)
+        self.signed_answers: deque[SignedAnswer] = deque(maxlen=SIGNED_ANSWERS_KEPT)  # since this process started
         self.shutting_down = False
         self.url: str | None = None  # set once the HTTP server is bound
         self.network: PeerNetwork | None = None  # set when the node joins a p2p network
@@ -104,13 +109,17 @@ class Node:
                       for name, (offer, peers) in sorted(self.network.table.offers().items()) if not self.serves(name)]
         return cards
 
+    def by_model_id(self, model_id: str) -> ServedModel | None:
+        """The served model whose weights hash to ``model_id`` (what receipts and answer files name)."""
+        return next((s for s in self.models.values() if s.loaded.model_id == model_id), None)
+
     def serves(self, name: str) -> bool:
         """Whether a model called ``name`` (or whose model_id is ``name``) is served here."""
-        return name in self.models or any(s.loaded.model_id == name for s in self.models.values())
+        return name in self.models or self.by_model_id(name) is not None
 
     def model(self, name: str) -> ServedModel:
         """The served model called ``name`` (or whose model_id is ``name``)."""
-        served = self.models.get(name) or next((s for s in self.models.values() if s.loaded.model_id == name), None)
+        served = self.models.get(name) or self.by_model_id(name)
         if served is None:
             raise APIError(400, f"model {name!r} is not served here; GET /v1/models lists them",
                            param="model", code="model_not_found")
@@ -128,7 +137,7 @@ class Node:
         the store is full of evidence still inside its audit window (503): evidence is never
         dropped for room."""
         client = requests[0].client
-        over_share, has_room = await asyncio.to_thread(lambda: (self.store.over_share(client), self.store.has_room()))
+        over_share, has_room = await off_loop(lambda: (self.store.over_share(client), self.store.has_room()))
         if over_share:
             raise ClientShareError("this client's evidence takes its share of the evidence store until it ages "
                                    "past the audit window; retry later")
@@ -141,8 +150,8 @@ class Node:
             try:
                 async for event in served.engine.generate(request):
                     self.token_rate.add(1)  # every event is one sampled token
-                    proof = self._seal(served, event.result) if event.result is not None else None
-                    queue.put_nowait(ChoiceEvent(index, event, proof))
+                    proof = await self._seal(served, event.result) if event.result is not None else None
+                    queue.put_nowait(ChoiceEvent(index, event, proof))  # a receipt only once its evidence is kept
             except Exception as exc:  # handed to the consumer, which raises it
                 queue.put_nowait(exc)
 
@@ -160,19 +169,31 @@ class Node:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _seal(self, served: ServedModel, result: GenerationResult) -> ProofMeshInfo:
-        """Sign a finished answer and keep its evidence (one SQLite transaction: all or nothing);
-        the asking client gets the token that opens its answer file."""
-        answer = answer_file(result, self.key, model_id=served.loaded.model_id, backend=served.loaded.backend)
-        self.store.put(answer, client=result.client)
+    async def _seal(self, served: ServedModel, result: GenerationResult) -> ProofMeshInfo:
+        """Sign a finished answer and keep its evidence (one SQLite transaction: all or nothing),
+        both off the loop; the asking client gets the token that opens its answer file."""
+        answer = await off_loop(self._sign_and_keep, served, result)
         self.metrics.observe_answer(served.name, len(result.prompt_ids), len(result.output_ids), result.time_to_first_token)
         self.signed_answers.append(SignedAnswer(answer.receipt.receipt_id, served.name, len(result.output_ids), answer.receipt.created))
         return ProofMeshInfo(receipt=answer.receipt, signature=answer.signature, public_key=answer.public_key,
                              backend=served.loaded.backend, evidence_token=self.evidence_tokens.token(answer.receipt.receipt_id))
 
+    def _sign_and_keep(self, served: ServedModel, result: GenerationResult) -> AnswerFile:
+        """On a worker thread: the Ed25519 signature, zlib and the fsync'd commit."""
+        answer = answer_file(result, self.key, model_id=served.loaded.model_id, backend=served.loaded.backend)
+        self.store.put(answer, client=result.client)
+        return answer
+
     async def close(self) -> None:
         for served in self.models.values():
             await served.engine.close()
+
+
+def answer_file(result: GenerationResult, key: NodeKey, *, model_id: str, backend: str) -> AnswerFile:
+    """A finished generation as the answer file verifiers take, its receipt signed with ``key``."""
+    return sign_answer(key, model_id=model_id, backend=backend, prompt_ids=result.prompt_ids, output_ids=result.output_ids,
+                       params=result.params, fingerprints=result.fingerprints, finish_reason=result.finish_reason,
+                       seed_source=result.seed_source)
 
 
 NODE = web.AppKey("node", Node)

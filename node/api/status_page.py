@@ -2,7 +2,8 @@
 HTML page that the browser reloads every ``REFRESH_S`` seconds; no script, no build step.
 
 Both pages have one shape — a few facts, then tables — so one template renders either
-(``templates/status.html``); ``node/api/app.py`` and ``node/sidecar/proxy.py`` say what goes in.
+(``templates/status.html``); the node's tables are built here (its facts in ``node/api/app.py``),
+the sidecar's in ``node/sidecar/status_page.py``.
 Much of what is shown comes from strangers (peers' records, receipt ids a node sent a sidecar,
 model names), so the template escapes every value (autoescape), and a link is only ever a
 relative path built from an id that matched the receipt id pattern: no value chooses where a
@@ -17,12 +18,18 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import jinja2
 from aiohttp import web
 
+from node.api.evidence_tokens import receipt_path
 from verify.receipts import RECEIPT_ID_PATTERN
+
+if TYPE_CHECKING:
+    from node.api.service import Node
+    from p2p.network import PeerNetwork
+    from verify.ledger import Conviction
 
 MAX_ROWS = 50  # per table: a page that renders in a millisecond or two and still reads at a glance
 # Per value, past which it is cut: a stranger's "receipt id" may be megabytes; the longest honest
@@ -90,11 +97,54 @@ def locked_table(title: str, *, operator: bool = False) -> Table:
     return Table(title, (), (), "needs the API key (send Authorization: Bearer KEY), as the /v1 routes do")
 
 
+# ---------------------------------------------------------------------- the node's tables
+
+
+def models_table(node: Node) -> Table:
+    return Table("Models served", ("name", "model_id", "backend", "max context", "queued", "running"), [
+        (Cell(s.name), Cell(s.loaded.model_id), Cell(s.loaded.backend), Cell(str(s.loaded.max_context)),
+         Cell(str(s.engine.queue_depth)), Cell(str(s.engine.running)))
+        for s in node.models.values()], "none: a gateway to its peers' models")
+
+
+def signed_answers_table(node: Node) -> Table:
+    """The operator's: each receipt links to its answer file with its token (relative), so the
+    link opens in any browser and can be handed to a verifier."""
+    newest = list(reversed(node.signed_answers))[:MAX_ROWS]
+    rows = [(Cell(a.receipt_id, href=receipt_path(a.receipt_id, node.evidence_tokens.token(a.receipt_id)).removeprefix("/")),
+             Cell(a.model), Cell(str(a.output_tokens)), ago(a.signed_at))
+            for a in newest]
+    return Table(f"Answers signed (the newest since start, at most {MAX_ROWS}; each links to its answer file)",
+                 ("receipt", "model", "tokens", "signed"), rows, "none yet")
+
+
+def peers_table(network: PeerNetwork | None) -> Table:
+    if network is None:
+        return Table("Peers", (), (), "no network (proofmesh run --p2p-listen or --bootstrap joins one)")
+    convicted = network.table.convicted()
+    peers = sorted(network.peers(), key=lambda p: p.record.peer_id)[:MAX_ROWS]
+    rows = [(Cell(p.record.peer_id, tone="bad" if p.record.peer_id in convicted else None),
+             Cell(", ".join(m.name for m in p.record.models) or "none"), Cell(str(p.record.load)),
+             Cell("-" if p.latency_s is None else f"{p.latency_s * 1000:.0f} ms"), Cell(str(p.failures)),
+             Cell("convicted", tone="bad") if p.record.peer_id in convicted else Cell("ok", tone="good"), ago(p.last_seen))
+            for p in peers]
+    return Table("Peers", ("peer id", "models", "load", "latency", "failures", "standing", "last seen"), rows, "none known yet")
+
+
+def convictions_table(convictions: Sequence[Conviction] | None) -> Table:
+    """``convictions``: the newest ``MAX_ROWS`` of the node's ledger (read off the event loop by
+    the caller); None for a node without a network, which convicts nobody."""
+    if convictions is None:
+        return Table("Fraud convictions", (), (), "no network: convictions come from peers' fraud proofs")
+    rows = [(Cell(c.node_id, tone="bad"), receipt_cell(c.receipt_id, "v1/fraud-proofs"), ago(c.created)) for c in convictions]
+    return Table("Fraud convictions (each receipt links to its fraud proof)", ("convicted node", "receipt", "when"), rows, "none")
+
+
 def html_response(page: StatusPage) -> web.Response:
     html = _TEMPLATES.get_template("status.html").render(page=page, refresh_s=REFRESH_S, max_chars=MAX_CELL_CHARS,
                                                          rendered=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
-__all__ = ["MAX_CELL_CHARS", "MAX_ROWS", "REFRESH_S", "Cell", "StatusPage", "Table", "ago", "html_response", "locked_table", "rate_cell",
-           "receipt_cell"]
+__all__ = ["MAX_CELL_CHARS", "MAX_ROWS", "REFRESH_S", "Cell", "StatusPage", "Table", "ago", "convictions_table", "html_response",
+           "locked_table", "models_table", "peers_table", "rate_cell", "receipt_cell", "signed_answers_table"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -94,9 +95,19 @@ def test_a_flood_cannot_evict_evidence_younger_than_the_audit_window(tmp_path):
 
 
 def test_answers_survive_a_reopen(tmp_path):
+    """An answer is committed once ``put`` returns (another connection reads it while the writer
+    is still open: the receipt goes out then), and it is still there after the writer closed
+    (closing rolls back whatever was not committed)."""
     answer = make_answer()
-    EvidenceStore(tmp_path / "e.sqlite").put(answer)
-    assert EvidenceStore(tmp_path / "e.sqlite").get(answer.receipt.receipt_id) == answer
+    writer = EvidenceStore(tmp_path / "e.sqlite")
+    writer.put(answer, client="c")
+    with closing(sqlite3.connect(tmp_path / "e.sqlite")) as reader:
+        assert reader.execute("SELECT COUNT(*) FROM answers WHERE receipt_id = ?", (answer.receipt.receipt_id,)).fetchone() == (1,)
+    writer.close()
+    reopened = EvidenceStore(tmp_path / "e.sqlite")
+    assert reopened.get(answer.receipt.receipt_id) == answer
+    assert reopened.stats() == (1, encode_answer(answer).size) and reopened.client_bytes("c") == encode_answer(answer).size
+    reopened.close()
 
 
 def test_the_choices_of_one_request_keep_their_sampling_once(tmp_path):

@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 
 from aiohttp import web
 
-from node.api.app import make_app, start_server
+from node.api.app import make_app
+from node.api.server import start_server
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.sidecar.proxy import Sidecar, make_sidecar_app

@@ -11,10 +11,10 @@ import time
 import httpx
 from aiohttp import web
 
-from node.api import errors
-from node.api.app import KEEPALIVE_TIMEOUT_S
+from node.api import errors, server
 from node.api.errors import errors_middleware, parse_body
 from node.api.protocol import ErrorInfo
+from node.api.server import KEEPALIVE_TIMEOUT_S
 from tests.node.api.http_fixtures import serving
 
 
@@ -48,10 +48,8 @@ def test_connections_past_the_cap_are_refused_at_once():
 
 
 def test_a_trickling_body_gets_408_and_an_idle_connection_is_closed(monkeypatch):
-    from node.api import app as app_module
-
     monkeypatch.setattr(errors, "BODY_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(app_module, "KEEPALIVE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(server, "KEEPALIVE_TIMEOUT_S", 0.5)
     with serving(_echo_app(), max_connections=8) as url:
         with socket.create_connection(("127.0.0.1", _port(url))) as s:
             s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
@@ -73,9 +71,7 @@ def test_a_trickling_body_gets_408_and_an_idle_connection_is_closed(monkeypatch)
 def test_a_head_that_trickles_in_is_cut_off(monkeypatch):
     """Slowloris: a request line and half its headers, then nothing: the connection is closed
     once the head deadline passes, and the slot is free again."""
-    from node.api import app as app_module
-
-    monkeypatch.setattr(app_module, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(server, "HEADER_TIMEOUT_S", 0.5)
     with serving(_echo_app(), max_connections=1) as url:
         with socket.create_connection(("127.0.0.1", _port(url))) as s:
             s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\n")

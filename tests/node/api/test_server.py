@@ -1,7 +1,8 @@
 """The OpenAI-style HTTP API on a tiny compiled model, driven by the official ``openai`` client
 (sync and async, chat and completions, streamed and not) against a real server on 127.0.0.1:
 receipts verify, answer files pass the verifier, seeds reproduce, errors are OpenAI-shaped,
-fuzzed bodies never get a 5xx, and 16 concurrent clients get what each gets alone."""
+fuzzed bodies never get a 5xx (nor a server error inside a stream), and 16 concurrent clients
+get what each gets alone."""
 
 from __future__ import annotations
 
@@ -471,6 +472,13 @@ def request_bodies(draw, path: str) -> dict:
     return body
 
 
+def stream_errors(text: str) -> list[dict]:
+    """The errors a streamed answer reported in-band (its headers were out: OpenAI's way), each
+    ``data:`` line but ``[DONE]`` read as JSON."""
+    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    return [chunk["error"] for chunk in map(json.loads, events[:-1] if events[-1:] == ["[DONE]"] else events) if "error" in chunk]
+
+
 @settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
 def test_fuzzed_bodies_never_get_a_5xx(node, data, path):
@@ -482,6 +490,8 @@ def test_fuzzed_bodies_never_get_a_5xx(node, data, path):
         assert_openai_error(response, response.status_code)
     elif body.get("stream") is True:
         assert response.text.rstrip().endswith("data: [DONE]")
+        failed = [e for e in stream_errors(response.text) if e["type"] == "server_error"]
+        assert not failed, failed  # a 5xx-class error sent in-band, after the 200
     else:
         assert response.json()["choices"]
 
@@ -493,9 +503,20 @@ def test_fuzzed_raw_bytes_never_get_a_5xx(node, raw):
     assert_openai_error(response, 400)
 
 
-def test_server_still_answers_after_the_fuzz(client, http):
+def test_server_still_answers_after_the_fuzz(client, http, node):
+    """Hostile input of its own first, so it holds whatever ran before it: bytes that are no
+    JSON, a body nested past the parser, wrong types, a stream of four choices abandoned after
+    one chunk. Then the node answers, with nothing left running or queued."""
+    for raw in (b"\xff\xfe{", b"[" * 100_000, json.dumps({**CHAT, "n": "many", "temperature": [None]}).encode()):
+        assert_openai_error(post(node, "/v1/chat/completions", None, raw=raw), 400)
+    with httpx.Client(base_url=node.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        with c.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 200, "n": 4, "stream": True}) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # one chunk, then hang up
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3).choices[0].finish_reason
-    health = http.get("/health").json()["models"][0]
+    deadline = time.monotonic() + 5
+    while (health := http.get("/health").json()["models"][0])["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert health["running"] == 0 and health["queue_depth"] == 0
 
 

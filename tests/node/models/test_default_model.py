@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from compiled_models.registry import DEFAULT_MODEL
-from node.api.answers import answer_file
+from node.api.service import answer_file
 from node.runtime.engine import Engine, GenerationRequest
 from node.runtime.loading import load_model
 from node.models.llama.load import load_checkpoint

@@ -12,7 +12,7 @@ import pytest
 import tvm
 from tvm import te
 
-from node.api.answers import answer_file
+from node.api.service import answer_file
 from node.compiler.build import compile_model
 from node.runtime.loading import load_checkpoint_cached, load_model, model_parameters
 from node.models.quant.blocks import FORMATS, QuantizedTensor, planes_dequantize

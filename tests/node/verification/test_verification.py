@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.api.answers import answer_file
+from node.api.service import answer_file
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from tests.node.runtime.engine_helpers import generate
