@@ -329,7 +329,7 @@ def _cmd_verifier(args: argparse.Namespace) -> int:
     from node.runtime import model_store
     from node.runtime.loading import load_model
     from node.api.app import make_app, serve_until_signalled, start_server
-    from node.sidecar.proxy import Sidecar, make_sidecar_app
+    from node.sidecar.app import Sidecar, make_sidecar_app
     from p2p.network import NetworkConfig
     from verify.evidence_store import EvidenceStore
     from verify.ledger import Ledger

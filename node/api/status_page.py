@@ -2,7 +2,7 @@
 HTML page that the browser reloads every ``REFRESH_S`` seconds; no script, no build step.
 
 Both pages have one shape — a few facts, then tables — so one template renders either
-(``templates/status.html``); ``node/api/app.py`` and ``node/sidecar/proxy.py`` say what goes in.
+(``templates/status.html``); ``node/api/app.py`` and ``node/sidecar/status_page.py`` say what goes in.
 Much of what is shown comes from strangers (peers' records, receipt ids a node sent a sidecar,
 model names), so the template escapes every value (autoescape), and a link is only ever a
 relative path built from an id that matched the receipt id pattern: no value chooses where a

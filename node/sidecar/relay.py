@@ -39,6 +39,7 @@ from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Re
 from node.models.tokenizer import TextTokenizer
 from node.runtime.events import AnswerText, GenerationRequest, TokenEvent, replay
 from node.sidecar.sse import SSEDecoder
+from node.sidecar.upstreams import Upstream
 from verify.binding import Endpoint
 from verify.evidence import AnswerFile
 from verify.verifier import ScoringBackend
@@ -57,17 +58,6 @@ _MODELS: dict[Endpoint, tuple[type[SamplingRequest], type[BaseModel], type[BaseM
 }
 
 
-@dataclass
-class Upstream:
-    url: str
-    node_id: str | None = None  # what its /health declares, once it answered: never trusted to blame
-
-    @property
-    def ledger_id(self) -> str:
-        """Who refusals count against: this connection, whatever node it says it is."""
-        return f"upstream:{self.url}"
-
-
 class AuditModel(ScoringBackend, Protocol):
     """A model the sidecar holds: it re-executes audits, binds answers to requests with its
     tokenizer and rebuilds them for clients (node's ``LoadedModel``)."""
@@ -80,7 +70,7 @@ class AuditModel(ScoringBackend, Protocol):
 
 
 class AnswerChecker(Protocol):
-    """What a relay needs of the sidecar (``node.sidecar.proxy.Sidecar``)."""
+    """What a relay needs of the sidecar (``node.sidecar.auditor.Auditor``)."""
 
     async def bind(self, up: Upstream, req: "ClientRequest", received: dict | list[dict]) -> list[AnswerFile]: ...
 
@@ -378,5 +368,5 @@ async def relay_stream(sidecar: AnswerChecker, up: Upstream, req: ClientRequest,
     return response
 
 
-__all__ = ["AnswerChecker", "AuditModel", "ClientRequest", "checked_rebuild", "MAX_STREAM_BYTES", "Refused", "Upstream", "parse_request",
+__all__ = ["AnswerChecker", "AuditModel", "ClientRequest", "checked_rebuild", "MAX_STREAM_BYTES", "Refused", "parse_request",
            "parse_response", "rebuild_json", "receipts_in", "relay_json", "relay_stream", "upstream_error"]

@@ -24,7 +24,7 @@ class UpstreamState(Protocol):
 
 
 class SidecarState(Protocol):
-    """What the page reads of ``node.sidecar.proxy.Sidecar`` (named here, so proxy, which serves
+    """What the page reads of ``node.sidecar.app.Sidecar`` (named here, so the app, which serves
     the page, is not imported back)."""
 
     key: NodeKey

@@ -18,7 +18,7 @@ from aiohttp import web
 from node.api.app import make_app, start_server
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
-from node.sidecar.proxy import Sidecar, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 from verify.ledger import Ledger

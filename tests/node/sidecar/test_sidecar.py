@@ -19,7 +19,8 @@ from node.runtime.loading import LoadedModel, load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
 from node.api.evidence_tokens import receipt_path
-from node.sidecar.proxy import Sidecar, audit_draw, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
+from node.sidecar.auditor import audit_draw
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
 from verify.evidence import AnswerFile
