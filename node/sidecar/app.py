@@ -38,6 +38,7 @@ from node.api.errors import (IS_OPERATOR, APIError, describe_validation_error, e
 from node.api.protocol import ModelCard, ModelList
 from node.api.rendering import TokenTexts
 from node.api.status_page import html_response
+from node.blocking import off_loop
 from node.sidecar.auditor import Auditor
 from node.sidecar.relay import AuditModel, ClientRequest, Refused, parse_request, rebuild_json, relay_json, relay_stream, upstream_error
 from node.sidecar.status_page import sidecar_page
@@ -120,7 +121,7 @@ async def proxy_post(request: web.Request) -> web.StreamResponse:
     if n > 1:
         return await _redundant(request, sidecar, req, n, headers)
     await sidecar.upstreams.identify()
-    (up,) = sidecar.upstreams.pick(1)
+    (up,) = await sidecar.upstreams.pick(1)
     task = asyncio.create_task(_forward(request, sidecar, up, req, headers))
     sidecar.track(task)
     return await asyncio.shield(task)
@@ -150,7 +151,7 @@ async def _redundant(request: web.Request, sidecar: Sidecar, req: ClientRequest,
     if req.body.stream:
         raise APIError(400, "redundant execution returns one agreed answer: set stream to false", code="invalid_redundancy")
     await sidecar.upstreams.identify()
-    chosen = sidecar.upstreams.pick(n)
+    chosen = await sidecar.upstreams.pick(n)
     payload = json.dumps(req.fields).encode()
 
     async def ask(up: Upstream) -> tuple[BaseModel, list[AnswerFile]]:
@@ -209,7 +210,7 @@ async def get_audit(request: web.Request) -> web.Response:
     """The operator's: which answers were audited must stay hidden from the nodes (and a
     receipt id from the other clients: ``node/api/evidence_tokens.py``)."""
     require_operator(request, "an audit record")
-    record = request.app[SIDECAR].ledger.audit(request.match_info["receipt_id"])
+    record = await off_loop(request.app[SIDECAR].ledger.audit, request.match_info["receipt_id"])
     if record is None:
         return APIError(404, f"no audit of receipt {request.match_info['receipt_id']!r}", code="audit_not_found").response()
     return web.Response(body=record.model_dump_json(), content_type="application/json")
@@ -226,14 +227,15 @@ async def list_audits(request: web.Request) -> web.Response:
         limit = int(q.get("limit", 100))
     except ValueError:
         return APIError(400, "limit is an integer", code="invalid_limit").response()
-    records = request.app[SIDECAR].ledger.audits(node_id=q.get("node_id"), state=state, limit=max(1, min(limit, 1000)))
+    records = await off_loop(request.app[SIDECAR].ledger.audits, node_id=q.get("node_id"), state=state, limit=max(1, min(limit, 1000)))
     return web.json_response({"object": "list", "data": [json.loads(r.model_dump_json()) for r in records]})
 
 
 async def health(request: web.Request) -> web.Response:
     sidecar = request.app[SIDECAR]
+    convicted = await off_loop(sidecar.ledger.convicted)
     return web.json_response({"status": "ok", "upstreams": [{"url": up.url, "node_id": up.node_id} for up in sidecar.upstreams],
-                              "convicted": sorted(sidecar.ledger.convicted()), "audit_rate": sidecar.audit_rate,
+                              "convicted": sorted(convicted), "audit_rate": sidecar.audit_rate,
                               "verifier_id": sidecar.key.node_id, "models": sorted(sidecar.backends)})
 
 

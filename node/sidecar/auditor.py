@@ -16,6 +16,11 @@ validator whose verdict goes against the outcome loses reputation, so a lazy one
 everything) is caught the first time it passes a cheat. A fraud proof goes to ``POST
 /v1/fraud-proofs`` of that gateway (else of the upstreams but the accused), from where the
 network re-checks and spreads it (``/proofmesh/fraud/1``).
+
+Every ledger call (an fsync'd SQLite commit) and every signature goes through
+``node.blocking.off_loop``. Binding and re-execution are CPU work of a request's or an
+answer's length and go to ``asyncio.to_thread`` instead: in off_loop's few workers, sized for
+commits, a re-execution would keep the ledger's writes waiting.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pydantic import ValidationError
 
 from node.api.errors import APIError
 from node.api.metrics import TokenRate
+from node.blocking import off_loop
 from node.sidecar.relay import AuditModel, ClientRequest, Refused, receipts_in
 from node.sidecar.upstreams import Upstream, Upstreams
 from verify.attestation import Attestation
@@ -40,7 +46,7 @@ from verify.binding import bind_answers
 from verify.evidence import AnswerFile
 from verify.fraud import FraudProof, SignedVerdict, sign_verdict
 from verify.identity import NodeKey
-from verify.ledger import AuditRecord, Ledger
+from verify.ledger import AuditRecord, AuditState, Ledger
 from verify.sampling import U64
 from verify.verifier import verify_answer
 
@@ -95,7 +101,7 @@ class Auditor:
         for receipt_id, node_id, token in receipts:
             answer = await self.upstreams.evidence(up, receipt_id, node_id, token, req.headers)
             if answer is None or answer.receipt.receipt_id != receipt_id:
-                await asyncio.to_thread(self._withheld, receipt_id, up.ledger_id)
+                await off_loop(self._withheld, receipt_id, up.ledger_id)
                 raise Refused(f"upstream {up.url} withheld the evidence of receipt {receipt_id}")
             answers[receipt_id] = answer
         report = await asyncio.to_thread(bind_answers, req.endpoint, req.fields, received, answers, req.tokenizer,
@@ -103,14 +109,14 @@ class Auditor:
         if not report.ok:
             raise Refused(f"the answer of upstream {up.url} is not the answer to this request: {report.summary()}")
         for receipt_id, node_id, _ in receipts:
-            if not await asyncio.to_thread(self.ledger.first_sight, receipt_id, node_id):
+            if not await off_loop(self.ledger.first_sight, receipt_id, node_id):
                 raise Refused(f"upstream {up.url} served receipt {receipt_id} before: a replay")
         return [answers[report.receipts[index]] for index in range(len(req.choices))]
 
     async def refuse(self, up: Upstream, why: str) -> APIError:
         """Count a refused answer against the connection that served it; the error its client gets."""
         log.warning("refused an answer from %s: %s", up.url, why)
-        await asyncio.to_thread(self.ledger.record_refusal, "", up.ledger_id, why)
+        await off_loop(self.ledger.record_refusal, "", up.ledger_id, why)
         return APIError(502, why, code="answer_refused")
 
     def _withheld(self, receipt_id: str, ledger_id: str) -> None:
@@ -151,38 +157,41 @@ class Auditor:
         reputation. Every audit ends in a state, never pending: an answer that is not the node's
         own is ``unattributable`` (nothing moves), broken evidence it signed is ``malformed``."""
         receipt = answer.receipt
-        await asyncio.to_thread(self.ledger.open_audit, receipt.receipt_id, receipt.node_id, receipt.model_id)
+        await off_loop(self.ledger.open_audit, receipt.receipt_id, receipt.node_id, receipt.model_id)
         local = None
         backend = self.backends.get(receipt.model_id)
         try:
             if backend is not None:
                 async with self._model_lock:
-                    local = sign_verdict(await asyncio.to_thread(verify_answer, answer, backend), self.key)
-                await asyncio.to_thread(self.ledger.add_verdict, local)
+                    verdict = await asyncio.to_thread(verify_answer, answer, backend)  # CPU work: see the module docstring
+                local = await off_loop(sign_verdict, verdict, self.key)
+                await off_loop(self.ledger.add_verdict, local)
             remote: list[SignedVerdict] = []
             if self.validators and (local is None or local.verdict.verdict in ("pass", "fraud")):
                 remote = await self.attestations(answer, self.validators, exclude=set())
                 if local is None and _tied(remote):
                     remote += await self.attestations(answer, len(remote), exclude={v.verifier_id for v in remote})
                 for verdict in remote:
-                    await asyncio.to_thread(self.ledger.add_verdict, verdict)
+                    await off_loop(self.ledger.add_verdict, verdict)
         except Exception:  # noqa: BLE001 - whatever failed, the audit must not stay pending
             log.exception("audit %s failed", receipt.receipt_id)
-            await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, "error")
-            return self.ledger.audit(receipt.receipt_id)
+            return await off_loop(self._closed, receipt.receipt_id, "error")
         outcome = local.verdict.verdict if local else _majority(remote)
         if outcome is None:
             log.warning("audit %s: no verdict (no local model%s)", receipt.receipt_id, ", peers tied" if remote else "")
-            await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, "error")
-            return self.ledger.audit(receipt.receipt_id)
+            return await off_loop(self._closed, receipt.receipt_id, "error")
         for verdict in remote:
-            await asyncio.to_thread(self.ledger.record_validator, verdict.verifier_id, agreed=verdict.verdict.verdict == outcome)
+            await off_loop(self.ledger.record_validator, verdict.verifier_id, agreed=verdict.verdict.verdict == outcome)
         if outcome == "fraud":
             proof = FraudProof(answer=answer, verdict=local or next(v for v in remote if v.verdict.verdict == "fraud"))
-            await asyncio.to_thread(self.ledger.add_fraud_proof, proof)
+            await off_loop(self.ledger.add_fraud_proof, proof)
             await self.publish(proof)
-        await asyncio.to_thread(self.ledger.close_audit, receipt.receipt_id, outcome)
-        return self.ledger.audit(receipt.receipt_id)
+        return await off_loop(self._closed, receipt.receipt_id, outcome)
+
+    def _closed(self, receipt_id: str, state: AuditState) -> AuditRecord:
+        """Close an audit and read its record back: one trip off the loop."""
+        self.ledger.close_audit(receipt_id, state)
+        return self.ledger.audit(receipt_id)
 
     async def publish(self, proof: FraudProof) -> None:
         """Hand a fraud proof to the network (``POST /v1/fraud-proofs``): through the sidecar's own

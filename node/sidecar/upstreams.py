@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from node.api.errors import APIError
 from node.api.evidence_tokens import peer_receipt_path, receipt_path
+from node.blocking import off_loop
 from verify.evidence import AnswerFile
 from verify.ledger import Ledger
 
@@ -74,17 +75,21 @@ class Upstreams(Sequence[Upstream]):
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as exc:
                     log.warning("upstream %s: no node id yet (%s)", up.url, exc)
 
-    def pick(self, n: int) -> list[Upstream]:
+    async def pick(self, n: int) -> list[Upstream]:
         """``n`` distinct upstreams, never a convicted node, each drawn with probability
         proportional to its weight (``weight``): an exponential race, ``random() ** (1 / w)``,
         the largest ``n`` keys win (Efraimidis and Spirakis' weighted sampling without replacement)."""
-        convicted = self.ledger.convicted()
+        convicted, weights = await off_loop(self._standing)
         routable = [up for up in self._all if up.node_id not in convicted]
         if len(routable) < n:
             raise APIError(503, f"{n} node(s) needed, {len(routable)} routable (of {len(self)}; "
                            f"{len(self) - len(routable)} convicted of fraud)", code="not_enough_nodes")
-        keys = {id(up): random.random() ** (1.0 / max(self.weight(up), 1e-9)) for up in routable}
+        keys = {id(up): random.random() ** (1.0 / max(weights[id(up)], 1e-9)) for up in routable}
         return sorted(routable, key=lambda up: -keys[id(up)])[:n]
+
+    def _standing(self) -> tuple[set[str], dict[int, float]]:
+        """The convicted node ids and every upstream's weight: the ledger's reads for one pick."""
+        return self.ledger.convicted(), {id(up): self.weight(up) for up in self._all}
 
     def weight(self, up: Upstream) -> float:
         """The lower of the connection's reputation and its declared node's: refusals lower the
