@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import secrets
 import time
 from collections.abc import Sequence
@@ -56,14 +57,15 @@ REDUNDANCY_HEADER = "X-ProofMesh-Redundancy"
 
 class Sidecar(Auditor):
     """The auditor with its front door: the upstreams it proxies (``upstreams``) and the models
-    clients may call, by the name clients use or model_id (``backends``, held here)."""
+    clients may call, by the name clients use or model_id (``backends``, held here). ``rng``:
+    routing's random source (``Upstreams``)."""
 
     def __init__(self, upstreams: Sequence[str], ledger: Ledger, key: NodeKey, backends: dict[str, AuditModel], *,
                  audit_rate: float, validators: int = 0, secret: bytes | None = None, validator_gateway: str | None = None,
-                 evidence_deadline_s: float = EVIDENCE_DEADLINE_S, hold_streams: bool = False):
+                 evidence_deadline_s: float = EVIDENCE_DEADLINE_S, hold_streams: bool = False, rng: random.Random | None = None):
         if not backends:
             raise ValueError("the sidecar needs the model it verifies: it binds every answer with its tokenizer")
-        super().__init__(Upstreams(upstreams, ledger, evidence_deadline_s=evidence_deadline_s), ledger, key, backends,
+        super().__init__(Upstreams(upstreams, ledger, evidence_deadline_s=evidence_deadline_s, rng=rng), ledger, key, backends,
                          audit_rate=audit_rate, validators=validators, secret=secret, validator_gateway=validator_gateway)
         self.hold_streams = hold_streams  # show a stream's text only once it is bound
         self.names = {Path(m.name).name: model_id for model_id, m in backends.items()}  # what clients call each model

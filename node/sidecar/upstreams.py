@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,16 +48,28 @@ class Upstream:
         return f"upstream:{self.url}"
 
 
+def reputation_order(weights: Sequence[float], rng: random.Random) -> list[int]:
+    """The indices of ``weights`` (all > 0) in the order of a draw without replacement, each
+    next one drawn with probability proportional to its weight among those left: every index gets
+    the key ``u ** (1 / w)`` for a uniform ``u`` and the largest key comes first (Efraimidis and
+    Spirakis, "Weighted random sampling with a reservoir", 2006). The key is taken as its log,
+    ``log(u) / w``, the same order without underflow when ``w`` is small."""
+    keys = [math.log(1.0 - rng.random()) / w for w in weights]  # 1 - random(): u in (0, 1], log finite
+    return sorted(range(len(weights)), key=keys.__getitem__, reverse=True)
+
+
 class Upstreams(Sequence[Upstream]):
     """The upstream nodes, in the order given, with the sidecar's one HTTP client (``session``,
     opened with the app: the auditor's calls into the network use it too)."""
 
-    def __init__(self, urls: Sequence[str], ledger: Ledger, *, evidence_deadline_s: float = EVIDENCE_DEADLINE_S):
+    def __init__(self, urls: Sequence[str], ledger: Ledger, *, evidence_deadline_s: float = EVIDENCE_DEADLINE_S,
+                 rng: random.Random | None = None):
         if not urls:
             raise ValueError("the sidecar needs at least one upstream node")
         self._all = [Upstream(url.rstrip("/")) for url in urls]
         self.ledger = ledger
         self.evidence_deadline_s = evidence_deadline_s
+        self.rng = rng or random.Random()  # routing's draws; a test injects a seeded one
         self.session: aiohttp.ClientSession | None = None
 
     def __getitem__(self, index):
@@ -76,20 +89,19 @@ class Upstreams(Sequence[Upstream]):
                     log.warning("upstream %s: no node id yet (%s)", up.url, exc)
 
     async def pick(self, n: int) -> list[Upstream]:
-        """``n`` distinct upstreams, never a convicted node, each drawn with probability
-        proportional to its weight (``weight``): an exponential race, ``random() ** (1 / w)``,
-        the largest ``n`` keys win (Efraimidis and Spirakis' weighted sampling without replacement)."""
+        """``n`` distinct upstreams in failover order (``reputation_order``), never a convicted
+        node nor one without reputation left (weight 0)."""
         convicted, weights = await off_loop(self._standing)
-        routable = [up for up in self._all if up.node_id not in convicted]
+        routable = [(up, w) for up, w in zip(self._all, weights) if up.node_id not in convicted and w > 0]
         if len(routable) < n:
             raise APIError(503, f"{n} node(s) needed, {len(routable)} routable (of {len(self)}; "
-                           f"{len(self) - len(routable)} convicted of fraud)", code="not_enough_nodes")
-        keys = {id(up): random.random() ** (1.0 / max(weights[id(up)], 1e-9)) for up in routable}
-        return sorted(routable, key=lambda up: -keys[id(up)])[:n]
+                           f"{len(self) - len(routable)} convicted of fraud or without reputation)", code="not_enough_nodes")
+        order = reputation_order([w for _, w in routable], self.rng)
+        return [routable[i][0] for i in order[:n]]
 
-    def _standing(self) -> tuple[set[str], dict[int, float]]:
+    def _standing(self) -> tuple[set[str], list[float]]:
         """The convicted node ids and every upstream's weight: the ledger's reads for one pick."""
-        return self.ledger.convicted(), {id(up): self.weight(up) for up in self._all}
+        return self.ledger.convicted(), [self.weight(up) for up in self._all]
 
     def weight(self, up: Upstream) -> float:
         """The lower of the connection's reputation and its declared node's: refusals lower the
