@@ -69,12 +69,12 @@ def test_pick_routes_by_reputation_and_never_to_the_convicted_or_worthless():
 
 
 def test_pick_gives_distinct_nodes_in_failover_order_or_refuses():
-    upstreams = pool({"a": 0.5, "b": 0.5, "c": 0.5, "gone": 0.5}, convicted={"gone"})
+    upstreams = pool({"a": 0.5, "b": 0.5, "c": 0.5, "gone": 0.5, "worthless": 0.0}, convicted={"gone"})
     three = asyncio.run(upstreams.pick(3))
     assert sorted(up.node_id for up in three) == ["a", "b", "c"]
-    with pytest.raises(APIError) as refused:
+    with pytest.raises(APIError) as refused:  # the worthless one is no spare either
         asyncio.run(upstreams.pick(4))
-    assert refused.value.status == 503 and "3 routable (of 4; 1 convicted" in str(refused.value)
+    assert refused.value.status == 503 and "3 routable (of 5; 2 convicted" in str(refused.value)
 
 
 def test_a_declared_node_id_gains_nothing_over_its_connection():
