@@ -46,7 +46,7 @@ from node.api.errors import HOLDS_API_KEY, IS_OPERATOR, APIError, Handler, error
 from node.api.evidence_tokens import TOKEN_PARAM, receipt_path
 from node.api.service import NODE, Node
 from node.api.status_page import MAX_ROWS, Cell, StatusPage, Table, Tone, ago, html_response, locked_table, rate_cell, receipt_cell
-from node.runtime.engine import DEFAULT_MAX_QUEUE
+from node.runtime.options import DEFAULT_MAX_QUEUE
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 from verify.ledger import Ledger

@@ -9,7 +9,7 @@ parser differential waiting to happen).
   field but the response's ``id``, ``created`` and ``model`` (the sidecar's own; ``model`` is bound
   through the receipts' model_id). Anything that cannot be parsed, bound or rebuilt to the same
   is refused (502 ``answer_refused``) and counted against the upstream that served it.
-- A stream is parsed as the HTML standard defines server-sent events (``node.sidecar.sse``). The
+- A stream is parsed as the HTML standard defines server-sent events (``verify.sse``). The
   text the client sees is rebuilt as it arrives from the token ids each chunk carries, under the
   request's own stop rules; each choice's last event (finish, receipt) and the usage chunk go
   out only once the whole answer is bound, from the answer files. A stream whose binding fails
@@ -38,10 +38,10 @@ from node.api.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatC
 from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Renderer, TokenTexts
 from node.models.tokenizer import TextTokenizer
 from node.runtime.events import AnswerText, GenerationRequest, TokenEvent, replay
-from node.sidecar.sse import SSEDecoder
 from node.sidecar.upstreams import Upstream
 from verify.binding import Endpoint
 from verify.evidence import AnswerFile
+from verify.sse import SSEDecoder
 from verify.verifier import ScoringBackend
 
 log = logging.getLogger("proofmesh.sidecar")
