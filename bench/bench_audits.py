@@ -21,7 +21,7 @@ import time
 from bench.harness import Generator, request_mix
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.loading import load_model
-from node.sidecar.proxy import audit_draw
+from node.sidecar.auditor import audit_draw
 from node.compiler.targets import configure_threads
 from node.runtime.allocator import keep_freed_memory
 from verify.audit_policy import GameParams, audit_overhead

@@ -33,7 +33,7 @@ from node.api.server import start_server
 from node.compiler.targets import configure_threads
 from node.runtime.allocator import keep_freed_memory
 from node.runtime.loading import load_model
-from node.sidecar.proxy import Sidecar, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from node.sidecar.relay import checked_rebuild, parse_response
 from verify.binding import bind_answers
 from verify.evidence import AnswerFile

@@ -1,12 +1,14 @@
-"""The ``proofmesh`` command line: parse arguments, call the library, print. Nothing else.
+"""The ``proofmesh`` command line: parse the arguments, call the library, print its results and
+progress, exit with a status (``EXIT_CODES``).
 
     proofmesh pull [MODEL]                  fetch a registry model into the store
     proofmesh compile [MODEL] [--device D]  build (or find) the library for this machine
     proofmesh generate PROMPT [--chat] ...  stream a continuation to stdout
-    proofmesh verify FILE [--model M]       re-check an answer file; exit 0 pass, 1 fraud
+    proofmesh verify FILE [--model M]       re-check an answer file or fraud proof; exit 0 pass, 1 fraud
     proofmesh run [--model M ...] [--port P] serve the OpenAI-style HTTP API until SIGINT/SIGTERM
         [--p2p-listen MULTIADDR] [--bootstrap MULTIADDR ...]   ... and join the p2p network
     proofmesh peers [--node URL]            list the peers a running node knows
+    proofmesh verifier --upstream URL | --bootstrap MULTIADDR   an auditing proxy in front of nodes
     proofmesh posp --reward R --cost C --penalty S   the least audit rate that makes cheating not pay
 """
 
@@ -26,6 +28,7 @@ from pydantic import ValidationError
 from compiled_models.registry import DEFAULT_MODEL, REGISTRY
 from node.errors import ProofMeshNodeError
 from node.compiler.devices import DEVICE_CHOICES
+from node.runtime.options import DEFAULT_MAX_QUEUE, WEIGHT_MODES
 from verify.audit_policy import VERIFY_COST_RATIO
 
 if TYPE_CHECKING:
@@ -137,51 +140,33 @@ def _node_key(path: str | Path | None, default_name: str = "node_key.pem") -> tu
         raise ProofMeshNodeError(f"cannot use the key file {key_path}: {exc}") from exc
 
 
-def _read_response(path: str) -> dict | list[dict]:
-    """A response as the client received it: one JSON document, or a stream's SSE text."""
-    import json
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        if text.lstrip().startswith("data:"):
-            return [json.loads(line[5:]) for line in text.splitlines()
-                    if line.startswith("data:") and line[5:].strip() not in ("", "[DONE]")]
-        return json.loads(text)
-    except (OSError, ValueError) as exc:
-        raise ProofMeshNodeError(f"cannot read the response {path}: {exc}") from exc
-
-
 def _cmd_verify(args: argparse.Namespace) -> int:
     """Re-check an answer file (exit 0 pass, 1 fraud or not the request's answer, 2 unusable) or a
     fraud proof (exit 1 upheld, 0 not)."""
     import json
 
-    from pydantic import BaseModel
-
     from node.runtime.loading import load_model
-    from verify.binding import bind_answers
-    from verify.evidence import AnswerFile
     from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof
+    from verify.recheck import bind_to_request, read_document, read_response
     from verify.verifier import WrongModelError, verify_answer
 
     if (args.request is None) != (args.response is None):
         raise ProofMeshNodeError("--request and --response go together: the client's request body and what it received")
     try:
-        raw = open(args.file, "rb").read()
+        raw = Path(args.file).read_bytes()
         request = json.loads(Path(args.request).read_text(encoding="utf-8")) if args.request else None
     except (OSError, ValueError) as exc:
         raise ProofMeshNodeError(f"cannot read the input: {exc}") from exc
-    response = _read_response(args.response) if args.response else None
-    document: BaseModel | None = None
-    problems = []
-    for schema in (AnswerFile, FraudProof):
-        try:
-            document = schema.model_validate_json(raw)
-            break
-        except ValidationError as exc:
-            problems.append(f"{exc.error_count()} problems as {schema.__name__}, first: {exc.errors()[0]['msg']}")
-    if document is None:
-        raise ProofMeshNodeError(f"{args.file} is not a valid answer file or fraud proof ({'; '.join(problems)})")
+    try:
+        response = read_response(Path(args.response).read_text(encoding="utf-8")) if args.response else None
+    except (OSError, ValueError) as exc:
+        raise ProofMeshNodeError(f"cannot read the response {args.response}: {exc}") from exc
+    if (request is not None and not isinstance(request, dict)) or (response is not None and not isinstance(response, (dict, list))):
+        raise ProofMeshNodeError("--request must hold a JSON object, --response a JSON object or an SSE stream")
+    try:
+        document = read_document(raw)
+    except ValueError as exc:
+        raise ProofMeshNodeError(f"{args.file} is {exc}") from None
     model = load_model(args.model, device=args.device, weights=args.weights, progress=_progress)
 
     if isinstance(document, FraudProof):
@@ -201,11 +186,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         Path(args.proof_out).write_text(make_fraud_proof(document, verdict, key).model_dump_json())
         _progress(f"fraud proof signed by {key.node_id} written to {args.proof_out}")
     if request is not None:
-        if not isinstance(request, dict) or not isinstance(response, (dict, list)):
-            raise ProofMeshNodeError("--request must hold a JSON object, --response a JSON object or an SSE stream")
-        endpoint = "chat" if "messages" in request else "completions"
-        report = bind_answers(endpoint, request, response, {document.receipt.receipt_id: document}, model.tokenizer,
-                              max_context=model.max_context, require_client_seed=args.require_client_seed)
+        report = bind_to_request(document, request, response, model, require_client_seed=args.require_client_seed)
         print(json.dumps({"bound": report.ok, "problems": report.problems}, indent=1))
         if not report.ok:
             _progress(f"the answer is not the request's: {report.summary()}")
@@ -219,7 +200,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from node.api.app import make_app
     from node.api.server import serve_until_signalled
     from node.api.service import NODE
-    from node.runtime.engine import DEFAULT_MAX_QUEUE
     from verify.evidence_store import EvidenceStore
     from verify.ledger import Ledger
 
@@ -295,103 +275,17 @@ def _cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _upstream_models(args: argparse.Namespace) -> list:
-    """The models the upstream nodes serve, loaded here as ``proofmesh run`` would (pulled when
-    in the registry), each checked to be the same model_id; an error names what is missing."""
-    import json
-    import urllib.request
-
-    from node.runtime.loading import load_model
-
-    served: dict[str, str] = {}
-    for url in args.upstream:
-        try:
-            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=30) as response:
-                served.update({m["id"]: m["model_id"] for m in json.load(response)["models"]})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ProofMeshNodeError(f"cannot ask {url} which model it serves ({exc}); give it with --model") from exc
-    if not served:
-        raise ProofMeshNodeError("the upstream serves no model itself; give the model to verify with --model")
-    models = []
-    for name, model_id in sorted(served.items()):
-        try:
-            model = load_model(name, device=args.device, weights=args.weights, progress=_progress)
-        except ProofMeshNodeError as exc:
-            raise ProofMeshNodeError(f"the upstream serves {name!r}, which this machine cannot load ({exc}); "
-                                     "give its path with --model") from exc
-        if model.model_id != model_id:
-            raise ProofMeshNodeError(f"the upstream's {name!r} is model {model_id[:16]}…, the local one is "
-                                     f"{model.model_id[:16]}…: give the matching model with --model")
-        models.append(model)
-    return models
-
-
 def _cmd_verifier(args: argparse.Namespace) -> int:
-    from node.runtime import model_store
-    from node.runtime.loading import load_model
-    from node.api.app import make_app
-    from node.api.server import serve_until_signalled, start_server
-    from node.sidecar.proxy import Sidecar, make_sidecar_app
-    from p2p.network import NetworkConfig
-    from verify.evidence_store import EvidenceStore
-    from verify.ledger import Ledger
+    from node.sidecar.launch import VerifierOptions, run_verifier
 
-    if not 0.0 <= args.audit_rate <= 1.0:
-        raise ProofMeshNodeError("--audit-rate is a probability in [0, 1]")
-    if args.validators < 0:
-        raise ProofMeshNodeError("--validators is a count of peers, 0 or more")
-    if not args.upstream and not args.bootstrap:
-        raise ProofMeshNodeError("give the nodes to proxy as --upstream URL ..., or join the network with --bootstrap MULTIADDR")
-    if args.validators and not args.bootstrap:
-        raise ProofMeshNodeError("--validators needs --bootstrap: validators are drawn from the verifier's own view of the "
-                                 "network, never through a node it audits")
-    if not args.model and not args.upstream:
-        raise ProofMeshNodeError("give the model to verify with --model (with --bootstrap alone there is no upstream to ask)")
+    options = VerifierOptions(upstreams=args.upstream or [], bootstrap=args.bootstrap or [], p2p_listen=args.p2p_listen or [],
+                              models=args.model or [], device=args.device, weights=args.weights, audit_rate=args.audit_rate,
+                              validators=args.validators, hold_streams=args.hold_streams, host=args.host, port=args.port,
+                              ledger=Path(args.ledger) if args.ledger else None, api_keys=args.api_key or [],
+                              operator_keys=args.operator_key or [])
     key, key_path = _node_key(args.key, "verifier_key.pem")
     _progress(f"verifier id {key.node_id} (key {key_path})")
-    if args.model:
-        models = [load_model(name, device=args.device, weights=args.weights, progress=_progress) for name in args.model]
-    else:
-        models = _upstream_models(args)
-    root = model_store.store_root()
-    ledger = Ledger(Path(args.ledger) if args.ledger else root / "ledger.sqlite")
-    gateway_store = EvidenceStore(root / "verifier-gateway.sqlite") if args.bootstrap else None
-
-    async def serve() -> None:
-        """With --bootstrap, a gateway node (no model, the verifier's key) joins the network on
-        loopback and is the sidecar's one upstream: routing, validators and fraud gossip are its."""
-        upstreams, gateway, gateway_url = list(args.upstream or []), None, None
-        if args.bootstrap:
-            config = NetworkConfig(listen=args.p2p_listen or ["/ip4/127.0.0.1/tcp/0"], bootstrap=args.bootstrap)
-            gateway, port = await start_server(make_app([], key, gateway_store, network=config, ledger=ledger), "127.0.0.1", 0)
-            gateway_url = f"http://127.0.0.1:{port}"
-            upstreams = upstreams or [gateway_url]
-        try:
-            sidecar = Sidecar(upstreams, ledger, key, {m.model_id: m for m in models}, audit_rate=args.audit_rate,
-                              validators=args.validators, validator_gateway=gateway_url, hold_streams=args.hold_streams)
-        except ValueError as exc:
-            raise ProofMeshNodeError(str(exc)) from None
-
-        def ready(url: str) -> None:
-            target = f"the network via {', '.join(args.bootstrap)}" if args.bootstrap else ", ".join(upstreams)
-            _progress(f"proxying {url}/v1 -> {target}, auditing {args.audit_rate:.1%} of answers on "
-                      f"{', '.join(m.name for m in models) or 'no local model'}"
-                      f"{f' and {args.validators} peer(s)' if args.validators else ''} (Ctrl-C to stop)")
-
-        try:
-            await serve_until_signalled(make_sidecar_app(sidecar, args.api_key or (), args.operator_key or ()), args.host, args.port, ready)
-        finally:
-            if gateway is not None:
-                await gateway.cleanup()
-
-    try:
-        asyncio.run(serve())
-    except OSError as exc:
-        raise ProofMeshNodeError(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
-    finally:
-        ledger.close()
-        if gateway_store is not None:
-            gateway_store.close()
+    run_verifier(options, key, _progress)
     _progress("stopped")
     return 0
 
@@ -417,13 +311,13 @@ def _cmd_posp(args: argparse.Namespace) -> int:
 
 
 def _add_threads_option(p: argparse.ArgumentParser) -> None:
+    """For the commands that run TVM: ``main`` sizes its pool from this before any work."""
     p.add_argument("--threads", type=int, default=None, help="CPU threads for TVM's pool (default: every core this "
                    "process may use, from its affinity mask; TVM_NUM_THREADS is honoured when set)")
 
 
 def _add_weights_option(p: argparse.ArgumentParser) -> None:
-    _add_threads_option(p)
-    p.add_argument("--weights", choices=["native", "fp32"], default="native",
+    p.add_argument("--weights", choices=WEIGHT_MODES, default="native",
                    help="native: keep a GGUF's Q4_0/Q4_1/Q8_0 weights quantized in memory and compute on them "
                    "(default); fp32: dequantize at load. Same model_id either way")
 
@@ -448,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], help="first quantize a Hugging Face folder into "
                    "llama.cpp blocks (a new model in the store, with its own model_id), then compile it")
     _add_weights_option(p)
+    _add_threads_option(p)
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("generate", help="generate a continuation and print it as it is produced")
@@ -460,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     _add_weights_option(p)
+    _add_threads_option(p)
     p.set_defaults(func=lambda a: asyncio.run(_generate(a)))
 
     p = sub.add_parser("verify", help="re-check an answer file (or a fraud proof) by teacher-forced re-execution")
@@ -476,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model the answer claims, held locally")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     _add_weights_option(p)
+    _add_threads_option(p)
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("run", help="serve models over the OpenAI-style HTTP API (signed receipts on every answer)")
@@ -491,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "reads any answer file without its evidence token and lists the signed receipts on the status page; "
                    "also an API key. Without one nobody does")
     p.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a batch slot before "
-                   "new ones get 429 (default 64)")
+                   f"new ones get 429 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--p2p-listen", action="append", metavar="MULTIADDR",
                    help="join the p2p network, listening here (e.g. /ip4/0.0.0.0/tcp/4001; repeatable)")
     p.add_argument("--p2p-announce", action="append", metavar="MULTIADDR",
@@ -505,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fraud proof once this many peers whose service it has observed vouch for it (0: never; default 2). "
                    "For a model it serves it always re-checks the proof itself")
     _add_weights_option(p)
+    _add_threads_option(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("peers", help="list the peers a running node knows")
@@ -539,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operator-key", action="append", help="the operator's key (repeatable): 'Authorization: Bearer KEY' "
                    "reads the audits (GET /v1/audits, the status page's list); also an API key. Without one nobody does")
     _add_weights_option(p)
+    _add_threads_option(p)
     p.set_defaults(func=_cmd_verifier)
 
     p = sub.add_parser("posp", help="proof-of-sampling: the least audit rate at which cheating does not pay")
@@ -560,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="[proofmesh] %(message)s", stream=sys.stderr)
     try:
-        if hasattr(args, "threads"):  # commands that run TVM: size its pool before any work
+        if hasattr(args, "threads"):  # commands that run TVM (``_add_threads_option``): size its pool first
             from node.compiler.targets import configure_threads
             from node.runtime.allocator import keep_freed_memory
 

@@ -33,7 +33,7 @@ def _loaded_after(code: str) -> set[str]:
     ("import verify, verify.binding, verify.fraud, verify.ledger, verify.attestation, verify.evidence_store",
      {"node", "p2p", "tvm", "libp2p"}),
     ("import node.api.protocol, node.api.errors", {"tvm", "libp2p", "trio"}),
-    ("import node.sidecar.proxy", {"tvm", "libp2p", "trio"}),
+    ("import node.sidecar.app", {"tvm", "libp2p", "trio"}),
     ("import node.api.app", {"libp2p", "trio"}),  # a node without a network loads no p2p code
     ("from node.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass", {"tvm", "libp2p"}),
     ("from node.cli import main\nmain(['posp', '--reward', '1', '--cost', '0.5', '--penalty', '10'])", {"tvm", "libp2p"}),

@@ -46,8 +46,8 @@ from node.api.status_page import (MAX_ROWS, Cell, StatusPage, Tone, convictions_
                                   models_table, peers_table, rate_cell, signed_answers_table)
 from node.blocking import off_loop
 from node.errors import ConfigError
-from node.runtime.engine import DEFAULT_MAX_QUEUE
 from node.runtime.loading import LoadedModel
+from node.runtime.options import DEFAULT_MAX_QUEUE
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 from verify.ledger import Conviction, Ledger

@@ -51,6 +51,7 @@ from node.compiler.targets import usable_cores
 from node.runtime.model_runtime import ModelRuntime
 from node.models.tokenizer import TextTokenizer
 from node.runtime.events import AnswerText, GenerationRequest, GenerationResult, TokenEvent
+from node.runtime.options import DEFAULT_MAX_QUEUE
 from verify.canonical import request_hash as compute_request_hash
 from verify.evidence import Fingerprint, position_fingerprint
 from verify.grammar import GrammarError, GrammarState
@@ -58,7 +59,6 @@ from verify.receipts import FinishReason
 from verify.sampling import sample_token
 
 T = TypeVar("T")
-DEFAULT_MAX_QUEUE = 64  # requests that may wait for a batch slot before new ones are refused
 # The share of the queue one client may hold by default: whatever one client sends, the other
 # half stays open to everyone else (attack 10 of issue 21 filled all 64 places with 4 requests).
 QUEUE_SHARE_PER_CLIENT = 0.5

@@ -24,13 +24,12 @@ from node.models.llama.load import load_checkpoint
 from node.models.llama.model import fuse_hf_weights, native_params
 from node.runtime.allocator import return_freed_memory
 from node.runtime.model_runtime import CacheLimits, ModelRuntime
+from node.runtime.options import WEIGHT_MODES
 from node.compiler.targets import DeviceTarget, detect
 from node.models.tokenizer import TextTokenizer
 from verify.grammar import GrammarVocabulary
 
 log = logging.getLogger(__name__)
-
-WEIGHT_MODES = ("native", "fp32")
 
 
 @dataclass

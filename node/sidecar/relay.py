@@ -9,7 +9,7 @@ parser differential waiting to happen).
   field but the response's ``id``, ``created`` and ``model`` (the sidecar's own; ``model`` is bound
   through the receipts' model_id). Anything that cannot be parsed, bound or rebuilt to the same
   is refused (502 ``answer_refused``) and counted against the upstream that served it.
-- A stream is parsed as the HTML standard defines server-sent events (``node.sidecar.sse``). The
+- A stream is parsed as the HTML standard defines server-sent events (``verify.sse``). The
   text the client sees is rebuilt as it arrives from the token ids each chunk carries, under the
   request's own stop rules; each choice's last event (finish, receipt) and the usage chunk go
   out only once the whole answer is bound, from the answer files. A stream whose binding fails
@@ -36,11 +36,13 @@ from node.api.errors import APIError
 from node.api.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                CompletionResponse, ErrorResponse, ProofMeshInfo, SamplingRequest, UsageInfo)
 from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Renderer, TokenTexts
+from node.api.server import json_response
 from node.models.tokenizer import TextTokenizer
 from node.runtime.events import AnswerText, GenerationRequest, TokenEvent, replay
-from node.sidecar.sse import SSEDecoder
+from node.sidecar.upstreams import Upstream
 from verify.binding import Endpoint
 from verify.evidence import AnswerFile
+from verify.sse import SSEDecoder
 from verify.verifier import ScoringBackend
 
 log = logging.getLogger("proofmesh.sidecar")
@@ -57,17 +59,6 @@ _MODELS: dict[Endpoint, tuple[type[SamplingRequest], type[BaseModel], type[BaseM
 }
 
 
-@dataclass
-class Upstream:
-    url: str
-    node_id: str | None = None  # what its /health declares, once it answered: never trusted to blame
-
-    @property
-    def ledger_id(self) -> str:
-        """Who refusals count against: this connection, whatever node it says it is."""
-        return f"upstream:{self.url}"
-
-
 class AuditModel(ScoringBackend, Protocol):
     """A model the sidecar holds: it re-executes audits, binds answers to requests with its
     tokenizer and rebuilds them for clients (node's ``LoadedModel``)."""
@@ -80,7 +71,7 @@ class AuditModel(ScoringBackend, Protocol):
 
 
 class AnswerChecker(Protocol):
-    """What a relay needs of the sidecar (``node.sidecar.proxy.Sidecar``)."""
+    """What a relay needs of the sidecar (``node.sidecar.auditor.Auditor``)."""
 
     async def bind(self, up: Upstream, req: "ClientRequest", received: dict | list[dict]) -> list[AnswerFile]: ...
 
@@ -253,7 +244,7 @@ async def relay_json(sidecar: AnswerChecker, up: Upstream, req: ClientRequest, d
     """A whole answer, served from its rebuild; then audited."""
     rebuilt, answers = await rebuild_json(sidecar, up, req, data)
     sidecar.answered(answers)
-    return web.Response(body=rebuilt.model_dump_json(), content_type="application/json")
+    return json_response(rebuilt)
 
 
 # ---------------------------------------------------------------------- streams
@@ -378,5 +369,5 @@ async def relay_stream(sidecar: AnswerChecker, up: Upstream, req: ClientRequest,
     return response
 
 
-__all__ = ["AnswerChecker", "AuditModel", "ClientRequest", "checked_rebuild", "MAX_STREAM_BYTES", "Refused", "Upstream", "parse_request",
+__all__ = ["AnswerChecker", "AuditModel", "ClientRequest", "checked_rebuild", "MAX_STREAM_BYTES", "Refused", "parse_request",
            "parse_response", "rebuild_json", "receipts_in", "relay_json", "relay_stream", "upstream_error"]

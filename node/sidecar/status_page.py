@@ -8,12 +8,12 @@ escapes them and only a well-formed receipt id becomes a link to its audit recor
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from node.api.metrics import TokenRate
 from node.api.status_page import MAX_ROWS, Cell, StatusPage, Table, Tone, ago, locked_table, rate_cell, receipt_cell
+from node.blocking import off_loop
 from verify.identity import NodeKey
 from verify.ledger import FAILED_STATES, NEUTRAL_STATES, AuditRecord, AuditState, Ledger, PeerReputation
 
@@ -24,7 +24,7 @@ class UpstreamState(Protocol):
 
 
 class SidecarState(Protocol):
-    """What the page reads of ``node.sidecar.proxy.Sidecar`` (named here, so proxy, which serves
+    """What the page reads of ``node.sidecar.app.Sidecar`` (named here, so the app, which serves
     the page, is not imported back)."""
 
     key: NodeKey
@@ -48,7 +48,7 @@ async def sidecar_page(sidecar: SidecarState, is_operator: bool) -> StatusPage:
     other clients); upstreams and reputation say no more than /health's conviction list and
     audit rate."""
     known = [up.node_id for up in sidecar.upstreams if up.node_id is not None]
-    reputations = await asyncio.to_thread(lambda: {node_id: sidecar.ledger.reputation(node_id) for node_id in known})
+    reputations = await off_loop(lambda: {node_id: sidecar.ledger.reputation(node_id) for node_id in known})
     facts = [
         ("verifier id", Cell(sidecar.key.node_id)),
         ("audit rate", Cell(f"{sidecar.audit_rate:g}" + (f", each also on {sidecar.validators} peers" if sidecar.validators else ""))),
@@ -59,7 +59,7 @@ async def sidecar_page(sidecar: SidecarState, is_operator: bool) -> StatusPage:
         (Cell(up.url), *_reputation_cells(reputations.get(up.node_id))) for up in sidecar.upstreams], "none")
     if not is_operator:
         return StatusPage("ProofMesh verifier", facts, [upstreams, locked_table("Audits", operator=True)])
-    audits = await asyncio.to_thread(sidecar.ledger.audits, limit=MAX_ROWS)
+    audits = await off_loop(sidecar.ledger.audits, limit=MAX_ROWS)
     return StatusPage("ProofMesh verifier", facts, [upstreams, _audits_table(audits)])
 
 

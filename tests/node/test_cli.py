@@ -19,11 +19,14 @@ def test_generate_streams_text_and_compile_caches(tmp_path):
     home = tmp_path / "home"
     first = run_cli("compile", str(folder), "--device", "cpu", home=home)
     assert first.returncode == 0, first.stderr
+    assert "compiling llama" in first.stderr and "compiled in" in first.stderr  # it really built
     lib = first.stdout.strip().splitlines()[-1]
     assert lib.endswith(".so") and os.path.exists(lib)
+    built = os.stat(lib).st_mtime_ns
     again = run_cli("compile", str(folder), "--device", "cpu", home=home)
-    assert again.stdout.strip().splitlines()[-1] == lib  # served from the cache
-    assert "compiling llama" not in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == lib  # the same library, served from the cache ...
+    assert os.stat(lib).st_mtime_ns == built and "compiling llama" not in again.stderr  # ... not rebuilt
 
     out = run_cli("generate", "Hello", "--model", str(folder), "--max-tokens", "5", "--seed", "3",
                   "--temperature", "0.7", "--device", "cpu", home=home)

@@ -14,7 +14,7 @@ import httpx
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.evidence_tokens import receipt_path
-from node.sidecar.proxy import Sidecar, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
 from tests.p2p.cluster import Cluster, NodeProcess, warm_store

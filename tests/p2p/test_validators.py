@@ -21,7 +21,7 @@ from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
 from node.api.evidence_tokens import receipt_path
-from node.sidecar.proxy import Sidecar, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from p2p.network import NetworkConfig
 from tests.node.api.http_fixtures import serving
 from tests.p2p.cluster import OPERATOR, OPERATOR_KEY, REPO_ROOT, SHARED_DIRS, tiny_cluster

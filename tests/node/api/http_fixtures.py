@@ -19,7 +19,7 @@ from node.api.app import make_app
 from node.api.server import start_server
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
-from node.sidecar.proxy import Sidecar, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
 from verify.ledger import Ledger

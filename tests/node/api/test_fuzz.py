@@ -16,7 +16,7 @@ import pytest
 from node.api.app import make_app
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
-from node.sidecar.proxy import Sidecar, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
 from verify.evidence_store import EvidenceStore

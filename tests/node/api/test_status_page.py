@@ -29,7 +29,7 @@ from node.api.evidence_tokens import receipt_path
 from node.api.metrics import TokenRate
 from node.api.status_page import MAX_CELL_CHARS
 from node.runtime.model_runtime import CacheLimits
-from node.sidecar.proxy import Sidecar, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import audited_node, serving
 from verify.identity import NodeKey

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from node.api.app import make_app
 from node.runtime.loading import load_model
-from node.sidecar.proxy import Sidecar, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
 from tests.node.sidecar.test_sidecar import LIMITS, OPERATOR_KEY, settled

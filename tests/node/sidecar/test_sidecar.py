@@ -6,6 +6,8 @@ the same traffic whether or not an answer is audited, and clients can submit ans
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -19,7 +21,7 @@ from node.runtime.loading import LoadedModel, load_model
 from node.runtime.model_runtime import CacheLimits
 from node.api.app import make_app
 from node.api.evidence_tokens import receipt_path
-from node.sidecar.proxy import Sidecar, audit_draw, make_sidecar_app
+from node.sidecar.app import Sidecar, make_sidecar_app
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
 from verify.evidence import AnswerFile
@@ -60,8 +62,9 @@ def node_serving(model, tmp_path, name: str = "node"):
     return evidence, serving(make_app([model], NodeKey.generate(), evidence))
 
 
-def sidecar_for(upstream: str, auditor, tmp_path, rate: float):
-    sidecar = Sidecar([upstream] if isinstance(upstream, str) else upstream, Ledger(tmp_path / "ledger.sqlite"), NodeKey.generate(), {auditor.model_id: auditor}, audit_rate=rate)
+def sidecar_for(upstream: str, auditor, tmp_path, rate: float, secret: bytes | None = None):
+    sidecar = Sidecar([upstream] if isinstance(upstream, str) else upstream, Ledger(tmp_path / "ledger.sqlite"), NodeKey.generate(),
+                      {auditor.model_id: auditor}, audit_rate=rate, secret=secret)
     return sidecar, serving(make_sidecar_app(sidecar, operator_keys=[OPERATOR_KEY]))
 
 
@@ -145,15 +148,17 @@ def test_a_node_serving_another_model_is_caught_with_a_fraud_proof(models, tmp_p
 
 def test_audited_and_unaudited_answers_look_the_same_to_the_node(models, tmp_path):
     """At rate 0.5 about half are audited, yet the node serves one evidence lookup per answer
-    either way, and the choice follows the sidecar's secret, which the node never sees."""
+    either way, and the choice is HMAC-SHA256(secret, receipt_id) < rate, recomputed here from
+    the sidecar's secret (which the node never sees)."""
+    secret = b"the sidecar's secret, 32 bytes!!"
     evidence, node = node_serving(models.honest, tmp_path)
     with node as node_url:
-        sidecar, app = sidecar_for(node_url, models.auditor, tmp_path, rate=0.5)
+        sidecar, app = sidecar_for(node_url, models.auditor, tmp_path, rate=0.5, secret=secret)
         with app as url, openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60) as client:
             n = 12
             receipts = [client.completions.create(model="tiny", prompt=f"Count {i}", max_tokens=4, seed=i)
                         .model_extra["proofmesh"]["receipt"]["receipt_id"] for i in range(n)]
-            chosen = [r for r in receipts if sidecar.chosen(r)]
+            chosen = [r for r in receipts if int.from_bytes(hmac.new(secret, r.encode(), hashlib.sha256).digest()[:8], "big") < 2**63]
             assert 0 < len(chosen) < n
             audits = settled(url, len(chosen))
             deadline = time.monotonic() + 30
@@ -161,7 +166,6 @@ def test_audited_and_unaudited_answers_look_the_same_to_the_node(models, tmp_pat
                 time.sleep(0.2)
             assert lookups(node_url) == n
             assert {a["receipt_id"] for a in audits} == set(chosen)
-    assert audit_draw(b"a" * 32, receipts[0]) != audit_draw(b"b" * 32, receipts[0])  # another secret, another draw
     evidence.close()
 
 

@@ -5,7 +5,9 @@ with ``\\n``; a blank line dispatches the event; an event the stream ends inside
 
 The sidecar binds what this parser reads and sends its clients only what it builds itself, so no
 other framing an upstream might use (no space after ``data:``, ``\\r`` line ends, a ``[DONE]``
-split over lines) can show a client something the binding did not see.
+split over lines) can show a client something the binding did not see. It lives in verify/ so a
+client re-checking a stream it received (``verify.recheck``, ``proofmesh verify --response``)
+reads the same events the sidecar bound.
 """
 
 from __future__ import annotations

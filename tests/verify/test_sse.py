@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.sidecar.sse import SSEDecoder, ServerSentEvent
+from verify.sse import SSEDecoder, ServerSentEvent
 
 STREAM = (b": a comment\r\n"
           b"data:{\"a\":1}\r\n\r\n"  # no space after the colon
