@@ -7,12 +7,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from math import exp
 
 import pytest
 
-from bench.simulate_audits import SimConfig, honest_noise, simulate
 from node.cli import main as cli_main
+from tests.verify.audit_sim import SimConfig, honest_noise, simulate
 from verify.audit_policy import VERIFY_COST_RATIO, GameParams, audit_overhead, cheat_gain, plan_audits
 
 # (R, C, S, r, k, D): games with a least audit rate in (0, 1], one at p = 1 exactly, and two with none.
@@ -132,5 +131,5 @@ def test_cheaters_are_caught_at_the_expected_pace_and_honest_nodes_never_convict
 def test_a_tolerance_inside_the_honest_noise_convicts_honest_nodes():
     """The false-conviction count can fail: at tau = the honest median difference it does."""
     mu, _ = honest_noise()
-    run = simulate(SimConfig(nodes=300, cheater_share=0.0, audit_rate=0.05, seed=1), tau=exp(mu))
+    run = simulate(SimConfig(nodes=300, cheater_share=0.0, audit_rate=0.05, seed=1), tau=math.exp(mu))
     assert run["false_convictions"] > 0
