@@ -18,7 +18,7 @@ import argparse
 import secrets
 import time
 
-from bench.harness import Generator, request_mix
+from tests.node.verification.harness import Generator, request_mix
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.loading import load_model
 from node.sidecar.auditor import audit_draw

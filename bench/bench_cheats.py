@@ -1,5 +1,5 @@
-"""Cheat detection on the default model: for every cheat in ``bench/cheats.py``, the share of
-its answers the verifier flags, using only the first L tokens of each answer (verification is
+"""Cheat detection on the default model: for every cheat in ``tests/node/verification/cheats.py``,
+the share of its answers the verifier flags, using only the first L tokens of each answer (verification is
 per position, so a prefix of an answer is checked by the same verdict's failures below L).
 
 Also shows the share of positions each cheat fails, and how far it sits from the tolerances:
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cheats import (CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, cheap_generator, honest_answers,
-                          honest_constrained_answers, skip_layers)
-from bench.harness import request_mix
+from tests.node.verification.cheats import (CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, cheap_generator,
+                                            honest_answers, honest_constrained_answers, skip_layers)
+from tests.node.verification.harness import request_mix
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
 from node.runtime.engine import GenerationRequest

@@ -1,7 +1,7 @@
 """What structured output costs per token on the default model, against a decode step.
 
-For three grammars (``bench.harness.STRUCTURED``: JSON mode, a JSON schema with typed fields,
-a forced tool call built by ``verify.structured.request_grammar``), a batch-1 generation loop
+For three grammars (``tests.node.verification.harness.STRUCTURED``: JSON mode, a JSON schema with
+typed fields, a forced tool call built by ``verify.structured.request_grammar``), a batch-1 generation loop
 that does what the engine does per token, each part timed in the same loop, so every figure
 is a ratio within one run:
 
@@ -88,7 +88,7 @@ def step_costs(model, prompt_ids, params, request_hash: bytes) -> dict:
 
 
 def per_token_rows(model, kinds: list[str], answers: int, max_tokens: int) -> list[dict]:
-    from bench.harness import STRUCTURED, structured_prompt
+    from tests.node.verification.harness import STRUCTURED, structured_prompt
     from verify.canonical import request_hash
     from verify.sampling import SamplingParams
 
@@ -129,7 +129,7 @@ def engine_rows(model, kinds: list[str], answers: int, max_tokens: int, key) -> 
     """Engine tokens/s per grammar and temperature, with and without the grammar (same prompt,
     the unconstrained answer capped at the constrained one's length); also the constrained
     answer files, for the verifier's side."""
-    from bench.harness import STRUCTURED, structured_prompt
+    from tests.node.verification.harness import STRUCTURED, structured_prompt
     from node.api.service import answer_file
     from node.runtime.engine import Engine, GenerationRequest
     from verify.sampling import SamplingParams
@@ -202,7 +202,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM sizes its pool
 
-    from bench.harness import STRUCTURED
+    from tests.node.verification.harness import STRUCTURED
     from compiled_models.registry import DEFAULT_MODEL
     from node.runtime.loading import load_model
     from verify.grammar import ENGINE

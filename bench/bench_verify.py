@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench.harness import COMPLETIONS, Generator
+from tests.node.verification.harness import COMPLETIONS, Generator
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.engine import GenerationRequest
 from node.runtime.loading import LoadedModel, load_checkpoint_cached, load_model

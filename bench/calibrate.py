@@ -16,8 +16,8 @@ the default model (GGUF Q4_1/Q8_0, or the real models given with ``--model``) an
 models (fp32 and bf16 safetensors, GGUF Q8_0, and a Q4_K_M-like mix of Q4_K, Q6_K, Q5_0, Q8_0).
 
 A share of the honest answers (``--grammar-share``, default a quarter) are structured output
-drawn under a grammar's mask (``bench.harness.STRUCTURED``: JSON mode, a JSON schema, a forced
-tool call; the tiny models' 256-token context holds no tool prompt, so they get the first two):
+drawn under a grammar's mask (``tests.node.verification.harness.STRUCTURED``: JSON mode, a JSON
+schema, a forced tool call; the tiny models' 256-token context holds no tool prompt, so they get the first two):
 the table repeats their statistics on their own, with the false fraud verdicts the product's
 tolerances (``verify.verifier.Tolerances``, finish rules included) would give.
 
@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import STRUCTURED, Generator, NumpyBackend, request_mix, structured_grammar
+from tests.node.verification.harness import (STRUCTURED, Generator, NumpyBackend, request_mix,
+                                             structured_grammar)
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
 from node.runtime.loading import LoadedModel, load_checkpoint_cached, load_model

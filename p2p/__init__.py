@@ -4,7 +4,8 @@
     host.py       the libp2p host: the node's Ed25519 key, Noise only, yamux
     wire.py       protocol ids, size-capped varint frames, pydantic messages, signed records
     peers.py      the peer table: records, liveness, latency, choosing a peer
-    protocols.py  /proofmesh/caps/1, /infer/1, /verify/1, /evidence/1, both sides
+    protocols.py  /proofmesh/caps/1, /infer/1, /verify/1, /evidence/1, /fraud/1, both sides
+    discovery.py  the trio loop of capability exchanges that keeps the peer table current
     network.py    ``PeerNetwork``: what the node calls (start, forward with failover, verify, evidence)
     errors.py     the exception tree; metrics.py its Prometheus series
 

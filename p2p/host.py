@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Sequence, TypeVar, overload
 
 import multiaddr
 import trio
@@ -32,9 +32,10 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from pydantic import BaseModel
 
 from p2p.errors import MalformedMessage, P2PError, StreamFailed, StreamTimeout, WireError
-from p2p.wire import FramedStream
+from p2p.wire import DEFAULT_TIMEOUT_S, FramedStream
 from verify.identity import NodeKey
 
 if sys.version_info < (3, 11):  # a builtin since 3.11; before, trio brings the backport
@@ -47,6 +48,7 @@ DIAL_TIMEOUT_S = 5.0
 OPEN_ATTEMPTS = 2
 CLOSE_TIMEOUT_S = 2.0
 
+M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[FramedStream], Awaitable[None]]
 RejectHook = Callable[[str, str], None]  # (protocol, reason) of a dropped message
 
@@ -176,6 +178,29 @@ class Host:
                     raise StreamFailed(f"cannot open {protocol} to {peer_id}: {exc}") from exc
                 log.debug("opening %s to %s failed (%s); once more", protocol, peer_id, exc)
         raise AssertionError("unreachable")
+
+    @overload
+    async def request(self, peer_id: str, protocol: str, max_bytes: int, message: BaseModel, reply: type[M],
+                      timeout: float = DEFAULT_TIMEOUT_S) -> M: ...
+
+    @overload
+    async def request(self, peer_id: str, protocol: str, max_bytes: int, message: BaseModel, reply: None = None,
+                      timeout: float = DEFAULT_TIMEOUT_S) -> None: ...
+
+    async def request(self, peer_id: str, protocol: str, max_bytes: int, message: BaseModel,
+                      reply: type[M] | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> M | None:
+        """One exchange on a fresh stream: open it, send ``message``, read one ``reply`` (with
+        ``reply=None`` nothing: a one-way message), close it. Whatever fails on the way (a
+        timeout, a cancel, a malformed reply) resets the stream: it is never left half open."""
+        stream = await self.open(peer_id, protocol, max_bytes)
+        try:
+            await stream.write(message)
+            answer = None if reply is None else await stream.read(reply, timeout=timeout)
+        except BaseException:
+            await stream.reset()
+            raise
+        await stream.close()
+        return answer
 
     def handle(self, protocol: str, handler: Handler, max_bytes: int) -> None:
         """Serve ``protocol`` with ``handler``; nothing a peer sends can make it raise."""

@@ -1,12 +1,8 @@
-"""The node's view of the network, for asyncio code: start and stop the host, discover peers,
-forward a request to the best peer with failover, ask peers for verdicts and evidence.
+"""The node's view of the network, for asyncio code: start and stop the host, forward a request
+to the best peer with failover, ask peers for verdicts and evidence.
 
 Everything libp2p runs on the bridge's trio thread (``p2p/bridge.py``); the methods here are
-asyncio coroutines that hand the work over. Discovery runs there on its own: dial the bootstrap
-peers, then exchange capability tables with every known peer every ``EXCHANGE_INTERVAL_S``, and
-at once whenever a new peer turns up (so news spreads in a few round trips, not intervals). A
-peer that cannot be reached is forgotten (a closed connection triggers a round at once, so a
-peer that goes away is dropped within a round trip); a record that is not refreshed expires.
+asyncio coroutines that hand the work over. Discovery runs there on its own (``p2p/discovery.py``).
 
 Failover (``forward``): peers are tried best first (``p2p/peers.py``). A peer that fails before
 the answer starts, or answers 429/503 (full), is skipped and the next one tried. Once a stream's
@@ -19,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Collection, Sequence
 
@@ -27,22 +22,20 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from p2p.bridge import TrioThread
-from p2p.errors import MalformedMessage, NoPeerAvailable, P2PError, StreamFailed, WireError
+from p2p.discovery import Discovery, OwnRecord
+from p2p.errors import MalformedMessage, NoPeerAvailable, P2PError, StreamFailed
 from p2p.host import Host, check_listen_addr, peer_info
 from p2p.limits import DialPolicy, PeerLimits
 from p2p.metrics import P2PMetrics
 from p2p.peers import PeerState, PeerTable
 from p2p.protocols import LocalNode, Protocols
-from p2p.wire import Capability, FraudNotice, InferData, InferEnd, InferHead, InferPath, InferRequest, SignedCapability
+from p2p.wire import FraudNotice, InferData, InferEnd, InferHead, InferPath, InferRequest
 from verify.attestation import Attestation
 from verify.evidence import AnswerFile
 from verify.identity import NodeKey
 
 log = logging.getLogger(__name__)
 
-RECORD_TTL_S = 30.0  # a peer silent for this long (6 missed rounds) is dropped
-EXCHANGE_INTERVAL_S = 5.0
-REISSUE_S = RECORD_TTL_S / 3
 MAX_ATTEMPTS = 3  # peers tried per forwarded request
 BUSY_STATUSES = (429, 503)  # the peer is full or shutting down: another one may take it
 SSE_CONTENT_TYPE = "text/event-stream"
@@ -102,13 +95,11 @@ class PeerNetwork:
         """A fresh host and protocol set on the current bridge (at start, and on a restart;
         the peer table, with its convictions, is kept)."""
         self.host = Host(self.key, self.metrics.reject, self.config.announce)
-        self.protocols = Protocols(self.host, self.table, self.bridge, self.local, self.own_record, self.metrics.reject,
+        self.record = OwnRecord(self.key, self.host, self.local)
+        self.protocols = Protocols(self.host, self.table, self.bridge, self.local, self.record.current, self.metrics.reject,
                                    PeerLimits(self.config.peer_allow),
                                    DialPolicy((*self.config.listen, *self.config.announce), self.config.allow_private))
-        self._wake: trio.Event | None = None
-        self._own: tuple[tuple, SignedCapability] | None = None  # (what it says, the signed record)
-        self.protocols.on_new_peer = self._on_new_peer
-        self.host.on_disconnect = self._on_disconnect
+        self.discovery = Discovery(self.host, self.table, self.protocols, self.metrics, self.config.bootstrap)
 
     @property
     def running(self) -> bool:
@@ -156,85 +147,9 @@ class PeerNetwork:
     async def _serve_until_cancelled(self, task_status) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.host.run, list(self.config.listen))
+            await nursery.start(self.discovery.run)
             self._serving = True
-            self._wake = trio.Event()
             task_status.started()
-            nursery.start_soon(self._discover)
-
-    # -- discovery (trio) ------------------------------------------------------------------
-    def own_record(self) -> SignedCapability:
-        """This node's signed record: re-issued when what it says changes or a third of its life
-        has passed, otherwise the same one (peers then skip it without a signature check)."""
-        offers, load, http = self.local.offers()
-        content = (offers, load, http, self.addrs)
-        now = time.time()
-        if self._own is None or self._own[0] != content or now - self._own[1].record.issued > REISSUE_S:
-            record = Capability(peer_id=self.peer_id, models=offers, load=load, http=http, addrs=self.addrs,
-                                issued=now, expires=now + RECORD_TTL_S)
-            self._own = (content, SignedCapability.sign(record, self.key))
-        return self._own[1]
-
-    def _on_new_peer(self, peer_id: str) -> None:
-        log.info("new peer %s", peer_id)
-        if self._wake is not None:
-            self._wake.set()
-
-    def _on_disconnect(self, peer_id: str) -> None:
-        """A connection closed: check on that peer now (a round re-dials it, or forgets it)."""
-        if self._wake is not None and peer_id in self.table.peer_ids():
-            self._wake.set()
-
-    async def _discover(self) -> None:
-        """Rounds of exchanges: with every peer when there is news (a new peer, a lost
-        connection), else only with those not heard from since the last round (an exchange
-        updates both sides, so the peer that dialled us spares us dialling it). Supervised: a
-        round that fails in any way is logged and counted, and the next one runs; nothing a
-        peer sends can end discovery (or the p2p thread with it)."""
-        news = True
-        while True:
-            try:
-                await self._round(news)
-            except Exception:  # noqa: BLE001 - the supervisor: count it, keep discovering
-                log.exception("a discovery round failed")
-                self.metrics.failures.labels("discovery").inc()
-            with trio.move_on_after(EXCHANGE_INTERVAL_S):
-                await self._wake.wait()
-            news = self._wake.is_set()
-            self._wake = trio.Event()
-
-    async def _round(self, news: bool) -> None:
-        if not self.table.peer_ids():
-            await self._bootstrap()
-        for gone in self.table.expire():
-            log.info("peer %s expired", gone)
-        quiet_since = time.time() - (0 if news else EXCHANGE_INTERVAL_S)
-        async with trio.open_nursery() as nursery:
-            for state in self.table.snapshot():
-                if state.last_seen <= quiet_since:
-                    nursery.start_soon(self._exchange, state.record.peer_id)
-        self.metrics.peers.set(len(self.table.peer_ids()))
-
-    async def _bootstrap(self) -> None:
-        for addr in self.config.bootstrap:
-            try:
-                peer_id = await self.host.connect(addr)
-                await self.protocols.exchange(peer_id)
-            except P2PError as exc:
-                log.warning("bootstrap peer %s: %s", addr, exc)
-
-    async def _exchange(self, peer_id: str) -> None:
-        try:
-            await self.protocols.exchange(peer_id)
-        except WireError as exc:
-            self.metrics.reject("/proofmesh/caps/1", exc.reason)
-            self.table.forget(peer_id)
-        except P2PError as exc:
-            log.info("peer %s is unreachable (%s): forgetting it", peer_id, exc)
-            self.table.forget(peer_id)
-        except Exception:  # noqa: BLE001 - whatever this peer caused, the round goes on
-            log.exception("exchange with %s failed", peer_id)
-            self.metrics.failures.labels("exchange").inc()
-            self.table.forget(peer_id)
 
     # -- routing (asyncio) -----------------------------------------------------------------
     def serves(self, model: str) -> bool:

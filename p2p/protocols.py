@@ -162,14 +162,7 @@ class Protocols:
     async def exchange(self, peer_id: str) -> None:
         """One round with ``peer_id``: send our table, merge theirs, time the round trip."""
         start = time.perf_counter()
-        stream = await self.host.open(peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
-        try:
-            await stream.write(self._table_message())
-            reply = await stream.read(CapsExchange)
-        except BaseException:
-            await stream.reset()
-            raise
-        await stream.close()
+        reply = await self.host.request(peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES, self._table_message(), CapsExchange)
         self._merge(reply, peer_id)
         self.table.seen(peer_id, time.perf_counter() - start)
 
@@ -285,23 +278,14 @@ class Protocols:
             if peer_id in skip:
                 continue
             try:
-                stream = await self.host.open(peer_id, FRAUD_PROTOCOL, EVIDENCE_MAX_BYTES)
-                await stream.write(notice)
-                await stream.close()
+                await self.host.request(peer_id, FRAUD_PROTOCOL, EVIDENCE_MAX_BYTES, notice)
                 sent += 1
             except P2PError as exc:
                 log.info("fraud notice not delivered to %s: %s", peer_id, exc)
         return sent
 
     async def _ask(self, peer_id: str, protocol: str, request: VerifyRequest | EvidenceRequest, timeout: float) -> Reply:
-        stream = await self.host.open(peer_id, protocol, EVIDENCE_MAX_BYTES)
-        try:
-            await stream.write(request)
-            reply = await stream.read(Reply, timeout=timeout)
-        except BaseException:
-            await stream.reset()
-            raise
-        await stream.close()
+        reply = await self.host.request(peer_id, protocol, EVIDENCE_MAX_BYTES, request, Reply, timeout)
         if reply.error is not None:
             raise RemoteError(f"{peer_id}: {reply.error}")
         return reply

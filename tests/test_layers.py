@@ -5,7 +5,8 @@
   ``posp`` load no TVM and no libp2p (a proxy and a calculator need neither); the node's app
   loads libp2p only when it joins a network;
 - p2p/ never imports node/ (nor aiohttp: its one bridge to asyncio is its own);
-- no module imports itself back through others (walked from the source, lazy imports included).
+- no module imports itself back through others (walked from the source, lazy imports included),
+  and no package of node/ imports itself back through another package (the layers run one way).
 """
 
 from __future__ import annotations
@@ -72,12 +73,17 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def test_no_import_circles():
+def _import_graph() -> dict[str, set[str]]:
+    """Every module of the repository and the repository modules it imports."""
     files = [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
     modules = {_module_name(p) for p in files}
     graph = {_module_name(p): _imports(p, modules) for p in files}
     # A package's __init__ that only hands names on ties nothing: drop package -> own submodule edges.
-    graph = {m: {t for t in deps if not t.startswith(m + ".")} for m, deps in graph.items()}
+    return {m: {t for t in deps if not t.startswith(m + ".")} for m, deps in graph.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles a depth-first walk of ``graph`` meets (each as the trail that closes it)."""
     circles, state = [], {}
 
     def visit(module: str, trail: list[str]) -> None:
@@ -92,4 +98,28 @@ def test_no_import_circles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-    assert not circles, circles
+    return circles
+
+
+def test_no_import_circles():
+    assert not (circles := _circles(_import_graph())), circles
+
+
+def _node_unit(module: str) -> str:
+    """The layer a node module belongs to: ``node.X`` for everything under ``node/X/``
+    (subpackages such as ``node.models.quant`` roll up into ``node.models``: a package's parts
+    share its place in the order), and each top-level module (``node.errors``) its own."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_package_circles_inside_node():
+    """Module circles are not the only kind: ``node.models.quant`` once read constants from
+    ``node.compiler`` while the compiler imports the models it compiles, with no module circle
+    but two packages each needing the other. Between node's packages imports run one way."""
+    units: dict[str, set[str]] = {}
+    for module, deps in _import_graph().items():
+        if module.startswith("node."):
+            unit = units.setdefault(_node_unit(module), set())
+            unit.update(_node_unit(d) for d in deps if d.startswith("node.") and _node_unit(d) != _node_unit(module))
+    assert {"node.models", "node.compiler", "node.runtime", "node.api", "node.sidecar"} <= set(units)
+    assert not (circles := _circles(units)), circles

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from verify.durable import DurableDB
 from verify.evidence import AnswerFile
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
@@ -205,18 +204,14 @@ class EvidenceStore:
         self.max_bytes = max_bytes
         self.audit_window_s = min(audit_window_s, retention_s)
         self.client_share_bytes = int(max_bytes * client_share)  # what one client's evidence may take
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # durable before the receipt goes out
-        self._db.execute("PRAGMA recursive_triggers=ON")  # so a REPLACE's implicit delete is counted
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(answers)")}
+        self._sql = DurableDB(self.path)  # durable before the receipt goes out
+        self._sql.db.execute("PRAGMA recursive_triggers=ON")  # so a REPLACE's implicit delete is counted
+        self._sql.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._sql.db.execute("PRAGMA table_info(answers)")}
         for name, kind in _ADDED_COLUMNS.items():
             if name not in columns:
-                self._db.execute(f"ALTER TABLE answers ADD COLUMN {name} {kind}")
-        self._db.executescript(_INDEXES_AND_TOTALS)
+                self._sql.db.execute(f"ALTER TABLE answers ADD COLUMN {name} {kind}")
+        self._sql.db.executescript(_INDEXES_AND_TOTALS)
 
     def put(self, answer: AnswerFile, *, client: str = "", now: float | None = None) -> int:
         """Keep ``answer`` under ``client`` (who it was served to); returns the bytes it added
@@ -226,16 +221,15 @@ class EvidenceStore:
         are what stop new work."""
         encoded = encode_answer(answer)
         now = time.time() if now is None else now
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._sql.transaction():
             before = self._kept_bytes()
-            self._db.execute(
+            self._sql.db.execute(
                 "INSERT OR REPLACE INTO answers (receipt_id, created, size, body, client, sampling_hash) VALUES (?, ?, ?, ?, ?, ?)",
                 (answer.receipt.receipt_id, now, len(encoded.row), encoded.row, client, encoded.sampling_hash),
             )
             # after the answer: a replaced row's delete may have taken a sampling row it alone named
-            self._db.execute("INSERT OR IGNORE INTO sampling (client, hash, size, body) VALUES (?, ?, ?, ?)",
-                             (client, encoded.sampling_hash, len(encoded.sampling), encoded.sampling))
+            self._sql.db.execute("INSERT OR IGNORE INTO sampling (client, hash, size, body) VALUES (?, ?, ?, ?)",
+                                 (client, encoded.sampling_hash, len(encoded.sampling), encoded.sampling))
             added = self._kept_bytes() - before
             self._evict(now)
         return added
@@ -243,8 +237,8 @@ class EvidenceStore:
     def get(self, receipt_id: str, *, now: float | None = None) -> AnswerFile | None:
         """The answer file behind ``receipt_id`` while it is retained, else ``None``."""
         now = time.time() if now is None else now
-        with self._lock:
-            row = self._db.execute(
+        with self._sql.lock:
+            row = self._sql.db.execute(
                 """SELECT a.body, s.body FROM answers a LEFT JOIN sampling s ON s.client = a.client AND s.hash = a.sampling_hash
                    WHERE a.receipt_id = ? AND a.created >= ?""", (receipt_id, now - self.retention_s)
             ).fetchone()
@@ -255,11 +249,10 @@ class EvidenceStore:
         audit window (after dropping what may go). Asked before every request: under the cap it
         is one read; only a full store takes a write transaction to evict."""
         now = time.time() if now is None else now
-        with self._lock:
+        with self._sql.lock:
             if self._kept_bytes() < self.max_bytes:
                 return True
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
+            with self._sql.locked_transaction():
                 self._evict(now)
                 return self._kept_bytes() < self.max_bytes
 
@@ -268,39 +261,37 @@ class EvidenceStore:
         its own rows past the audit window went, oldest first: then it waits while others are
         served. Asked before every request: under the share it is one read."""
         now = time.time() if now is None else now
-        with self._lock:
+        with self._sql.lock:
             if self._client_bytes(client) < self.client_share_bytes:
                 return False
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
+            with self._sql.locked_transaction():
                 self._drop_oldest(self.client_share_bytes, now, client)
                 return self._client_bytes(client) >= self.client_share_bytes
 
     def stats(self) -> tuple[int, int]:
         """(answers kept, bytes they take)."""
-        with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM answers").fetchone()
+        with self._sql.lock:
+            (count,) = self._sql.db.execute("SELECT COUNT(*) FROM answers").fetchone()
             size = self._kept_bytes()
         return int(count), int(size)
 
     def client_bytes(self, client: str) -> int:
         """Bytes kept for ``client``'s answers (their rows and their sampling rows)."""
-        with self._lock:
+        with self._sql.lock:
             return self._client_bytes(client)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._sql.close()
 
     def _kept_bytes(self) -> int:
-        return int(self._db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
+        return int(self._sql.db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
 
     def _client_bytes(self, client: str) -> int:
-        row = self._db.execute("SELECT bytes FROM client_totals WHERE client = ?", (client,)).fetchone()
+        row = self._sql.db.execute("SELECT bytes FROM client_totals WHERE client = ?", (client,)).fetchone()
         return int(row[0]) if row else 0
 
     def _evict(self, now: float) -> None:
-        self._db.execute("DELETE FROM answers WHERE created < ?", (now - self.retention_s,))
+        self._sql.db.execute("DELETE FROM answers WHERE created < ?", (now - self.retention_s,))
         if self._kept_bytes() <= self.max_bytes:
             return
         self._drop_oldest(self.max_bytes, now)
@@ -310,8 +301,8 @@ class EvidenceStore:
         sampling rows fit in ``keep_bytes`` (a running sum in creation order), sparing every row
         younger than the audit window."""
         where, args = ("WHERE client = ?", (client,)) if client is not None else ("", ())
-        (sampling,) = self._db.execute(f"SELECT COALESCE(SUM(size), 0) FROM sampling {where}", args).fetchone()
-        self._db.execute(
+        (sampling,) = self._sql.db.execute(f"SELECT COALESCE(SUM(size), 0) FROM sampling {where}", args).fetchone()
+        self._sql.db.execute(
             f"""DELETE FROM answers WHERE receipt_id IN (
                    SELECT receipt_id FROM (
                        SELECT receipt_id, created, SUM(size) OVER (ORDER BY created DESC, receipt_id) AS kept

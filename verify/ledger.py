@@ -22,15 +22,13 @@ Reputation rule (what routing reads; ``score`` in [0, 1], unknown peers start at
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
+from verify.durable import DurableDB
 from verify.fraud import FraudProof, SignedVerdict
 
 NEUTRAL = 0.5
@@ -126,32 +124,27 @@ class Ledger:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed record survives more than the process
+        self._sql = DurableDB(self.path)  # a committed record survives more than the process
         self._migrate_audit_states()
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._sql.db.execute("PRAGMA foreign_keys=ON")
+        self._sql.db.executescript(_SCHEMA)
 
     def _migrate_audit_states(self) -> None:
         """Ledgers written before audits could end withheld, malformed or unattributable held a
         CHECK on the state column: copy their audits into a table without it."""
-        row = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audits'").fetchone()
+        row = self._sql.db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audits'").fetchone()
         if row is None or "CHECK" not in row[0]:
             return
         create = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS audits"):_SCHEMA.index(");") + 2]
-        self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("ALTER TABLE audits RENAME TO audits_before_states")
-        self._db.execute(create)
-        self._db.execute("INSERT INTO audits SELECT * FROM audits_before_states")
-        self._db.execute("DROP TABLE audits_before_states")
-        self._db.execute("COMMIT")
+        with self._sql.transaction() as db:
+            db.execute("ALTER TABLE audits RENAME TO audits_before_states")
+            db.execute(create)
+            db.execute("INSERT INTO audits SELECT * FROM audits_before_states")
+            db.execute("DROP TABLE audits_before_states")
 
     def first_sight(self, receipt_id: str, node_id: str, *, now: float | None = None) -> bool:
         """Remember a receipt served to a client; False if it was served before (a replay)."""
-        with self._transaction() as db:
+        with self._sql.transaction() as db:
             cursor = db.execute("INSERT OR IGNORE INTO receipts_seen VALUES (?, ?, ?)",
                                 (receipt_id, node_id, time.time() if now is None else now))
             return cursor.rowcount == 1
@@ -161,40 +154,27 @@ class Ledger:
         with its reason, and the node's reputation falls as for a failed audit. Not a conviction:
         the HTTP body the mismatch is about is not signed."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self._sql.transaction() as db:
             db.execute("INSERT INTO refusals VALUES (?, ?, ?, ?)", (receipt_id, node_id, reason, now))
             self._move(db, node_id, passed=False, now=now)
 
     def refusals(self, node_id: str) -> list[str]:
-        with self._lock:
-            return [r for (r,) in self._db.execute("SELECT reason FROM refusals WHERE node_id = ? ORDER BY created", (node_id,))]
+        with self._sql.lock:
+            return [r for (r,) in self._sql.db.execute("SELECT reason FROM refusals WHERE node_id = ? ORDER BY created", (node_id,))]
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction under the lock: reads inside it see what the write will change."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        self._sql.close()
 
     def open_audit(self, receipt_id: str, node_id: str, model_id: str, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self._sql.transaction() as db:
             db.execute("INSERT OR IGNORE INTO audits VALUES (?, ?, ?, 'pending', ?, ?)", (receipt_id, node_id, model_id, now, now))
 
     def add_verdict(self, signed: SignedVerdict, *, now: float | None = None) -> None:
         """A validator's signed verdict on an open audit (one per validator)."""
         now = time.time() if now is None else now
         v = signed.verdict
-        with self._transaction() as db:
+        with self._sql.transaction() as db:
             db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
                        (v.receipt_id, signed.verifier_id, v.verdict, signed.model_dump_json(), now))
 
@@ -204,7 +184,7 @@ class Ledger:
         if state not in AUDIT_STATES or state == "pending":
             raise ValueError(f"an audit closes as one of {', '.join(AUDIT_STATES[1:])}")
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self._sql.transaction() as db:
             row = db.execute("SELECT node_id, state FROM audits WHERE receipt_id = ?", (receipt_id,)).fetchone()
             if row is None:
                 raise KeyError(receipt_id)
@@ -215,7 +195,7 @@ class Ledger:
     def record_validator(self, node_id: str, *, agreed: bool, now: float | None = None) -> None:
         """A validator's verdict agreed with the audit's outcome or not (a lazy or lying validator
         loses reputation as a cheating node does)."""
-        with self._transaction() as db:
+        with self._sql.transaction() as db:
             self._move(db, node_id, passed=agreed, now=time.time() if now is None else now)
 
     def _move(self, db: sqlite3.Connection, node_id: str, *, passed: bool, now: float) -> None:
@@ -234,7 +214,7 @@ class Ledger:
         """Record an upheld fraud proof and convict the node that signed the answer."""
         now = time.time() if now is None else now
         receipt = proof.answer.receipt
-        with self._transaction() as db:
+        with self._sql.transaction() as db:
             db.execute("INSERT OR IGNORE INTO fraud_proofs VALUES (?, ?, ?, ?)",
                        (receipt.receipt_id, receipt.node_id, proof.model_dump_json(), now))
             db.execute("INSERT INTO reputation (node_id, score, updated, failures, convicted) VALUES (?, 0, ?, 1, 1) "
@@ -252,22 +232,22 @@ class Ledger:
                               passes=passes, failures=failures, convicted=bool(convicted))
 
     def reputation(self, node_id: str, *, now: float | None = None) -> PeerReputation:
-        with self._lock:
-            return self._reputation(self._db, node_id, time.time() if now is None else now)
+        with self._sql.lock:
+            return self._reputation(self._sql.db, node_id, time.time() if now is None else now)
 
     def convicted(self) -> set[str]:
-        with self._lock:
-            return {r[0] for r in self._db.execute("SELECT node_id FROM reputation WHERE convicted = 1")}
+        with self._sql.lock:
+            return {r[0] for r in self._sql.db.execute("SELECT node_id FROM reputation WHERE convicted = 1")}
 
     def fraud_proof(self, receipt_id: str) -> FraudProof | None:
-        with self._lock:
-            row = self._db.execute("SELECT body FROM fraud_proofs WHERE receipt_id = ?", (receipt_id,)).fetchone()
+        with self._sql.lock:
+            row = self._sql.db.execute("SELECT body FROM fraud_proofs WHERE receipt_id = ?", (receipt_id,)).fetchone()
         return None if row is None else FraudProof.model_validate_json(row[0])
 
     def convictions(self, *, limit: int = 100) -> list[Conviction]:
         """Newest first: who was convicted, for which receipt, when (a listing reads no proof bodies)."""
-        with self._lock:
-            rows = self._db.execute("SELECT receipt_id, node_id, created FROM fraud_proofs ORDER BY created DESC LIMIT ?",
+        with self._sql.lock:
+            rows = self._sql.db.execute("SELECT receipt_id, node_id, created FROM fraud_proofs ORDER BY created DESC LIMIT ?",
                                     (limit,)).fetchall()
         return [Conviction(receipt_id=r[0], node_id=r[1], created=r[2]) for r in rows]
 
@@ -285,10 +265,10 @@ class Ledger:
                 args.append(value)
         sql = "SELECT receipt_id, node_id, model_id, state, created, updated FROM audits"
         sql += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created DESC LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        with self._sql.lock:
+            rows = self._sql.db.execute(sql, (*args, limit)).fetchall()
             bodies = {
-                r[0]: [b for (b,) in self._db.execute("SELECT body FROM verdicts WHERE receipt_id = ? ORDER BY created", (r[0],))]
+                r[0]: [b for (b,) in self._sql.db.execute("SELECT body FROM verdicts WHERE receipt_id = ? ORDER BY created", (r[0],))]
                 for r in rows
             }
         return [

@@ -27,7 +27,7 @@ import math
 from tvm.relax.frontend.nn.llm._kernel_common import _declare_length_info, _get_kv_chunk_len, _get_seq_offset
 from tvm.script import tirx as T
 
-from node.compiler.cpu_schedule import LANES
+from node.hardware import LANES
 
 # The q.k partial sums below are folded by hand for exactly 8 lanes: a LANES of another width
 # must not compile into a kernel that silently drops or repeats lanes.

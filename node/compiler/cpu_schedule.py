@@ -25,8 +25,8 @@ from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-LANES = 8  # fp32 lanes per 256-bit vector: avx2 and avx512 machines both vectorize this cleanly (the one
-# place this width is set: the attention and quantized kernels take it from here)
+from node.hardware import LANES
+
 ROWS = 8  # output rows per tile: 8 vector accumulators; 4 and 16 measured slower on znver3
 # Tokens per tile. A 4x4 (tokens x rows) register tile measured ~25 % slower at batch 16 on
 # znver3 (the symbolic batch split adds a predicate to the hot loop), so it stays 1 for now.

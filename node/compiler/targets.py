@@ -43,16 +43,6 @@ class DeviceTarget:
         return f"tvm-{tvm.__version__}/{self.kind}/{arch}/fp32"
 
 
-def vector_registers(target: Target) -> int:
-    """Vector registers the target's code may use: 32 with AVX-512 (its VL extension gives 256-bit
-    code the upper 16 too), 16 on AVX2-only x86 and elsewhere. Kernels size their register tiles
-    from this, never from the machine they were tuned on."""
-    if target.kind.name != "llvm":
-        return 16
-    features = tvm.get_global_func("target.llvm_get_cpu_features")(target)
-    return 32 if "avx512f" in features and "avx512vl" in features else 16
-
-
 def host_cpu_name() -> str:
     return str(tvm.get_global_func("target.llvm_get_system_cpu")())
 

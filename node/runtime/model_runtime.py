@@ -31,6 +31,11 @@ PAGE_SIZE = KV_PAGE_SIZE  # tokens per KV page (16): what the CPU attention kern
 # the default model (znver5, 2 threads, 1,024-token prompt): chunks of 512 / 256 / 128 / 64 gave
 # 453 / 500 / 482 / 436 tokens/s, one chunk taking 889 / 350 / 169 / 99 ms.
 DEFAULT_PREFILL_CHUNK = 128
+# The cache's ``support_sliding_window`` flag, off: with it on, TVM's cache may slide a whole
+# sequence's window (``enable_sliding_window_for_seq``, dropping the pages behind it), which the
+# node never asks for. A sliding-window model is served with no more context than its window, and
+# Gemma 3's sliding layers are windowed per layer by the cache's ``attn_kind``, without the flag.
+SEQUENCE_SLIDING_WINDOW = 0
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,16 @@ class CacheLimits:
 
 
 class ModelRuntime:
+    """One compiled model on one device: the TVM VM with the library loaded, the weights
+    uploaded once, and the paged KV cache every live sequence shares, sized by ``CacheLimits``.
+
+    It owns those three because they live and die together: the cache is built by the library's
+    own ``create_paged_kv_cache`` for the weights' shapes, and the VM's functions take the weights
+    and the cache on every call. It owns nothing else: which request a sequence serves, and when
+    one is admitted, is the engine's (``node.runtime.engine``); what a token means is the
+    tokenizer's. Here a sequence is its id and its length in the cache (``_live``); ``score``
+    runs on scratch sequences with negative ids, so a teacher-forced pass never meets an engine's."""
+
     def __init__(
         self,
         cfg,  # the architecture's config (node.models.architectures)
@@ -63,7 +78,7 @@ class ModelRuntime:
             ShapeTuple([limits.max_total_tokens]),
             ShapeTuple([limits.prefill_chunk]),
             ShapeTuple([PAGE_SIZE]),
-            ShapeTuple([0]),
+            ShapeTuple([SEQUENCE_SLIDING_WINDOW]),
         )
         self._prefill_fn = self._vm["prefill"]
         self._decode_fn = self._vm["decode"]

@@ -86,9 +86,8 @@ def test_a_flood_of_512_records_leaves_discovery_alive(nodes):
         replies = []
         for records in ([_record(NodeKey.generate(), addrs=[BLACKHOLE]) for _ in range(511)] + [_record(key)],
                         [_record(key)]):  # a second exchange: the node still answers with its table
-            stream = await host.open(gateway.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
-            await stream.write(CapsExchange(records=records))
-            replies.append(await stream.read(CapsExchange))
+            replies.append(await host.request(gateway.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES, CapsExchange(records=records),
+                                              CapsExchange))
             await trio.sleep(3)  # a discovery round runs on the news meanwhile (where the thread used to die)
         return replies
 
@@ -106,9 +105,8 @@ def test_a_record_claiming_a_far_expiry_is_refused(nodes):
     liar = NodeKey.generate()
 
     async def claim(host: Host, key: NodeKey) -> CapsExchange:
-        stream = await host.open(gateway.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
-        await stream.write(CapsExchange(records=[_record(liar, lifetime=3e10 * 365 * 24 * 3600)]))
-        return await stream.read(CapsExchange)
+        claimed = CapsExchange(records=[_record(liar, lifetime=3e10 * 365 * 24 * 3600)])
+        return await host.request(gateway.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES, claimed, CapsExchange)
 
     before = _rejected(gateway, CAPS_PROTOCOL, "untrusted_record")
     trio.run(_as_stranger, gateway, claim)
@@ -121,9 +119,7 @@ def test_a_re_check_past_the_token_cap_is_refused_without_model_work(nodes):
     too_long = make_answer(MAX_REMOTE_VERIFY_TOKENS)  # 20 prompt tokens + the cap: one over
 
     async def ask(host: Host, key: NodeKey) -> Reply:
-        stream = await host.open(gateway.peer_id, VERIFY_PROTOCOL, EVIDENCE_MAX_BYTES)
-        await stream.write(VerifyRequest(answer=too_long))
-        return await stream.read(Reply)
+        return await host.request(gateway.peer_id, VERIFY_PROTOCOL, EVIDENCE_MAX_BYTES, VerifyRequest(answer=too_long), Reply)
 
     reply = trio.run(_as_stranger, gateway, ask)
     assert reply.attestation is None and f"at most {MAX_REMOTE_VERIFY_TOKENS} tokens" in reply.error
@@ -137,9 +133,8 @@ def test_a_burst_of_fraud_notices_is_rate_limited(nodes):
         verdict = sign_verdict(Verdict(receipt_id=answer.receipt.receipt_id, verdict="fraud", reasons=["x"], failures=[]), key)
         for _ in range(20):
             try:
-                stream = await host.open(gateway.peer_id, FRAUD_PROTOCOL, EVIDENCE_MAX_BYTES)
-                await stream.write(FraudNotice(proof=FraudProof(answer=answer, verdict=verdict)))
-                await stream.close()
+                await host.request(gateway.peer_id, FRAUD_PROTOCOL, EVIDENCE_MAX_BYTES,
+                                   FraudNotice(proof=FraudProof(answer=answer, verdict=verdict)))
             except StreamFailed:
                 pass
 
@@ -156,9 +151,7 @@ def test_an_allowlist_refuses_a_strangers_work_but_not_its_records(nodes):
     _, server = nodes
 
     async def ask(host: Host, key: NodeKey) -> tuple[CapsExchange, bool]:
-        stream = await host.open(server.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
-        await stream.write(CapsExchange(records=[_record(key)]))
-        table = await stream.read(CapsExchange)
+        table = await host.request(server.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES, CapsExchange(records=[_record(key)]), CapsExchange)
         stream = await host.open(server.peer_id, INFER_PROTOCOL, CAPS_MAX_BYTES)
         await stream.write(InferRequest(path="/v1/completions", body='{"model": "tiny", "prompt": "hi", "max_tokens": 2}'))
         try:

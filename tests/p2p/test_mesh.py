@@ -254,12 +254,8 @@ async def _attack(target: NodeProcess) -> None:
         verdict = Verdict(receipt_id=answer.receipt.receipt_id, verdict="fraud", reasons=["made up"], failures=[])
         honest_looking = sign_verdict(verdict, key)
         posing = honest_looking.model_copy(update={"verifier_id": victim.node_id, "public_key": victim.public_key.hex()})
-        stream = await host.open(target.peer_id, FRAUD_PROTOCOL, CAPS_MAX_BYTES)
-        await stream.write(FraudNotice(proof=FraudProof(answer=answer, verdict=posing)))
-        await stream.close()
-        stream = await host.open(target.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES)
-        await stream.write(message)
-        reply = await stream.read(CapsExchange)  # the node still answers with its own table
+        await host.request(target.peer_id, FRAUD_PROTOCOL, CAPS_MAX_BYTES, FraudNotice(proof=FraudProof(answer=answer, verdict=posing)))
+        reply = await host.request(target.peer_id, CAPS_PROTOCOL, CAPS_MAX_BYTES, message, CapsExchange)  # the node still answers with its own table
         assert target.peer_id in {r.record.peer_id for r in reply.records}
         nursery.cancel_scope.cancel()
 

@@ -133,7 +133,7 @@ def test_announced_addresses_replace_the_listening_ones():
         await net.start()
         try:
             assert net.addrs == [f"/ip4/203.0.113.7/tcp/4001/p2p/{key.node_id}"]
-            assert net.own_record().record.addrs == net.addrs
+            assert net.record.current().record.addrs == net.addrs
         finally:
             await net.stop()
 

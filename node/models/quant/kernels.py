@@ -35,7 +35,7 @@ from __future__ import annotations
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from node.compiler.cpu_schedule import LANES
+from node.hardware import LANES
 from node.models.quant.blocks import BLOCK, FORMATS, TILE_ROWS, BlockFormat
 
 ROWS = TILE_ROWS  # output rows per tile: 8 accumulators stay in registers with the block's 4 x vectors

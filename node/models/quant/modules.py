@@ -11,9 +11,9 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.target import Target
 
-from .blocks import FORMATS, TILE_ROWS
-from node.compiler.targets import vector_registers
+from node.hardware import vector_registers
 
+from .blocks import FORMATS, TILE_ROWS
 from .kernels import quant_matmul_cpu, quant_matmul_te, quant_take_te, token_tile_for
 
 

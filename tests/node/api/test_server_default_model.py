@@ -1,8 +1,8 @@
 """The product end to end over HTTP: the real default model behind the node, asked through the
 official ``openai`` client, answers the France question, and its answer file passes the verifier.
 
-Marked slow like tests/node/test_default_model.py (the model is pulled once and cached), but
-part of the default suite: a few seconds once the model is cached.
+Marked slow like tests/node/models/test_default_model.py (the model is pulled once and cached),
+but part of the default suite: a few seconds once the model is cached.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from bench.cheats import claim, real_fingerprints
+from tests.node.verification.cheats import claim, real_fingerprints
 from node.api.evidence_tokens import receipt_path
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.test_server import MODEL, client, fetch_answer, http, node, verifier  # noqa: F401

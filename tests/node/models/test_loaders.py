@@ -515,9 +515,24 @@ def test_chat_template_errors(tmp_path, tok):
     assert strict.render_chat([{"role": "system", "content": "x"}]) == "ok"
 
 
-def test_fingerprint_stable_across_loads(tmp_path):
-    folder = make_tiny_hf_checkpoint(tmp_path)
-    assert load_checkpoint(folder).tokenizer.fingerprint() == load_checkpoint(folder).tokenizer.fingerprint()
+def test_fingerprints_are_stable_across_loads_and_follow_what_they_cover(tmp_path):
+    """The same files give the same tokenizer fingerprint and model_id on every load; other
+    weights give another model_id (the tokenizer's fingerprint stays: it covers text -> ids
+    only), another text -> ids rule another fingerprint and another model_id. A constant
+    fingerprint, or a model_id blind to either, fails here."""
+    from node.runtime.loading import manifest_of
+
+    base = load_checkpoint(make_tiny_hf_checkpoint(tmp_path / "base"))
+    again = load_checkpoint(tmp_path / "base")
+    assert again.tokenizer.fingerprint() == base.tokenizer.fingerprint()
+    assert manifest_of(again).model_id == manifest_of(base).model_id
+    reseeded = load_checkpoint(make_tiny_hf_checkpoint(tmp_path / "seed1", seed=1))
+    assert reseeded.weights_digest != base.weights_digest
+    assert manifest_of(reseeded).model_id != manifest_of(base).model_id
+    assert reseeded.tokenizer.fingerprint() == base.tokenizer.fingerprint()
+    flipped = load_checkpoint(make_tiny_hf_checkpoint(tmp_path / "bos", add_bos_token=not base.tokenizer.add_bos))
+    assert flipped.tokenizer.fingerprint() != base.tokenizer.fingerprint()
+    assert manifest_of(flipped).model_id != manifest_of(base).model_id
 
 
 # ---------------------------------------------------------------------- the real default model

@@ -18,7 +18,8 @@ from node.runtime.loading import load_checkpoint_cached, load_model, model_param
 from node.models.quant.blocks import FORMATS, QuantizedTensor, planes_dequantize
 from node.models.quant.kernels import fused_max_tokens, quant_matmul_cpu, quant_take_te, token_tile_for
 from node.runtime.model_runtime import CacheLimits
-from node.compiler.targets import cuda_target_for_arch, vector_registers
+from node.compiler.targets import cuda_target_for_arch
+from node.hardware import vector_registers
 from tvm.target import Target
 from tests.node.runtime.engine_helpers import generate
 from tests.models_fixtures import make_tiny_gguf

@@ -108,9 +108,8 @@ def test_stop_string_cuts_the_answer(tiny_ckpt, tiny_runtime):
             return await engine.complete(request(ids, max_tokens=24, temperature=0.0, stop=stop))
 
     free = run(go(()))
-    text = free.text
-    if len(text) < 4:
-        pytest.skip("the random model produced too little text to pick a stop string")
+    text = free.text  # the tiny model's weights are seeded: this answer is the same on every run
+    assert len(text) >= 4, f"no text to pick a stop string from: {free.finish_reason} after {text!r}"
     stop = text[2:4]
     cut = run(go((stop,)))
     assert cut.finish_reason == "stop"

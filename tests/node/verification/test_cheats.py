@@ -1,5 +1,5 @@
-"""The cheat suite on a tiny model: every dishonest node in bench/cheats.py is flagged as fraud,
-and honest answers from the same machinery pass (so the suite cannot pass by flagging all)."""
+"""The cheat suite on a tiny model: every dishonest node in tests/node/verification/cheats.py is
+flagged as fraud, and honest answers from the same machinery pass (so the suite cannot pass by flagging all)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import zlib
 
 import pytest
 
-from bench.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, honest_constrained_answers
-from bench.harness import Generator, request_mix
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from tests.models_fixtures import make_tiny_hf_checkpoint
+from tests.node.verification.cheats import CHEATS, EXPECTED, SAMPLING_CHEATS, CheatContext, honest_constrained_answers
+from tests.node.verification.harness import Generator, request_mix
 from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof, sign_verdict
 from verify.identity import NodeKey
 from verify.verifier import verify_answer

@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from bench.cheats import CHEATS, CheatContext, cheap_generator, skip_layers
-from bench.harness import request_mix
+from tests.node.verification.cheats import CHEATS, CheatContext, cheap_generator, skip_layers
+from tests.node.verification.harness import request_mix
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
 from node.runtime.loading import load_model

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.harness import Generator, NumpyBackend, request_mix
+from tests.node.verification.harness import Generator, NumpyBackend, request_mix
 from compiled_models.registry import DEFAULT_MODEL
 from node.runtime.loading import load_checkpoint_cached, load_model
 from node.models.llama.reference import NumpyLlama

@@ -3,7 +3,8 @@
 Each cheat answers real requests and signs its answers with a valid node key, so every
 commitment (request_hash, output_hash, fingerprint_root, signature) holds together: only the
 model work can give it away. Used by the tests (every cheat flagged) and by
-``bench/bench_cheats.py`` (detection rate against answer length).
+``bench/bench_cheats.py`` (detection rate against answer length), which imports it from here:
+attack simulations are no part of the product, and the tests never import bench/.
 
 Cheats, by what they save or fake:
 - cheaper weights under the real model_id: fp16- or int8-rounded, requantized to Q4_0, one
@@ -35,7 +36,7 @@ import gguf
 import numpy as np
 from gguf import quants
 
-from bench.harness import Generator, with_structure
+from tests.node.verification.harness import Generator, with_structure
 from node.compiler.build import compile_model
 from node.runtime.engine import GenerationRequest
 from node.runtime.loading import LoadedModel, load_checkpoint_cached
@@ -188,7 +189,7 @@ def honest_answers(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> 
 
 def honest_constrained_answers(ctx: CheatContext, requests: Sequence[GenerationRequest]) -> list[AnswerFile]:
     """The control for grammar cheats: the same sampling parameters asked as structured output
-    (``bench.harness.with_structure``), answered honestly under the grammar's mask."""
+    (``tests.node.verification.harness.with_structure``), answered honestly under the grammar's mask."""
     return honest_answers(ctx, with_structure(ctx.model.tokenizer, requests, ctx.model.max_context))
 
 

@@ -6,6 +6,11 @@ seeded noise to the claimed id, so a cheat's answers look right in every commitm
 ``request_mix`` draws a reproducible spread of prompts and sampling parameters; with
 ``grammar_share`` some of them ask for structured output (``STRUCTURED``: JSON mode, a JSON
 schema, a forced tool call), so their answers are drawn under a grammar's mask.
+
+Why in tests/: no node, verifier or client runs this (a runtime that answers under any claimed id
+is the cheat suite's tool, bulk answers are a workload); the tests of verification use it, and
+the benches (``bench/calibrate.py``, ``bench/bench_cheats.py``, ...) import it from here, so the
+tests never import bench/.
 """
 
 from __future__ import annotations
