@@ -28,8 +28,8 @@ not depend on what else was running.
 A request with a grammar (JSON mode, a schema, a tool call) keeps a ``GrammarState``: its mask
 joins the seeded draw at every step, exactly as ``verify.sampling`` defines it.
 
-Every sampled position also records the top-k (k = 8) token ids and logits: the fingerprints a
-receipt commits to and a verifier re-checks.
+Every sampled position also records the top ``FINGERPRINT_K`` token ids and logits
+(``verify.evidence``): the fingerprints a receipt commits to and a verifier re-checks.
 """
 
 from __future__ import annotations
