@@ -159,9 +159,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from pydantic import BaseModel
 
     from node.runtime.loading import load_model
-    from verify.binding import bind_answers
+    from verify.binding import asked_of, bind_answers
     from verify.evidence import AnswerFile
     from verify.fraud import FraudProof, check_fraud_proof, make_fraud_proof
+    from verify.grammar import GrammarError
     from verify.verifier import WrongModelError, verify_answer
 
     if (args.request is None) != (args.response is None):
@@ -204,11 +205,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         if not isinstance(request, dict) or not isinstance(response, (dict, list)):
             raise ProofMeshNodeError("--request must hold a JSON object, --response a JSON object or an SSE stream")
         endpoint = "chat" if "messages" in request else "completions"
-        report = bind_answers(endpoint, request, response, {document.receipt.receipt_id: document}, model.tokenizer,
-                              max_context=model.max_context, require_client_seed=args.require_client_seed)
-        print(json.dumps({"bound": report.ok, "problems": report.problems}, indent=1))
-        if not report.ok:
-            _progress(f"the answer is not the request's: {report.summary()}")
+        try:
+            asked = asked_of(endpoint, request, model.tokenizer, model.max_context)
+        except GrammarError as exc:  # no honest node serves such a request
+            bound, problems, summary = False, {-1: [f"the request's output format cannot be enforced: {exc}"]}, str(exc)
+        else:
+            report = bind_answers(asked, response, {document.receipt.receipt_id: document}, model.tokenizer,
+                                  require_client_seed=args.require_client_seed)
+            bound, problems, summary = report.ok, report.problems, report.summary()
+        print(json.dumps({"bound": bound, "problems": problems}, indent=1))
+        if not bound:
+            _progress(f"the answer is not the request's: {summary}")
             code = max(code, 1)
     return code
 

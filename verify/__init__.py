@@ -9,7 +9,7 @@ Imports neither ``node`` nor ``p2p`` (a test enforces it): the verifier reaches 
 the small ``ScoringBackend`` protocol that node/ implements.
 """
 
-from verify.binding import BindingReport, bind_answers
+from verify.binding import Asked, BindingReport, asked_of, bind_answers
 from verify.canonical import canonical_hash, canonical_json, output_hash, request_hash, sha256_hex
 from verify.errors import IdentityError, VerifyError
 from verify.evidence import AnswerFile, Evidence, Fingerprint, position_fingerprint, top_k_fingerprint
@@ -26,6 +26,7 @@ from verify.verifier import ScoringBackend, Tolerances, Verdict, WrongModelError
 
 __all__ = [
     "AnswerFile",
+    "Asked",
     "BindingReport",
     "Evidence",
     "EvidenceStore",
@@ -46,6 +47,7 @@ __all__ = [
     "Verdict",
     "VerifyError",
     "WrongModelError",
+    "asked_of",
     "bind_answers",
     "canonical_hash",
     "canonical_json",

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from node.api.conversion import tools_of
 from node.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -34,12 +33,12 @@ from node.api.protocol import (
     CompletionResponse,
     DeltaMessage,
     ProofMeshInfo,
-    SamplingRequest,
     ServedToolCall,
     UsageInfo,
 )
 from node.models.tokenizer import TextTokenizer
 from node.runtime.events import TokenEvent
+from verify.binding import Asked
 from verify.structured import TOOL_CALL_OPEN, ToolCall, read_tool_calls
 
 
@@ -69,12 +68,12 @@ class Renderer(ABC):
 
     id_prefix = ""
 
-    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, body: SamplingRequest):
+    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, asked: Asked):
         """``model``: the name the client asked for; ``backend``: the system fingerprint (the
-        backend receipts name)."""
+        backend receipts name); ``asked``: what the request asked for (logprobs, tools)."""
         self.token_text = token_text
         self.id = f"{self.id_prefix}-{secrets.token_hex(12)}"
-        self.top_n = body.top_logprobs_count()
+        self.top_n = asked.top_n
         self.common = {"id": self.id, "model": model, "system_fingerprint": backend}
         self._unsent: dict[int, list[int]] = defaultdict(list)  # token ids no chunk has carried yet, per choice
 
@@ -103,8 +102,8 @@ class Renderer(ABC):
 class CompletionRenderer(Renderer):
     id_prefix = "cmpl"
 
-    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, body: SamplingRequest):
-        super().__init__(model, backend, token_text, body)
+    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, asked: Asked):
+        super().__init__(model, backend, token_text, asked)
         self._offsets: dict[int, int] = defaultdict(int)  # text streamed so far, per choice
 
     def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> CompletionResponse:
@@ -143,10 +142,10 @@ class ChatRenderer(Renderer):
 
     id_prefix = "chatcmpl"
 
-    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, body: SamplingRequest):
-        super().__init__(model, backend, token_text, body)
+    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, asked: Asked):
+        super().__init__(model, backend, token_text, asked)
         self._started: set[int] = set()  # choices whose first delta (with the role) went out
-        self.functions = tools_of(body)
+        self.functions = asked.tools
         self._held: dict[int, str] = defaultdict(str)  # text that may be the start of a tool call
         self._plain: set[int] = set()  # choices known to be text
         self._texts: dict[int, str] = defaultdict(str)  # a streamed choice's whole text so far
@@ -208,3 +207,9 @@ class ChatRenderer(Renderer):
 
     def usage_chunk(self, usage: UsageInfo) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.common, choices=[], usage=usage)
+
+
+def make_renderer(model: str, backend: str | None, token_text: TokenTexts, asked: Asked) -> Renderer:
+    """The renderer of the endpoint ``asked`` came to (see ``Renderer.__init__``)."""
+    kind = ChatRenderer if asked.endpoint == "chat" else CompletionRenderer
+    return kind(model, backend, token_text, asked)

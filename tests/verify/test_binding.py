@@ -9,14 +9,14 @@ import copy
 import pytest
 
 from node.api.protocol import ChatCompletionRequest, ProofMeshInfo
-from node.api.rendering import ChatRenderer, ChoiceEvent, TokenTexts
+from node.api.rendering import ChoiceEvent, TokenTexts, make_renderer
 from node.models.tokenizer import TextTokenizer
 from node.runtime.events import replay
 from tests.models_fixtures import make_tiny_hf_checkpoint
-from verify.binding import bind_answers, default_max_tokens, requested_sampling
+from verify.binding import DEFAULT_CHAT_MAX_TOKENS, asked_of, bind_answers
 from verify.evidence import FINGERPRINT_K, AnswerFile, Fingerprint, sign_answer
 from verify.identity import NodeKey
-from verify.structured import tools_in_effect
+from verify.sampling import SamplingParams
 
 KEY = NodeKey.generate()
 BACKEND = "test/fp32"
@@ -32,9 +32,9 @@ def tok(tmp_path_factory) -> TextTokenizer:
 
 def signed(tok: TextTokenizer, body: dict, j: int, text: str) -> AnswerFile:
     """Choice ``j``'s honest answer: ``text`` then EOS, under the request's own parameters."""
-    prompt = tok.encode_chat([dict(m) for m in body["messages"]], tools_in_effect(body))
+    prompt = tok.encode_chat(body["messages"])
     output = tok.encode_prompt(text) + [tok.eos_token_ids[0]]
-    params = requested_sampling(body, max_tokens=default_max_tokens("chat", len(prompt), 2048), seed=body["seed"] + j)
+    params = SamplingParams(temperature=body["temperature"], max_tokens=min(DEFAULT_CHAT_MAX_TOKENS, 2048 - len(prompt)), seed=body["seed"] + j)
     fingerprints = [Fingerprint(ids=[t, *[(t + k) % 200 + 1 for k in range(1, FINGERPRINT_K)]],
                                 logits=[5.0 - 0.5 * k for k in range(FINGERPRINT_K)], token_logit=5.0, log_normalizer=6.25)
                     for t in output]
@@ -44,7 +44,7 @@ def signed(tok: TextTokenizer, body: dict, j: int, text: str) -> AnswerFile:
 
 def rendered(tok: TextTokenizer, body: dict, answers: list[AnswerFile]) -> dict:
     """The response the node sends for these answers (its own renderer over the replayed events)."""
-    renderer = ChatRenderer("tiny", BACKEND, TokenTexts(tok), ChatCompletionRequest.model_validate(body))
+    renderer = make_renderer("tiny", BACKEND, TokenTexts(tok), ChatCompletionRequest.model_validate(body).to_asked(tok, 2048))
     choices = []
     for index, answer in enumerate(answers):
         events = replay(answer, tok)
@@ -62,8 +62,8 @@ def honest(tok):
 
 
 def problems(tok, answers, response, body=BODY) -> str:
-    report = bind_answers("chat", body, response, {a.receipt.receipt_id: a for a in answers}, tok, model_id=MODEL_ID,
-                          max_context=2048)
+    report = bind_answers(asked_of("chat", body, tok, 2048), response, {a.receipt.receipt_id: a for a in answers}, tok,
+                          model_id=MODEL_ID)
     return report.summary()
 
 
