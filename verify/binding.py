@@ -40,7 +40,7 @@ from verify.evidence import AnswerFile
 from verify.finish import finish_failures, visible_text
 from verify.receipts import SeedSource
 from verify.sampling import U64, SamplingParams
-from verify.structured import call_text, read_tool_calls, request_grammar, tools_in_effect
+from verify.structured import call_text, described, read_tool_calls, request_grammar, tools_in_effect
 from verify.verifier import attribution_problems
 
 Endpoint = Literal["chat", "completions"]
@@ -105,7 +105,7 @@ class Asked:
     # The request names no max_tokens and the serving context is not known: each choice's
     # max_tokens is the most the default can be, not the default itself.
     budget_is_cap: bool
-    tools: tuple[Mapping[str, Any], ...]  # the functions a chat lets the model call (none for completions)
+    tools: tuple[Mapping[str, Any], ...]  # what the model is told of each function a chat lets it call (none for completions)
     logprobs: bool  # whether logprobs are asked for
     top_logprobs: int  # top entries per token, when they are
 
@@ -141,7 +141,7 @@ def asked_of(endpoint: Endpoint, body: Mapping[str, Any], tok: Tokenization, max
     known, see ``Asked.budget_is_cap``). The prompts are rendered first, then the grammar is
     compiled once for every choice: raises ``GrammarError`` when the request's schema, grammar or
     tool choice cannot be compiled (no honest node serves such a request)."""
-    tools = tuple(tools_in_effect(body)) if endpoint == "chat" else ()
+    tools = tuple(described(f) for f in tools_in_effect(body)) if endpoint == "chat" else ()
     prompts = tuple(tuple(p) for p in _prompts(endpoint, body, tools, tok))
     stop, seed, per_prompt = body.get("stop"), body.get("seed"), body.get("n") or 1
     shared = dict(  # every parameter but each choice's max_tokens and seed
