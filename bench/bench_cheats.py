@@ -32,7 +32,7 @@ from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
 from node.runtime.engine import GenerationRequest
 from node.runtime.loading import load_model
-from verify.binding import bind_answers, requested_sampling
+from verify.binding import asked_of, bind_answers
 from verify.finish import visible_text
 from verify.identity import NodeKey
 from verify.verifier import Tolerances, verify_answer
@@ -122,8 +122,8 @@ def binding_rows(ctx: CheatContext, count: int, tokens: int) -> dict:
     model, tok = ctx.model, ctx.model.tokenizer
     bodies = [{"model": "m", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "max_tokens": tokens,
                "temperature": (0.0, 0.7, 1.0)[i % 3], "seed": 1000 + i} for i in range(count)]
-    requests = [GenerationRequest(tuple(tok.encode_chat(b["messages"])), requested_sampling(b, max_tokens=tokens, seed=b["seed"]),
-                                  "client") for b in bodies]
+    asked = [asked_of("chat", b, tok, model.max_context) for b in bodies]
+    requests = [GenerationRequest(a.prompts[0], a.choices[0], a.seed_source) for a in asked]
     t = time.perf_counter()
     answers = honest_answers(ctx, requests)  # concurrency 8, as a loaded node runs
     generation_s = (time.perf_counter() - t) / len(answers)
@@ -146,9 +146,9 @@ def binding_rows(ctx: CheatContext, count: int, tokens: int) -> dict:
     for name, make in cases.items():
         caught, seconds = [], []
         for body, answer in zip(bodies, answers):
-            asked, got = make(body, answer)
-            t = time.perf_counter()
-            report = bind_answers("chat", asked, got, {answer.receipt.receipt_id: answer}, tok, max_context=model.max_context)
+            sent, got = make(body, answer)
+            t = time.perf_counter()  # the request's conversion (templating, tokenizing) is binding's work too
+            report = bind_answers(asked_of("chat", sent, tok, model.max_context), got, {answer.receipt.receipt_id: answer}, tok)
             seconds.append(time.perf_counter() - t)
             caught.append(not report.ok)
         rows[name] = {"caught": float(np.mean(caught)), "ms_per_answer": 1000 * float(np.mean(seconds))}

@@ -90,8 +90,7 @@ async def _work(http: aiohttp.ClientSession, node_url: str, sidecar: Sidecar, bo
     start = time.perf_counter()
     parsed = parse_response("chat", data)
     received = parsed.model_dump(mode="json")
-    report = bind_answers("chat", req.fields, received, {answer.receipt.receipt_id: answer}, req.tokenizer,
-                          model_id=req.model.model_id, max_context=req.model.max_context)
+    report = bind_answers(req.asked, received, {answer.receipt.receipt_id: answer}, req.tokenizer, model_id=req.model.model_id)
     bound = time.perf_counter()
     checked_rebuild(req, parsed, received, [answer])
     done = time.perf_counter()

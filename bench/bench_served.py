@@ -147,7 +147,8 @@ async def engine_rates(model, tokens: int, batch_tokens: int) -> dict:
 
 def per_token_work(model, samples: int = 64) -> dict:
     """Each piece of the engine's per-token work, on real logits rows, in ms per token."""
-    from verify.sampling import SamplingParams, sample_token, top_k_fingerprint
+    from verify.evidence import top_k_fingerprint
+    from verify.sampling import SamplingParams, sample_token
 
     rt = model.runtime
     rt.add_sequence(7000)
@@ -168,7 +169,7 @@ def per_token_work(model, samples: int = 64) -> dict:
     return {
         "sample_greedy": timed(lambda s, r: sample_token(r, greedy, rh, s, [])),
         "sample_t0.8_top_p0.9": timed(lambda s, r: sample_token(r, sampled, rh, s, [])),
-        "fingerprint": timed(lambda s, r: top_k_fingerprint(r, 8)),
+        "fingerprint": timed(lambda s, r: top_k_fingerprint(r)),
         "log_softmax": timed(lambda s, r: np.log(np.sum(np.exp(r - np.float32(r.max())), dtype=np.float64))),
         "detokenize": timed(lambda s, r: decoder.push(int(np.argmax(r)))),
     }

@@ -9,23 +9,24 @@ Imports neither ``node`` nor ``p2p`` (a test enforces it): the verifier reaches 
 the small ``ScoringBackend`` protocol that node/ implements.
 """
 
-from verify.binding import BindingReport, bind_answers
+from verify.binding import Asked, BindingReport, asked_of, bind_answers
 from verify.canonical import canonical_hash, canonical_json, output_hash, request_hash, sha256_hex
 from verify.errors import IdentityError, VerifyError
-from verify.evidence import AnswerFile, Evidence, Fingerprint, position_fingerprint
+from verify.evidence import AnswerFile, Evidence, Fingerprint, position_fingerprint, top_k_fingerprint
 from verify.evidence_store import EvidenceStore
+from verify.finish import StopChecker
 from verify.fraud import FraudProof, SignedVerdict, check_fraud_proof, make_fraud_proof, sign_verdict
 from verify.grammar import GrammarError, GrammarState, GrammarVocabulary
 from verify.identity import NodeKey, peer_id_from_public_key, public_key_from_peer_id, verify_signature
 from verify.ledger import Ledger
 from verify.merkle import fingerprint_leaf, merkle_proof, merkle_root, verify_merkle_proof
 from verify.receipts import Receipt, fingerprint_root, make_receipt, verify_receipt
-from verify.sampling import (SamplingParams, StopChecker, decision_scores, gumbel_noise, log_normalizer, sample_token,
-                             token_margin, top_k_fingerprint)
+from verify.sampling import SamplingParams, decision_scores, gumbel_noise, log_normalizer, sample_token, token_margin
 from verify.verifier import ScoringBackend, Tolerances, Verdict, WrongModelError, verify_answer
 
 __all__ = [
     "AnswerFile",
+    "Asked",
     "BindingReport",
     "Evidence",
     "EvidenceStore",
@@ -46,6 +47,7 @@ __all__ = [
     "Verdict",
     "VerifyError",
     "WrongModelError",
+    "asked_of",
     "bind_answers",
     "canonical_hash",
     "canonical_json",

@@ -3,9 +3,10 @@
 A receipt proves what a node computed, not that it answered the client's request: an operator
 between the client and its own honest node can swap the prompt, the sampling parameters or the
 text, and re-sign. This check needs no model weights, only the tokenizer and chat template,
-so any client (or the verifier sidecar, on every answer) can run it. Given the client's request
-body, the response it received (one JSON document, or a stream's chunks) and the answer file
-behind each receipt in it, it checks per choice that:
+so any client (or the verifier sidecar, on every answer) can run it. Given what the client's
+request asked for (``Asked``: its body converted once by ``asked_of``, the very conversion the
+node serves with), the response it received (one JSON document, or a stream's chunks) and the
+answer file behind each receipt in it, it checks per choice that:
 
 1. the response's receipt is the answer file's (same receipt, signature and key), and the answer
    file is the node's own (signature, evidence hashing to the signed ``evidence_hash``);
@@ -31,14 +32,15 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Protocol, Sequence
 
 from verify.evidence import AnswerFile
 from verify.finish import finish_failures, visible_text
-from verify.grammar import GrammarError
+from verify.receipts import SeedSource
 from verify.sampling import U64, SamplingParams
-from verify.structured import call_text, read_tool_calls, request_grammar, tools_in_effect
+from verify.structured import call_text, described, read_tool_calls, request_grammar, tools_in_effect
 from verify.verifier import attribution_problems
 
 Endpoint = Literal["chat", "completions"]
@@ -85,33 +87,84 @@ def default_max_tokens(endpoint: Endpoint, prompt_tokens: int, max_context: int)
     return max(1, min(DEFAULT_CHAT_MAX_TOKENS, max_context - prompt_tokens))
 
 
-def requested_max_tokens(body: Mapping[str, Any]) -> int | None:
-    """``max_completion_tokens`` (OpenAI's current chat name) wins over ``max_tokens``."""
-    return body.get("max_completion_tokens") or body.get("max_tokens")
+@dataclass(frozen=True)
+class Asked:
+    """What a request asks for, converted once from its body (``asked_of``): what the node serves
+    with and what the binding check expects, so neither reads the body again (vLLM's
+    ``to_sampling_params``). The node builds it from a validated request, a client or the
+    verifier sidecar from the JSON body it sent; both come out alike."""
+
+    endpoint: Endpoint
+    prompts: tuple[tuple[int, ...], ...]  # each prompt's ids: a chat's rendered messages and tools, or each completion prompt
+    choices: tuple[SamplingParams, ...]  # one per choice, prompt-major: choice i answers prompt i // per_prompt
+    per_prompt: int  # n
+    # "client": choice j of n samples with seed + j; "node": the request set no seed and each
+    # choice's seed is drawn here, fresh (a node serves with it; binding takes the node's own
+    # from its evidence).
+    seed_source: SeedSource
+    # The request names no max_tokens and the serving context is not known: each choice's
+    # max_tokens is the most the default can be, not the default itself.
+    budget_is_cap: bool
+    tools: tuple[Mapping[str, Any], ...]  # what the model is told of each function a chat lets it call (none for completions)
+    logprobs: bool  # whether logprobs are asked for
+    top_logprobs: int  # top entries per token, when they are
+
+    def prompt_of(self, index: int) -> tuple[int, ...]:
+        return self.prompts[index // self.per_prompt]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def top_n(self) -> int | None:
+        """How many top logprobs each token gets; ``None``: no logprobs at all."""
+        return self.top_logprobs if self.logprobs else None
 
 
-def requested_sampling(body: Mapping[str, Any], *, max_tokens: int, seed: int) -> SamplingParams:
-    """The sampling parameters a request body asks for, OpenAI's defaults where it is silent:
-    the one mapping the node serves with and the binding check expects. Raises
-    ``GrammarError`` when the request's schema, grammar or tool choice cannot be compiled."""
-    stop = body.get("stop")
-    return SamplingParams(
+def _prompts(endpoint: Endpoint, body: Mapping[str, Any], tools: Sequence[Mapping[str, Any]], tok: Tokenization) -> list[list[int]]:
+    """The token ids of every prompt: a chat's templated messages (and tools), or each completion
+    prompt encoded (token ids taken as they are)."""
+    if endpoint == "chat":
+        return [tok.encode_chat([template_message(m) for m in body.get("messages") or []], tools)]
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [tok.encode_prompt(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [tok.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompt or []]
+
+
+def asked_of(endpoint: Endpoint, body: Mapping[str, Any], tok: Tokenization, max_context: int | None) -> Asked:
+    """The one conversion of a request body (JSON, as sent), OpenAI's defaults where it is silent.
+    ``max_context``: the serving model's, which bounds a chat's default budget (``None``: not
+    known, see ``Asked.budget_is_cap``). The prompts are rendered first, then the grammar is
+    compiled once for every choice: raises ``GrammarError`` when the request's schema, grammar or
+    tool choice cannot be compiled (no honest node serves such a request)."""
+    tools = tuple(described(f) for f in tools_in_effect(body)) if endpoint == "chat" else ()
+    prompts = tuple(tuple(p) for p in _prompts(endpoint, body, tools, tok))
+    stop, seed, per_prompt = body.get("stop"), body.get("seed"), body.get("n") or 1
+    shared = dict(  # every parameter but each choice's max_tokens and seed
         temperature=1.0 if body.get("temperature") is None else body["temperature"],
         top_p=1.0 if body.get("top_p") is None else body["top_p"],
         top_k=body.get("top_k") or 0,
         presence_penalty=body.get("presence_penalty") or 0.0,
         frequency_penalty=body.get("frequency_penalty") or 0.0,
-        max_tokens=max_tokens,
-        seed=seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
         grammar=request_grammar(body),
     )
-
-
-def choice_seed(body: Mapping[str, Any], index: int) -> int | None:
-    """Choice ``j`` of ``n`` samples with ``seed + j`` (None: the request gave no seed)."""
-    seed = body.get("seed")
-    return None if seed is None else (int(seed) + index % (body.get("n") or 1)) % U64
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")  # OpenAI's current chat name wins
+    choices = []
+    for ids in prompts:
+        budget = max_tokens or default_max_tokens(endpoint, len(ids), 2**31 if max_context is None else max_context)
+        for j in range(per_prompt):
+            choice_seed = secrets.randbits(64) if seed is None else (int(seed) + j) % U64
+            choices.append(SamplingParams(**shared, max_tokens=budget, seed=choice_seed))
+    chat = endpoint == "chat"
+    return Asked(endpoint, prompts, tuple(choices), per_prompt, "node" if seed is None else "client",
+                 budget_is_cap=max_tokens is None and max_context is None, tools=tools,
+                 logprobs=bool(body.get("logprobs")) if chat else body.get("logprobs") is not None,
+                 top_logprobs=(body.get("top_logprobs") if chat else body.get("logprobs")) or 0)
 
 
 @dataclass
@@ -186,17 +239,6 @@ def received_choices(endpoint: Endpoint, response: Mapping[str, Any] | Sequence[
     return out
 
 
-def _prompts(endpoint: Endpoint, body: Mapping[str, Any], tok: Tokenization) -> list[list[int]]:
-    if endpoint == "chat":
-        return [tok.encode_chat([template_message(m) for m in body.get("messages") or []], tools_in_effect(body))]
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [tok.encode_prompt(prompt)]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return [tok.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompt or []]
-
-
 def token_bytes(text: str) -> list[int] | None:
     """A token's ``bytes`` as chat logprobs serve them: its UTF-8, or None where the token holds
     part of a character (its text then reads U+FFFD and has no exact bytes)."""
@@ -262,22 +304,19 @@ def _received_calls(got: ReceivedChoice) -> list[tuple[str, str, Any]]:
     return calls
 
 
-def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[str, Any] | Sequence[Mapping[str, Any]],
-                 answers: Mapping[str, AnswerFile], tok: Tokenization, *, model_id: str | None = None,
-                 max_context: int | None = None, require_client_seed: bool = False) -> BindingReport:
-    """Check every choice of ``response`` against the request ``body`` and the answer files
-    (by receipt id); see the module docstring. ``model_id``: the model the client asked for, when
-    known; ``max_context``: the serving model's context, to check a chat's default budget."""
-    prompts = _prompts(endpoint, body, tok)
-    per_prompt = body.get("n") or 1
-    n_choices = len(prompts) * per_prompt
+def bind_answers(asked: Asked, response: Mapping[str, Any] | Sequence[Mapping[str, Any]], answers: Mapping[str, AnswerFile],
+                 tok: Tokenization, *, model_id: str | None = None, require_client_seed: bool = False) -> BindingReport:
+    """Check every choice of ``response`` against what the request ``asked`` for and the answer
+    files (by receipt id); see the module docstring. ``model_id``: the model the client asked
+    for, when known."""
+    endpoint, n_choices = asked.endpoint, len(asked.choices)
     whole = received_choices(endpoint, response)
     received = whole.choices
     problems: dict[int, list[str]] = {-1: list(whole.problems)}  # -1: the response as a whole
     if extra := sorted(set(received) - set(range(n_choices))):
         problems[-1].append(f"choices {extra} were not asked for")
     receipts: dict[int, str] = {}
-    for index in range(n_choices):
+    for index, expected in enumerate(asked.choices):
         found = problems.setdefault(index, [])
         got = received.get(index)
         receipt = ((got.proofmesh or {}).get("receipt") or {}) if got else {}
@@ -296,36 +335,23 @@ def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[
             continue
         if model_id is not None and r.model_id != model_id:
             found.append("the receipt names another model than the one asked for")
-        prompt = prompts[index // per_prompt]
-        if ev.prompt_ids != prompt:
+        if tuple(ev.prompt_ids) != asked.prompt_of(index):
             found.append("the prompt ids are not the rendering of the request's prompt")
-        asked = requested_max_tokens(body)
-        if asked is None and max_context is None:  # unknown context: the default is at most the cap
-            max_tokens_ok = ev.sampling.max_tokens <= default_max_tokens(endpoint, len(prompt), 2**31)
-            asked = ev.sampling.max_tokens
-        else:
-            asked = asked or default_max_tokens(endpoint, len(prompt), max_context)
-            max_tokens_ok = ev.sampling.max_tokens == asked
-        seed = choice_seed(body, index)
-        try:
-            expected = requested_sampling(body, max_tokens=asked, seed=ev.sampling.seed if seed is None else seed)
-        except GrammarError as exc:  # no honest node serves such a request
-            found.append(f"the request's output format cannot be enforced: {exc}")
-            continue
+        unchecked = {"max_tokens", "seed"} if asked.seed_source == "node" else {"max_tokens"}  # a node's seed is its own
         mismatched = [name for name in SamplingParams.model_fields
-                      if getattr(expected, name) != getattr(ev.sampling, name) and name != "max_tokens"]
-        if not max_tokens_ok:
+                      if name not in unchecked and getattr(expected, name) != getattr(ev.sampling, name)]
+        if not (ev.sampling.max_tokens <= expected.max_tokens if asked.budget_is_cap else ev.sampling.max_tokens == expected.max_tokens):
             mismatched.append("max_tokens")
         if mismatched:
             found.append(f"sampling parameters differ from the request's: {', '.join(sorted(mismatched))}")
-        if r.seed_source != ("node" if seed is None else "client"):
+        if r.seed_source != asked.seed_source:
             found.append(f"the receipt says the seed came from the {r.seed_source}")
-        if seed is None and require_client_seed:
+        if asked.seed_source == "node" and require_client_seed:
             found.append("the request set no seed and client seeds are required")
         for position, why in finish_failures(ev.output_ids, ev.sampling, r.finish_reason, tok.eos_token_ids, tok.decode):
             found.append(f"{why} (output position {position})")
         text = visible_text(ev.output_ids, ev.sampling, tok.eos_token_ids, tok.decode)
-        calls = read_tool_calls(text, tools_in_effect(body)) if endpoint == "chat" and r.finish_reason == "stop" else None
+        calls = read_tool_calls(text, asked.tools) if r.finish_reason == "stop" else None  # no tools: never a call
         served_finish = "tool_calls" if calls else r.finish_reason
         if got.finish_reason != served_finish:
             found.append(f"finish_reason {got.finish_reason!r} received, {served_finish!r} committed")
@@ -333,13 +359,11 @@ def bind_answers(endpoint: Endpoint, body: Mapping[str, Any], response: Mapping[
             found.append("the text received is not what the committed output ids decode to")
         if _received_calls(got) != [(call_id(r.receipt_id, k), c.name, c.arguments) for k, c in enumerate(calls or [])]:
             found.append("the tool calls received are not what the committed output ids decode to")
-        asked_logprobs = bool(body.get("logprobs")) if endpoint == "chat" else body.get("logprobs") is not None
-        if got.logprobs or asked_logprobs:
-            top_n = (body.get("top_logprobs") or 0) if endpoint == "chat" else (body.get("logprobs") or 0)
-            found.extend(_logprob_problems(endpoint, got, answer, top_n, tok))
+        if got.logprobs or asked.logprobs:
+            found.extend(_logprob_problems(endpoint, got, answer, asked.top_logprobs, tok))
     if len(receipts) == n_choices:
         files = [answers[receipts[i]] for i in range(n_choices)]
-        problems[-1].extend(_whole_problems(whole, files, sum(len(p) for p in prompts)))
+        problems[-1].extend(_whole_problems(whole, files, asked.prompt_tokens))
     return BindingReport(problems=problems, receipts=receipts)
 
 
@@ -361,6 +385,5 @@ def call_id(receipt_id: str, k: int) -> str:
     return f"call_{receipt_id[:24]}_{k}"
 
 
-__all__ = ["BindingReport", "Endpoint", "ReceivedResponse", "Tokenization", "bind_answers", "call_id", "choice_seed",
-           "completion_top", "default_max_tokens", "received_choices", "requested_max_tokens", "requested_sampling",
-           "template_message", "token_bytes"]
+__all__ = ["Asked", "BindingReport", "Endpoint", "ReceivedResponse", "Tokenization", "asked_of", "bind_answers", "call_id",
+           "completion_top", "default_max_tokens", "received_choices", "template_message", "token_bytes"]

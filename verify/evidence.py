@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from verify.canonical import canonical_hash, request_hash
 from verify.identity import NodeKey
 from verify.receipts import FinishReason, Receipt, SeedSource, make_receipt
-from verify.sampling import SamplingParams, log_normalizer, top_k_fingerprint
+from verify.sampling import SamplingParams, log_normalizer
 
 MAX_TOKENS = 65536  # prompt or output ids per answer
 MAX_TOP_K = 32
@@ -23,9 +23,40 @@ MAX_TOP_K = 32
 # logit) pairs (fewer only when the vocabulary is smaller). Fixed, so a node cannot commit
 # fewer and dodge the fingerprint check.
 FINGERPRINT_K = 8
-
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # JSON may spell NaN; evidence may not
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+_FINGERPRINT_WINDOWS = (4.0, 16.0)  # logit units below the best; then the whole row
+
+
+def top_k_fingerprint(logits: np.ndarray, k: int = FINGERPRINT_K) -> tuple[list[int], list[float]]:
+    """The k highest raw logits: ids and values, ordered by (-logit, id).
+
+    Values are taken at float32 precision (what the backends produce; exact as JSON floats), so
+    a float64 reference and a float32 backend commit comparable numbers; ranking is done on those
+    float32 values. Returns fewer than k entries when the vocabulary is smaller.
+    """
+    if k < 0:
+        raise ValueError("k must be >= 0")
+    row = np.asarray(logits, dtype=np.float32).reshape(-1)
+    k = min(int(k), row.size)
+    if k == 0:
+        if np.isnan(row).any():
+            raise ValueError("logits must not contain NaN")
+        return [], []
+    best = row.max()  # NaN propagates here: one pass checks it and finds the best
+    if np.isnan(best):
+        raise ValueError("logits must not contain NaN")
+    # The k best lie among the tokens near the best whenever at least k are there: look in a
+    # window first (a few dozen tokens on a language model's logits), the whole row if need be.
+    for window in _FINGERPRINT_WINDOWS:
+        candidates = np.flatnonzero(row >= best - window)  # increasing ids
+        if candidates.size >= k:
+            break
+    else:
+        threshold = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
+        candidates = np.flatnonzero(row >= threshold)  # every tie at the threshold, increasing ids
+    order = candidates[np.argsort(-row[candidates], kind="stable")][:k]
+    return [int(i) for i in order], [float(row[i]) for i in order]
 
 
 class Fingerprint(BaseModel):
@@ -61,7 +92,7 @@ class Fingerprint(BaseModel):
 def position_fingerprint(logits: np.ndarray, token: int) -> Fingerprint:
     """What a node commits at one output position, from that position's raw logits (the engine,
     a validator and the verifier's cheat tools all take it from here)."""
-    ids, top = top_k_fingerprint(logits, FINGERPRINT_K)
+    ids, top = top_k_fingerprint(logits)
     return Fingerprint(ids=ids, logits=top, token_logit=float(np.float32(logits[token])), log_normalizer=log_normalizer(logits))
 
 

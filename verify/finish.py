@@ -13,7 +13,8 @@ A truncated answer re-signed as complete, or an answer cut short by a node that 
 less, fails these rules from the signed evidence alone: no model work, only the tokenizer.
 
 The text a client sees follows from the same rules (``visible_text``): the output decoded
-without its final stop token, cut before the first stop string.
+without its final stop token, cut before the first stop string. ``StopChecker`` applies them to
+text as it streams, so a node stops (and shows) exactly where the rules say it must.
 """
 
 from __future__ import annotations
@@ -73,4 +74,51 @@ def visible_text(output_ids: Sequence[int], params: SamplingParams, eos_token_id
     return text if cut is None else text[:cut]
 
 
-__all__ = ["Decode", "finish_failures", "stop_ids", "visible_text"]
+class StopChecker:
+    """Stop strings and stop token ids, applied to text as it streams (OpenAI semantics: the stop
+    string and anything after it are not returned)."""
+
+    def __init__(self, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = ()):
+        self.stop: tuple[str, ...] = tuple(s for s in stop if s)
+        self.stop_token_ids: frozenset[int] = frozenset(int(i) for i in stop_token_ids)
+        self._held = ""
+        self.stopped = False
+
+    def check_token(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a stop token (the caller ends generation and shows no text for it)."""
+        return int(token_id) in self.stop_token_ids
+
+    def feed_text(self, new_text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string completed.
+
+        The longest suffix that is a proper prefix of some stop string is held back until later
+        text decides it. When a stop string completes, the text before its earliest occurrence is
+        returned and everything from there on is dropped; later calls return ``("", True)``.
+        """
+        if self.stopped:
+            return "", True
+        text = self._held + new_text
+        if not self.stop:
+            self._held = ""
+            return text, False
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return text[: min(hits)], True
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:n]):
+                    hold = n
+                    break
+        self._held = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        """The held-back text, at the end of generation (empty after a stop string)."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+__all__ = ["Decode", "StopChecker", "finish_failures", "stop_ids", "visible_text"]

@@ -15,9 +15,10 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from pydantic import ValidationError
 
-from verify.binding import BindingReport, Tokenization, bind_answers
+from verify.binding import BindingReport, Tokenization, asked_of, bind_answers
 from verify.evidence import AnswerFile
 from verify.fraud import FraudProof
+from verify.grammar import GrammarError
 from verify.sse import SSEDecoder
 from verify.verifier import ScoringBackend
 
@@ -59,10 +60,15 @@ def read_response(text: str) -> dict | list[dict]:
 def bind_to_request(answer: AnswerFile, request: Mapping[str, Any], response: Mapping[str, Any] | Sequence[Mapping[str, Any]],
                     model: RecheckModel, *, require_client_seed: bool = False) -> BindingReport:
     """Is ``answer`` the answer to ``request`` (the client's body), as ``response`` shows it?
-    The endpoint is the request's own: a chat has ``messages``."""
+    The endpoint is the request's own: a chat has ``messages``. A request whose output format
+    cannot be enforced binds nothing: no honest node serves it."""
     endpoint = "chat" if "messages" in request else "completions"
-    return bind_answers(endpoint, request, response, {answer.receipt.receipt_id: answer}, model.tokenizer,
-                        max_context=model.max_context, require_client_seed=require_client_seed)
+    try:
+        asked = asked_of(endpoint, request, model.tokenizer, model.max_context)
+    except GrammarError as exc:
+        return BindingReport({-1: [f"the request's output format cannot be enforced: {exc}"]}, {})
+    return bind_answers(asked, response, {answer.receipt.receipt_id: answer}, model.tokenizer,
+                        require_client_seed=require_client_seed)
 
 
 __all__ = ["RecheckModel", "bind_to_request", "read_document", "read_response"]

@@ -360,40 +360,6 @@ def token_margin(scores: np.ndarray, token_id: int) -> float:
     return float(row[token_id] - best_other)
 
 
-_FINGERPRINT_WINDOWS = (4.0, 16.0)  # logit units below the best; then the whole row
-
-
-def top_k_fingerprint(logits: np.ndarray, k: int = 8) -> tuple[list[int], list[float]]:
-    """The k highest raw logits: ids and values, ordered by (-logit, id).
-
-    Values are taken at float32 precision (what the backends produce; exact as JSON floats), so
-    a float64 reference and a float32 backend commit comparable numbers; ranking is done on those
-    float32 values. Returns fewer than k entries when the vocabulary is smaller.
-    """
-    if k < 0:
-        raise ValueError("k must be >= 0")
-    row = np.asarray(logits, dtype=np.float32).reshape(-1)
-    k = min(int(k), row.size)
-    if k == 0:
-        if np.isnan(row).any():
-            raise ValueError("logits must not contain NaN")
-        return [], []
-    best = row.max()  # NaN propagates here: one pass checks it and finds the best
-    if np.isnan(best):
-        raise ValueError("logits must not contain NaN")
-    # The k best lie among the tokens near the best whenever at least k are there: look in a
-    # window first (a few dozen tokens on a language model's logits), the whole row if need be.
-    for window in _FINGERPRINT_WINDOWS:
-        candidates = np.flatnonzero(row >= best - window)  # increasing ids
-        if candidates.size >= k:
-            break
-    else:
-        threshold = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
-        candidates = np.flatnonzero(row >= threshold)  # every tie at the threshold, increasing ids
-    order = candidates[np.argsort(-row[candidates], kind="stable")][:k]
-    return [int(i) for i in order], [float(row[i]) for i in order]
-
-
 def log_normalizer(logits: np.ndarray) -> float:
     """logsumexp of a row of raw logits: float32 exponentials (4x cheaper than float64 over the
     whole vocabulary) summed in float64, about the float32 maximum. A logprob is a logit minus
@@ -403,62 +369,13 @@ def log_normalizer(logits: np.ndarray) -> float:
     return float(peak) + float(np.log(np.sum(np.exp(row - peak), dtype=np.float64)))
 
 
-class StopChecker:
-    """Stop strings and stop token ids, applied to text as it streams (OpenAI semantics: the stop
-    string and anything after it are not returned)."""
-
-    def __init__(self, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = ()):
-        self.stop: tuple[str, ...] = tuple(s for s in stop if s)
-        self.stop_token_ids: frozenset[int] = frozenset(int(i) for i in stop_token_ids)
-        self._held = ""
-        self.stopped = False
-
-    def check_token(self, token_id: int) -> bool:
-        """Whether ``token_id`` is a stop token (the caller ends generation and shows no text for it)."""
-        return int(token_id) in self.stop_token_ids
-
-    def feed_text(self, new_text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string completed.
-
-        The longest suffix that is a proper prefix of some stop string is held back until later
-        text decides it. When a stop string completes, the text before its earliest occurrence is
-        returned and everything from there on is dropped; later calls return ``("", True)``.
-        """
-        if self.stopped:
-            return "", True
-        text = self._held + new_text
-        if not self.stop:
-            self._held = ""
-            return text, False
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            self._held = ""
-            return text[: min(hits)], True
-        hold = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:n]):
-                    hold = n
-                    break
-        self._held = text[len(text) - hold :] if hold else ""
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        """The held-back text, at the end of generation (empty after a stop string)."""
-        held, self._held = self._held, ""
-        return "" if self.stopped else held
-
-
 __all__ = [
     "NOISE_DOMAIN",
     "SamplingParams",
-    "StopChecker",
     "decision_scores",
     "gumbel_noise",
     "log_normalizer",
     "process_logits",
     "sample_token",
     "token_margin",
-    "top_k_fingerprint",
 ]

@@ -5,8 +5,9 @@ Requests accept fields they do not know (clients send many; they are logged and 
 validate the fields they do know strictly: a string where a number belongs is a 400, never a
 silent coercion. A few OpenAI features this node cannot honour (logit_bias, echo, audio, ...)
 are rejected rather than ignored, so a client never gets an answer to a question it did not ask.
-The routes turn a request into sampling parameters with ``verify.binding``'s rules (the ones a
-client's binding check expects), so the engine never sees API objects.
+A validated request is converted once (``SamplingRequest.to_asked``, as vLLM's
+``to_sampling_params``) into ``verify.binding.Asked``: the prompt ids and every choice's sampling
+parameters by the rules a client's binding check expects, so the engine never sees API objects.
 
 Responses add a ``proofmesh`` object (receipt, signature, public key, backend, evidence token): on the response
 and on each choice (with ``n > 1`` every choice has its own receipt; the top-level one is the
@@ -17,12 +18,11 @@ from __future__ import annotations
 
 import logging
 import time
-from abc import abstractmethod
 from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from verify.binding import Endpoint, call_id, completion_top, template_message, token_bytes
+from verify.binding import Asked, Endpoint, Tokenization, asked_of, call_id, completion_top, token_bytes
 from verify.evidence import FINGERPRINT_K
 from verify.receipts import FinishReason, Receipt
 from verify.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, U64
@@ -43,6 +43,11 @@ MAX_CHOICES = 16  # prompts x n per request: one request must not fill the batch
 # is refused, before the tokenizer is made to read it.
 MAX_MESSAGES = 1024
 MAX_PROMPT_CHARS = 1 << 18
+# Tools per chat request, bounded before they cost anything, for the same reason: each one is
+# described in the prompt (templated by the node and again by every client that binds the
+# answer) and, under a forced tool choice, joins the call grammar every verifier compiles.
+# (OpenAI allows 128.)
+MAX_TOOLS = 64
 MAX_TOP_LOGPROBS = FINGERPRINT_K  # top logprobs come from the committed top-k fingerprints
 # Below this a temperature is greedy in all but name, and logits / T can overflow float64 (a
 # failed sampling step would fail the whole batch): 0 is how to ask for greedy.
@@ -187,9 +192,13 @@ class SamplingRequest(OpenAIRequest):
 
     endpoint: ClassVar[Endpoint]  # which default budget applies (``verify.binding.default_max_tokens``)
 
-    @abstractmethod
-    def top_logprobs_count(self) -> int | None:
-        """How many top logprobs each token gets; ``None``: no logprobs at all."""
+    def to_asked(self, tokenizer: Tokenization, max_context: int) -> Asked:
+        """The one conversion at the edge: this request's prompt ids and every choice's sampling
+        parameters (``verify.binding.asked_of``, the rules a client's binding check holds the
+        answer to; its body as the client sent it converts alike). ``max_context``: the serving
+        model's. Templates, tokenizes and compiles the grammar: call it off the event loop.
+        Raises ``GrammarError`` for a schema, grammar or tool choice that cannot be compiled."""
+        return asked_of(self.endpoint, self.model_dump(by_alias=True), tokenizer, max_context)
 
 
 class CompletionRequest(SamplingRequest):
@@ -200,9 +209,6 @@ class CompletionRequest(SamplingRequest):
 
     prompt: Text | list[Text] | TokenIds | list[TokenIds]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-
-    def top_logprobs_count(self) -> int | None:
-        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts, each a string or a list of token ids."""
@@ -263,10 +269,6 @@ class ChatMessage(OpenAIRequest):
         calls = sum(len(c.function.arguments) + len(c.function.name) for c in self.tool_calls or [])
         return len(content) + len(self.name or "") + calls
 
-    def for_template(self) -> dict[str, str]:
-        """The plain {role, content} dict a chat template renders (``verify.binding``)."""
-        return template_message(self.model_dump())
-
 
 class FunctionDefinition(OpenAIRequest):
     name: FunctionName
@@ -289,8 +291,6 @@ class NamedToolChoice(OpenAIRequest):
     function: NamedFunction
 
 
-MAX_TOOLS = 64
-
 
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
@@ -305,9 +305,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-
-    def top_logprobs_count(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages", mode="before")
     @classmethod

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from node.api.conversion import tools_of
 from node.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -34,12 +33,12 @@ from node.api.protocol import (
     CompletionResponse,
     DeltaMessage,
     ProofMeshInfo,
-    SamplingRequest,
     ServedToolCall,
     UsageInfo,
 )
 from node.models.tokenizer import TextTokenizer
 from node.runtime.events import TokenEvent
+from verify.binding import Asked
 from verify.structured import TOOL_CALL_OPEN, ToolCall, read_tool_calls
 
 
@@ -65,16 +64,19 @@ class TokenTexts:
 
 
 class Renderer(ABC):
-    """How one endpoint turns choice events into its response, stream chunks and usage chunk."""
+    """How one endpoint turns choice events into its response, stream chunks and usage chunk.
+    The whole response is one loop over the choices (here); how one choice looks is the
+    endpoint's (``choice``)."""
 
     id_prefix = ""
+    response_model: type[CompletionResponse | ChatCompletionResponse]
 
-    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, body: SamplingRequest):
+    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, asked: Asked):
         """``model``: the name the client asked for; ``backend``: the system fingerprint (the
-        backend receipts name)."""
+        backend receipts name); ``asked``: what the request asked for (logprobs, tools)."""
         self.token_text = token_text
         self.id = f"{self.id_prefix}-{secrets.token_hex(12)}"
-        self.top_n = body.top_logprobs_count()
+        self.top_n = asked.top_n
         self.common = {"id": self.id, "model": model, "system_fingerprint": backend}
         self._unsent: dict[int, list[int]] = defaultdict(list)  # token ids no chunk has carried yet, per choice
 
@@ -83,9 +85,15 @@ class Renderer(ABC):
         self._unsent[item.index].append(item.event.token_id)
         return self._unsent.pop(item.index) if sending else None
 
+    def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> CompletionResponse | ChatCompletionResponse:
+        """The whole answer as one JSON document (the top-level proof: the first choice's)."""
+        out = [self.choice(items, "".join(i.event.text for i in items)) for items in choices]
+        usage = UsageInfo.of(prompt_tokens, sum(len(c) for c in choices))  # one event per output token
+        return self.response_model(**self.common, choices=out, usage=usage, proofmesh=out[0].proofmesh)
+
     @abstractmethod
-    def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> BaseModel:
-        """The whole answer as one JSON document."""
+    def choice(self, items: list[ChoiceEvent], text: str) -> CompletionChoice | ChatChoice:
+        """One choice of the whole answer, from its events (``text``: theirs, joined)."""
 
     @abstractmethod
     def chunk(self, item: ChoiceEvent) -> BaseModel | None:
@@ -95,29 +103,22 @@ class Renderer(ABC):
     def usage_chunk(self, usage: UsageInfo) -> BaseModel:
         """The last chunk of a stream with include_usage."""
 
-    @staticmethod
-    def usage(choices: list[list[ChoiceEvent]], prompt_tokens: int) -> UsageInfo:
-        return UsageInfo.of(prompt_tokens, sum(len(c) for c in choices))  # one event per output token
-
 
 class CompletionRenderer(Renderer):
     id_prefix = "cmpl"
+    response_model = CompletionResponse
 
-    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, body: SamplingRequest):
-        super().__init__(model, backend, token_text, body)
+    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, asked: Asked):
+        super().__init__(model, backend, token_text, asked)
         self._offsets: dict[int, int] = defaultdict(int)  # text streamed so far, per choice
 
-    def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> CompletionResponse:
-        out = []
-        for items in choices:
-            last = items[-1]
-            logprobs = None
-            if self.top_n is not None:
-                logprobs = CompletionLogprobs.of([i.event for i in items], self.top_n, self.token_text)
-            out.append(CompletionChoice(index=last.index, text="".join(i.event.text for i in items), logprobs=logprobs,
-                                        finish_reason=last.event.finish_reason, proofmesh=last.proof))
-        return CompletionResponse(**self.common, choices=out, usage=self.usage(choices, prompt_tokens),
-                                  proofmesh=out[0].proofmesh)
+    def choice(self, items: list[ChoiceEvent], text: str) -> CompletionChoice:
+        last = items[-1]
+        logprobs = None
+        if self.top_n is not None:
+            logprobs = CompletionLogprobs.of([i.event for i in items], self.top_n, self.token_text)
+        return CompletionChoice(index=last.index, text=text, logprobs=logprobs, finish_reason=last.event.finish_reason,
+                                proofmesh=last.proof)
 
     def chunk(self, item: ChoiceEvent) -> CompletionResponse | None:
         event = item.event
@@ -142,11 +143,12 @@ class ChatRenderer(Renderer):
     may still become a call until it cannot, or until the end."""
 
     id_prefix = "chatcmpl"
+    response_model = ChatCompletionResponse
 
-    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, body: SamplingRequest):
-        super().__init__(model, backend, token_text, body)
+    def __init__(self, model: str, backend: str | None, token_text: TokenTexts, asked: Asked):
+        super().__init__(model, backend, token_text, asked)
         self._started: set[int] = set()  # choices whose first delta (with the role) went out
-        self.functions = tools_of(body)
+        self.functions = asked.tools
         self._held: dict[int, str] = defaultdict(str)  # text that may be the start of a tool call
         self._plain: set[int] = set()  # choices known to be text
         self._texts: dict[int, str] = defaultdict(str)  # a streamed choice's whole text so far
@@ -162,19 +164,14 @@ class ChatRenderer(Renderer):
             return None
         return read_tool_calls(text, self.functions)
 
-    def response(self, choices: list[list[ChoiceEvent]], prompt_tokens: int) -> ChatCompletionResponse:
-        out = []
-        for items in choices:
-            last = items[-1]
-            text = "".join(i.event.text for i in items)
-            calls = self._calls(text, last.event.finish_reason)
-            message = AssistantMessage(content=text)
-            if calls:
-                message = AssistantMessage(content=None, tool_calls=ServedToolCall.of(calls, last.proof.receipt.receipt_id))
-            out.append(ChatChoice(index=last.index, message=message, logprobs=self._logprobs(items),
-                                  finish_reason="tool_calls" if calls else last.event.finish_reason, proofmesh=last.proof))
-        return ChatCompletionResponse(**self.common, choices=out, usage=self.usage(choices, prompt_tokens),
-                                      proofmesh=out[0].proofmesh)
+    def choice(self, items: list[ChoiceEvent], text: str) -> ChatChoice:
+        last = items[-1]
+        calls = self._calls(text, last.event.finish_reason)
+        message = AssistantMessage(content=text)
+        if calls:
+            message = AssistantMessage(content=None, tool_calls=ServedToolCall.of(calls, last.proof.receipt.receipt_id))
+        return ChatChoice(index=last.index, message=message, logprobs=self._logprobs(items),
+                          finish_reason="tool_calls" if calls else last.event.finish_reason, proofmesh=last.proof)
 
     def _visible(self, item: ChoiceEvent) -> str:
         """The text to send now: held back while it may still open a tool call."""
@@ -208,3 +205,9 @@ class ChatRenderer(Renderer):
 
     def usage_chunk(self, usage: UsageInfo) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.common, choices=[], usage=usage)
+
+
+def make_renderer(model: str, backend: str | None, token_text: TokenTexts, asked: Asked) -> Renderer:
+    """The renderer of the endpoint ``asked`` came to (see ``Renderer.__init__``)."""
+    kind = ChatRenderer if asked.endpoint == "chat" else CompletionRenderer
+    return kind(model, backend, token_text, asked)

@@ -1,11 +1,10 @@
 """OpenAI-style routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 
-Both generation endpoints share one path (``_respond``): parse, turn prompts into token ids,
-make one engine request per choice, then either collect the answers into one JSON response or
-stream them as server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
-
-What a request asks for (prompt ids, one engine request per choice, seeds) is decided in
-``node.api.conversion``; how answers look, in ``node.api.rendering``.
+Both generation endpoints share one path (``_respond``): parse, convert once into what the
+request asks for (``SamplingRequest.to_asked``: prompt ids, every choice's sampling parameters),
+make one engine request per choice (``node.api.conversion``), then either collect the answers
+into one JSON response or stream them as server-sent events in OpenAI's chunk format, ending
+with ``data: [DONE]``. How answers look is ``node.api.rendering``'s.
 
 A stream sends its headers once the first token of any choice is ready. Every choice is
 submitted to the engine before that, so admission errors (queue full, prompt too long) are
@@ -23,55 +22,52 @@ from typing import AsyncIterator
 from aiohttp import web
 from pydantic import BaseModel
 
-from node.api.conversion import generation_requests, prompt_ids
 from node.api.clients import CLIENT
+from node.api.conversion import generation_requests
 from node.api.errors import api_error_of, parse_body
 from node.api.protocol import ChatCompletionRequest, CompletionRequest, ModelList, SamplingRequest, UsageInfo
-from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Renderer
-from node.api.service import NODE, ServedModel
+from node.api.rendering import ChoiceEvent, Renderer, make_renderer
+from node.api.server import json_response
+from node.api.service import NODE
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    return _json(ModelList(data=request.app[NODE].model_cards()))
+    return json_response(ModelList(data=request.app[NODE].model_cards()))
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await parse_body(request, CompletionRequest)
-    served = request.app[NODE].model(body.model)
-    return await _respond(request, served, body, CompletionRenderer(served.name, served.loaded.backend, served.token_texts, body))
+    return await _respond(request, await parse_body(request, CompletionRequest))
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await parse_body(request, ChatCompletionRequest)
-    served = request.app[NODE].model(body.model)
-    return await _respond(request, served, body, ChatRenderer(served.name, served.loaded.backend, served.token_texts, body))
+    return await _respond(request, await parse_body(request, ChatCompletionRequest))
 
 
 # ---------------------------------------------------------------------- the shared path
 
 
-async def _respond(request: web.Request, served: ServedModel, body: SamplingRequest, renderer: Renderer) -> web.StreamResponse:
+async def _respond(request: web.Request, body: SamplingRequest) -> web.StreamResponse:
     node = request.app[NODE]
+    served = node.model(body.model)
     # Templating and tokenizing (up to MAX_PROMPT_CHARS of text in MAX_MESSAGES messages) and compiling
-    # a grammar run on worker threads: the event loop stays free for everyone else.
-    prompts = await asyncio.to_thread(prompt_ids, body, served.loaded.tokenizer)
-    prompt_tokens = sum(len(p) for p in prompts)
-    requests = await asyncio.to_thread(generation_requests, body, prompts, served.loaded.max_context, request[CLIENT])
-    async with aclosing(node.answers(served, requests)) as answers:
+    # a grammar run on a worker thread: the event loop stays free for everyone else.
+    asked = await asyncio.to_thread(body.to_asked, served.loaded.tokenizer, served.loaded.max_context)
+    renderer = make_renderer(served.name, served.loaded.backend, served.token_texts, asked)
+    async with aclosing(node.answers(served, generation_requests(asked, request[CLIENT]))) as answers:
         if not body.stream:
             by_choice: dict[int, list[ChoiceEvent]] = defaultdict(list)
             async for item in answers:
                 by_choice[item.index].append(item)
-            return _json(renderer.response([by_choice[i] for i in sorted(by_choice)], prompt_tokens))
+            return json_response(renderer.response([by_choice[i] for i in sorted(by_choice)], asked.prompt_tokens))
         first = await anext(answers)  # errors before the first token become plain JSON errors
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        await _stream(response, first, answers, renderer, prompt_tokens, body.include_usage)
+        await _stream(response, first, answers, renderer, asked.prompt_tokens, body.include_usage)
         return response
 
 
@@ -108,6 +104,3 @@ async def _stream(response: web.StreamResponse, first: ChoiceEvent, rest: AsyncI
 async def _send(response: web.StreamResponse, chunk: BaseModel) -> None:
     await response.write(b"data: " + chunk.model_dump_json().encode() + b"\n\n")
 
-
-def _json(model: BaseModel) -> web.Response:
-    return web.Response(body=model.model_dump_json(), content_type="application/json")

@@ -28,8 +28,8 @@ not depend on what else was running.
 A request with a grammar (JSON mode, a schema, a tool call) keeps a ``GrammarState``: its mask
 joins the seeded draw at every step, exactly as ``verify.sampling`` defines it.
 
-Every sampled position also records the top-k (k = 8) token ids and logits: the fingerprints a
-receipt commits to and a verifier re-checks.
+Every sampled position also records the top ``FINGERPRINT_K`` token ids and logits
+(``verify.evidence``): the fingerprints a receipt commits to and a verifier re-checks.
 """
 
 from __future__ import annotations
@@ -114,6 +114,15 @@ class _Sequence:
 
 
 class Engine:
+    """One model's generation: it owns the model runtime (its weights and its KV cache pages),
+    the one thread that may call it, the waiting queue and the running batch, and the per-token
+    sampler pool. The runtime is not thread-safe and a batched step is worth one pass however
+    many sequences ride in it, so every call into it (steps, and a verifier's exclusive re-checks,
+    ``run_exclusive``) goes through that thread, and the batch and queue live beside it to be
+    shared out there (admission, client shares, chunked prefill). Callers on the event loop see
+    only ``generate``'s stream of events and the results of ``complete`` and ``run_exclusive``:
+    it knows no HTTP, so the node's routes, the CLI and the benches drive it alike."""
+
     def __init__(
         self,
         runtime: ModelRuntime,

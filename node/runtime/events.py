@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from node.models.tokenizer import IncrementalDecoder, TextTokenizer
 from verify.evidence import AnswerFile, Fingerprint
+from verify.finish import StopChecker
 from verify.receipts import FinishReason, SeedSource
-from verify.sampling import SamplingParams, StopChecker
+from verify.sampling import SamplingParams
 
 @dataclass(frozen=True)
 class GenerationRequest:

@@ -104,8 +104,7 @@ class Auditor:
                 await off_loop(self._withheld, receipt_id, up.ledger_id)
                 raise Refused(f"upstream {up.url} withheld the evidence of receipt {receipt_id}")
             answers[receipt_id] = answer
-        report = await asyncio.to_thread(bind_answers, req.endpoint, req.fields, received, answers, req.tokenizer,
-                                         model_id=req.model.model_id, max_context=req.model.max_context)
+        report = await asyncio.to_thread(bind_answers, req.asked, received, answers, req.tokenizer, model_id=req.model.model_id)
         if not report.ok:
             raise Refused(f"the answer of upstream {up.url} is not the answer to this request: {report.summary()}")
         for receipt_id, node_id, _ in receipts:

@@ -31,16 +31,16 @@ from typing import Any, Protocol, Sequence
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from node.api.conversion import generation_requests, prompt_ids
+from node.api.conversion import generation_requests
 from node.api.errors import APIError
 from node.api.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                CompletionResponse, ErrorResponse, ProofMeshInfo, SamplingRequest, UsageInfo)
-from node.api.rendering import ChatRenderer, ChoiceEvent, CompletionRenderer, Renderer, TokenTexts
+from node.api.rendering import ChoiceEvent, Renderer, TokenTexts, make_renderer
 from node.api.server import json_response
 from node.models.tokenizer import TextTokenizer
 from node.runtime.events import AnswerText, GenerationRequest, TokenEvent, replay
 from node.sidecar.upstreams import Upstream
-from verify.binding import Endpoint
+from verify.binding import Asked, Endpoint
 from verify.evidence import AnswerFile
 from verify.sse import SSEDecoder
 from verify.verifier import ScoringBackend
@@ -92,36 +92,34 @@ class ClientRequest:
 
     endpoint: Endpoint
     body: SamplingRequest
-    fields: dict[str, Any]  # the forwarded JSON body, as binding reads it
+    fields: dict[str, Any]  # the JSON body forwarded upstream
     headers: dict[str, str]  # the client's Authorization, passed on upstream (the answer and its evidence are its)
     model_name: str  # the sidecar's name for its model, what responses name
     model: AuditModel
     token_texts: TokenTexts
-    prompts: list[list[int]]
+    asked: Asked  # what the request asks for: binding's expectations and the choices' parameters
     choices: list[GenerationRequest]
 
     @classmethod
     def of(cls, endpoint: Endpoint, body: SamplingRequest, fields: dict[str, Any], headers: dict[str, str], model_name: str,
            model: AuditModel, token_texts: TokenTexts) -> "ClientRequest":
-        prompts = prompt_ids(body, model.tokenizer)
-        return cls(endpoint, body, fields, headers, model_name, model, token_texts, prompts,
-                   generation_requests(body, prompts, model.max_context))
+        asked = body.to_asked(model.tokenizer, model.max_context)
+        return cls(endpoint, body, fields, headers, model_name, model, token_texts, asked, generation_requests(asked))
 
     @property
     def tokenizer(self) -> TextTokenizer:
         return self.model.tokenizer
 
     def renderer(self, backend: str | None) -> Renderer:
-        kind = ChatRenderer if self.endpoint == "chat" else CompletionRenderer
-        return kind(self.model_name, backend, self.token_texts, self.body)
+        return make_renderer(self.model_name, backend, self.token_texts, self.asked)
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
+        return self.asked.prompt_tokens
 
     @property
     def shows_logprobs(self) -> bool:
-        return self.body.top_logprobs_count() is not None
+        return self.asked.logprobs
 
 
 # ---------------------------------------------------------------------- parsing

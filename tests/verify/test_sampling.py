@@ -1,5 +1,5 @@
 """Seeded, re-checkable sampling: determinism, the documented noise construction, statistics,
-OpenAI's parameter semantics, fingerprints and stop handling.
+and OpenAI's parameter semantics.
 
 Expected values are computed by hand or by independent code here (never copied from a run).
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from pydantic import ValidationError
 
 from verify.sampling import (
     SamplingParams,
-    StopChecker,
     _draw_within_nucleus,
     _uniforms,
     decision_scores,
@@ -25,7 +23,6 @@ from verify.sampling import (
     process_logits,
     sample_token,
     token_margin,
-    top_k_fingerprint,
 )
 
 RH = hashlib.sha256(b"request").digest()
@@ -338,100 +335,6 @@ def test_canonical_dict_is_plain_json_with_every_field():
     assert json.loads(json.dumps(d)) == d
     assert SamplingParams(**d) == p
     assert d != params(seed=8).to_canonical_dict()
-
-
-# ---------------------------------------------------------------- fingerprints
-
-
-def test_fingerprint_order_and_ties():
-    logits = np.array([0.0, 5.0, 2.0, 5.0, -1.0, 2.0], dtype=np.float32)
-    ids, vals = top_k_fingerprint(logits, 4)
-    assert ids == [1, 3, 2, 5] and vals == [5.0, 5.0, 2.0, 2.0]
-    assert top_k_fingerprint(logits, 3) == ([1, 3, 2], [5.0, 5.0, 2.0])  # the tie at the cut: lower id
-    assert top_k_fingerprint(logits, 10)[0] == [1, 3, 2, 5, 0, 4]
-    assert top_k_fingerprint(logits, 0) == ([], [])
-
-
-def test_fingerprint_matches_a_full_sort_and_is_float32():
-    rng = np.random.default_rng(3)
-    logits = np.round(rng.standard_normal(5000) * 4) / 4  # many exact ties
-    ids, vals = top_k_fingerprint(logits)
-    ref = sorted(range(logits.size), key=lambda i: (-np.float32(logits[i]), i))[:8]
-    assert ids == ref
-    assert vals == [float(np.float32(logits[i])) for i in ref]
-    x = np.array([0.1, 0.2])  # float64 input: values committed at float32 precision
-    assert top_k_fingerprint(x, 2)[1] == [float(np.float32(0.2)), float(np.float32(0.1))]
-    with pytest.raises(ValueError):
-        top_k_fingerprint(np.array([np.nan, 1.0]))
-
-
-@pytest.mark.parametrize("spread", [0.01, 1.0, 8.0, 100.0])  # all in the first window ... only the full row
-def test_fingerprint_windows_never_change_the_answer(spread):
-    rng = np.random.default_rng(int(spread * 100))
-    for trial in range(50):
-        logits = (rng.standard_normal(int(rng.choice([9, 300, 49152]))) * spread).astype(np.float32)
-        if trial % 2:
-            logits = np.round(logits)  # exact ties, also at the cut
-        logits[rng.integers(0, logits.size, 3)] = -np.inf
-        order = np.lexsort((np.arange(logits.size), -logits))[:8]  # (-logit, id)
-        assert top_k_fingerprint(logits) == ([int(i) for i in order], [float(logits[i]) for i in order])
-
-
-# ---------------------------------------------------------------- stop handling
-
-
-def test_stop_checker_holds_back_partial_matches():
-    sc = StopChecker(stop=["STOP", "\n\n"])
-    assert sc.feed_text("Hello ST") == ("Hello ", False)
-    assert sc.feed_text("ART") == ("START", False)
-    assert sc.feed_text(" end\n") == (" end", False)
-    assert sc.feed_text("\nafter") == ("", True)
-    assert sc.feed_text("more") == ("", True)
-    assert sc.flush() == ""
-    sc2 = StopChecker(stop=["xyz"])
-    assert sc2.feed_text("abcx") == ("abc", False)
-    assert sc2.flush() == "x"
-
-
-def test_stop_string_split_over_chunks_and_overlapping_prefixes():
-    sc = StopChecker(stop=["aab"])
-    assert [sc.feed_text(c) for c in "aaab"] == [("", False), ("", False), ("a", False), ("", True)]
-    sc = StopChecker(stop=["abc"])
-    assert sc.feed_text("xxab") == ("xx", False)
-    assert sc.feed_text("cyy") == ("", True)
-    # The earliest completed stop string cuts, whichever is listed first.
-    sc = StopChecker(stop=["world", "lo"])
-    assert sc.feed_text("hello world") == ("hel", True)
-    # No stop strings: everything passes straight through.
-    sc = StopChecker()
-    assert sc.feed_text("abc") == ("abc", False) and sc.flush() == ""
-
-
-def test_stop_checker_against_a_whole_text_reference():
-    rng = random.Random(0)
-    stops = ["aba", "\n\n", "bb"]
-    for _ in range(300):
-        text = "".join(rng.choice("ab\nc") for _ in range(rng.randint(0, 30)))
-        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
-        chunks = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
-        sc = StopChecker(stop=stops)
-        out, hit = "", False
-        for chunk in chunks:
-            emitted, hit = sc.feed_text(chunk)
-            out += emitted
-            if hit:
-                break
-        out += sc.flush()
-        positions = [text.find(s) for s in stops if s in text]
-        assert hit == bool(positions)
-        assert out == (text[: min(positions)] if positions else text)
-
-
-def test_stop_tokens():
-    sc = StopChecker(stop_token_ids=[7, 9])
-    assert sc.check_token(7) and sc.check_token(9)
-    assert not sc.check_token(8)
-    assert not StopChecker().check_token(0)
 
 
 def test_skipping_the_noise_of_tokens_that_cannot_win_never_changes_the_draw():

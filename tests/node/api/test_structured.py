@@ -20,7 +20,7 @@ from tests.node.verification.cheats import claim, real_fingerprints
 from node.api.evidence_tokens import receipt_path
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.test_server import MODEL, client, fetch_answer, http, node, verifier  # noqa: F401
-from verify.binding import bind_answers
+from verify.binding import asked_of, bind_answers
 from verify.structured import request_grammar
 from verify.evidence import AnswerFile
 from verify.verifier import verify_answer
@@ -57,8 +57,8 @@ def checked(node, http, verifier, body: dict, response: dict | list[dict]) -> li
         assert answer.evidence.sampling.grammar is not None or not (body.get("response_format") or body.get("tool_choice") == "required")
         verdict = verify_answer(answer, verifier)
         assert verdict.verdict == "pass", verdict.reasons
-    report = bind_answers("chat" if "messages" in body else "completions", body, response, answers, verifier.tokenizer,
-                          max_context=verifier.max_context)
+    asked = asked_of("chat" if "messages" in body else "completions", body, verifier.tokenizer, verifier.max_context)
+    report = bind_answers(asked, response, answers, verifier.tokenizer)
     assert report.ok, report.summary()
     return list(answers.values())
 
