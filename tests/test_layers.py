@@ -31,7 +31,8 @@ def _loaded_after(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize("code, forbidden", [
-    ("import verify, verify.binding, verify.fraud, verify.ledger, verify.attestation, verify.evidence_store",
+    ("import verify, verify.binding, verify.fraud, verify.ledger, verify.attestation, verify.evidence_store, "
+     "verify.recheck, verify.sse, verify.durable, verify.finish",
      {"node", "p2p", "tvm", "libp2p"}),
     ("import node.api.protocol, node.api.errors", {"tvm", "libp2p", "trio"}),
     ("import node.sidecar.app", {"tvm", "libp2p", "trio"}),
