@@ -1,4 +1,4 @@
-"""The verifier sidecar: an OpenAI-compatible proxy in front of a node that audits what passes.
+"""The sidecar's front door: its routes (an OpenAI-compatible proxy) and the app factory.
 
 Clients talk to the sidecar exactly as to a node; requests go upstream (``node.sidecar.upstreams``:
 which node serves each), and what comes back is parsed once, bound to the request
