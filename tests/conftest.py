@@ -1,6 +1,7 @@
 """Shared fixtures: a model store in a temporary folder and tiny compiled models.
 
-Tiny models are compiled once per session per shape (a couple of seconds each on 2 cores).
+Tiny models are compiled once per session per shape (a couple of seconds each on 2 cores), and the
+real default model is loaded once per session for every slow test that serves or checks it.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from compiled_models.registry import DEFAULT_MODEL
 from node.compiler.build import compile_model
 from node.models.llama.checkpoint import Checkpoint
 from node.models.llama.load import load_checkpoint
 from node.models.llama.model import fuse_hf_weights
+from node.runtime.loading import LoadedModel, load_model
 from node.runtime.model_runtime import CacheLimits, ModelRuntime
 from node.compiler.targets import detect
 from tests.models_fixtures import make_tiny_hf_checkpoint
@@ -43,3 +46,10 @@ def tiny_ckpt(tmp_path_factory) -> Checkpoint:
 @pytest.fixture(scope="session")
 def tiny_runtime(tiny_ckpt, store, cpu) -> ModelRuntime:
     return make_runtime(tiny_ckpt, store, cpu)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    """The real default model, natively quantized on this CPU (pulled and compiled on first use):
+    one load shared by the slow tests, which only read it (their engines end their sequences)."""
+    return load_model(DEFAULT_MODEL, device="cpu")

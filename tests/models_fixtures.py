@@ -6,6 +6,8 @@ small byte-level BPE trained with ``tokenizers`` on a short text, with the ChatM
 ``<|endoftext|>`` (0), ``<|im_start|>`` (1), ``<|im_end|>`` (2). The GGUF writer stores q/k rows
 permuted as llama.cpp's converter does and quantizes with ``gguf.quants``, so the loaders' name maps,
 un-permutation and dequantization are exercised against values computed here independently.
+``home_sharing`` gives a subprocess its own ``PROOFMESH_HOME`` whose builds (compiled libraries,
+prepared checkpoints, manifests) are another store's, so one shape compiles once a session.
 Qwen3 and Gemma 3 GGUF files take their tensor names from ``gguf``'s own ``TensorNameMap`` (llama.cpp's
 map, not ours), keep q/k rows unpermuted and, for Gemma 3, store every norm as ``w + 1``, as
 ``convert_hf_to_gguf.py`` does.
@@ -45,7 +47,18 @@ TRAINING_TEXT = (
     "def main():\n    return 42\n\n"
 ) * 4
 
+SHARED_DIRS = ("libs", "prepared", "manifests")  # what a model costs to build; keys, evidence, ledgers stay apart
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def home_sharing(home: Path, store: Path) -> Path:
+    """``home`` (created if need be) with ``store``'s ``SHARED_DIRS`` as symlinks: a fresh node or
+    CLI home that finds every library already built in ``store`` and adds the ones it builds there."""
+    home.mkdir(parents=True, exist_ok=True)
+    for d in SHARED_DIRS:
+        (store / d).mkdir(parents=True, exist_ok=True)
+        (home / d).symlink_to(store / d)
+    return home
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -505,7 +518,7 @@ def make_tiny_arch_gguf(path: str | Path, cfg, *, quant_types: Sequence[str] = (
 
 __all__ = [
     "BOS_ID", "CHATML_TEMPLATE", "DEFAULT_VOCAB", "EOS_ID", "SPECIAL_TOKENS", "TINY_GEMMA3_WINDOW", "TinyGGUF",
-    "expected_checkpoint_weights", "gguf_vocab", "hf_to_gguf_name", "llama_cpp_permute", "make_tiny_arch_gguf",
+    "SHARED_DIRS", "expected_checkpoint_weights", "gguf_vocab", "hf_to_gguf_name", "home_sharing", "llama_cpp_permute", "make_tiny_arch_gguf",
     "make_tiny_arch_hf_checkpoint", "make_tiny_gguf", "make_tiny_hf_checkpoint", "random_k_blocks",
     "random_llama_weights", "round_to_dtype", "tiny_config", "tiny_gemma3_config", "tiny_hf_expected_weights",
     "tiny_qwen3_config", "tiny_tokenizer_json", "write_safetensors",

@@ -19,24 +19,24 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.models_fixtures import home_sharing
 from verify.identity import NodeKey
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
-SHARED_DIRS = ("libs", "prepared", "manifests")
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 OPERATOR_KEY = "verifier-operator"  # what a test's `proofmesh verifier --operator-key` gets: it reads the audits
 OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 
 
-def tiny_cluster(tmp_path_factory, name: str = "tiny") -> tuple["Cluster", Path]:
-    """A cluster whose nodes share one compiled tiny model (served as ``name``), and that model's folder."""
+def tiny_cluster(tmp_path_factory, store: Path, name: str = "tiny") -> tuple["Cluster", Path]:
+    """A cluster whose nodes share the session ``store``'s builds (the tiny shape compiles once a
+    session, not once a cluster), serving a tiny model as ``name``; and that model's folder."""
     from tests.models_fixtures import make_tiny_hf_checkpoint
 
     model = make_tiny_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf") / name)
-    warm = tmp_path_factory.mktemp("warm")
-    warm_store(warm, model)
-    return Cluster(tmp_path_factory.mktemp("nodes"), warm), model
+    warm_store(store, model)
+    return Cluster(tmp_path_factory.mktemp("nodes"), store), model
 
 
 def warm_store(home: Path, model: Path) -> None:
@@ -88,10 +88,7 @@ class Cluster:
         dishonest node wraps the real one); returns at once, see ``wait_ready``."""
         home = self.root / name
         if not home.exists():  # a node started again (after a kill) keeps its home: key, evidence, ledger
-            home.mkdir(parents=True)
-            for d in SHARED_DIRS:
-                (self.warm_home / d).mkdir(exist_ok=True)
-                (home / d).symlink_to(self.warm_home / d)
+            home_sharing(home, self.warm_home)
         key_path = home / "node_key.pem"
         key = NodeKey.load_or_create(key_path)
         args = [sys.executable, "-m", module, "run", "--port", "0", "--device", "cpu", "--key", str(key_path),

@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from node.api.evidence_tokens import receipt_path
-from tests.p2p.cluster import OPERATOR, OPERATOR_KEY, REPO_ROOT, SHARED_DIRS, NodeProcess, tiny_cluster
+from tests.models_fixtures import home_sharing
+from tests.p2p.cluster import OPERATOR, OPERATOR_KEY, REPO_ROOT, NodeProcess, tiny_cluster
 from verify.evidence import AnswerFile
 from verify.ledger import Ledger
 
@@ -50,8 +51,8 @@ def _in_background(fn) -> tuple[threading.Thread, dict]:
 
 
 @pytest.fixture
-def cluster(tmp_path_factory):
-    c, c.tiny = tiny_cluster(tmp_path_factory, MODEL)
+def cluster(tmp_path_factory, store):
+    c, c.tiny = tiny_cluster(tmp_path_factory, store, MODEL)
     try:
         yield c
     finally:
@@ -145,10 +146,7 @@ def _start_verifier(cluster, upstream: str, home) -> tuple[subprocess.Popen, str
 
 def test_a_sidecar_killed_with_requests_in_flight_restarts_with_its_ledger(cluster):
     node = cluster.wait_ready(cluster.start("server", [str(cluster.tiny)]))
-    home = cluster.root / "verifier"
-    home.mkdir()
-    for d in SHARED_DIRS:
-        (home / d).symlink_to(cluster.warm_home / d)
+    home = home_sharing(cluster.root / "verifier", cluster.warm_home)
     verifier, url = _start_verifier(cluster, node.url, home)
     try:
         done = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "audit me", "max_tokens": 4, "seed": 5},

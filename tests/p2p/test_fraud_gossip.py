@@ -45,16 +45,14 @@ def convicted_at(node: NodeProcess) -> set[str]:
     return set(node.get("/v1/peers")["convicted"])
 
 
-def test_a_fraud_proof_spreads_and_the_network_stops_routing_to_the_cheat(tmp_path_factory, monkeypatch):
+def test_a_fraud_proof_spreads_and_the_network_stops_routing_to_the_cheat(tmp_path_factory, store, monkeypatch):
     root = tmp_path_factory.mktemp("fraud")
     honest_dir = make_tiny_hf_checkpoint(root / "honest" / "tiny")
     other_dir = make_tiny_hf_checkpoint(root / "other" / "tiny", seed=1)  # same name and shape, other weights
-    warm = root / "warm"
-    warm.mkdir()
-    warm_store(warm, honest_dir)
+    warm_store(store, honest_dir)  # the session's build of the tiny shape
     auditor = load_model(str(honest_dir), device="cpu", limits=CacheLimits(max_batch_size=4, max_total_tokens=1024,
-                                                                             prefill_chunk=64), root=warm)
-    cluster = Cluster(root / "nodes", warm)
+                                                                             prefill_chunk=64), root=store)
+    cluster = Cluster(root / "nodes", store)
     try:
         # Without the model the gateway convicts only on vouchers of peers it saw serve (quorum 1 here:
         # one honest server can re-check; the default of 2 needs two).

@@ -35,8 +35,8 @@ from verify.verifier import Verdict
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
-    cluster, tiny = tiny_cluster(tmp_path_factory)
+def nodes(tmp_path_factory, store):
+    cluster, tiny = tiny_cluster(tmp_path_factory, store)
     try:
         gateway = cluster.wait_ready(cluster.start("gateway", []))
         friend = NodeKey.generate().node_id  # the only peer the server serves: not the attacker

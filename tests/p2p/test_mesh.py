@@ -68,11 +68,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory, tiny_model):
+def mesh(tmp_path_factory, tiny_model, store):
     """Gateway + B, C, D serving the tiny model, every one bootstrapped from the gateway only."""
-    warm = tmp_path_factory.mktemp("warm")
-    warm_store(warm, tiny_model)
-    cluster = Cluster(tmp_path_factory.mktemp("nodes"), warm)
+    warm_store(store, tiny_model)  # the session's build of the tiny shape
+    cluster = Cluster(tmp_path_factory.mktemp("nodes"), store)
     try:
         gateway = cluster.wait_ready(cluster.start("gateway", []))
         servers = [cluster.start(n, [str(tiny_model)], bootstrap=[gateway.addrs[0]], extra=extra)

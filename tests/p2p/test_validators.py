@@ -24,7 +24,8 @@ from node.api.evidence_tokens import receipt_path
 from node.sidecar.app import Sidecar, make_sidecar_app
 from p2p.network import NetworkConfig
 from tests.node.api.http_fixtures import serving
-from tests.p2p.cluster import OPERATOR, OPERATOR_KEY, REPO_ROOT, SHARED_DIRS, tiny_cluster
+from tests.models_fixtures import home_sharing
+from tests.p2p.cluster import OPERATOR, OPERATOR_KEY, REPO_ROOT, tiny_cluster
 from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.identity import NodeKey
@@ -34,8 +35,8 @@ DISCOVERY_TIMEOUT_S = 20.0
 
 
 @pytest.fixture(scope="module")
-def network(tmp_path_factory):
-    cluster, tiny = tiny_cluster(tmp_path_factory)
+def network(tmp_path_factory, store):
+    cluster, tiny = tiny_cluster(tmp_path_factory, store)
     warm = cluster.warm_home
     try:
         server = cluster.wait_ready(cluster.start("server", [str(tiny)]))
@@ -117,10 +118,7 @@ def test_the_verifier_joins_the_network_itself(network, tmp_path):
     """``proofmesh verifier --bootstrap``: an embedded gateway routes through the network, and the
     answers it relays are audited like any others."""
     server, honest, lazy, auditor, warm = network
-    home = tmp_path / "home"
-    home.mkdir()
-    for d in SHARED_DIRS:
-        (home / d).symlink_to(warm / d)
+    home = home_sharing(tmp_path / "home", warm)
     log = tmp_path / "verifier.log"
     with open(log, "wb") as out:
         verifier = subprocess.Popen(

@@ -12,7 +12,6 @@ import openai
 import pytest
 
 from compiled_models.registry import DEFAULT_MODEL
-from node.runtime.loading import load_model
 from node.api.app import make_app
 from node.api.evidence_tokens import receipt_path
 from tests.node.api.http_fixtures import serving
@@ -27,8 +26,8 @@ pytestmark = pytest.mark.slow
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_default_model_answers_over_http_with_a_receipt_that_verifies(tmp_path):
-    model = load_model(DEFAULT_MODEL, device="cpu")
+def test_default_model_answers_over_http_with_a_receipt_that_verifies(tmp_path, default_model):
+    model = default_model
     key = NodeKey.generate()
     evidence = EvidenceStore(tmp_path / "evidence.sqlite")
     try:
@@ -51,7 +50,7 @@ def test_default_model_answers_over_http_with_a_receipt_that_verifies(tmp_path):
         evidence.close()
 
 
-def test_default_model_answers_in_json_and_calls_a_tool_and_both_verify(tmp_path):
+def test_default_model_answers_in_json_and_calls_a_tool_and_both_verify(tmp_path, default_model):
     """The real model under a grammar: a schema'd answer and a forced tool call, through the
     official client, each re-checked by the verifier (the mask rebuilt on the 49k vocabulary)."""
     from pydantic import BaseModel
@@ -63,7 +62,7 @@ def test_default_model_answers_in_json_and_calls_a_tool_and_both_verify(tmp_path
     weather = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
                "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
                               "required": ["city"], "additionalProperties": False}}}
-    model = load_model(DEFAULT_MODEL, device="cpu")
+    model = default_model
     evidence = EvidenceStore(tmp_path / "evidence.sqlite")
     try:
         with serving(make_app([model], NodeKey.generate(), evidence)) as url:

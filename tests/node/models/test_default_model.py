@@ -32,13 +32,14 @@ PROMPTS = [FRANCE, "Write a haiku about rain.", "List three prime numbers.", "Wh
 
 
 @pytest.fixture(scope="module")
-def default_model():
-    return load_model(DEFAULT_MODEL, device="cpu")  # native: the Q4_1/Q8_0 blocks stay quantized
+def default_model_fp32():
+    return load_model(DEFAULT_MODEL, device="cpu", weights="fp32")
 
 
 @pytest.fixture(scope="module")
-def default_model_fp32():
-    return load_model(DEFAULT_MODEL, device="cpu", weights="fp32")
+def reference(default_model) -> NumpyLlama:
+    """The independent numpy model of the default checkpoint (built once: it dequantizes 135M weights)."""
+    return NumpyLlama.from_checkpoint(load_checkpoint(default_model.path), dtype=np.float32)
 
 
 def greedy(model, prompt_ids, max_tokens):
@@ -68,13 +69,12 @@ def test_france_answer(default_model):
     "chat,text",
     [(True, "Name a color of the sky."), (False, "Once upon a time, there was a")],
 )
-def test_greedy_tokens_match_numpy_reference(default_model, chat, text):
+def test_greedy_tokens_match_numpy_reference(default_model, reference, chat, text):
     tok = default_model.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": text}]) if chat else tok.encode_prompt(text)
     n_new = 6
     ours = greedy(default_model, ids, n_new).output_ids
-    ckpt = load_checkpoint(default_model.path)
-    ref = NumpyLlama.from_checkpoint(ckpt, dtype=np.float32).greedy(ids, n_new, eos_ids=tok.eos_token_ids)
+    ref = reference.greedy(ids, n_new, eos_ids=tok.eos_token_ids)
     assert ours == ref
 
 

@@ -242,10 +242,10 @@ def test_compile_quantize_makes_a_new_native_model(tmp_path, store):
     import subprocess
     import sys
 
-    from tests.models_fixtures import make_tiny_hf_checkpoint
+    from tests.models_fixtures import home_sharing, make_tiny_hf_checkpoint
 
     source = make_tiny_hf_checkpoint(tmp_path / "tiny_hf", tie=False)
-    home = tmp_path / "home"
+    home = home_sharing(tmp_path / "home", store)  # the native library built here is the one loaded below
     done = subprocess.run([sys.executable, "-m", "node.cli", "compile", str(source), "--quantize", "q8_0", "--device", "cpu"],
                           capture_output=True, text=True, env={**os.environ, "PROOFMESH_HOME": str(home)}, timeout=600)
     assert done.returncode == 0, done.stderr

@@ -12,9 +12,7 @@ import pytest
 
 from tests.node.verification.cheats import CHEATS, CheatContext, cheap_generator, skip_layers
 from tests.node.verification.harness import request_mix
-from compiled_models.registry import DEFAULT_MODEL
 from node.runtime import model_store
-from node.runtime.loading import load_model
 from verify.identity import NodeKey
 from verify.verifier import verify_answer
 
@@ -22,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ctx() -> CheatContext:
-    model = load_model(DEFAULT_MODEL, device="cpu")
+def ctx(default_model) -> CheatContext:
+    model = default_model
     root = model_store.store_root()
     layers = model.config.num_hidden_layers
     cheap = cheap_generator(model, skip_layers(*range(1, layers, 2)), root)  # every other layer

@@ -44,8 +44,8 @@ def test_tiny_models_across_backends(tmp_path, store, weights):
 
 
 @pytest.mark.slow
-def test_default_model_host_batch_against_generic_prefill():
-    host = load_model(DEFAULT_MODEL, device="cpu")
+def test_default_model_host_batch_against_generic_prefill(default_model):
+    host = default_model
     generic = load_model(DEFAULT_MODEL, device=GENERIC)
     answers = Generator.of(host).answers(request_mix(host.tokenizer, 12, seed=5, lengths=(64,)), KEY, concurrency=8)
     assert_all_pass(answers, generic)

@@ -10,7 +10,7 @@ from node.api.service import answer_file
 from node.runtime.loading import load_model
 from node.runtime.model_runtime import CacheLimits
 from tests.node.runtime.engine_helpers import generate
-from tests.models_fixtures import make_tiny_hf_checkpoint
+from tests.models_fixtures import home_sharing, make_tiny_hf_checkpoint
 from verify.evidence import AnswerFile, Fingerprint, sign_answer
 from verify.identity import NodeKey
 from verify.sampling import SamplingParams
@@ -93,7 +93,7 @@ def test_tampered_evidence_and_replays_are_nobodys(models):
         verify_answer(a.model_copy(update={"receipt": a.receipt.model_copy(update={"model_id": "0" * 64})}), ours)
 
 
-def test_proofmesh_verify_command(models, tmp_path):
+def test_proofmesh_verify_command(models, tmp_path, store):
     import json
     import os
     import subprocess
@@ -103,7 +103,7 @@ def test_proofmesh_verify_command(models, tmp_path):
     good = answer_file(generate(ours, "Hello there", temperature=0.8), KEY, model_id=ours.model_id, backend=ours.backend)
     r = generate(ours, "Hello there", temperature=0.0)
     bad = signed_claim(ours.model_id, r.prompt_ids, [(t + 1) % ours.vocab_size for t in r.output_ids], r.params, r.fingerprints)
-    env = {**os.environ, "PROOFMESH_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "PROOFMESH_HOME": str(home_sharing(tmp_path / "home", store))}  # the library `models` built
 
     def verify_cli(path, *extra):
         return subprocess.run([sys.executable, "-m", "node.cli", "verify", str(path), "--model", str(ours.path), "--device", "cpu", *extra],
