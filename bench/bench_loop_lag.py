@@ -10,9 +10,12 @@ through the sidecar. A ``/health`` answer waits for whatever holds its loop, so 
 under load, less its idle latency, is the loop's lag.
 
 ``--code DIR`` runs the children from another checkout (``PYTHONPATH=DIR``), so one invocation
-measures before and after a change on the same machine, one after the other:
+measures before and after a change on the same machine, one after the other. ``--fsync-ms N``
+gives both children a slow disk (``bench/slow_fsync.c``, built with ``cc`` and preloaded: every
+fsync first sleeps N ms, as an HDD or a network volume commits), which is where a commit on the
+loop shows; this VM's disk commits in about 0.4 ms.
 
-    python -m bench.bench_loop_lag [--streams 16] [--tokens 64] [--rounds 2] [--code OLD_CHECKOUT]
+    python -m bench.bench_loop_lag [--streams 16] [--tokens 64] [--rounds 2] [--code OLD_CHECKOUT] [--fsync-ms 20]
 
 Prints a table (p50 / p99 / max per process and phase) and writes JSON
 (``bench/results/loop_lag.json``). Target (issue 23): p99 < 20 ms with 16 streams and the
@@ -104,11 +107,21 @@ def _stats(latencies: list[float]) -> dict:
             "max_ms": float(ms.max())}
 
 
-def measure(code: Path | None, streams: int, rounds: int, max_tokens: int, label: str) -> dict:
+def slow_disk_env(fsync_ms: int, scratch: Path) -> dict[str, str]:
+    """LD_PRELOAD and SLOW_FSYNC_MS for a child whose every fsync takes ``fsync_ms`` longer."""
+    library = scratch / "slow_fsync.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(Path(__file__).with_name("slow_fsync.c")), "-ldl"],
+                   check=True)
+    return {"LD_PRELOAD": str(library), "SLOW_FSYNC_MS": str(fsync_ms)}
+
+
+def measure(code: Path | None, streams: int, rounds: int, max_tokens: int, label: str, fsync_ms: int) -> dict:
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = str(code)
     with tempfile.TemporaryDirectory() as scratch:
+        if fsync_ms:
+            env.update(slow_disk_env(fsync_ms, Path(scratch)))
         node, node_url = _start(["run", "--model", DEFAULT_MODEL, "--device", "cpu", "--port", "0"], env,
                                 r"serving .* on (http://\S+)/v1")
         sidecar = None
@@ -136,7 +149,7 @@ def measure(code: Path | None, streams: int, rounds: int, max_tokens: int, label
                 if proc is not None:
                     proc.send_signal(signal.SIGINT)
                     proc.wait(timeout=120)
-    result = {"label": label, "code": str(code or Path(__file__).resolve().parent.parent), "streams": streams,
+    result = {"label": label, "fsync_ms": fsync_ms, "code": str(code or Path(__file__).resolve().parent.parent), "streams": streams,
               "rounds": rounds, "max_tokens": max_tokens, "tokens": tokens, "load_s": load_end - load_start}
     for name, series in samples.items():
         idle = [s for t, s in series if t < load_start]
@@ -152,13 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     parser.add_argument("--code", type=Path, action="append", default=[],
                         help="also measure the children run from this checkout (before a change); repeatable")
+    parser.add_argument("--fsync-ms", type=int, default=0, help="give the children a disk whose fsync takes this much longer")
     parser.add_argument("--out", type=Path, default=RESULTS / "loop_lag.json")
     args = parser.parse_args(argv)
 
-    runs = [measure(code, args.streams, args.rounds, args.tokens, label=code.name) for code in args.code]
-    runs.append(measure(None, args.streams, args.rounds, args.tokens, label="this checkout"))
+    runs = [measure(code, args.streams, args.rounds, args.tokens, label=code.name, fsync_ms=args.fsync_ms) for code in args.code]
+    runs.append(measure(None, args.streams, args.rounds, args.tokens, label="this checkout", fsync_ms=args.fsync_ms))
     print(f"\n/health latency, idle and with {args.streams} streams through the sidecar at audit rate 1 "
-          f"({DEFAULT_MODEL}, max_tokens {args.tokens}, {args.rounds} rounds; {machine()['mcpu']}, {machine()['cores']} cores)")
+          f"({DEFAULT_MODEL}, max_tokens {args.tokens}, {args.rounds} rounds, fsync +{args.fsync_ms} ms; {machine()['mcpu']}, {machine()['cores']} cores)")
     print("| code | process | idle p50 | idle p99 | load p50 | load p99 | load max | probes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in runs:
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
             idle, load = run[name]["idle"], run[name]["load"]
             print(f"| {run['label']} | {name} | {idle['p50_ms']:.1f} ms | {idle['p99_ms']:.1f} ms | {load['p50_ms']:.1f} ms "
                   f"| {load['p99_ms']:.1f} ms | {load['max_ms']:.1f} ms | {load['n']} |")
-    report = {"machine": machine(), "target_p99_ms": 20, "runs": runs}
+    report = {"machine": machine(), "target_p99_ms": 20, "fsync_ms": args.fsync_ms, "runs": runs}
     write_json(args.out, report)
     return report
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 import zlib
 from dataclasses import dataclass
@@ -237,8 +238,8 @@ class EvidenceStore:
     def get(self, receipt_id: str, *, now: float | None = None) -> AnswerFile | None:
         """The answer file behind ``receipt_id`` while it is retained, else ``None``."""
         now = time.time() if now is None else now
-        with self._sql.lock:
-            row = self._sql.db.execute(
+        with self._sql.reading() as db:
+            row = db.execute(
                 """SELECT a.body, s.body FROM answers a LEFT JOIN sampling s ON s.client = a.client AND s.hash = a.sampling_hash
                    WHERE a.receipt_id = ? AND a.created >= ?""", (receipt_id, now - self.retention_s)
             ).fetchone()
@@ -247,11 +248,12 @@ class EvidenceStore:
     def has_room(self, *, now: float | None = None) -> bool:
         """Whether new answers fit under the cap without evicting evidence younger than the
         audit window (after dropping what may go). Asked before every request: under the cap it
-        is one read; only a full store takes a write transaction to evict."""
+        is one read that waits for no commit; only a full store takes a write transaction to evict."""
         now = time.time() if now is None else now
-        with self._sql.lock:
-            if self._kept_bytes() < self.max_bytes:
+        with self._sql.reading() as db:
+            if self._kept_bytes(db) < self.max_bytes:
                 return True
+        with self._sql.lock:
             with self._sql.locked_transaction():
                 self._evict(now)
                 return self._kept_bytes() < self.max_bytes
@@ -259,35 +261,36 @@ class EvidenceStore:
     def over_share(self, client: str, *, now: float | None = None) -> bool:
         """Whether ``client``'s evidence takes its whole share (``client_share_bytes``) even after
         its own rows past the audit window went, oldest first: then it waits while others are
-        served. Asked before every request: under the share it is one read."""
+        served. Asked before every request: under the share it is one read that waits for no commit."""
         now = time.time() if now is None else now
-        with self._sql.lock:
-            if self._client_bytes(client) < self.client_share_bytes:
+        with self._sql.reading() as db:
+            if self._client_bytes(client, db) < self.client_share_bytes:
                 return False
+        with self._sql.lock:
             with self._sql.locked_transaction():
                 self._drop_oldest(self.client_share_bytes, now, client)
                 return self._client_bytes(client) >= self.client_share_bytes
 
     def stats(self) -> tuple[int, int]:
         """(answers kept, bytes they take)."""
-        with self._sql.lock:
-            (count,) = self._sql.db.execute("SELECT COUNT(*) FROM answers").fetchone()
-            size = self._kept_bytes()
+        with self._sql.reading() as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM answers").fetchone()
+            size = self._kept_bytes(db)
         return int(count), int(size)
 
     def client_bytes(self, client: str) -> int:
         """Bytes kept for ``client``'s answers (their rows and their sampling rows)."""
-        with self._sql.lock:
-            return self._client_bytes(client)
+        with self._sql.reading() as db:
+            return self._client_bytes(client, db)
 
     def close(self) -> None:
         self._sql.close()
 
-    def _kept_bytes(self) -> int:
-        return int(self._sql.db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
+    def _kept_bytes(self, db: sqlite3.Connection | None = None) -> int:
+        return int((db or self._sql.db).execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
 
-    def _client_bytes(self, client: str) -> int:
-        row = self._sql.db.execute("SELECT bytes FROM client_totals WHERE client = ?", (client,)).fetchone()
+    def _client_bytes(self, client: str, db: sqlite3.Connection | None = None) -> int:
+        row = (db or self._sql.db).execute("SELECT bytes FROM client_totals WHERE client = ?", (client,)).fetchone()
         return int(row[0]) if row else 0
 
     def _evict(self, now: float) -> None:

@@ -159,8 +159,8 @@ class Ledger:
             self._move(db, node_id, passed=False, now=now)
 
     def refusals(self, node_id: str) -> list[str]:
-        with self._sql.lock:
-            return [r for (r,) in self._sql.db.execute("SELECT reason FROM refusals WHERE node_id = ? ORDER BY created", (node_id,))]
+        with self._sql.reading() as db:
+            return [r for (r,) in db.execute("SELECT reason FROM refusals WHERE node_id = ? ORDER BY created", (node_id,))]
 
     def close(self) -> None:
         self._sql.close()
@@ -232,22 +232,22 @@ class Ledger:
                               passes=passes, failures=failures, convicted=bool(convicted))
 
     def reputation(self, node_id: str, *, now: float | None = None) -> PeerReputation:
-        with self._sql.lock:
-            return self._reputation(self._sql.db, node_id, time.time() if now is None else now)
+        with self._sql.reading() as db:
+            return self._reputation(db, node_id, time.time() if now is None else now)
 
     def convicted(self) -> set[str]:
-        with self._sql.lock:
-            return {r[0] for r in self._sql.db.execute("SELECT node_id FROM reputation WHERE convicted = 1")}
+        with self._sql.reading() as db:
+            return {r[0] for r in db.execute("SELECT node_id FROM reputation WHERE convicted = 1")}
 
     def fraud_proof(self, receipt_id: str) -> FraudProof | None:
-        with self._sql.lock:
-            row = self._sql.db.execute("SELECT body FROM fraud_proofs WHERE receipt_id = ?", (receipt_id,)).fetchone()
+        with self._sql.reading() as db:
+            row = db.execute("SELECT body FROM fraud_proofs WHERE receipt_id = ?", (receipt_id,)).fetchone()
         return None if row is None else FraudProof.model_validate_json(row[0])
 
     def convictions(self, *, limit: int = 100) -> list[Conviction]:
         """Newest first: who was convicted, for which receipt, when (a listing reads no proof bodies)."""
-        with self._sql.lock:
-            rows = self._sql.db.execute("SELECT receipt_id, node_id, created FROM fraud_proofs ORDER BY created DESC LIMIT ?",
+        with self._sql.reading() as db:
+            rows = db.execute("SELECT receipt_id, node_id, created FROM fraud_proofs ORDER BY created DESC LIMIT ?",
                                     (limit,)).fetchall()
         return [Conviction(receipt_id=r[0], node_id=r[1], created=r[2]) for r in rows]
 
@@ -265,10 +265,10 @@ class Ledger:
                 args.append(value)
         sql = "SELECT receipt_id, node_id, model_id, state, created, updated FROM audits"
         sql += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created DESC LIMIT ?"
-        with self._sql.lock:
-            rows = self._sql.db.execute(sql, (*args, limit)).fetchall()
+        with self._sql.reading() as db:
+            rows = db.execute(sql, (*args, limit)).fetchall()
             bodies = {
-                r[0]: [b for (b,) in self._sql.db.execute("SELECT body FROM verdicts WHERE receipt_id = ? ORDER BY created", (r[0],))]
+                r[0]: [b for (b,) in db.execute("SELECT body FROM verdicts WHERE receipt_id = ? ORDER BY created", (r[0],))]
                 for r in rows
             }
         return [

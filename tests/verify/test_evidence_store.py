@@ -172,3 +172,19 @@ def test_kept_bytes_follow_sampling_rows_and_a_store_from_before_them(tmp_path):
         assert db.execute("SELECT COUNT(*) FROM sampling").fetchone()[0] == 1
     assert store.stats() == (3, summed) and store.client_bytes("c") == summed
     assert store.get(answers[-1].receipt.receipt_id, now=1122.0) == answers[-1]
+
+
+def test_reads_wait_for_no_commit_in_flight(tmp_path):
+    """While a writer holds the store (as during an fsync'd commit), get, stats, has_room and
+    over_share still answer from the last commit: a /health probe never queues behind a disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = EvidenceStore(tmp_path / "evidence.sqlite")
+    answer = make_answer()
+    store.put(answer, client="alice")
+    with ThreadPoolExecutor(1) as pool, store._sql.lock:  # a commit in flight, from the reads' view (released first)
+        reads = pool.submit(lambda: (store.get(answer.receipt.receipt_id), store.stats(), store.has_room(),
+                                     store.over_share("alice"), store.client_bytes("alice")))
+        got, (count, size), room, over, alice = reads.result(timeout=10)
+    assert got == answer and count == 1 and size == alice > 0 and room and not over
+    store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import traceback
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from node.runtime.model_runtime import CacheLimits
 from p2p.network import NetworkConfig
 from tests.models_fixtures import make_tiny_hf_checkpoint
 from tests.node.api.http_fixtures import serving
+from verify.durable import DurableDB
 from verify.evidence import AnswerFile, sign_answer
 from verify.evidence_store import EvidenceStore
 from verify.fraud import FraudProof, make_fraud_proof
@@ -43,17 +45,35 @@ class OffLoopLock:
         self._lock = threading.Lock()
         self.taken_on_loop: list[str] = []
 
-    def __enter__(self) -> "OffLoopLock":
+    def refuse_on_loop(self) -> None:
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop runs on this thread: a worker's, or the test's own
-            self._lock.acquire()
-            return self
-        self.taken_on_loop.append("".join(traceback.format_stack(limit=8)[:-1]))
-        raise AssertionError(f"a store or ledger lock taken on the event loop's thread:\n{self.taken_on_loop[-1]}")
+            return
+        self.taken_on_loop.append("".join(traceback.format_stack(limit=9)[:-2]))
+        raise AssertionError(f"a store or ledger used on the event loop's thread:\n{self.taken_on_loop[-1]}")
+
+    def __enter__(self) -> "OffLoopLock":
+        self.refuse_on_loop()
+        self._lock.acquire()
+        return self
 
     def __exit__(self, *exc_info) -> None:
         self._lock.release()
+
+
+def guarded(sql: DurableDB) -> OffLoopLock:
+    """``sql``'s writer lock and its lock-free read path (``reading``), both refused on a loop's thread."""
+    guard, reading = OffLoopLock(), sql.reading
+
+    @contextmanager
+    def guarded_reading():
+        guard.refuse_on_loop()
+        with reading() as db:
+            yield db
+
+    sql.lock, sql.reading = guard, guarded_reading
+    return guard
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +103,7 @@ def test_no_store_or_ledger_call_runs_on_the_event_loop(runtimes, tmp_path):
     verify route, and the evidence a peer would fetch (``NodeServices.evidence``)."""
     served, judge = runtimes
     evidence, ledger = EvidenceStore(tmp_path / "evidence.sqlite"), Ledger(tmp_path / "ledger.sqlite")
-    evidence._lock, ledger._lock = store_lock, ledger_lock = OffLoopLock(), OffLoopLock()
+    store_lock, ledger_lock = guarded(evidence._sql), guarded(ledger._sql)
     app = make_app([served], NodeKey.generate(), evidence, api_keys=[API_KEY], operator_keys=[OPERATOR_KEY],
                    network=NetworkConfig(listen=["/ip4/127.0.0.1/tcp/0"]), ledger=ledger)
     try:
