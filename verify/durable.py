@@ -5,7 +5,7 @@ they are committed (a receipt goes out only once its evidence is on disk; an aud
 the reputation change they cause land together): WAL mode (readers never block the writer) with
 ``synchronous=FULL`` (a commit is fsync'd), one writing connection opened with
 ``check_same_thread=False`` and ``isolation_level=None`` (transactions are ours, begun with
-``BEGIN IMMEDIATE``), and one lock that every use of it holds. The commits block for an fsync:
+``BEGIN IMMEDIATE``), and one lock that every use of it holds (``transaction``). The commits block for an fsync:
 coroutines reach them through ``node.blocking.off_loop``.
 
 A plain read (``reading``) takes neither: it runs on its thread's own connection in a read
@@ -24,7 +24,8 @@ from pathlib import Path
 
 
 class DurableDB:
-    """The connection (``db``) and the lock (``lock``) every use of it holds."""
+    """The writing connection (``db``) and the lock (``lock``) every write holds; plain reads
+    go through ``reading`` and hold neither."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,21 +40,16 @@ class DurableDB:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction under the lock: reads inside it see what the write will change."""
-        with self.lock, self.locked_transaction() as db:
-            yield db
-
-    @contextmanager
-    def locked_transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction for a caller that holds ``lock`` already (it read first, then
-        decided to write): committed when the block ends, rolled back if it raises."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """One write transaction under the lock: reads inside it see what the write will change;
+        committed when the block ends, rolled back if it raises."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:

@@ -253,10 +253,9 @@ class EvidenceStore:
         with self._sql.reading() as db:
             if self._kept_bytes(db) < self.max_bytes:
                 return True
-        with self._sql.lock:
-            with self._sql.locked_transaction():
-                self._evict(now)
-                return self._kept_bytes() < self.max_bytes
+        with self._sql.transaction():
+            self._evict(now)
+            return self._kept_bytes() < self.max_bytes
 
     def over_share(self, client: str, *, now: float | None = None) -> bool:
         """Whether ``client``'s evidence takes its whole share (``client_share_bytes``) even after
@@ -266,10 +265,9 @@ class EvidenceStore:
         with self._sql.reading() as db:
             if self._client_bytes(client, db) < self.client_share_bytes:
                 return False
-        with self._sql.lock:
-            with self._sql.locked_transaction():
-                self._drop_oldest(self.client_share_bytes, now, client)
-                return self._client_bytes(client) >= self.client_share_bytes
+        with self._sql.transaction():
+            self._drop_oldest(self.client_share_bytes, now, client)
+            return self._client_bytes(client) >= self.client_share_bytes
 
     def stats(self) -> tuple[int, int]:
         """(answers kept, bytes they take)."""
