@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 from bench.report import RESULTS, machine, write_json

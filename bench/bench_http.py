@@ -104,19 +104,25 @@ async def bench_engine(model_name: str, device: str, clients: list[int], max_tok
                 for c in clients}
 
 
-def start_server(model_name: str, device: str) -> tuple[subprocess.Popen, str]:
-    """``proofmesh run`` on a free port; returns the process and its base URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--model", model_name, "--device", device, "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:  # ends if the server dies before it listens
-        found = re.search(r"serving .* on (http://\S+)/v1", line)
+def proofmesh_child(args: list[str], ready: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``proofmesh ARGS`` in a child process; returns it once its stderr prints a line matching
+    ``ready``, and the URL that pattern's group names."""
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=env)
+    for line in proc.stderr:  # ends if the child dies before it listens
+        found = re.search(ready, line)
         if found:
-            # keep draining stderr (the access log) so the server never blocks on a full pipe
+            # keep draining stderr (the access log) so the child never blocks on a full pipe
             threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, found.group(1)
     proc.kill()
     proc.wait()
-    raise RuntimeError("proofmesh run exited before it served")
+    raise RuntimeError(f"proofmesh {args[0]} exited before it served")
+
+
+def start_server(model_name: str, device: str) -> tuple[subprocess.Popen, str]:
+    """``proofmesh run`` on a free port; returns the process and its base URL."""
+    return proofmesh_child(["run", "--model", model_name, "--device", device, "--port", "0"], r"serving .* on (http://\S+)/v1")
 
 
 async def bench_http(model_name: str, device: str, clients: list[int], max_tokens: int, repeats: int) -> dict:

@@ -35,12 +35,9 @@ import asyncio
 import http.client
 import multiprocessing
 import os
-import re
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -48,26 +45,13 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
+from bench.bench_http import proofmesh_child
 from bench.report import RESULTS, machine, write_json
 from compiled_models.registry import DEFAULT_MODEL
 
 PROBE_INTERVAL_S = 0.010
 IDLE_PROBE_S = 3.0
 PROMPT = "Write a long story about a lighthouse keeper who finds a map."
-
-
-def _start(args: list[str], env: dict[str, str], ready: str) -> tuple[subprocess.Popen, str]:
-    """A ``proofmesh`` child; returns it and the URL its ``ready`` line names."""
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env=env)
-    for line in proc.stderr:
-        found = re.search(ready, line)
-        if found:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain the access log
-            return proc, found.group(1)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"proofmesh {args[0]} exited before it served")
 
 
 def _probe(urls: dict[str, str], stop, conn) -> None:
@@ -128,14 +112,14 @@ def measure(code: Path | None, streams: int, rounds: int, max_tokens: int, label
     with tempfile.TemporaryDirectory() as scratch:
         if fsync_ms:
             env.update(slow_disk_env(fsync_ms, Path(scratch)))
-        node, node_url = _start(["run", "--model", DEFAULT_MODEL, "--device", "cpu", "--port", "0"], env,
-                                r"serving .* on (http://\S+)/v1")
+        node, node_url = proofmesh_child(["run", "--model", DEFAULT_MODEL, "--device", "cpu", "--port", "0"],
+                                         r"serving .* on (http://\S+)/v1", env)
         sidecar = None
         try:
-            sidecar, sidecar_url = _start(["verifier", "--upstream", node_url, "--audit-rate", "1", "--port", "0",
-                                           "--device", "cpu", "--ledger", str(Path(scratch) / "ledger.sqlite"),
-                                           "--key", str(Path(scratch) / "verifier_key.pem")], env,
-                                          r"proxying (http://\S+)/v1")
+            sidecar, sidecar_url = proofmesh_child(["verifier", "--upstream", node_url, "--audit-rate", "1", "--port", "0",
+                                                    "--device", "cpu", "--ledger", str(Path(scratch) / "ledger.sqlite"),
+                                                    "--key", str(Path(scratch) / "verifier_key.pem")],
+                                                   r"proxying (http://\S+)/v1", env)
             urls = {"node": node_url, "sidecar": sidecar_url}
             asyncio.run(_streams(sidecar_url, DEFAULT_MODEL, 1, 1, 4))  # warm-up: both loaded, one audit done
             spawn = multiprocessing.get_context("spawn")  # perf_counter is system-wide on Linux: one clock

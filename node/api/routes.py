@@ -103,4 +103,3 @@ async def _stream(response: web.StreamResponse, first: ChoiceEvent, rest: AsyncI
 
 async def _send(response: web.StreamResponse, chunk: BaseModel) -> None:
     await response.write(b"data: " + chunk.model_dump_json().encode() + b"\n\n")
-
